@@ -1,0 +1,137 @@
+"""Standard (clean) training: the base LightningModule that the robust trainings extend."""
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_modules.backbones import Normalize, SmallCNN
+
+BackboneFactory = Callable[[int, int], nn.Module]
+
+
+def _adam(params) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class StandardClassifier(LightningModule):
+    """Image classifier trained on clean images with cross-entropy.
+
+    The network is ``Normalize(mean, std)`` followed by the injected backbone, so it maps pixel-space
+    images in [0, 1] to logits. Subclasses change only :meth:`training_loss` (what the model is
+    trained on); evaluation, metrics, optimizers and prediction are shared.
+
+    Args:
+        backbone: Builds the backbone as ``backbone(in_channels, num_classes)``; in YAML a
+            ``class_path`` such as ``lightning_modules.backbones.LeNet`` with optional ``init_args``.
+        num_classes: Number of classes (linked from the data module by the CLI).
+        in_channels: Image channels (linked from the data module).
+        image_size: Image height and width (linked from the data module); the backbone is checked
+            against it at construction so a mismatch fails before training.
+        mean: Per-channel normalization mean (linked from the data module).
+        std: Per-channel normalization std (linked from the data module).
+        optimizer: Optimizer factory; Adam with lr 1e-3 by default.
+        lr_scheduler: Optional LR scheduler factory.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneFactory = SmallCNN,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: tuple[int, int] = (28, 28),
+        mean: Sequence[float] = (0.1307,),
+        std: Sequence[float] = (0.3081,),
+        optimizer: OptimizerCallable = _adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.num_classes = num_classes
+        self.image_shape = (in_channels, *image_size)
+        self.model = nn.Sequential(Normalize(mean, std), backbone(in_channels, num_classes))
+        self._check_backbone_takes_images(backbone)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def _check_backbone_takes_images(self, backbone: BackboneFactory) -> None:
+        """Fail at configuration time when the backbone cannot take the data's images."""
+        name = getattr(backbone, "__name__", None) or getattr(
+            getattr(backbone, "func", None), "__name__", type(self.model[1]).__name__
+        )
+        shape = "x".join(map(str, self.image_shape))
+        try:
+            with torch.no_grad():
+                out = self.model.eval()(torch.zeros(1, *self.image_shape))
+        except RuntimeError as err:
+            raise ValueError(
+                f"backbone {name} cannot take images of shape {shape} (channels x height x width) "
+                f"given by the data module: {str(err).splitlines()[0]}"
+            ) from None
+        finally:
+            self.model.train()
+        if out.shape != (1, self.num_classes):
+            raise ValueError(
+                f"backbone {name} returned shape {tuple(out.shape)} for one {shape} image; "
+                f"expected (1, {self.num_classes}) logits"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)`` for pixel-space images ``(B, C, H, W)`` in [0, 1]."""
+        return self.model(x)
+
+    def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Loss to minimise on one training batch.
+
+        Returns:
+            The loss, the logits the training accuracy is measured on, and their targets.
+        """
+        logits = self(x)
+        return F.cross_entropy(logits, y), logits, y
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        """Train on one batch and log ``train/loss`` and ``train/acc``."""
+        x, y = batch[0], batch[1]
+        loss, logits, targets = self.training_loss(x, y)
+        self.train_acc(logits.detach(), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: Sequence[Tensor], stage: str, metric: MulticlassAccuracy) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        metric(logits, y)
+        self.log(f"{stage}/loss", loss, sync_dist=True)
+        self.log(f"{stage}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        """Log clean ``val/loss`` and ``val/acc``."""
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        """Log clean ``test/loss`` and ``test/acc``."""
+        self._evaluate(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: Sequence[Tensor] | Tensor, batch_idx: int) -> Tensor:
+        """Predicted classes ``(B,)`` for a batch of images (with or without labels)."""
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(x).argmax(dim=1)
+
+    def configure_optimizers(self):  # noqa: D102 (Lightning hook)
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/acc"},
+        }

@@ -1,0 +1,1 @@
+"""Framework-free robustness algorithms: adversarial attacks and randomized-smoothing statistics."""

@@ -1,0 +1,101 @@
+"""Confidence bounds and tests used by randomized-smoothing certification.
+
+Cohen, Rosenfeld & Kolter (2019), "Certified Adversarial Robustness via Randomized Smoothing"
+(arXiv 1902.02918): CERTIFY needs a one-sided Clopper-Pearson lower bound on p_A (Algorithm 1,
+``LowerConfBound``) and PREDICT a two-sided binomial test of the top two counts (``BinomPValue``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.stats import beta, binomtest
+
+__all__ = ["binomial_pvalue", "clopper_pearson_lower", "smallest_useful_n"]
+
+
+def _check_alpha(alpha: float) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be a float in the open interval (0, 1); got {alpha!r}")
+
+
+def clopper_pearson_lower(k: ArrayLike, n: ArrayLike, alpha: float) -> float | np.ndarray:
+    """One-sided (1 - alpha) Clopper-Pearson lower confidence bound on a binomial proportion.
+
+    The bound is the alpha quantile of Beta(k, n - k + 1) (Clopper & Pearson 1934), and 0 when
+    k = 0. It equals ``statsmodels.stats.proportion.proportion_confint(k, n, alpha=2 * alpha,
+    method="beta")[0]``, the form used by Cohen et al. (2019), Algorithm 1.
+
+    Args:
+        k: Number of successes (0 <= k <= n); scalar or array.
+        n: Number of trials (n >= 1); scalar or array broadcastable with ``k``.
+        alpha: One-sided failure probability in (0, 1).
+
+    Returns:
+        The lower bound: a float for scalar inputs, else an array of the broadcast shape.
+
+    Raises:
+        ValueError: If alpha is outside (0, 1), n < 1, or k is outside [0, n].
+    """
+    _check_alpha(alpha)
+    k_arr = np.asarray(k)
+    n_arr = np.asarray(n)
+    if np.any(n_arr < 1):
+        raise ValueError(f"n must be >= 1; got {n!r}")
+    if np.any(k_arr < 0) or np.any(k_arr > n_arr):
+        raise ValueError(f"k must satisfy 0 <= k <= n; got k={k!r}, n={n!r}")
+    k_f = k_arr.astype(np.float64)
+    n_f = n_arr.astype(np.float64)
+    # Beta(0, .) is degenerate; the k = 0 bound is 0 by definition, so evaluate at a safe k there.
+    lower = np.where(k_f == 0, 0.0, beta.ppf(alpha, np.maximum(k_f, 1.0), n_f - k_f + 1.0))
+    return float(lower) if lower.ndim == 0 else lower
+
+
+def binomial_pvalue(n_a: int, n_b: int) -> float:
+    """Two-sided p-value of the exact binomial test of n_a successes in n_a + n_b trials at p = 0.5.
+
+    PREDICT (Cohen et al. 2019, Algorithm 1) returns the top class only when this p-value is at
+    most alpha (Hung et al. 2019, arXiv 1610.03944). ``scipy.stats.binom_test`` was removed from
+    SciPy; this wraps ``scipy.stats.binomtest``. With no trials there is no evidence: p = 1.
+
+    Args:
+        n_a: Count of the most frequent class.
+        n_b: Count of the runner-up class.
+
+    Returns:
+        The p-value in [0, 1].
+
+    Raises:
+        ValueError: If a count is negative.
+    """
+    n_a, n_b = int(n_a), int(n_b)
+    if n_a < 0 or n_b < 0:
+        raise ValueError(f"counts must be >= 0; got n_a={n_a}, n_b={n_b}")
+    if n_a + n_b == 0:
+        return 1.0
+    return float(binomtest(n_a, n_a + n_b, 0.5).pvalue)
+
+
+def smallest_useful_n(alpha: float) -> int:
+    """Smallest n for which n successes out of n give a Clopper-Pearson lower bound above 0.5.
+
+    The bound for k = n is alpha ** (1 / n), so this is the smallest n with alpha ** (1 / n) > 0.5,
+    i.e. n > log2(1 / alpha). With fewer estimation samples CERTIFY can never certify a positive
+    radius (it abstains or returns radius 0), so callers should warn.
+
+    Args:
+        alpha: One-sided failure probability in (0, 1).
+
+    Returns:
+        The smallest useful number of estimation samples.
+    """
+    _check_alpha(alpha)
+    n = max(1, math.floor(math.log2(1.0 / alpha)))
+    while alpha ** (1.0 / n) <= 0.5:  # guard floating-point rounding near powers of two
+        n += 1
+    while n > 1 and alpha ** (1.0 / (n - 1)) > 0.5:
+        n -= 1
+    return n

@@ -1,0 +1,499 @@
+"""Tests for robust.attacks: invariants, analytic oracles, peer libraries, framework behaviour."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import nn
+
+from robust.attacks import AttackSpec, _random_start, attack, fgm, pgd
+
+EPS = {"inf": 0.1, "2": 1.0}
+
+
+def small_cnn(classes: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 16),
+        nn.ReLU(),
+        nn.Linear(16, classes),
+    )
+
+
+def linear(d: int, classes: int, seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, classes)).to(dtype)
+
+
+def batch(n: int = 8, classes: int = 3, seed: int = 1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g, dtype=dtype)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return F.cross_entropy(model(x).float(), y, reduction="none")
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def l2(d: torch.Tensor) -> torch.Tensor:
+    return d.flatten(1).norm(dim=1)
+
+
+def linf(d: torch.Tensor) -> torch.Tensor:
+    return d.flatten(1).abs().amax(dim=1)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small CNN trained to ~100% on 300 separable synthetic 1x8x8 images (3 classes)."""
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.randn(3, 1, 8, 8, generator=g).sign()
+    y = torch.arange(300) % 3
+    x = (0.5 + 0.15 * patterns[y] + 0.1 * torch.randn(300, 1, 8, 8, generator=g)).clamp(0, 1)
+    model = small_cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    assert accuracy(model, x, y) > 0.95
+    return model, x[:96], y[:96]
+
+
+# ---------------------------------------------------------------- invariants
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+@pytest.mark.parametrize(
+    "kind", ["fgm", "fgm_rand", "pgd", "pgd_norand", "pgd_restarts", "pgd_targeted"]
+)
+def test_bounds_and_output(kind, norm):
+    model = small_cnn()
+    x, y = batch(16)
+    eps = EPS[norm]
+    g = torch.Generator().manual_seed(0)
+    if kind.startswith("fgm"):
+        adv = fgm(model, x, y, eps, norm, random_start=kind == "fgm_rand", generator=g)
+    else:
+        adv = pgd(
+            model,
+            x,
+            y,
+            eps,
+            norm,
+            steps=5,
+            random_start=kind != "pgd_norand",
+            restarts=3 if kind == "pgd_restarts" else 1,
+            targeted=kind == "pgd_targeted",
+            generator=g,
+        )
+    assert adv.shape == x.shape and adv.dtype == x.dtype and not adv.requires_grad
+    assert adv.min() >= 0 and adv.max() <= 1
+    dist = (linf if norm == "inf" else l2)(adv - x)
+    assert (dist <= eps + 1e-5).all()
+    assert dist.max() > 0.5 * eps  # the attack actually moved (the bound is not vacuous)
+
+
+def test_loss_increases_per_sample_on_linear_model():
+    # CE of a linear model is convex in x and a clipped FGM step has a non-negative inner product
+    # with the gradient, so every sample's loss must not decrease.
+    model = linear(64, 3, dtype=torch.float32)
+    x, y = batch(64)
+    before = per_sample_loss(model, x, y)
+    for norm in ("inf", "2"):
+        after = per_sample_loss(model, fgm(model, x, y, EPS[norm], norm), y)
+        assert (after >= before - 1e-6).all()
+        assert (after > before + 1e-3).float().mean() > 0.9
+
+
+def test_attacks_increase_loss_and_pgd_beats_fgm(trained):
+    model, x, y = trained
+    before = per_sample_loss(model, x, y).mean()
+    for norm, eps in (("inf", 0.07), ("2", 0.6)):
+        x_fgm = fgm(model, x, y, eps, norm)
+        x_pgd = pgd(model, x, y, eps, norm, steps=10, generator=torch.Generator().manual_seed(0))
+        assert per_sample_loss(model, x_fgm, y).mean() > before
+        assert per_sample_loss(model, x_pgd, y).mean() > before
+        acc_clean, acc_fgm, acc_pgd = (accuracy(model, v, y) for v in (x, x_fgm, x_pgd))
+        assert acc_pgd < acc_fgm < acc_clean
+
+
+def test_random_start_uniform_in_ball():
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((4000, 1, 1, 3), 0.5)
+    d = _random_start(x, 0.2, "inf", g) - x
+    assert d.abs().max() <= 0.2 + 1e-7
+    # Each coordinate ~ U[-eps, eps].
+    assert stats.kstest(d.flatten().numpy(), stats.uniform(-0.2, 0.4).cdf).pvalue > 1e-3
+    d = _random_start(x, 0.2, "2", g) - x
+    r = l2(d).double()
+    assert r.max() <= 0.2 * (1 + 1e-6)
+    # Uniform in the ball <=> (r / eps)^d ~ U[0, 1] and the direction is isotropic.
+    assert stats.kstest(((r / 0.2) ** 3).numpy(), "uniform").pvalue > 1e-3
+    assert (d.flatten(1) / r[:, None].float()).mean(0).abs().max() < 0.05
+
+
+def test_restarts_never_weaker_than_one_run(trained):
+    model, x, y = trained
+    eps = 0.06
+    runs = {
+        r: pgd(
+            model, x, y, eps, "inf", steps=3, restarts=r, generator=torch.Generator().manual_seed(7)
+        )
+        for r in (1, 6)
+    }
+    loss = {r: per_sample_loss(model, v, y) for r, v in runs.items()}
+    ok = {r: model(v).argmax(1) != y for r, v in runs.items()}
+    assert (ok[6] >= ok[1]).all()
+    neither = ~ok[1] & ~ok[6]
+    assert (loss[6][neither] >= loss[1][neither] - 1e-6).all()
+    # Restarts help somewhere (the comparison above is not vacuous).
+    assert ok[6].sum() > ok[1].sum() or (loss[6][neither] > loss[1][neither] + 1e-4).any()
+
+
+def test_targeted_reaches_target_more_often(trained):
+    model, x, y = trained
+    target = (y + 1) % 3
+    hit = {
+        t: (model(pgd(model, x, target, 0.2, "inf", steps=10, targeted=t)).argmax(1) == target)
+        .float()
+        .mean()
+        for t in (False, True)
+    }
+    assert hit[True] > 0.5 and hit[True] > hit[False]
+
+
+def test_independent_of_batch_and_train_mode_batchnorm():
+    # Eval mode during the attack: BatchNorm uses running stats, so samples do not interact.
+    model = nn.Sequential(small_cnn(), nn.BatchNorm1d(3))
+    model.train()
+    x, y = batch(16)
+    full = pgd(model, x, y, 0.1, "inf", steps=3, random_start=False)
+    part = pgd(model, x[:5], y[:5], 0.1, "inf", steps=3, random_start=False)
+    torch.testing.assert_close(full[:5], part, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------ analytic oracle
+
+
+@pytest.fixture
+def two_class():
+    model = linear(64, 2)
+    w, b = model[1].weight.detach(), model[1].bias.detach()
+    g = torch.Generator().manual_seed(3)
+    x = 0.5 + 0.05 * torch.rand(6, 1, 8, 8, generator=g, dtype=torch.float64)  # interior
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    u = w[1 - y] - w[y]  # d/dx CE(x, y) is p_other * (w_other - w_y) for two classes
+    margin = ((w[y] - w[1 - y]) * x.flatten(1)).sum(1) + b[y] - b[1 - y]
+    return model, x, y, u, margin
+
+
+def _margin(model, x, y):
+    z = model(x)
+    return z.gather(1, y[:, None])[:, 0] - z.gather(1, (1 - y)[:, None])[:, 0]
+
+
+def test_fgm_matches_analytic_linear(two_class):
+    model, x, y, u, _ = two_class
+    eps = 0.1
+    d2 = (fgm(model, x, y, eps, "2") - x).flatten(1)
+    torch.testing.assert_close(d2, eps * u / u.norm(dim=1, keepdim=True), atol=1e-12, rtol=0)
+    dinf = (fgm(model, x, y, eps, "inf") - x).flatten(1)
+    torch.testing.assert_close(dinf, eps * u.sign(), atol=1e-12, rtol=0)
+    # Targeted at the other class moves the same way; targeted at y moves the opposite way.
+    dt = (fgm(model, x, 1 - y, eps, "2", targeted=True) - x).flatten(1)
+    torch.testing.assert_close(dt, d2, atol=1e-12, rtol=0)
+    dt = (fgm(model, x, y, eps, "2", targeted=True) - x).flatten(1)
+    torch.testing.assert_close(dt, -d2, atol=1e-12, rtol=0)
+
+
+def test_fgm_l2_matches_analytic_gradient_three_classes():
+    model = linear(64, 3)
+    w, b = model[1].weight.detach(), model[1].bias.detach()
+    x = 0.5 + 0.05 * torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    p = torch.softmax(x.flatten(1) @ w.T + b, dim=1)
+    grad = (p - F.one_hot(y, 3)) @ w  # d/dx CE = W^T (softmax - onehot)
+    d = (fgm(model, x, y, 0.1, "l2") - x).flatten(1)
+    torch.testing.assert_close(d, 0.1 * grad / grad.norm(dim=1, keepdim=True), atol=1e-12, rtol=0)
+
+
+def test_pgd_reaches_analytic_minimal_margin(two_class):
+    model, x, y, u, margin = two_class
+    eps = 0.1
+    for norm, dual in (("2", u.norm(dim=1)), ("inf", u.abs().sum(1))):
+        adv = pgd(model, x, y, eps, norm, steps=20, random_start=False)
+        torch.testing.assert_close(_margin(model, adv, y), margin - eps * dual, atol=1e-9, rtol=0)
+        # From a random start the margin can only approach the optimum from above.
+        adv = pgd(model, x, y, eps, norm, steps=50, generator=torch.Generator().manual_seed(0))
+        got = _margin(model, adv, y)
+        assert (got >= margin - eps * dual - 1e-9).all()
+        assert (got <= margin - 0.95 * eps * dual).all()
+
+
+def test_zero_gradient_gives_zero_step_without_nan():
+    model = linear(64, 3)
+    nn.init.zeros_(model[1].weight)
+    x, y = batch(4, dtype=torch.float64)
+    for norm in ("2", "inf"):
+        assert torch.equal(fgm(model, x, y, 0.5, norm), x)
+        start = pgd(model, x, y, 0.5, norm, steps=3, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(start).all() and not torch.equal(start, x)
+
+
+def test_tiny_gradient_keeps_exact_l2_step_length():
+    # Gradients ~1e-26: their squares underflow in float32, the step length must still be exact.
+    model = linear(64, 2, dtype=torch.float32)
+    with torch.no_grad():
+        model[1].weight.mul_(1e-25)
+    x = torch.full((3, 1, 8, 8), 0.5)
+    y = torch.tensor([0, 1, 0])
+    adv = pgd(model, x, y, 0.5, "2", steps=1, step_size=0.1, random_start=False)
+    torch.testing.assert_close(l2(adv - x), torch.full((3,), 0.1), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------- peer libraries
+
+
+@pytest.fixture
+def peer_setup():
+    model = small_cnn().double().eval()
+    x, y = batch(8, dtype=torch.float64)  # power-of-two batch: mean == sum / 8 exactly
+    return model, x, y
+
+
+def test_matches_torchattacks(peer_setup):
+    torchattacks = pytest.importorskip("torchattacks")
+    model, x, y = peer_setup
+    eps, alpha = 8 / 255, 2 / 255
+    cases = [
+        (fgm(model, x, y, eps, "inf"), torchattacks.FGSM(model, eps=eps)),
+        (
+            pgd(model, x, y, eps, "inf", steps=10, step_size=alpha, random_start=False),
+            torchattacks.PGD(model, eps=eps, alpha=alpha, steps=10, random_start=False),
+        ),
+        (
+            pgd(model, x, y, 1.0, "2", steps=10, step_size=0.2, random_start=False),
+            torchattacks.PGDL2(model, eps=1.0, alpha=0.2, steps=10, random_start=False),
+        ),
+    ]
+    for ours, theirs in cases:
+        ref = theirs(x, y)
+        assert (ref - x).abs().max() > 1e-3
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_matches_art(peer_setup):
+    pytest.importorskip("art")
+    from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescent
+    from art.estimators.classification import PyTorchClassifier
+
+    model, x, y = peer_setup
+    model = model.float()
+    x = x.float()
+    # ART's PGD clips to [0, 1] before projecting (we project, then clip); the two agree when
+    # clipping is inactive, so PGD is compared on interior inputs with small radii.
+    x_in = 0.25 + 0.5 * x
+    clf = PyTorchClassifier(
+        model, nn.CrossEntropyLoss(), input_shape=(1, 8, 8), nb_classes=3, clip_values=(0.0, 1.0)
+    )
+    xn, yn = x.numpy(), y.numpy()
+    for norm, eps in (("2", 0.2), ("inf", 0.05)):
+        art_norm = 2 if norm == "2" else np.inf
+        ref = FastGradientMethod(clf, norm=art_norm, eps=eps).generate(xn, yn)
+        torch.testing.assert_close(
+            fgm(model, x, y, eps, norm), torch.from_numpy(ref), atol=1e-6, rtol=0
+        )
+        art_pgd = ProjectedGradientDescent(
+            clf,
+            norm=art_norm,
+            eps=eps,
+            eps_step=eps / 4,
+            max_iter=10,
+            num_random_init=0,
+            verbose=False,
+        )
+        ours = pgd(model, x_in, y, eps, norm, steps=10, step_size=eps / 4, random_start=False)
+        ref = torch.from_numpy(art_pgd.generate(x_in.numpy(), yn))
+        assert (ref - x_in).abs().max() < 0.25  # clipping inactive
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------ framework behaviour
+
+
+def test_inside_inference_mode_matches_outside():
+    model = small_cnn()
+    x, y = batch(8)
+    ref = pgd(model, x, y, 0.1, "inf", steps=3, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+        got = pgd(model, xi, yi, 0.1, "inf", steps=3, generator=torch.Generator().manual_seed(0))
+        spec = AttackSpec(method="fgm", norm="2", eps=1.0)
+        got_fgm = attack(model, xi, yi, spec)
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    torch.testing.assert_close(got_fgm, fgm(model, x, y, 1.0, "2"), atol=0, rtol=0)
+
+
+def test_bf16_autocast_gradients_nonzero_and_bounds():
+    model = small_cnn()
+    x, y = batch(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        adv = {norm: pgd(model, x, y, EPS[norm], norm, steps=3, random_start=False) for norm in EPS}
+    for norm, a in adv.items():
+        dist = (linf if norm == "inf" else l2)(a - x)
+        assert a.dtype == torch.float32 and a.min() >= 0 and a.max() <= 1
+        assert (dist <= EPS[norm] + 1e-5).all()
+        assert (dist > 0).all()  # every sample got a non-zero gradient
+        assert per_sample_loss(model, a, y).mean() > per_sample_loss(model, x, y).mean()
+
+
+def test_parameter_grads_untouched():
+    model = small_cnn()
+    params = list(model.parameters())
+    params[0].grad = torch.full_like(params[0], 3.0)
+    x, y = batch(8)
+    pgd(model, x, y, 0.1, "2", steps=2)
+    fgm(model, x, y, 0.1, "inf")
+    assert torch.equal(params[0].grad, torch.full_like(params[0], 3.0))
+    assert all(p.grad is None for p in params[1:])
+
+
+class _RecordMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(self.training)
+        return x
+
+
+def test_eval_during_attack_and_modes_restored():
+    recorder = _RecordMode()
+    model = nn.Sequential(recorder, small_cnn(), nn.Dropout(0.5))
+    model.train()
+    model[1][0].eval()  # mixed modes must survive exactly
+    before = [m.training for m in model.modules()]
+    x, y = batch(8)
+    pgd(model, x, y, 0.1, "inf", steps=2, restarts=2)
+    assert recorder.seen and not any(recorder.seen)
+    assert [m.training for m in model.modules()] == before
+    model.eval()
+    fgm(model, x, y, 0.1, "inf")
+    assert not any(m.training for m in model.modules())
+
+
+# ------------------------------------------------------------------ AttackSpec
+
+
+def test_spec_defaults_and_keys():
+    spec = AttackSpec()
+    assert (spec.method, spec.norm, spec.eps) == ("fgm", "2", 5.0)
+    assert (spec.resolved_steps, spec.resolved_step_size, spec.resolved_random_start) == (
+        1,
+        5.0,
+        False,
+    )
+    assert spec.key == "fgm_l2_eps5"
+    spec = AttackSpec(method="pgd", norm="Linf", eps=0.3)
+    assert spec.norm == "inf" and spec.resolved_steps == 40 and spec.resolved_random_start
+    assert math.isclose(spec.resolved_step_size, 2.5 * 0.3 / 40)
+    assert spec.key == "pgd40_linf_eps0.3"
+    assert (
+        AttackSpec(method="fgm", random_start=True, eps=0.1, norm="inf").resolved_step_size == 0.125
+    )
+    assert AttackSpec(method="fgm", random_start=True, eps=1, norm=2).key == "fgm_l2_eps1_rand"
+    assert (
+        AttackSpec(method="pgd", steps=10, restarts=5, targeted=True, eps=1).key
+        == "pgd10_l2_eps1_r5_tgt"
+    )
+    assert AttackSpec(name="custom").key == "custom"
+    assert AttackSpec(norm=math.inf).norm == "inf" and AttackSpec(norm="L2").norm == "2"
+    # Resolved values are derived, so replace() re-derives them.
+    assert dataclasses.replace(spec, eps=0.1).resolved_step_size == pytest.approx(2.5 * 0.1 / 40)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.eps = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting"),
+    [
+        ({"method": "cw"}, "method"),
+        ({"norm": "1"}, "norm"),
+        ({"norm": 3}, "norm"),
+        ({"eps": -0.1}, "eps"),
+        ({"eps": math.nan}, "eps"),
+        ({"method": "pgd", "steps": 0}, "steps"),
+        ({"method": "fgm", "steps": 5}, "steps"),
+        ({"restarts": 0}, "restarts"),
+        ({"method": "pgd", "random_start": False, "restarts": 3}, "restarts"),
+        ({"step_size": 0.0}, "step_size"),
+        ({"step_size": -1.0}, "step_size"),
+        ({"name": ""}, "name"),
+    ],
+)
+def test_spec_validation(kwargs, setting):
+    with pytest.raises(ValueError, match=setting):
+        AttackSpec(**kwargs)
+
+
+def test_function_validation():
+    model = small_cnn()
+    x, y = batch(2)
+    with pytest.raises(ValueError, match="norm"):
+        fgm(model, x, y, 0.1, "1")
+    with pytest.raises(ValueError, match="steps"):
+        pgd(model, x, y, 0.1, "inf", steps=0)
+    with pytest.raises(ValueError, match="eps"):
+        pgd(model, x, y, -1.0, "inf")
+
+
+def test_attack_dispatch_matches_functions():
+    model = small_cnn()
+    x, y = batch(8)
+    spec = AttackSpec(method="pgd", norm="inf", eps=0.1, steps=5)
+    got = attack(model, x, y, spec, generator=torch.Generator().manual_seed(1))
+    ref = pgd(model, x, y, 0.1, "inf", steps=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(got, ref)
+    spec = AttackSpec(method="fgm", norm="2", eps=1.0, random_start=True, restarts=2)
+    got = attack(model, x, y, spec, generator=torch.Generator().manual_seed(1))
+    ref = pgd(
+        model,
+        x,
+        y,
+        1.0,
+        "2",
+        steps=1,
+        step_size=1.25,
+        restarts=2,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert torch.equal(got, ref)
+
+
+def test_spec_from_yaml_via_jsonargparse():
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--attacks", type=list[AttackSpec])
+    cfg = parser.parse_string("attacks: [{method: pgd, norm: Linf, eps: 0.3}, {norm: 2, eps: 1.5}]")
+    specs = parser.instantiate(cfg).attacks
+    assert specs == [AttackSpec(method="pgd", norm="inf", eps=0.3), AttackSpec(norm="2", eps=1.5)]

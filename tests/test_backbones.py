@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from lightning_modules import CifarResNet18, LeNet, Normalize, SmallCNN, StandardClassifier
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_lenet_has_published_parameter_count():
+    assert n_params(LeNet(1, 10)) == 431_080
+
+
+@pytest.mark.parametrize(
+    ("backbone", "shape"),
+    [
+        (SmallCNN, (1, 28, 28)),
+        (LeNet, (1, 28, 28)),
+        (CifarResNet18, (3, 32, 32)),
+        (SmallCNN, (3, 32, 32)),
+    ],
+)
+def test_backbones_give_logits(backbone, shape):
+    out = backbone(shape[0], 7)(torch.rand(2, *shape))
+    assert out.shape == (2, 7)
+
+
+def test_normalization_is_the_first_layer_of_the_model():
+    model = StandardClassifier(LeNet, mean=(0.5,), std=(0.25,))
+    assert isinstance(model.model[0], Normalize)
+    x = torch.rand(3, 1, 28, 28)
+    # the model takes pixels: its output equals the backbone applied to normalized pixels
+    expected = model.model[1]((x - 0.5) / 0.25)
+    torch.testing.assert_close(model.eval()(x), expected)
+    # and normalization is part of the saved weights, so a checkpoint carries it
+    assert "model.0.mean" in model.state_dict()
+    assert "model.0.std" in model.state_dict()
+
+
+def test_normalize_rejects_non_positive_std():
+    with pytest.raises(ValueError, match="std"):
+        Normalize((0.0,), (0.0,))
+
+
+def test_backbone_that_cannot_take_the_image_size_fails_at_construction():
+    with pytest.raises(ValueError, match=r"backbone LeNet cannot take images of shape 3x32x32"):
+        StandardClassifier(LeNet, in_channels=3, image_size=(32, 32))

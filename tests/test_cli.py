@@ -1,0 +1,134 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(
+    str(p.relative_to(ROOT))
+    for p in (ROOT / "configs").rglob("*.yaml")
+    if "callbacks" not in p.parts and "data" not in p.stem
+)
+FAST = ["--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    """LightningCLI warns when sys.argv holds pytest's arguments besides ``args``."""
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+
+
+def run_cli(*args: str):
+    return cli.main(list(args))
+
+
+def needs_embedded_data(config: str) -> bool:
+    return "cifar10" not in config
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_fits_then_tests(config, in_tmp):
+    config = str(ROOT / config)
+    extra = []
+    if not needs_embedded_data(config):
+        # CIFAR-10 files are not available offline: run the same model on tiny fake CIFAR data
+        extra = ["--data", "datamodules.EmbeddedMNISTDataModule"]
+        pytest.skip("CIFAR-10 config is checked by test_cifar_config_on_tiny_files")
+    fitted = run_cli("fit", "--config", config, *FAST, *extra)
+    assert "train/loss" in fitted.trainer.callback_metrics
+    tested = run_cli("test", "--config", config, *FAST, *extra)
+    assert 0.0 <= float(tested.trainer.callback_metrics["test/acc"]) <= 1.0
+
+
+def test_cifar_config_on_tiny_files(in_tmp, monkeypatch):
+    from tests.test_datamodules import test_cifar10_format_read_from_disk
+
+    test_cifar10_format_read_from_disk(in_tmp, monkeypatch)
+    config = str(ROOT / "configs/cifar10/standard.yaml")
+    args = ["--config", config, *FAST, "--data.init_args.data_dir", str(in_tmp)]
+    args += ["--data.init_args.batch_size", "4", "--data.init_args.val_fraction", "0.2"]
+    run_cli("fit", *args)
+    tested = run_cli("test", *args)
+    assert "test/acc" in tested.trainer.callback_metrics
+
+
+def test_checkpoint_reproduces_test_accuracy(in_tmp):
+    config = str(ROOT / "configs/mnist/standard.yaml")
+    short = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5"]
+    short += ["--trainer.enable_progress_bar", "false"]
+    fitted = run_cli("fit", "--config", config, *short)
+    ckpt = Path(fitted.trainer.checkpoint_callback.last_model_path)
+    assert ckpt.is_file() and ckpt.resolve().is_relative_to(in_tmp / "runs" / "mnist_standard")
+    log_dir = Path(fitted.trainer.log_dir)
+    assert (log_dir / "config.yaml").is_file()
+    assert list(log_dir.glob("events.out.tfevents.*"))
+    in_process = fitted.trainer.test(fitted.model, datamodule=fitted.datamodule, verbose=False)
+    reloaded = run_cli("test", "--config", config, "--ckpt_path", str(ckpt), *short)
+    assert float(reloaded.trainer.callback_metrics["test/acc"]) == pytest.approx(
+        in_process[0]["test/acc"], abs=1e-6
+    )
+
+
+def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.class_path", "lightning_modules.NoSuchClassifier"], "NoSuchClassifier"),
+        (["--data.init_args.batch_size", "-1"], "batch_size must be a positive integer"),
+        (["--data.init_args.val_fraction", "1.5"], "val_fraction must be in (0, 1)"),
+        (
+            [
+                "--model.init_args.backbone",
+                "lightning_modules.backbones.LeNet",
+                "--data",
+                "datamodules.CIFAR10DataModule",
+                "--data.init_args.data_dir",
+                "nowhere",
+            ],
+            "CIFAR10 files not found",
+        ),
+        (["--ckpt_path", "does_not_exist.ckpt"], "does not exist"),
+        (["--ckpt_path", "configs_copy.yaml"], "is not a checkpoint"),
+    ],
+)
+def test_bad_input_fails_fast_with_one_clear_message(args, message, in_tmp):
+    (in_tmp / "configs_copy.yaml").write_text("not: a checkpoint\n")
+    subcommand = "test" if "--ckpt_path" in args else "fit"
+    result = run_script(
+        subcommand, "--config", str(ROOT / "configs/mnist/standard.yaml"), *args, cwd=in_tmp
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (in_tmp / "runs").exists()  # nothing started
+
+
+def test_backbone_image_size_mismatch_is_a_clear_error(in_tmp, monkeypatch):
+    from tests.test_datamodules import test_cifar10_format_read_from_disk
+
+    test_cifar10_format_read_from_disk(in_tmp, monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        run_cli(
+            "fit",
+            "--config",
+            str(ROOT / "configs/mnist/standard.yaml"),
+            "--model.init_args.backbone",
+            "lightning_modules.backbones.LeNet",
+            "--data",
+            "datamodules.CIFAR10DataModule",
+            "--data.init_args.data_dir",
+            str(in_tmp),
+        )
+    assert info.value.code == 2

@@ -1,0 +1,156 @@
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from datamodules import (
+    CIFAR10DataModule,
+    DataNotFoundError,
+    EmbeddedMNISTDataModule,
+    FashionMNISTDataModule,
+    MNISTDataModule,
+    stratified_split,
+)
+
+
+def labels_of(dataset) -> torch.Tensor:
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+def test_embedded_split_is_stratified_deterministic_and_disjoint():
+    dm = EmbeddedMNISTDataModule(seed=3)
+    dm.setup()
+    sizes = [len(dm.train_set), len(dm.val_set), len(dm.test_set)]
+    assert sizes == [4000, 500, 500]
+    for ds, per_class in ((dm.train_set, 400), (dm.val_set, 50), (dm.test_set, 50)):
+        assert torch.bincount(labels_of(ds), minlength=10).tolist() == [per_class] * 10
+    images = [ds.tensors[0].flatten(1) for ds in (dm.train_set, dm.val_set, dm.test_set)]
+    # images in [0, 1], float
+    assert all(im.dtype == torch.float32 and im.min() >= 0 and im.max() <= 1 for im in images)
+    assert images[0].max() == 1.0
+    # no image appears in two splits (the 5,000 digits are distinct)
+    rows = {tuple(r.tolist()) for r in images[0]}
+    assert not any(tuple(r.tolist()) in rows for r in torch.cat(images[1:]))
+    again = EmbeddedMNISTDataModule(seed=3)
+    again.setup()
+    assert torch.equal(again.test_set.tensors[0], dm.test_set.tensors[0])
+    other = EmbeddedMNISTDataModule(seed=4)
+    other.setup()
+    assert not torch.equal(other.test_set.tensors[0], dm.test_set.tensors[0])
+
+
+def test_stratified_split_covers_all_indices_once():
+    labels = torch.arange(103) % 7
+    parts = stratified_split(labels, [0.2, 0.3], seed=0)
+    assert sorted(torch.cat(parts).tolist()) == list(range(103))
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("batch_size", 0), ("batch_size", -4), ("val_fraction", 0.0), ("val_fraction", 1.0)],
+)
+def test_bad_settings_fail_with_the_setting_named(setting, value):
+    with pytest.raises(ValueError, match=setting):
+        EmbeddedMNISTDataModule(**{setting: value})
+
+
+# --- torchvision formats, written small into tmp_path --------------------------------------------
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an IDX file (the MNIST format): magic with dtype 0x08 and rank, big-endian dims."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist_like(root: Path, folder: str, n_train: int = 40, n_test: int = 20) -> None:
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+
+
+@pytest.mark.parametrize(
+    ("module", "folder"), [(MNISTDataModule, "MNIST"), (FashionMNISTDataModule, "FashionMNIST")]
+)
+def test_mnist_formats_read_from_disk(tmp_path, module, folder):
+    write_mnist_like(tmp_path, folder)
+    dm = module(data_dir=str(tmp_path), batch_size=8, val_fraction=0.25)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (30, 10, 20)
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (8, 1, 28, 28) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1
+    assert y.tolist() == [i % 10 for i in range(8)]
+    assert (dm.num_classes, dm.in_channels, dm.image_size) == (10, 1, (28, 28))
+
+
+def test_cifar10_format_read_from_disk(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        batch = {
+            "data": rng.integers(0, 256, (10, 3072), dtype=np.uint8),
+            "labels": list(range(10)),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    # the real files are checked against published MD5 sums; ours are tiny stand-ins in the same format
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), batch_size=4, val_fraction=0.2)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (40, 10, 10)
+    x, _ = next(iter(dm.test_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    raw = pickle.loads((folder / "test_batch").read_bytes())["data"][0]
+    torch.testing.assert_close(x[0], torch.tensor(raw, dtype=torch.float32).view(3, 32, 32) / 255)
+
+
+def test_missing_files_without_download_name_the_files_and_the_embedded_data(tmp_path):
+    with pytest.raises(DataNotFoundError) as info:
+        MNISTDataModule(data_dir=str(tmp_path))
+    message = str(info.value)
+    assert str(tmp_path / "MNIST/raw/train-images-idx3-ubyte") in message
+    assert "EmbeddedMNISTDataModule" in message
+
+
+def test_failed_download_gives_one_clear_error(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    def no_network(self):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
+    dm = MNISTDataModule(data_dir=str(tmp_path), download=True)
+    with pytest.raises(DataNotFoundError, match=r"download failed \(URLError") as info:
+        dm.prepare_data()
+    assert "EmbeddedMNISTDataModule" in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_gz_sanity():  # the embedded file is a real gzip CSV of 785 columns
+    from datamodules.embedded_mnist import embedded_mnist_path
+
+    with gzip.open(embedded_mnist_path(), "rt") as f:
+        assert len(f.readline().split(",")) == 785
