@@ -1,0 +1,87 @@
+"""Lightning's overhead: one training epoch of ``Trainer.fit`` against a plain PyTorch loop.
+
+Both run the same StandardClassifier network, the same embedded-MNIST training loader and batch
+size, Adam, in one process; repetitions alternate between the two and the medians are compared.
+
+    python benchmarks/train.py --repeats 3 --batch-size 64
+"""
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+
+from datamodules import EmbeddedMNISTDataModule
+from lightning_modules import StandardClassifier, backbones
+
+
+def lightning_epoch(module: StandardClassifier, datamodule, accelerator: str) -> float:
+    trainer = Trainer(
+        max_epochs=1,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    return time.perf_counter() - start
+
+
+def plain_epoch(module: StandardClassifier, loader, device: torch.device) -> float:
+    model = module.model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="SmallCNN", choices=["SmallCNN", "LeNet"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    datamodule = EmbeddedMNISTDataModule(batch_size=args.batch_size)
+    datamodule.setup()
+    template = StandardClassifier(getattr(backbones, args.backbone))
+    device = torch.device(args.device)
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    plain_epoch(copy.deepcopy(template), datamodule.train_dataloader(), device)  # warm-up
+    lightning_times, plain_times = [], []
+    for _ in range(args.repeats):
+        lightning_times.append(lightning_epoch(copy.deepcopy(template), datamodule, accelerator))
+        plain_times.append(
+            plain_epoch(copy.deepcopy(template), datamodule.train_dataloader(), device)
+        )
+    lit, plain = statistics.median(lightning_times), statistics.median(plain_times)
+    images = len(datamodule.train_set)
+    print(f"device={device} backbone={args.backbone} batch_size={args.batch_size} images={images}")
+    print(f"plain PyTorch loop : {plain:7.3f} s/epoch  {images / plain:8.0f} images/s")
+    print(f"Lightning fit      : {lit:7.3f} s/epoch  {images / lit:8.0f} images/s")
+    print(
+        f"ratio Lightning/plain time: {lit / plain:.3f} (overhead {100 * (lit / plain - 1):+.1f}%)"
+    )
+
+
+if __name__ == "__main__":
+    main()

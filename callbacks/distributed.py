@@ -1,0 +1,91 @@
+"""Exact evaluation over a dataset on any number of processes: shard without padding, gather rows.
+
+Lightning's DistributedSampler pads the evaluation set with repeated images so every process gets
+the same number of batches; metrics computed on those batches count some images twice. The
+evaluation callbacks instead walk the dataset themselves: each process takes the dataset indices
+``rank, rank + world_size, ...`` (no padding, no duplicates), computes one row of results per
+image, and :func:`gather_rows` collects the rows of all processes, sorted by dataset index. Every
+process calls the collectives the same number of times, so nothing deadlocks.
+"""
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from lightning.pytorch import Trainer
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+
+def evaluation_dataset(trainer: Trainer, stage: str) -> Dataset:
+    """The unshuffled dataset the trainer evaluates in ``stage`` ("test" or "val").
+
+    Taken from the data module's ``test_set``/``val_set`` when it has them, else from the
+    trainer's first evaluation data loader.
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    attribute = "test_set" if stage == "test" else "val_set"
+    dataset = getattr(datamodule, attribute, None)
+    if dataset is not None:
+        return dataset
+    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+    if isinstance(loaders, Sequence):
+        loaders = loaders[0]
+    if not isinstance(loaders, DataLoader):
+        raise RuntimeError(f"no {stage} dataset found: give the Trainer a {stage} data loader")
+    return loaders.dataset
+
+
+def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """This process's share of ``indices``: every ``world_size``-th, starting at ``rank``."""
+    return list(indices[rank::world_size])
+
+
+def rounds(num_items: int, batch_size: int, world_size: int) -> int:
+    """Number of batches every process runs so that all ranks call collectives equally often."""
+    per_rank = -(-num_items // world_size)
+    return -(-per_rank // batch_size)
+
+
+def batches(
+    dataset: Dataset, indices: Sequence[int], batch_size: int, num_rounds: int
+) -> Iterator[tuple[list[int], Tensor, Tensor]]:
+    """Yield ``num_rounds`` batches ``(indices, images, labels)``; the last ones may be empty.
+
+    Images are stacked from ``dataset[i]`` (image, label, ...) on the CPU.
+    """
+    for r in range(num_rounds):
+        chunk = list(indices[r * batch_size : (r + 1) * batch_size])
+        if not chunk:
+            yield [], torch.empty(0), torch.empty(0, dtype=torch.long)
+            continue
+        items = [dataset[i] for i in chunk]
+        images = torch.stack([torch.as_tensor(item[0]) for item in items])
+        labels = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
+        yield chunk, images, labels
+
+
+def gather_rows(trainer: Trainer, rows: Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """All processes' result rows, with the same value on every process, sorted by column 0.
+
+    Args:
+        trainer: The trainer (its strategy does the all-gather).
+        rows: ``(k, m)`` float64 rows of this process; column 0 is the dataset index. ``k`` may
+            differ between processes (including 0).
+        device: Device for the collective (the module's device; NCCL needs CUDA tensors).
+
+    Returns:
+        ``(sum of k, m)`` float64 rows on the CPU, sorted by dataset index.
+    """
+    rows = rows.to(torch.float64)
+    if trainer.world_size == 1:
+        return rows[torch.argsort(rows[:, 0])] if len(rows) else rows
+    strategy = trainer.strategy
+    count = torch.tensor([rows.shape[0]], device=device)
+    counts = strategy.all_gather(count).reshape(-1)
+    width = rows.shape[1]
+    padded = torch.zeros(int(counts.max()), width, dtype=torch.float64, device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    gathered = strategy.all_gather(padded).reshape(trainer.world_size, -1, width).cpu()
+    parts = [gathered[r, : int(counts[r])] for r in range(trainer.world_size)]
+    merged = torch.cat(parts)
+    return merged[torch.argsort(merged[:, 0])]
