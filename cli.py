@@ -108,8 +108,18 @@ class RobustCLI(LightningCLI):
             fail(str(err))
 
 
-def main(args: list[str] | None = None) -> RobustCLI:
-    """Run the CLI on ``args`` (``sys.argv`` when None) and return it."""
+def main(args: list[str] | None = None) -> RobustCLI | None:
+    """Run the CLI on ``args`` (``sys.argv`` when None) and return it.
+
+    ``compare`` is the one subcommand that is not LightningCLI's own: it runs fit and test for
+    several configs through this same CLI and writes a report (see :mod:`compare`).
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["compare"]:
+        from compare import compare
+
+        compare(argv[1:])
+        return None
     try:
         return RobustCLI(
             StandardClassifier,

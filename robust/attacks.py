@@ -369,29 +369,14 @@ def _run(
         for m in modules:
             m.training = False
         with torch.inference_mode(False), torch.enable_grad():
-            x = x.detach().clone()
+            # x only feeds out-of-place ops (never autograd), so an inference tensor is fine; y is
+            # saved for backward by the loss and must be a normal tensor.
+            x = x.detach()
             y = y.detach().clone()
-            # Precomputed box [lo, hi] = ball ∩ [0, 1] (L-inf projection and clipping in one clamp).
-            lo = hi = None
-            if norm == "inf":
-                lo = (x - eps).clamp_(min=0.0)
-                hi = (x + eps).clamp_(max=1.0)
+            run = _Run(x, eps, norm, steps, step_size, random_start, targeted)
             best = best_obj = best_ok = None
             for _ in range(restarts):
-                x_adv = _one_run(
-                    model,
-                    x,
-                    y,
-                    eps,
-                    norm,
-                    steps,
-                    step_size,
-                    random_start,
-                    targeted,
-                    lo,
-                    hi,
-                    generator,
-                )
+                x_adv = run(model, y, generator)
                 if restarts == 1:
                     return x_adv
                 with torch.no_grad():
@@ -412,39 +397,69 @@ def _run(
             m.training = mode
 
 
-def _one_run(
-    model: Callable[[Tensor], Tensor],
-    x: Tensor,
-    y: Tensor,
-    eps: float,
-    norm: str,
-    steps: int,
-    step_size: float,
-    random_start: bool,
-    targeted: bool,
-    lo: Tensor | None,
-    hi: Tensor | None,
-    generator: torch.Generator | None,
-) -> Tensor:
-    """One (random-start) run of ``steps`` projected steps; all updates in place on one buffer."""
-    x_adv = _random_start(x, eps, norm, generator).clamp_(0, 1) if random_start else x.clone()
-    tiny = torch.finfo(x.dtype).tiny
-    alpha = -step_size if targeted else step_size  # targeted: descend on the target's loss
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        loss, _ = _loss(model, x_adv, y, "sum")
-        (grad,) = torch.autograd.grad(loss, x_adv)
-        x_adv.requires_grad_(False)
-        with torch.no_grad():
-            if norm == "inf":
-                x_adv.add_(grad.sign_(), alpha=alpha).clamp_(lo, hi)
-                continue
-            # Divide by the max-abs entry first so tiny gradients neither underflow in the squares
-            # of the norm nor vanish: the direction is exact whenever any entry is non-zero, and a
-            # zero gradient gives a zero step (0 / tiny), never NaN.
-            grad.div_(_view(_norm_inf(grad).clamp_min_(tiny), grad))
-            gnorm = _norm2(grad).clamp_min_(tiny)
-            delta = x_adv.addcdiv_(grad, _view(gnorm, grad), value=alpha).sub_(x)
-            factor = (eps / _norm2(delta).clamp_min_(tiny)).clamp_max_(1.0)
-            x_adv = delta.mul_(_view(factor, delta)).add_(x)
-    return x_adv.detach()
+class _Run:
+    """One (random-start) run of ``steps`` projected steps; all updates in place on one buffer.
+
+    The projection is skipped when it cannot act (one step of length <= eps from ``x`` itself,
+    i.e. plain FGM), which saves its kernels; clipping to [0, 1] always runs.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        eps: float,
+        norm: str,
+        steps: int,
+        step_size: float,
+        random_start: bool,
+        targeted: bool,
+    ) -> None:
+        self.x, self.eps, self.norm, self.steps, self.random_start = (
+            x,
+            eps,
+            norm,
+            steps,
+            random_start,
+        )
+        self.alpha = -step_size if targeted else step_size  # targeted: descend on the target loss
+        self.tiny = torch.finfo(x.dtype).tiny
+        self.project = random_start or steps > 1 or step_size > eps
+        # L-inf: the box ball ∩ [0, 1], so projection and clipping are one clamp per step.
+        self.lo = self.hi = None
+        if norm == "inf" and self.project:
+            self.lo = (x - eps).clamp_(min=0.0)
+            self.hi = (x + eps).clamp_(max=1.0)
+
+    def __call__(
+        self, model: Callable[[Tensor], Tensor], y: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        x, eps, tiny = self.x, self.eps, self.tiny
+        if self.random_start:
+            x_adv = _random_start(x, eps, self.norm, generator).clamp_(0.0, 1.0)
+        else:
+            x_adv = x.clone()
+        for _ in range(self.steps):
+            x_adv.requires_grad_(True)
+            loss, _ = _loss(model, x_adv, y, "sum")
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv.requires_grad_(False)
+            with torch.no_grad():
+                if self.norm == "inf":
+                    x_adv.add_(grad.sign_(), alpha=self.alpha)
+                    if self.project:
+                        x_adv.clamp_(self.lo, self.hi)
+                    else:
+                        x_adv.clamp_(0.0, 1.0)
+                    continue
+                # Divide by the max-abs entry first so tiny gradients neither underflow in the
+                # squares of the norm nor vanish: the direction is exact whenever any entry is
+                # non-zero, and a zero gradient gives a zero step (0 / tiny), never NaN.
+                grad.div_(_view(_norm_inf(grad).clamp_min_(tiny), grad))
+                gnorm = _norm2(grad).clamp_min_(tiny)
+                x_adv.addcdiv_(grad, _view(gnorm, grad), value=self.alpha)
+                if self.project:
+                    delta = x_adv.sub_(x)
+                    factor = (eps / _norm2(delta).clamp_min_(tiny)).clamp_max_(1.0)
+                    x_adv = delta.mul_(_view(factor, delta)).add_(x)
+                x_adv.clamp_(0.0, 1.0)
+        return x_adv.detach()

@@ -38,7 +38,8 @@ SELECTION_STREAM = 0
 ESTIMATION_STREAM = 1
 PREDICTION_STREAM = 2
 
-DEFAULT_NOISE_BLOCK = 512
+# 100 divides the usual n0 = 100, n = 1e3..1e5 and batch sizes 100..1000 (no straddling).
+DEFAULT_NOISE_BLOCK = 100
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,15 @@ def _infer_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _block_seed(seed: int, index: int, stream: int, block: int) -> int:
-    """Seed of one fixed-size noise block, a hash of (seed, dataset index, stream, block)."""
-    state = np.random.SeedSequence([seed, index, stream, block]).generate_state(1, np.uint64)
-    return int(state[0])
+def _block_seeds(seed: int, index: int, stream: int, num_blocks: int) -> np.ndarray:
+    """Seeds of noise blocks 0..num_blocks-1 of one (seed, dataset index, stream).
+
+    Block b's seed is the b-th 64-bit output of a Philox counter-based generator keyed by
+    ``SeedSequence([seed, index, stream])``: a function of (seed, index, stream, b) alone, and
+    cheap to compute for all blocks of an image at once.
+    """
+    bits = np.random.Philox(np.random.SeedSequence([seed, index, stream]))
+    return bits.random_raw(num_blocks)
 
 
 @contextlib.contextmanager
@@ -107,8 +113,8 @@ class Smooth:
 
     Speed: noisy copies of several images are packed into one forward batch (and a large n fills
     whole batches); noise is drawn into a preallocated buffer on the model's device; class counts
-    are accumulated on the device with ``torch.bincount``; the counts cross to the host once per
-    ``certify_batch``/``predict_batch`` call.
+    are accumulated on the device with ``index_add_`` (``torch.bincount`` would sync on CUDA); the
+    counts cross to the host once per ``certify_batch``/``predict_batch`` call.
 
     Reproducibility: the noise of an image comes in fixed blocks of ``noise_block`` samples, each
     drawn by a generator seeded from (seed, dataset index, stream, block); streams are selection,
@@ -341,8 +347,9 @@ class Smooth:
         block = self.noise_block
         for slot in range(num_images):
             for k, (stream, num) in enumerate(streams):
-                for b in range(math.ceil(num / block)):
-                    seed = _block_seed(self.seed, indices[slot], stream, b)
+                num_blocks = math.ceil(num / block)
+                seeds = _block_seeds(self.seed, indices[slot], stream, num_blocks).tolist()
+                for b, seed in enumerate(seeds):
                     yield slot * len(streams) + k, seed, min(block, num - b * block)
 
     @torch.inference_mode()
@@ -357,22 +364,26 @@ class Smooth:
         buffer, buffer_draw = self._new_buffer(capacity, sample_shape)
         scratch: tuple[torch.Tensor, torch.Tensor] | None = None
         generator = torch.Generator(device=self.device)
-        counts = torch.zeros(num_images * num_streams * classes, dtype=torch.int64, device=self.device)
+        ones = torch.ones(capacity, dtype=torch.int64, device=self.device)
+        counts = torch.zeros(
+            num_images * num_streams * classes, dtype=torch.int64, device=self.device
+        )
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
-        segments: list[list[int]] = []  # [bucket, rows] runs in the current forward batch
+        # Runs of rows in the current forward batch: [bucket, rows, holds raw noise (x not added)].
+        segments: list[list[int]] = []
         fill = 0
 
         def flush() -> None:
             nonlocal fill
-            # Add the clean image to its rows: x + sigma * z, one op per run of the same image.
             start = 0
-            for bucket, rows in segments:
-                rows_view = buffer[start : start + rows]
-                torch.add(x[bucket // num_streams], rows_view, alpha=self.sigma, out=rows_view)
+            for bucket, rows, raw in segments:  # x + sigma * z, one op per run of raw rows
+                if raw:
+                    view = buffer[start : start + rows]
+                    torch.add(x[bucket // num_streams], view, alpha=self.sigma, out=view)
                 start += rows
             with autocast:
                 logits = self.base_classifier(buffer[:fill])
@@ -381,22 +392,24 @@ class Smooth:
                     f"base_classifier must return logits of shape (batch, num_classes={classes}); "
                     f"got {tuple(logits.shape)}"
                 )
-            first = segments[0][0]
-            span = (segments[-1][0] - first + 1) * classes
+            # Key = bucket * classes + class. index_add_ rather than torch.bincount: on CUDA,
+            # bincount reads the maximum key back to the host, a sync per forward batch.
             offsets = np.repeat(
-                (np.array([s[0] for s in segments]) - first) * classes, [s[1] for s in segments]
+                np.array([s[0] for s in segments]) * classes, [s[1] for s in segments]
             )
-            keys = logits.argmax(dim=1) + torch.from_numpy(offsets).to(self.device, non_blocking=True)
-            counts[first * classes : first * classes + span] += torch.bincount(keys, minlength=span)
+            keys = logits.argmax(dim=1) + torch.from_numpy(offsets).to(
+                self.device, non_blocking=True
+            )
+            counts.index_add_(0, keys, ones[:fill])
             segments.clear()
             fill = 0
 
-        def record(bucket: int, rows: int) -> None:
+        def record(bucket: int, rows: int, raw: bool) -> None:
             nonlocal fill
-            if segments and segments[-1][0] == bucket:
+            if segments and segments[-1][0] == bucket and segments[-1][2] == raw:
                 segments[-1][1] += rows
             else:
-                segments.append([bucket, rows])
+                segments.append([bucket, rows, raw])
             fill += rows
             if fill == capacity:
                 flush()
@@ -407,19 +420,22 @@ class Smooth:
                 if fill + rows <= capacity:  # the whole block fits: draw it in place
                     target = buffer_draw[fill : fill + rows]
                     torch.randn(target.shape, out=target, generator=generator)
-                    record(bucket, rows)
+                    record(bucket, rows, raw=True)
                     continue
-                # The block straddles forward batches: draw it whole, then copy it in pieces.
+                # The block straddles forward batches: draw it whole into scratch, then write
+                # x + sigma * z piece by piece (scratch is reused by the next straddling block).
                 if scratch is None:
                     scratch = self._new_buffer(self.noise_block, sample_shape)
                 target = scratch[1][:rows]
                 torch.randn(target.shape, out=target, generator=generator)
+                image = x[bucket // num_streams]
                 done = 0
                 while done < rows:
                     take = min(capacity - fill, rows - done)
-                    buffer[fill : fill + take].copy_(scratch[0][done : done + take])
+                    piece = buffer[fill : fill + take]
+                    torch.add(image, scratch[0][done : done + take], alpha=self.sigma, out=piece)
                     done += take
-                    record(bucket, take)
+                    record(bucket, take, raw=False)
             if fill:
                 flush()
         return counts.view(num_images, num_streams, classes).cpu().numpy()

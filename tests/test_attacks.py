@@ -83,7 +83,7 @@ def trained():
 
 @pytest.mark.parametrize("norm", ["inf", "2"])
 @pytest.mark.parametrize(
-    "kind", ["fgm", "fgm_rand", "pgd", "pgd_norand", "pgd_restarts", "pgd_targeted"]
+    "kind", ["fgm", "fgm_rand", "fgm_bigstep", "pgd", "pgd_norand", "pgd_restarts", "pgd_targeted"]
 )
 def test_bounds_and_output(kind, norm):
     model = small_cnn()
@@ -91,7 +91,10 @@ def test_bounds_and_output(kind, norm):
     eps = EPS[norm]
     g = torch.Generator().manual_seed(0)
     if kind.startswith("fgm"):
-        adv = fgm(model, x, y, eps, norm, random_start=kind == "fgm_rand", generator=g)
+        step = 3 * eps if kind == "fgm_bigstep" else None  # the projection must act
+        adv = fgm(
+            model, x, y, eps, norm, step_size=step, random_start=kind == "fgm_rand", generator=g
+        )
     else:
         adv = pgd(
             model,
@@ -167,6 +170,47 @@ def test_restarts_never_weaker_than_one_run(trained):
     assert (loss[6][neither] >= loss[1][neither] - 1e-6).all()
     # Restarts help somewhere (the comparison above is not vacuous).
     assert ok[6].sum() > ok[1].sum() or (loss[6][neither] > loss[1][neither] + 1e-4).any()
+
+
+class _SuccessVsLoss(nn.Module):
+    """Zero input gradient (the attack stays at its random start); for label 0 the start decides.
+
+    u > 0: misclassified (class 1 wins) with CE 0.74; u < 0: correct with the higher CE 1.09.
+    """
+
+    def forward(self, x):
+        pos = (x.detach().flatten(1)[:, :1] > 0.5).float()
+        bad, good = torch.tensor([0.0, 0.1, -5.0]), torch.tensor([0.0, -0.01, -0.01])
+        return pos * bad + (1 - pos) * good + 0 * x.flatten(1)[:, :1]
+
+
+def test_restarts_prefer_success_over_loss():
+    model = _SuccessVsLoss()
+    x = torch.full((32, 1, 1, 1), 0.5)
+    y = torch.zeros(32, dtype=torch.long)
+    adv = pgd(
+        model, x, y, 0.1, "inf", steps=1, restarts=10, generator=torch.Generator().manual_seed(0)
+    )
+    single = pgd(model, x, y, 0.1, "inf", steps=1, generator=torch.Generator().manual_seed(0))
+    assert (single <= 0.5).any()  # some single runs end correct with the higher loss
+    assert (adv > 0.5).all()  # P(no success in 10 restarts) = 2^-10 per sample; fixed seed
+
+
+def test_half_precision_model_gradients_independent_of_batch_size():
+    # Summed loss: a sample's gradient does not shrink with the batch size, so confident samples in a
+    # large fp16 batch do not underflow (with a mean-reduced loss ~30% of these would not move).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    x = 0.25 + 0.5 * torch.rand(4096, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        model[1].weight.mul_(40)
+        model[1].bias.zero_()
+    model, x = model.half(), x.half()
+    full = fgm(model, x, y, 0.01, "inf")
+    assert full.dtype == torch.float16
+    assert torch.equal(full[:64], fgm(model, x[:64], y[:64], 0.01, "inf"))
+    assert ((full - x).flatten(1).abs().amax(1) > 0).float().mean() > 0.95
 
 
 def test_targeted_reaches_target_more_often(trained):
@@ -349,7 +393,10 @@ def test_inside_inference_mode_matches_outside():
         got = pgd(model, xi, yi, 0.1, "inf", steps=3, generator=torch.Generator().manual_seed(0))
         spec = AttackSpec(method="fgm", norm="2", eps=1.0)
         got_fgm = attack(model, xi, yi, spec)
+        got_l2 = pgd(model, xi, yi, 1.0, "2", steps=3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    ref_l2 = pgd(model, x, y, 1.0, "2", steps=3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got_l2, ref_l2, atol=0, rtol=0)
     torch.testing.assert_close(got_fgm, fgm(model, x, y, 1.0, "2"), atol=0, rtol=0)
 
 

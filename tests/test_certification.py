@@ -1,0 +1,407 @@
+"""Certification callback: logging inside trainer.test, TSV rows, batch-size and process-count
+invariance, resume after an interruption, torn lines, refused settings, summary arithmetic.
+
+Oracles: ``Smooth.certify_batch`` called directly on the same images and indices (the rows must
+be exactly its certificates), an uninterrupted run (a resumed run must end with the same rows), a
+one-process run (a two-process DDP run must write the same rows), and a hand-computed summary.
+"""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks import Certification
+from callbacks.certification import HEADER, CertifiedImage, read_tsv, summarize
+from robust.smoothing import ABSTAIN, Smooth
+
+ROOT = Path(__file__).resolve().parents[1]
+SIGMA = 0.5
+
+
+class Levels(nn.Module):
+    """Predicts the nearest of K grey levels k / (K - 1) from an image's mean pixel."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        level = x.flatten(1).mean(1, keepdim=True)
+        centers = torch.linspace(0, 1, self.num_classes, device=x.device)
+        return -self.scale.abs() * (level - centers) ** 2
+
+
+class TinyModule(LightningModule):
+    def __init__(self, sigma: float = SIGMA) -> None:
+        super().__init__()
+        self.model = Levels(3)
+        self.num_classes = 3
+        self.sigma = sigma
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        return self.model.scale * 0.0
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def tiny_images(count: int = 11) -> TensorDataset:
+    """4x4 grey images near levels 0, 0.5, 1 (some near a boundary, some mislabelled)."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(count) % 3
+    levels = labels / 2 + 0.08 * torch.randn(count, generator=generator)
+    levels[4] = 0.25  # on the boundary between classes 0 and 1: near 50/50, abstains
+    labels[7] = (labels[7] + 1) % 3  # mislabelled: certified but wrong
+    images = levels.view(-1, 1, 1, 1) + 0.05 * torch.randn(count, 1, 4, 4, generator=generator)
+    return TensorDataset(images, labels)
+
+
+class TinyData(LightningDataModule):
+    def __init__(self, count: int = 11) -> None:
+        super().__init__()
+        self.test_set = self.val_set = self.train_set = tiny_images(count)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=4)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=4)
+
+    def test_dataloader(self):
+        return DataLoader(self.test_set, batch_size=4)
+
+
+def certify(tmp_path: Path, module: LightningModule | None = None, **kwargs) -> Certification:
+    """Run trainer.test with default Trainer settings and a Certification callback."""
+    settings = {"n0": 20, "n": 200, "alpha": 0.01, "batch_size": 64} | kwargs
+    callback = Certification(**settings)
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        logger=TensorBoardLogger(tmp_path, name="logs"),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.test(module or TinyModule(), datamodule=TinyData(), verbose=False)
+    return callback
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def certificates_only(path: Path) -> list[tuple]:
+    """TSV rows without the time column."""
+    rows, torn = read_tsv(path)
+    assert not torn
+    return [(r.idx, r.label, r.predict, r.radius, r.correct) for r in rows]
+
+
+def test_logged_in_trainer_test_with_files(tmp_path):
+    callback = Certification(sigma=SIGMA, n0=20, n=200, alpha=0.01, radii=[0, 0.25, 0.5])
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        logger=TensorBoardLogger(tmp_path, name="logs"),
+        callbacks=[callback],
+        enable_progress_bar=False,
+    )
+    results = trainer.test(TinyModule(), datamodule=TinyData(), verbose=False)[0]
+    expected = {f"certify/certified_acc@{r}" for r in ("0", "0.25", "0.5")}
+    expected |= {"certify/acr", "certify/correct_certified", "certify/abstain_rate"}
+    assert expected <= results.keys()
+    for key, value in callback.summary.items():
+        assert results[f"certify/{key}"] == pytest.approx(value)
+    tsv = Path(trainer.log_dir) / "certify_test.tsv"
+    assert callback.output_path == tsv
+    assert lines(tsv)[0] == "\t".join(HEADER)
+    assert len(lines(tsv)) == 1 + 11
+    rows, _ = read_tsv(tsv)
+    assert rows == callback.results  # time included: the file holds what was computed
+    assert callback.summary == summarize(rows, [0, 0.25, 0.5])
+    assert tsv.with_suffix(".png").stat().st_size > 0
+    settings = json.loads(Path(f"{tsv}.json").read_text())
+    assert (settings["sigma"], settings["n0"], settings["n"], settings["alpha"]) == (
+        SIGMA,
+        20,
+        200,
+        0.01,
+    )
+    outcomes = {("abstain" if r.predict == ABSTAIN else r.correct) for r in rows}
+    assert outcomes == {"abstain", 0, 1}  # the tiny set exercises every kind of row
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(trainer.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert "certify/certified_accuracy" in events.Tags()["images"]
+
+
+def test_rows_are_smooth_certificates(tmp_path):
+    module = TinyModule()
+    callback = certify(tmp_path, module, sigma=SIGMA, skip=2, max_images=5, seed=3)
+    dataset = tiny_images()
+    indices = [0, 2, 4, 6, 8]
+    images = torch.stack([dataset[i][0] for i in indices])
+    smooth = Smooth(module.model, 3, SIGMA, batch_size=50, seed=3)
+    direct = smooth.certify_batch(images, indices, n0=20, n=200, alpha=0.01)
+    assert [r.idx for r in callback.results] == indices
+    for row, cert, i in zip(callback.results, direct, indices, strict=True):
+        assert (row.predict, row.radius) == (cert.prediction, cert.radius)
+        assert row.label == int(dataset[i][1])
+        assert row.correct == int(cert.prediction == row.label)
+    assert certificates_only(callback.output_path) == [
+        (r.idx, r.label, r.predict, r.radius, r.correct) for r in callback.results
+    ]
+
+
+def test_sigma_defaults_to_the_modules(tmp_path):
+    callback = certify(tmp_path / "a", TinyModule(sigma=0.3), max_images=3)
+    explicit = certify(tmp_path / "b", TinyModule(sigma=0.3), sigma=0.3, max_images=3)
+    assert certificates_only(callback.output_path) == certificates_only(explicit.output_path)
+    assert json.loads(Path(f"{callback.output_path}.json").read_text())["sigma"] == 0.3
+
+
+def test_rows_do_not_depend_on_batch_size(tmp_path):
+    small = certify(tmp_path / "small", sigma=SIGMA, batch_size=7)
+    large = certify(tmp_path / "large", sigma=SIGMA, batch_size=1000)
+    assert certificates_only(small.output_path) == certificates_only(large.output_path)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    whole = certify(tmp_path / "whole", sigma=SIGMA, batch_size=50)
+    output = tmp_path / "resumed.tsv"
+    first = certify(tmp_path / "a", sigma=SIGMA, batch_size=50, output=str(output), stop_after=4)
+    assert len(lines(output)) == 1 + 4
+    assert len(first.results) == 4
+    kept = read_tsv(output)[0]
+    resumed = certify(tmp_path / "b", sigma=SIGMA, batch_size=50, output=str(output))
+    final = read_tsv(output)[0]
+    assert [r.idx for r in final] == list(range(11))  # dataset order, none missing or repeated
+    assert final[:4] == kept  # the first rows were kept (time too), not certified again
+    assert certificates_only(output) == certificates_only(whole.output_path)
+    assert resumed.summary == whole.summary
+    again = certify(tmp_path / "c", sigma=SIGMA, batch_size=50, output=str(output))
+    assert read_tsv(output)[0] == final  # nothing left to do: the file is unchanged
+    assert again.summary == whole.summary
+
+
+@pytest.mark.parametrize("cut", ["no_newline", "short_line"])
+def test_torn_last_line_is_redone(tmp_path, cut):
+    whole = certify(tmp_path / "whole", sigma=SIGMA)
+    output = tmp_path / "torn.tsv"
+    certify(tmp_path / "a", sigma=SIGMA, output=str(output), stop_after=6)
+    text = output.read_text()
+    last = text.splitlines()[-1]
+    if cut == "no_newline":
+        output.write_text(text[:-4])  # the last row lost its end
+    else:
+        output.write_text(text[: -len(last) - 1] + "\t".join(last.split("\t")[:3]) + "\n")
+    rows, torn = read_tsv(output)
+    assert torn and len(rows) == 5
+    certify(tmp_path / "b", sigma=SIGMA, output=str(output))
+    assert output.read_text().endswith("\n")
+    assert certificates_only(output) == certificates_only(whole.output_path)
+
+
+def test_malformed_middle_line_or_repeated_index_is_an_error(tmp_path):
+    output = tmp_path / "bad.tsv"
+    certify(tmp_path / "a", sigma=SIGMA, output=str(output), max_images=4)
+    good = lines(output)
+    output.write_text("\n".join([good[0], good[1], "garbage", *good[2:]]) + "\n")
+    with pytest.raises(ValueError, match="line 3"):
+        certify(tmp_path / "b", sigma=SIGMA, output=str(output), max_images=4)
+    output.write_text("\n".join([*good, good[1]]) + "\n")
+    with pytest.raises(ValueError, match="repeats dataset index 0"):
+        certify(tmp_path / "c", sigma=SIGMA, output=str(output), max_images=4)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n": 300}, "n=200 there, 300 now"),
+        ({"n0": 30}, "n0=20 there, 30 now"),
+        ({"sigma": 0.25}, "sigma=0.5 there, 0.25 now"),
+        ({"alpha": 0.05}, "alpha=0.01 there, 0.05 now"),
+        ({"seed": 1}, "seed=0 there, 1 now"),
+        ({"noise_block": 7}, "noise_block="),
+        ({"autocast": "bf16"}, "autocast=None there, 'bf16' now"),
+    ],
+)
+def test_tsv_from_other_settings_is_refused(tmp_path, change, message):
+    output = tmp_path / "runs.tsv"
+    certify(tmp_path / "a", sigma=SIGMA, output=str(output), max_images=2)
+    before = output.read_text()
+    settings = {"sigma": SIGMA, "output": str(output), "max_images": 2} | change
+    with pytest.raises(ValueError, match=message):
+        certify(tmp_path / "b", **settings)
+    assert output.read_text() == before  # nothing mixed in
+
+
+def test_tsv_of_another_model_or_without_settings_is_refused(tmp_path):
+    output = tmp_path / "runs.tsv"
+    certify(tmp_path / "a", sigma=SIGMA, output=str(output), max_images=2)
+    other = TinyModule()
+    with torch.no_grad():
+        other.model.scale.fill_(2.0)
+    with pytest.raises(ValueError, match="model_sha256="):
+        certify(tmp_path / "b", other, sigma=SIGMA, output=str(output), max_images=2)
+    Path(f"{output}.json").unlink()
+    with pytest.raises(ValueError, match="without its settings file"):
+        certify(tmp_path / "c", sigma=SIGMA, output=str(output), max_images=2)
+
+
+def test_summary_by_hand():
+    rows = [
+        CertifiedImage(0, 1, 1, 0.3, 1, 0.0),  # certified correct, radius 0.3
+        CertifiedImage(1, 2, 2, 1.25, 1, 0.0),  # certified correct, radius exactly 1.25
+        CertifiedImage(2, 0, 3, 0.8, 0, 0.0),  # certified but wrong
+        CertifiedImage(3, 4, ABSTAIN, 0.0, 0, 0.0),  # abstained
+    ]
+    summary = summarize(rows, [0.0, 0.25, 0.5, 1.25, 2.0])
+    assert summary["certified_acc@0"] == 0.5
+    assert summary["certified_acc@0.25"] == 0.5
+    assert summary["certified_acc@0.5"] == 0.25
+    assert summary["certified_acc@1.25"] == 0.25  # radius >= r counts
+    assert summary["certified_acc@2"] == 0.0
+    assert summary["acr"] == pytest.approx((0.3 + 1.25) / 4)
+    assert summary["correct_certified"] == 2
+    assert summary["abstain_rate"] == 0.25
+    assert summary["num_images"] == 4
+    assert summarize([], [0.0]) == {}
+
+
+def test_tsv_line_round_trip_is_exact_and_locuslab_shaped():
+    row = CertifiedImage(12, 3, 3, 0.1 + 0.2, 1, 3723.5)
+    line = row.to_line()
+    assert line == "12\t3\t3\t0.30000000000000004\t1\t1:02:03.500000\n"
+    assert CertifiedImage.from_line(line) == row
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"sigma": 0.0}, "sigma"),
+        ({"sigma": -1.0}, "sigma"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": 1.0}, "alpha"),
+        ({"n0": 0}, "n0"),
+        ({"n": 0}, "n "),
+        ({"batch_size": 0}, "batch_size"),
+        ({"skip": 0}, "skip"),
+        ({"max_images": 0}, "max_images"),
+        ({"seed": -1}, "seed"),
+        ({"val_n": 0}, "val_n"),
+        ({"radii": []}, "radii"),
+        ({"autocast": "fp8"}, "autocast"),
+        ({"stop_after": -1}, "stop_after"),
+    ],
+)
+def test_bad_settings_fail_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=f"Certification {name}"):
+        Certification(**kwargs)
+
+
+def test_too_small_n_warns_with_the_smallest_useful_n():
+    with pytest.warns(UserWarning, match="smallest useful n is 10"):
+        Certification(sigma=0.25, n=9, alpha=0.001)
+    with pytest.warns(UserWarning, match="smallest useful val_n is 5"):
+        Certification(sigma=0.25, n=100, alpha=0.05, every_n_val_epochs=1, val_n=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Certification(sigma=0.25, n=10, alpha=0.001)
+
+
+def test_small_n_certifies_nothing_as_warned(tmp_path):
+    with pytest.warns(UserWarning, match="smallest useful n"):
+        callback = certify(tmp_path, sigma=SIGMA, n=6, alpha=0.01)  # smallest useful: 7
+    assert all(row.radius == 0.0 for row in callback.results)
+    assert callback.summary["acr"] == 0.0
+
+
+def test_validation_certification_every_k_epochs(tmp_path):
+    callback = Certification(sigma=SIGMA, n0=10, n=50, every_n_val_epochs=2, val_n=100)
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        logger=TensorBoardLogger(tmp_path, name="logs"),
+        callbacks=[callback],
+        max_epochs=3,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(TinyModule(), datamodule=TinyData())
+    assert "val_certify/acr" in trainer.callback_metrics
+    assert "certify/acr" not in trainer.callback_metrics
+    assert len(callback.val_results) == 11
+    assert not list(Path(trainer.log_dir).glob("*.tsv"))  # validation writes no files
+
+
+def test_fast_dev_run_certifies_two_images_without_files(tmp_path):
+    callback = Certification(sigma=SIGMA, n0=100, n=100_000)
+    trainer = Trainer(default_root_dir=tmp_path, callbacks=[callback], fast_dev_run=True)
+    results = trainer.test(TinyModule(), datamodule=TinyData(), verbose=False)[0]
+    assert results["certify/num_images"] == 2
+    assert callback.output_path is None
+    assert not list(tmp_path.rglob("*.tsv"))
+
+
+DDP_SCRIPT = """
+import json, sys
+sys.path.insert(0, {root!r})
+from lightning.pytorch import Trainer
+from callbacks import Certification
+from tests.test_certification import TinyData, TinyModule
+
+devices, output, stop = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+callback = Certification(sigma=0.5, n0=20, n=200, alpha=0.01, batch_size=30, output=output,
+                         stop_after=stop if stop >= 0 else None)
+trainer = Trainer(accelerator="cpu", devices=devices, callbacks=[callback],
+                  strategy="ddp" if devices > 1 else "auto",
+                  logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False)
+trainer.test(TinyModule(), datamodule=TinyData(11), verbose=False)
+with open(output + f".summary{{trainer.global_rank}}", "w") as file:
+    json.dump(callback.summary, file)
+"""
+
+
+def test_two_processes_write_the_rows_of_one(tmp_path):
+    """DDP on 2 CPU processes (11 images: unequal shards, an empty last round) = 1 process.
+
+    The 2-process run also resumes a file that a 1-process run left after 5 images.
+    """
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(root=str(ROOT))))
+    for devices, name, stop in ((1, "p1", -1), (1, "p2", 5), (2, "p2", -1)):
+        subprocess.run(
+            [sys.executable, str(script), str(devices), str(tmp_path / f"{name}.tsv"), str(stop)],
+            cwd=tmp_path,
+            check=True,
+            timeout=240,
+            capture_output=True,
+        )
+    assert certificates_only(tmp_path / "p2.tsv") == certificates_only(tmp_path / "p1.tsv")
+    assert [r[0] for r in certificates_only(tmp_path / "p2.tsv")] == list(range(11))
+    one = json.loads((tmp_path / "p1.tsv.summary0").read_text())
+    for rank in (0, 1):  # the same summary on every rank, equal to the one-process run
+        assert json.loads((tmp_path / f"p2.tsv.summary{rank}").read_text()) == one
+    assert math.isfinite(one["acr"])

@@ -1,0 +1,153 @@
+"""NoiseAugmentedClassifier: Gaussian augmentation in pixel space and consistency regularization.
+
+Oracles: the noise recovered from what the backbone receives (pixel-space noise of std sigma, not
+normalized-space noise), a hand computation of Jeong & Shin (2020) Eq. (8) on a two-class example,
+and the authors' formulation (``F.kl_div`` against the mean softmax, entropy of the mean).
+"""
+
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cli
+from lightning_modules import NoiseAugmentedClassifier
+from lightning_modules.noise import consistency_terms
+
+MEAN, STD = 0.1307, 0.3081
+
+
+class Recorder(nn.Module):
+    """Backbone that remembers its input (the normalized noisy images) and its logits."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(in_channels * 28 * 28, num_classes)
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(x.flatten(1))
+        self.inputs.append(x.detach().clone())
+        self.outputs.append(logits.detach().clone())
+        return logits
+
+
+def make(**kwargs) -> NoiseAugmentedClassifier:
+    module = NoiseAugmentedClassifier(backbone=Recorder, mean=(MEAN,), std=(STD,), **kwargs)
+    module.model[1].inputs.clear()  # drop the shape check's forward
+    module.model[1].outputs.clear()
+    return module
+
+
+def images(batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, 1, 28, 28, generator=generator)
+    return x, torch.randint(0, 10, (batch,), generator=generator)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_noise_is_pixel_space_gaussian_added_before_normalization(m):
+    sigma = 0.5
+    module = make(sigma=sigma, num_noise_samples=m)
+    x, y = images()
+    loss, logits, targets = module.training_loss(x, y)
+    seen = module.model[1].inputs[-1]
+    assert seen.shape == (m * len(x), 1, 28, 28)
+    assert logits.shape == (m * len(x), 10)
+    assert torch.equal(targets, y.repeat(m))
+    # Undo the normalization: what is left over the clean images is the noise, in pixel units.
+    noise = (seen * STD + MEAN).view(m, *x.shape) - x
+    assert abs(noise.mean().item()) < 0.01
+    # Pixel-space noise has std sigma; noise added after normalization would show sigma * STD.
+    assert noise.std().item() == pytest.approx(sigma, rel=0.02)
+    assert (x + noise).min() < 0  # no clipping to [0, 1] (Smooth certifies unclipped noise)
+    if m > 1:  # each copy gets its own noise, uncorrelated with the others
+        corr = torch.corrcoef(noise.reshape(m, -1))
+        assert (corr - torch.eye(m)).abs().max() < 0.02
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
+
+
+def test_noise_is_fresh_every_step():
+    module = make(sigma=0.25)
+    x, y = images(8)
+    module.training_loss(x, y)
+    module.training_loss(x, y)
+    first, second = module.model[1].inputs[-2:]
+    assert not torch.allclose(first, second)
+
+
+def test_consistency_terms_by_hand():
+    # Two copies of one image, two classes: p1 = (1/2, 1/2), p2 = (3/4, 1/4), p_hat = (5/8, 3/8).
+    logits = torch.tensor([[[0.0, 0.0]], [[math.log(3.0), 0.0]]])
+    kl, entropy = consistency_terms(logits)
+    kl1 = 5 / 8 * math.log((5 / 8) / (1 / 2)) + 3 / 8 * math.log((3 / 8) / (1 / 2))
+    kl2 = 5 / 8 * math.log((5 / 8) / (3 / 4)) + 3 / 8 * math.log((3 / 8) / (1 / 4))
+    assert kl.item() == pytest.approx((kl1 + kl2) / 2, rel=1e-6)
+    assert entropy.item() == pytest.approx(-(5 / 8 * math.log(5 / 8) + 3 / 8 * math.log(3 / 8)))
+
+
+def test_consistency_terms_match_the_authors_formulation():
+    logits = torch.randn(4, 16, 10, generator=torch.Generator().manual_seed(2)) * 3
+    kl, entropy = consistency_terms(logits)
+    p_hat = logits.softmax(-1).mean(0)
+    # Jeong & Shin's code: F.kl_div(log_softmax(logits_i), p_hat) summed over classes, averaged.
+    kl_ref = sum(
+        F.kl_div(logit.log_softmax(-1), p_hat, reduction="none").sum(1) for logit in logits
+    ) / len(logits)
+    entropy_ref = -(p_hat * p_hat.log()).sum(1)
+    torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(entropy, entropy_ref, rtol=1e-5, atol=1e-6)
+    same = consistency_terms(logits[:1].repeat(3, 1, 1))[0]  # identical copies agree: KL = 0
+    torch.testing.assert_close(same, torch.zeros(16), atol=1e-6, rtol=0)
+
+
+def test_consistency_loss_value():
+    lam, eta, m = 10.0, 0.5, 2
+    module = make(sigma=0.25, num_noise_samples=m, consistency_weight=lam, entropy_weight=eta)
+    x, y = images(16)
+    loss, *_ = module.training_loss(x, y)
+    out = module.model[1].outputs[-1].double().view(m, 16, 10)
+    p = out.softmax(-1)
+    p_hat = p.mean(0)
+    ce = -(out.log_softmax(-1).gather(2, y.repeat(m, 1).unsqueeze(2))).mean()
+    kl = (p_hat * (p_hat.log() - p.log())).sum(-1).mean()  # mean over copies and images
+    entropy = -(p_hat * p_hat.log()).sum(-1).mean()
+    assert loss.item() == pytest.approx((ce + lam * kl + eta * entropy).item(), rel=1e-5)
+    assert kl.item() > 0 and entropy.item() > 0  # both terms really contribute
+    loss.backward()  # differentiable through p_hat
+    assert module.model[1].linear.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"sigma": 0.0}, "sigma"),
+        ({"sigma": -0.25}, "sigma"),
+        ({"sigma": float("nan")}, "sigma"),
+        ({"sigma": float("inf")}, "sigma"),
+        ({"sigma": True}, "sigma"),
+        ({"num_noise_samples": 0}, "num_noise_samples"),
+        ({"num_noise_samples": 1.5}, "num_noise_samples"),
+        ({"consistency_weight": -1.0}, "consistency_weight"),
+        ({"entropy_weight": float("nan")}, "entropy_weight"),
+        ({"consistency_weight": 1.0, "num_noise_samples": 1}, "num_noise_samples >= 2"),
+    ],
+)
+def test_bad_settings_fail_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        NoiseAugmentedClassifier(**kwargs)
+
+
+def test_cli_rejects_bad_sigma_before_training(in_tmp, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+    config = str(cli.Path(__file__).resolve().parents[1] / "configs/mnist/smoothing.yaml")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["fit", "--config", config, "--model.init_args.sigma", "0"])
+    assert info.value.code == 2
+    assert "sigma must be a positive finite number" in capsys.readouterr().err
+    assert not (in_tmp / "runs").exists()

@@ -1,0 +1,381 @@
+import math
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import Precision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import callbacks.perturbed_accuracy as pa
+from callbacks import PerturbedAccuracy
+from callbacks.perturbed_accuracy import GradientMaskingWarning, image_seed
+from datamodules import load_embedded_mnist
+from lightning_modules import StandardClassifier
+from robust.attacks import AttackSpec, attack
+
+FGM_L2 = AttackSpec("fgm", "2", 0.5)
+FGSM_RS = AttackSpec("fgm", "inf", 0.03, random_start=True)
+PGD_L2 = AttackSpec("pgd", "2", 0.5, steps=3)
+
+
+class Tensors(LightningDataModule):
+    """The same images for training, validation and test."""
+
+    def __init__(self, x, y, batch_size: int = 32):
+        super().__init__()
+        self.train_set = self.val_set = self.test_set = TensorDataset(x, y)
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+    def test_dataloader(self):
+        return DataLoader(self.test_set, batch_size=self.batch_size)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    """1,000 training and 96 evaluation digits, shuffled with a fixed seed."""
+    images, labels = load_embedded_mnist()
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    images, labels = images[perm], labels[perm]
+    return images[:1000], labels[:1000], images[1000:1096], labels[1000:1096]
+
+
+def linear_backbone(in_channels: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, num_classes))
+
+
+@pytest.fixture(scope="module")
+def class_means(mnist):
+    """Nearest-class-mean linear classifier (about 80% accurate, no training loop needed)."""
+    x, y = mnist[0], mnist[1]
+    means = torch.stack([x[y == c].flatten(1).mean(0) for c in range(10)])
+    return means, -0.5 * means.pow(2).sum(1)
+
+
+def make_model(class_means) -> StandardClassifier:
+    model = StandardClassifier(backbone=linear_backbone, mean=(0.0,), std=(1.0,))
+    linear = model.model[1][1]
+    with torch.no_grad():
+        linear.weight.copy_(class_means[0] * 10)
+        linear.bias.copy_(class_means[1] * 10)
+    return model.eval()
+
+
+def trainer(**kwargs) -> Trainer:
+    settings = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    return Trainer(**{**settings, **kwargs})
+
+
+def direct(model, x, y, spec, seed=0):
+    """Accuracy and mean norm under ``spec`` by robust.attacks, image by image for random starts."""
+    if spec.resolved_random_start:
+        x_adv = torch.cat(
+            [
+                attack(
+                    model,
+                    x[i : i + 1],
+                    y[i : i + 1],
+                    spec,
+                    generator=torch.Generator().manual_seed(image_seed(seed, spec.key, i)),
+                )
+                for i in range(len(x))
+            ]
+        )
+    else:
+        x_adv = attack(model, x, y, spec)
+    with torch.no_grad():
+        accuracy = (model(x_adv).argmax(1) == y).double().mean().item()
+    order = 2 if spec.norm == "2" else math.inf
+    norm = torch.linalg.vector_norm((x_adv - x).flatten(1).double(), ord=order, dim=1)
+    return accuracy, norm.mean().item()
+
+
+class InferenceModeSpy(Callback):
+    def on_test_epoch_end(self, trainer, pl_module):
+        self.inference_mode = torch.is_inference_mode_enabled()
+
+
+def test_logs_attacked_accuracy_inside_trainer_test_in_inference_mode(mnist, class_means):
+    x, y = mnist[2], mnist[3]
+    model = make_model(class_means)
+    spy = InferenceModeSpy()
+    callback = PerturbedAccuracy([FGM_L2, FGSM_RS, PGD_L2], batch_size=40)
+    run = trainer(callbacks=[spy, callback])  # default inference_mode=True
+    (logged,) = run.test(model, datamodule=Tensors(x, y), verbose=False)
+    assert spy.inference_mode  # the attacks had to leave inference mode to get gradients
+    clean = (model(x).argmax(1) == y).double().mean().item()
+    for spec in (FGM_L2, FGSM_RS, PGD_L2):
+        accuracy, norm = direct(model, x, y, spec)
+        assert logged[f"test/perturbed_acc/{spec.key}"] == pytest.approx(accuracy, abs=1e-6)
+        assert logged[f"test/perturbation_norm/{spec.key}"] == pytest.approx(norm, rel=1e-5)
+        assert 0 < norm <= spec.eps * (1 + 1e-5)
+        result = callback.results["test"][spec.key]
+        assert result["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+        assert result["clean_accuracy"] == pytest.approx(clean, abs=1e-12)
+        assert result["num_images"] == len(x)
+        assert result["attack"] == spec
+        assert accuracy < clean  # the attack hurts; the numbers are not trivial
+    assert logged["test/acc"] == pytest.approx(clean, abs=1e-6)
+
+
+def same_table(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Indices, labels and predictions equal; norms equal up to float32 rounding.
+
+    Batched matrix products round differently for different batch sizes (~1e-8 here), so the
+    norms of the perturbations agree to that precision only; the predictions are identical.
+    """
+    predictions = [0, 1, 2, *range(3, a.shape[1], 2)]
+    norms = list(range(4, a.shape[1], 2))
+    assert torch.equal(a[:, predictions], b[:, predictions])
+    torch.testing.assert_close(a[:, norms], b[:, norms], rtol=1e-6, atol=1e-7)
+
+
+def test_results_do_not_depend_on_batch_size_or_process_count(mnist, class_means, monkeypatch):
+    x, y = mnist[2][:40], mnist[3][:40]
+    model = make_model(class_means)
+    data = Tensors(x, y)
+    specs = [FGSM_RS, PGD_L2, AttackSpec("pgd", "inf", 0.03, steps=2, restarts=2)]
+    tables = {}
+
+    def capture(label):
+        def gather(trainer, rows, device="cpu"):
+            tables[label] = rows.clone()
+            return rows[torch.argsort(rows[:, 0])]
+
+        return gather
+
+    for batch_size in (7, 40):
+        callback = PerturbedAccuracy(specs, batch_size=batch_size, seed=3)
+        monkeypatch.setattr(pa, "gather_rows", capture(batch_size))
+        trainer(callbacks=[callback]).test(model, datamodule=data, verbose=False)
+    same_table(tables[7][torch.argsort(tables[7][:, 0])], tables[40])
+    # Two processes: each attacks its shard; the union of their rows is the one-process table.
+    for rank in (0, 1):
+        fake = SimpleNamespace(
+            datamodule=data,
+            limit_test_batches=1.0,
+            world_size=2,
+            global_rank=rank,
+            is_global_zero=rank == 0,
+            loggers=[],
+            precision_plugin=Precision(),
+        )
+        monkeypatch.setattr(pa, "gather_rows", capture(f"rank{rank}"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pl_module.log without a running trainer
+            callback = PerturbedAccuracy(specs, batch_size=6, seed=3)
+            callback.evaluate(fake, make_model(class_means), "test")
+    assert tables["rank0"][:, 0].tolist() == list(range(0, 40, 2))
+    merged = torch.cat([tables["rank0"], tables["rank1"]])
+    same_table(merged[torch.argsort(merged[:, 0])], tables[40])
+    # and the numbers are those of attacking each image alone with its own generator
+    for j, spec in enumerate(specs):
+        accuracy, _ = direct(model, x, y, spec, seed=3)
+        assert (tables[40][:, 3 + 2 * j] == tables[40][:, 1]).double().mean() == accuracy
+
+
+def test_another_seed_gives_other_random_starts(mnist, class_means):
+    x, y = mnist[2][:16], mnist[3][:16]
+    model = make_model(class_means)
+    norms = []
+    for seed in (0, 1):
+        callback = PerturbedAccuracy([FGSM_RS], seed=seed)
+        trainer(callbacks=[callback]).test(model, datamodule=Tensors(x, y), verbose=False)
+        norms.append(callback.results["test"][FGSM_RS.key]["norm"])
+    assert norms[0] != norms[1]
+
+
+class ShatteredGradients(nn.Module):
+    """Class 0 while every pixel is within 0.01 of 0.5, else class 1; the input gradient is 0.
+
+    The step function hides the loss surface (Athalye et al. 2018's shattered gradients): FGM
+    takes a zero step and keeps every image correct, while PGD's random start alone leaves the
+    flat region, so PGD accuracy is 0.
+    """
+
+    def forward(self, x):
+        inside = (x.flatten(1) - 0.5).abs().amax(1) < 0.01
+        logits = torch.stack([inside.float(), (~inside).float()], dim=1) * 10
+        return logits + 0.0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def masking_model() -> StandardClassifier:
+    return StandardClassifier(
+        backbone=lambda c, n: ShatteredGradients(),
+        num_classes=2,
+        image_size=(4, 4),
+        mean=(0.0,),
+        std=(1.0,),
+    )
+
+
+def test_gradient_masking_warning_fires_on_a_masking_model():
+    x = torch.full((20, 1, 4, 4), 0.5)
+    y = torch.zeros(20, dtype=torch.long)
+    fgm, pgd = AttackSpec("fgm", "inf", 0.1), AttackSpec("pgd", "inf", 0.1, steps=3)
+    callback = PerturbedAccuracy([fgm, pgd])
+    with pytest.warns(GradientMaskingWarning, match="gradient masking"):
+        trainer(callbacks=[callback]).test(masking_model(), datamodule=Tensors(x, y), verbose=False)
+    assert callback.results["test"][fgm.key]["accuracy"] == 1.0
+    assert callback.results["test"][pgd.key]["accuracy"] == 0.0
+    # the same gap below masking_gap = 1 stays silent
+    quiet = PerturbedAccuracy([fgm, pgd], masking_gap=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientMaskingWarning)
+        trainer(callbacks=[quiet]).test(masking_model(), datamodule=Tensors(x, y), verbose=False)
+
+
+def test_no_masking_warning_on_a_normal_model(mnist, class_means):
+    x, y = mnist[2][:48], mnist[3][:48]
+    specs = [FGM_L2, AttackSpec("pgd", "2", 0.5, steps=5)]
+    callback = PerturbedAccuracy(specs, masking_gap=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientMaskingWarning)
+        trainer(callbacks=[callback]).test(
+            make_model(class_means), datamodule=Tensors(x, y), verbose=False
+        )
+    results = callback.results["test"]
+    assert results[specs[0].key]["accuracy"] >= results[specs[1].key]["accuracy"]
+
+
+def test_image_grid_goes_to_tensorboard(mnist, class_means, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y = mnist[2][:20], mnist[3][:20]
+    logger = TensorBoardLogger(tmp_path, name="grid")
+    callback = PerturbedAccuracy([FGM_L2, FGSM_RS], num_image_grid=6, batch_size=4)
+    trainer(logger=logger, callbacks=[callback]).test(
+        make_model(class_means), datamodule=Tensors(x, y), verbose=False
+    )
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload()
+    tags = events.Tags()["images"]
+    assert sorted(tags) == sorted(f"test/adversarial_examples/{s.key}" for s in (FGM_L2, FGSM_RS))
+    image = events.Images(tags[0])[0]
+    assert image.width > 6 * 50 and image.height > 100
+    assert "test/perturbed_acc/fgm_l2_eps0.5" in events.Tags()["scalars"]
+
+
+def test_example_figure_shows_labels_and_predictions():
+    x = torch.rand(3, 1, 8, 8)
+    figure = pa.example_figure(
+        x, x.flip(0), torch.tensor([1, 2, 3]), torch.tensor([1, 2, 0]), torch.tensor([4, 2, 3])
+    )
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["y=1 pred=1", "y=2 pred=2", "y=3 pred=0", "pred=4", "pred=2", "pred=3"]
+    colors = [ax.title.get_color() for ax in figure.axes]
+    assert colors == ["black", "black", "red", "red", "black", "black"]
+
+
+def test_validation_every_n_epochs_and_never_in_sanity_check(mnist, class_means):
+    x, y = mnist[2][:16], mnist[3][:16]
+    calls = []
+
+    class Counting(PerturbedAccuracy):
+        def evaluate(self, trainer, pl_module, stage):
+            calls.append((stage, trainer.current_epoch, trainer.sanity_checking))
+            return super().evaluate(trainer, pl_module, stage)
+
+    run = trainer(max_epochs=4, num_sanity_val_steps=1, callbacks=[Counting([FGM_L2], 2)])
+    run.fit(make_model(class_means).train(), datamodule=Tensors(x, y, batch_size=8))
+    assert calls == [("val", 1, False), ("val", 3, False)]
+    assert "val/perturbed_acc/fgm_l2_eps0.5" in run.callback_metrics
+    calls.clear()
+    never = trainer(max_epochs=1, callbacks=[Counting([FGM_L2])])
+    never.fit(make_model(class_means).train(), datamodule=Tensors(x, y, batch_size=8))
+    assert calls == []
+    never.validate(make_model(class_means), datamodule=Tensors(x, y), verbose=False)
+    assert calls == []
+
+
+def test_trainer_limits_and_max_images_choose_the_first_images(mnist, class_means):
+    x, y = mnist[2], mnist[3]
+    for kwargs, settings, expected in [
+        ({"limit_test_batches": 2}, {}, 16),
+        ({"limit_test_batches": 0.25}, {}, 24),
+        ({"fast_dev_run": 1}, {}, 8),
+        ({}, {"max_images": 10}, 10),
+    ]:
+        callback = PerturbedAccuracy([FGM_L2], **settings)
+        trainer(callbacks=[callback], **kwargs).test(
+            make_model(class_means), datamodule=Tensors(x, y, batch_size=8), verbose=False
+        )
+        assert callback.results["test"][FGM_L2.key]["num_images"] == expected
+        accuracy, _ = direct(make_model(class_means), x[:expected], y[:expected], FGM_L2)
+        assert callback.results["test"][FGM_L2.key]["accuracy"] == pytest.approx(accuracy)
+
+
+def test_bf16_mixed_evaluation_runs_and_perturbs(mnist, class_means):
+    x, y = mnist[2][:16], mnist[3][:16]
+    callback = PerturbedAccuracy([FGM_L2, PGD_L2])
+    (logged,) = trainer(precision="bf16-mixed", callbacks=[callback]).test(
+        make_model(class_means), datamodule=Tensors(x, y), verbose=False
+    )
+    for spec in (FGM_L2, PGD_L2):
+        assert 0 < logged[f"test/perturbation_norm/{spec.key}"] <= spec.eps * (1 + 1e-5)
+        assert 0 <= logged[f"test/perturbed_acc/{spec.key}"] <= 1
+
+
+def test_image_seeds_are_distinct_and_stable():
+    seeds = {image_seed(0, "k", i) for i in range(1000)} | {image_seed(1, "k", 0)}
+    assert len(seeds) == 1001
+    assert image_seed(0, "k", 5) == image_seed(0, "k", 5) != image_seed(0, "j", 5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting"),
+    [
+        ({"attacks": []}, "attacks"),
+        ({"attacks": FGM_L2}, "attacks"),
+        ({"attacks": [{"method": "fgm"}]}, "attacks"),
+        ({"attacks": [FGM_L2, AttackSpec("fgm", "l2", 0.5)]}, "distinct"),
+        ({"attacks": [AttackSpec("fgm", "2", 1.0, targeted=True)]}, "untargeted"),
+        ({"every_n_val_epochs": -1}, "every_n_val_epochs"),
+        ({"every_n_val_epochs": 1.5}, "every_n_val_epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_images": 0}, "max_images"),
+        ({"seed": -1}, "seed"),
+        ({"num_image_grid": -1}, "num_image_grid"),
+        ({"masking_gap": 1.5}, "masking_gap"),
+        ({"masking_gap": -0.1}, "masking_gap"),
+    ],
+)
+def test_bad_settings_raise_naming_the_setting(kwargs, setting):
+    with pytest.raises(ValueError, match=setting):
+        PerturbedAccuracy(**{"attacks": [FGM_L2], **kwargs})
+
+
+@pytest.mark.slow
+def test_standard_mnist_model_is_not_robust(in_tmp, monkeypatch):
+    """The seed's finding: a standard model's accuracy under FGM-L2 eps 5 / FGSM eps 0.3 < 15%."""
+    import sys
+    from pathlib import Path
+
+    import cli
+
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+    root = Path(__file__).resolve().parents[1]
+    config = ["--config", str(root / "configs/mnist/standard.yaml")]
+    quiet = ["--trainer.enable_progress_bar", "false"]
+    cli.main(["fit", *config, *quiet])
+    attacks = ["--config", str(root / "configs/callbacks/attacks.yaml")]
+    tested = cli.main(["test", *config, *attacks, *quiet, "--ckpt_path", "last"])
+    metrics = tested.trainer.callback_metrics
+    assert float(metrics["test/acc"]) > 0.95
+    assert float(metrics["test/perturbed_acc/fgm_l2_eps5"]) < 0.15
+    assert float(metrics["test/perturbed_acc/fgm_linf_eps0.3"]) < 0.15
