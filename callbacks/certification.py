@@ -1,10 +1,10 @@
 """Randomized-smoothing certification of the evaluation set as a Lightning callback.
 
 At the end of ``trainer.test`` (and, optionally, every k validation epochs with a smaller n) the
-callback runs CERTIFY (Cohen, Rosenfeld & Kolter 2019, Algorithm 1; :class:`robust.smoothing.Smooth`)
-on the module's pixel-space classifier for every ``skip``-th evaluation image and logs certified
-accuracy over a radius grid and the average certified radius (ACR; Zhai et al. 2020, "MACER",
-Eq. (1): the mean radius, counting 0 for wrong or abstained images).
+callback runs CERTIFY (Cohen, Rosenfeld & Kolter 2019, Algorithm 1, via
+:class:`robust.smoothing.Smooth`) on the module's pixel-space classifier for every ``skip``-th
+evaluation image, and logs certified accuracy over a radius grid and the average certified radius
+(ACR; Zhai et al. 2020, "MACER": the mean radius, counting 0 for wrong or abstained images).
 
 Per image it writes one row ``idx label predict radius correct time`` of a tab-separated file in
 the format of locuslab/smoothing's ``certify.py`` (header line, rows in dataset-index order,
@@ -124,7 +124,7 @@ class CertifiedImage:
 
 
 def _parse_seconds(text: str) -> float:
-    """Seconds of ``str(datetime.timedelta)`` text (``[D day[s], ]H:MM:SS[.ffffff]``) or a number."""
+    """Seconds in ``str(datetime.timedelta)`` text (``[D day[s], ]H:MM:SS[.ffffff]``) or number."""
     match = re.fullmatch(r"(?:(-?\d+) days?, )?(\d+):(\d\d):(\d\d(?:\.\d+)?)", text.strip())
     if match is None:
         return float(text)
@@ -167,7 +167,7 @@ def summarize(rows: Sequence[CertifiedImage], radii: Sequence[float]) -> dict[st
     """Certified accuracy at each radius, ACR, count certified-and-correct and abstain rate.
 
     Certified accuracy at r is the fraction of images certified correct with radius >= r (Cohen
-    et al. 2019, Section 4); ACR is the mean of ``radius * correct`` (Zhai et al. 2020, Eq. (1)).
+    et al. 2019, Section 4); ACR is the mean of ``radius * correct`` (Zhai et al. 2020, MACER).
 
     Returns:
         ``{"certified_acc@<r>": ..., "acr": ..., "correct_certified": ..., "abstain_rate": ...,
@@ -221,7 +221,7 @@ def plot_certified_accuracy(
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of a module's state (names, dtypes, shapes, values): which classifier made the rows."""
+    """SHA-256 of a module's state (names, dtypes, shapes, values): the classifier of the rows."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         data = tensor.detach().cpu().contiguous().reshape(-1)
@@ -396,7 +396,7 @@ class Certification(Callback):
         self.results, self.summary = self._certify(trainer, pl_module, "test")
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Every ``every_n_val_epochs`` validation epochs, certify with ``val_n``; log ``val_certify/*``."""
+        """Certify with ``val_n`` every ``every_n_val_epochs``-th validation epoch."""
         if self.every_n_val_epochs == 0 or trainer.sanity_checking:
             return
         self._val_epochs += 1

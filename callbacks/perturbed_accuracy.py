@@ -46,6 +46,10 @@ def per_sample_random_starts(generators: Sequence[torch.Generator]) -> Iterator[
     draw per image with ``robust.attacks``' own sampler, so a batched attack returns exactly
     what ``attack(model, x[i:i+1], y[i:i+1], spec, generator=generators[i])`` returns for each
     image (restarts consume each image's generator in turn, as in a one-image call).
+
+    This swaps ``robust.attacks._random_start`` for the duration of the block (single-threaded
+    evaluation only); drop it once :func:`robust.attacks.attack` takes one generator per sample.
+    ``tests/test_perturbed_accuracy.py`` checks the result against one-image ``attack`` calls.
     """
     original = attack_lib._random_start
 

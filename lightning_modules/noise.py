@@ -3,8 +3,10 @@
 Cohen, Rosenfeld & Kolter (2019), "Certified Adversarial Robustness via Randomized Smoothing",
 Section 3.3: the base classifier of a smoothed classifier is trained on x + N(0, sigma^2 I) so that
 it classifies noisy copies well. Jeong & Shin (2020), "Consistency Regularization for Certified
-Robustness of Smoothed Classifiers" (NeurIPS), Eq. (8)-(9): draw m noisy copies per image and
-penalise their disagreement, which raises the average certified radius.
+Robustness of Smoothed Classifiers" (NeurIPS; arXiv 2006.04062): draw m noisy copies per image
+and penalise their disagreement (the consistency loss L_con), which raises the average certified
+radius. The form here is the default of the authors' code (github.com/jh-jeong/
+smoothing-consistency, ``consistency_loss(..., loss="default")``), which reproduces the paper.
 """
 
 import math
@@ -20,7 +22,7 @@ from lightning_modules.standard import BackboneFactory, StandardClassifier, _ada
 
 
 def consistency_terms(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """KL and entropy terms of Jeong & Shin (2020), Eq. (8), for ``m`` noisy copies of a batch.
+    """KL and entropy terms of the L_con of Jeong & Shin (2020) for ``m`` noisy copies of a batch.
 
     With p_i = softmax(logits[i]) and p_hat = (1/m) sum_i p_i (the estimate of the smoothed
     classifier's class probabilities), returns per image
@@ -51,7 +53,8 @@ class NoiseAugmentedClassifier(StandardClassifier):
 
     Each training image x becomes ``num_noise_samples`` copies x + sigma * z, z ~ N(0, I), in pixel
     space and without clipping (the same noise as :class:`robust.smoothing.Smooth` certifies with);
-    the model's first layer normalizes afterwards. The loss (Jeong & Shin 2020, Eq. (9)) is
+    the model's first layer normalizes afterwards. The loss (Jeong & Shin 2020: cross-entropy plus
+    their consistency loss L_con) is
 
         (1/m) sum_i CE(f(x + delta_i), y) + lambda (1/m) sum_i KL(p_hat || p_i) + eta H(p_hat),
 
@@ -128,7 +131,7 @@ class NoiseAugmentedClassifier(StandardClassifier):
         return copies + self.sigma * torch.randn_like(copies)
 
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Cross-entropy on noisy copies plus the consistency terms (Jeong & Shin 2020, Eq. (9)).
+        """Cross-entropy on noisy copies plus the consistency terms of Jeong & Shin (2020).
 
         Returns:
             The loss, the logits of all ``m * B`` noisy copies and their (repeated) targets.

@@ -10,8 +10,8 @@ shared by every function here:
   under bf16/fp16 autocast. Gradients are taken w.r.t. the input only (``torch.autograd.grad``), so
   the model's parameter ``.grad`` fields are never touched.
 * The model runs in eval mode during the attack; each submodule's previous mode is restored after.
-* Safe inside ``torch.inference_mode()`` (e.g. Lightning's test loop): inputs are cloned under
-  ``torch.inference_mode(False)`` and ``torch.enable_grad()``.
+* Safe inside ``torch.inference_mode()`` (e.g. Lightning's test loop): the attack runs under
+  ``torch.inference_mode(False)`` and ``torch.enable_grad()`` on a fresh iterate and cloned labels.
 * Every iterate is projected onto the eps-ball around ``x`` and then clipped to ``[0, 1]`` (clipping
   moves each coordinate towards ``x``, so it never leaves the ball).
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -38,8 +39,9 @@ SELECTION_STREAM = 0
 ESTIMATION_STREAM = 1
 PREDICTION_STREAM = 2
 
-# 100 divides the usual n0 = 100, n = 1e3..1e5 and batch sizes 100..1000 (no straddling).
-DEFAULT_NOISE_BLOCK = 100
+# Large enough that per-block launches are negligible even for tiny models on a GPU; blocks that
+# straddle forward batches are drawn into a scratch buffer of noise_block samples.
+DEFAULT_NOISE_BLOCK = 1000
 
 
 @dataclass(frozen=True)
@@ -165,9 +167,11 @@ class Smooth:
                 f"base_classifier must be a torch.nn.Module; got {type(base_classifier).__name__}"
             )
         _check_int("num_classes", num_classes, minimum=2)
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-            raise ValueError(f"sigma must be a positive finite float; got {sigma!r}")
-        if not (math.isfinite(sigma) and sigma > 0):
+        if (
+            isinstance(sigma, bool)
+            or not isinstance(sigma, numbers.Real)
+            or not (math.isfinite(sigma) and sigma > 0)
+        ):
             raise ValueError(f"sigma must be a positive finite float; got {sigma!r}")
         _check_int("batch_size", batch_size, minimum=1)
         _check_int("seed", seed, minimum=0)
@@ -319,6 +323,8 @@ class Smooth:
     ) -> list[int]:
         if not isinstance(images, torch.Tensor) or images.dim() < 2:
             raise ValueError("images must be a tensor of shape (B, *sample_shape)")
+        if isinstance(indices, torch.Tensor):
+            indices = indices.cpu().numpy()
         index_list = [int(i) for i in np.asarray(indices).reshape(-1)]
         if len(index_list) != images.shape[0]:
             raise ValueError(
@@ -363,6 +369,10 @@ class Smooth:
         capacity = self.batch_size
         buffer, buffer_draw = self._new_buffer(capacity, sample_shape)
         scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+        # On CUDA a broadcast add (x over the batch) runs several times slower than a dense one,
+        # so long runs of one image add a dense copy of it (bitwise the same result).
+        dense: torch.Tensor | None = None  # one image repeated over the batch
+        dense_slot = -1
         generator = torch.Generator(device=self.device)
         ones = torch.ones(capacity, dtype=torch.int64, device=self.device)
         counts = torch.zeros(
@@ -377,13 +387,26 @@ class Smooth:
         segments: list[list[int]] = []
         fill = 0
 
+        def add_image(slot: int, noise: torch.Tensor, out: torch.Tensor) -> None:
+            """Write x[slot] + sigma * noise into out (pixel space, no clipping)."""
+            nonlocal dense, dense_slot
+            image = x[slot]
+            if self.device.type == "cuda" and out.shape[0] >= capacity // 4:
+                if dense is None:
+                    dense = torch.empty_like(buffer)
+                if dense_slot != slot:
+                    dense.copy_(image.expand_as(buffer))
+                    dense_slot = slot
+                image = dense[: out.shape[0]]
+            torch.add(image, noise, alpha=self.sigma, out=out)
+
         def flush() -> None:
             nonlocal fill
             start = 0
-            for bucket, rows, raw in segments:  # x + sigma * z, one op per run of raw rows
+            for bucket, rows, raw in segments:  # one op per run of raw rows of one image
                 if raw:
                     view = buffer[start : start + rows]
-                    torch.add(x[bucket // num_streams], view, alpha=self.sigma, out=view)
+                    add_image(bucket // num_streams, view, view)
                 start += rows
             with autocast:
                 logits = self.base_classifier(buffer[:fill])
@@ -428,12 +451,11 @@ class Smooth:
                     scratch = self._new_buffer(self.noise_block, sample_shape)
                 target = scratch[1][:rows]
                 torch.randn(target.shape, out=target, generator=generator)
-                image = x[bucket // num_streams]
                 done = 0
                 while done < rows:
                     take = min(capacity - fill, rows - done)
                     piece = buffer[fill : fill + take]
-                    torch.add(image, scratch[0][done : done + take], alpha=self.sigma, out=piece)
+                    add_image(bucket // num_streams, scratch[0][done : done + take], piece)
                     done += take
                     record(bucket, take, raw=False)
             if fill:
@@ -447,5 +469,5 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
 
 
 def _check_alpha(alpha: float) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be a float in the open interval (0, 1); got {alpha!r}")

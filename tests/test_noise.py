@@ -1,7 +1,7 @@
 """NoiseAugmentedClassifier: Gaussian augmentation in pixel space and consistency regularization.
 
 Oracles: the noise recovered from what the backbone receives (pixel-space noise of std sigma, not
-normalized-space noise), a hand computation of Jeong & Shin (2020) Eq. (8) on a two-class example,
+normalized-space noise), a hand computation of Jeong & Shin's (2020) L_con on a two-class example,
 and the authors' formulation (``F.kl_div`` against the mean softmax, entropy of the mean).
 """
 

@@ -241,6 +241,9 @@ def test_certificate_fields() -> None:
     assert cert.p_a_lower == pytest.approx(clopper_pearson_lower(cert.count_a, 500, 0.01))
     assert cert.radius == pytest.approx(0.5 * norm.ppf(cert.p_a_lower))
     assert cert.prediction == cert.top_class == 1 and not cert.abstained
+    # Indices may come as a tensor (e.g. from a DataLoader).
+    again = Smooth(model, 2, 0.5).certify_batch(x.unsqueeze(0), torch.tensor([11]), 20, 500, 0.01)
+    assert again == [cert]
 
 
 # ----------------------------------------------------------------------------- reproducibility
