@@ -38,34 +38,6 @@ def image_seed(seed: int, key: str, index: int) -> int:
 
 
 @contextmanager
-def per_sample_random_starts(generators: Sequence[torch.Generator]) -> Iterator[None]:
-    """Within the block, the attacks draw image ``i``'s random start from ``generators[i]``.
-
-    ``robust.attacks`` draws one batch's random starts from one generator, so the draw of an
-    image would depend on its position in the batch. Here the batched draw is replaced by one
-    draw per image with ``robust.attacks``' own sampler, so a batched attack returns exactly
-    what ``attack(model, x[i:i+1], y[i:i+1], spec, generator=generators[i])`` returns for each
-    image (restarts consume each image's generator in turn, as in a one-image call).
-
-    This swaps ``robust.attacks._random_start`` for the duration of the block (single-threaded
-    evaluation only); drop it once :func:`robust.attacks.attack` takes one generator per sample.
-    ``tests/test_perturbed_accuracy.py`` checks the result against one-image ``attack`` calls.
-    """
-    original = attack_lib._random_start
-
-    def draw(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
-        if len(x) != len(generators):
-            raise RuntimeError(f"{len(generators)} generators for a batch of {len(x)} images")
-        return torch.cat([original(x[i : i + 1], eps, norm, g) for i, g in enumerate(generators)])
-
-    attack_lib._random_start = draw
-    try:
-        yield
-    finally:
-        attack_lib._random_start = original
-
-
-@contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode, then restore each one's previous mode."""
     modes = [(m, m.training) for m in module.modules()]
@@ -218,8 +190,7 @@ class PerturbedAccuracy(Callback):
             torch.Generator(device=x.device).manual_seed(image_seed(self.seed, spec.key, i))
             for i in indices
         ]
-        with per_sample_random_starts(generators):
-            return attack_lib.attack(model, x, y, spec)
+        return attack_lib.attack(model, x, y, spec, generator=generators)
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> dict:
         """Attack the ``stage`` set, log and store the results; returns ``results[stage]``."""

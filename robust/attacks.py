@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One RNG for the batch, one per sample (batch-size independent starts), or the global RNG."""
 
 __all__ = ["METHODS", "NORMS", "AttackSpec", "attack", "fgm", "pgd"]
 
@@ -164,7 +167,7 @@ def attack(
     x: Tensor,
     y: Tensor,
     spec: AttackSpec,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """Run the attack described by ``spec`` (see :func:`fgm` and :func:`pgd` for the semantics).
 
@@ -173,7 +176,7 @@ def attack(
         x: Clean inputs of shape ``(B, ...)`` in [0, 1].
         y: Labels ``(B,)``; target labels if ``spec.targeted``.
         spec: Attack configuration.
-        generator: Optional RNG for the random start (on ``x``'s device).
+        generator: RNG for the random start (on ``x``'s device), or one per sample.
 
     Returns:
         Adversarial inputs, detached, same shape/dtype/device as ``x``.
@@ -209,7 +212,7 @@ def fgm(
     step_size: float | None = None,
     random_start: bool = False,
     targeted: bool = False,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     r"""Fast Gradient Method: one normalised gradient step, projected onto the eps-ball and clipped.
 
@@ -236,7 +239,7 @@ def fgm(
         step_size: Step length; default ``eps`` (``1.25 * eps`` with a random start).
         random_start: Start uniformly inside the ball.
         targeted: Minimise the loss of ``y`` instead of maximising it.
-        generator: Optional RNG for the random start.
+        generator: RNG for the random start, or one per sample.
 
     Returns:
         Adversarial inputs in [0, 1] with ``||x_adv - x||_norm <= eps``.
@@ -260,7 +263,7 @@ def pgd(
     random_start: bool = True,
     restarts: int = 1,
     targeted: bool = False,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     r"""Projected Gradient Descent (ascent on the loss) in the L2 or L-inf ball.
 
@@ -293,7 +296,7 @@ def pgd(
         random_start: Start uniformly inside the ball (L-inf: uniform cube; L2: uniform ball).
         restarts: Number of independent runs (>= 1).
         targeted: Minimise the loss of ``y`` instead of maximising it.
-        generator: Optional RNG for the random starts.
+        generator: RNG for the random starts, or one per sample.
 
     Returns:
         Adversarial inputs in [0, 1] with ``||x_adv - x||_norm <= eps``.
@@ -322,12 +325,23 @@ def _norm_inf(v: Tensor) -> Tensor:
     return torch.linalg.vector_norm(v.flatten(1), ord=math.inf, dim=1)
 
 
-def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
+def _random_start(x: Tensor, eps: float, norm: str, generator: Generators) -> Tensor:
     """Uniform sample from the eps-ball around ``x`` (not yet clipped to [0, 1]).
+
+    With one generator per sample, sample ``i`` is drawn from ``generator[i]`` alone, exactly as a
+    one-image call would draw it: the result does not depend on the batch it is in.
 
     L-inf: ``U[-eps, eps]^d``. L2: Gaussian direction normalised to the unit sphere, radius
     ``eps * U^(1/d)`` (uniform in the ball's volume; Muller 1959).
     """
+    if isinstance(generator, Sequence):
+        if len(generator) != len(x):
+            raise ValueError(
+                f"generator: {len(generator)} generators for a batch of {len(x)} images"
+            )
+        return torch.cat(
+            [_random_start(x[i : i + 1], eps, norm, g) for i, g in enumerate(generator)]
+        )
     if norm == "inf":
         return torch.empty_like(x).uniform_(-eps, eps, generator=generator).add_(x)
     d = x[0].numel()
@@ -360,7 +374,7 @@ def _run(
     random_start: bool,
     restarts: int,
     targeted: bool,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> Tensor:
     """Shared driver: eval mode, inference-mode escape, restarts with per-sample worst case."""
     modules = list(model.modules()) if isinstance(model, nn.Module) else []
@@ -431,7 +445,7 @@ class _Run:
             self.hi = (x + eps).clamp_(max=1.0)
 
     def __call__(
-        self, model: Callable[[Tensor], Tensor], y: Tensor, generator: torch.Generator | None
+        self, model: Callable[[Tensor], Tensor], y: Tensor, generator: Generators
     ) -> Tensor:
         x, eps, tiny = self.x, self.eps, self.tiny
         if self.random_start:

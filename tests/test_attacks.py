@@ -544,3 +544,24 @@ def test_spec_from_yaml_via_jsonargparse():
     cfg = parser.parse_string("attacks: [{method: pgd, norm: Linf, eps: 0.3}, {norm: 2, eps: 1.5}]")
     specs = parser.instantiate(cfg).attacks
     assert specs == [AttackSpec(method="pgd", norm="inf", eps=0.3), AttackSpec(norm="2", eps=1.5)]
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_one_generator_per_sample_makes_starts_batch_independent(norm):
+    model = small_cnn()
+    x, y = batch(6)
+    spec = AttackSpec(method="pgd", norm=norm, eps=0.3 if norm == "inf" else 1.0, steps=3)
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    together = attack(model, x, y, spec, generator=gens(range(6)))
+    alone = torch.cat(
+        [attack(model, x[i : i + 1], y[i : i + 1], spec, generator=gens([i])) for i in range(6)]
+    )
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-6)
+    # a single generator for the batch gives other starts (the per-sample path is really taken)
+    shared = attack(model, x, y, spec, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(shared, together)
+    with pytest.raises(ValueError, match="generator"):
+        attack(model, x, y, spec, generator=gens(range(5)))
