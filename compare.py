@@ -27,16 +27,9 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 import cli
+from callbacks.certification import read_tsv, summarize
 from robust.attacks import AttackSpec, attack
-from robust.report import (
-    average_certified_radius,
-    certified_accuracy,
-    markdown_table,
-    plot_attack_bars,
-    plot_certified_curves,
-    plot_example_grid,
-    read_certify_tsv,
-)
+from robust.report import markdown_table, plot_attack_bars, plot_certified_curves, plot_example_grid
 
 # The seed experiment's own numbers, shown beside ours for reference.
 SEED_NUMBERS = {
@@ -196,20 +189,20 @@ def write_report(settings, out: Path, results: dict[str, dict]) -> Path:
     for name, result in results.items():
         metrics = result["metrics"]
         tsv = out / name / "certify.tsv"
-        rows = read_certify_tsv(tsv) if tsv.is_file() else []
-        curves[name] = rows
+        rows = read_tsv(tsv)[0] if tsv.is_file() else []
+        summary = summarize(rows, radii)
+        curves[name] = (np.array([r.radius for r in rows]), np.array([r.correct for r in rows]))
         accuracies[name] = {"clean": metrics.get("test/acc", float("nan"))}
         accuracies[name] |= {
             k: metrics.get(f"test/perturbed_acc/{k}", float("nan")) for k in attack_keys
         }
-        correct_certified = int(sum(r["correct"] > 0 for r in rows))
         table.append(
             [
                 name,
                 *accuracies[name].values(),
-                f"{correct_certified}/{len(rows)}",
-                average_certified_radius(rows),
-                *certified_accuracy(rows, radii),
+                f"{summary.get('correct_certified', 0):.0f}/{len(rows)}",
+                summary.get("acr", float("nan")),
+                *(summary.get(f"certified_acc@{r:g}", float("nan")) for r in radii),
                 f"{result['train_time_s']:.0f}",
             ]
         )

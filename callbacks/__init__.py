@@ -1,6 +1,6 @@
-"""Lightning callbacks: evaluation under attack (and certification) on the test/validation set."""
+"""Lightning callbacks that evaluate robustness: accuracy under attack and certification."""
 
-from callbacks.certification import Certification as Certification
+from callbacks.certification import Certification
 from callbacks.perturbed_accuracy import PerturbedAccuracy
 
-__all__ = ["PerturbedAccuracy"]
+__all__ = ["Certification", "PerturbedAccuracy"]

@@ -1,8 +1,16 @@
 """LightningModules (standard, adversarial, noise-augmented training) and their shared backbones."""
 
-from lightning_modules.adversarial import AdversarialClassifier as AdversarialClassifier
+from lightning_modules.adversarial import AdversarialClassifier
 from lightning_modules.backbones import CifarResNet18, LeNet, Normalize, SmallCNN
-from lightning_modules.noise import NoiseAugmentedClassifier as NoiseAugmentedClassifier
+from lightning_modules.noise import NoiseAugmentedClassifier
 from lightning_modules.standard import StandardClassifier
 
-__all__ = ["CifarResNet18", "LeNet", "Normalize", "SmallCNN", "StandardClassifier"]
+__all__ = [
+    "AdversarialClassifier",
+    "CifarResNet18",
+    "LeNet",
+    "NoiseAugmentedClassifier",
+    "Normalize",
+    "SmallCNN",
+    "StandardClassifier",
+]

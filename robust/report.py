@@ -5,55 +5,40 @@ evaluation callbacks logged and the per-image certification TSVs (locuslab/smoot
 ``report.md`` and PNG figures.
 """
 
-import csv
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
 
-def read_certify_tsv(path: str | Path) -> list[dict[str, float]]:
-    """Rows of a certification TSV (``idx label predict radius correct time``) as numbers."""
-    with open(path, newline="") as file:
-        reader = csv.DictReader(file, delimiter="\t")
-        return [
-            {k: float(v) for k, v in row.items() if k != "time"}
-            for row in reader
-            if row.get("correct") not in (None, "")
-        ]
+def certified_accuracy(
+    radius: np.ndarray, correct: np.ndarray, grid: Sequence[float]
+) -> np.ndarray:
+    """Fraction of images certified correct with radius at least r, for each r of ``grid``.
 
-
-def certified_accuracy(rows: Sequence[Mapping[str, float]], radii: Sequence[float]) -> np.ndarray:
-    """Fraction of images certified correct with radius at least r, for each r (Cohen et al. Fig. 1).
-
-    An image counts at radius r when its prediction is correct and its certified radius >= r
-    (abstentions have radius 0 and are never correct).
+    Cohen et al. (2019), Section 4: abstentions have radius 0 and are never correct.
     """
-    if not rows:
-        return np.zeros(len(radii))
-    radius = np.array([row["radius"] for row in rows])
-    correct = np.array([row["correct"] for row in rows]) > 0
-    return np.array([float(np.mean(correct & (radius >= r))) for r in radii])
+    if len(radius) == 0:
+        return np.zeros(len(grid))
+    hit = np.asarray(correct, dtype=bool)[None, :] & (
+        np.asarray(radius)[None, :] >= np.asarray(grid)[:, None]
+    )
+    return hit.mean(axis=1)
 
 
-def average_certified_radius(rows: Sequence[Mapping[str, float]]) -> float:
-    """Mean certified radius, counting 0 for wrong or abstained images (Zhai et al. 2020)."""
-    if not rows:
-        return 0.0
-    return float(np.mean([row["radius"] * (row["correct"] > 0) for row in rows]))
+def plot_certified_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
+    """Certified accuracy against L2 radius, one line per model.
 
-
-def plot_certified_curves(curves: Mapping[str, Sequence[Mapping[str, float]]]) -> Figure:
-    """Certified accuracy against L2 radius, one line per model."""
+    Args:
+        curves: Model name to ``(radius, correct)`` arrays with one entry per certified image.
+    """
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    top = max(
-        (max((r["radius"] for r in rows), default=0.0) for rows in curves.values()), default=0
-    )
+    top = max((float(np.max(r, initial=0.0)) for r, _ in curves.values()), default=0.0)
     grid = np.linspace(0.0, max(top * 1.05, 0.5), 200)
-    for name, rows in curves.items():
-        ax.plot(grid, certified_accuracy(rows, grid), label=f"{name} (n={len(rows)})")
+    for name, (radius, correct) in curves.items():
+        label = f"{name} ({len(radius)} images)"
+        ax.plot(grid, certified_accuracy(radius, correct, grid), label=label)
     ax.set_xlabel("L2 radius (pixel space, [0, 1] images)")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0, 1)

@@ -1,0 +1,131 @@
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import cli
+from callbacks.certification import read_tsv, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+
+
+def tiny_settings(tmp_path: Path) -> Path:
+    evaluation = {
+        "trainer": {
+            "callbacks": [
+                {
+                    "class_path": "callbacks.PerturbedAccuracy",
+                    "init_args": {
+                        "attacks": [
+                            {"method": "fgm", "norm": "2", "eps": 5.0},
+                            {"method": "pgd", "norm": "inf", "eps": 0.3, "steps": 3},
+                        ],
+                        "max_images": 24,
+                    },
+                },
+                {
+                    "class_path": "callbacks.Certification",
+                    "init_args": {"sigma": 0.25, "n0": 10, "n": 60, "alpha": 0.01, "max_images": 5},
+                },
+            ]
+        }
+    }
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation))
+    settings = {
+        "output_dir": str(tmp_path / "results"),
+        "common_args": [
+            "--model.init_args.backbone=lightning_modules.backbones.LeNet",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+        ],
+        "trainings": [
+            {"name": "standard", "config": str(ROOT / "configs/mnist/standard.yaml")},
+            {"name": "adversarial", "config": str(ROOT / "configs/mnist/adversarial.yaml")},
+            {
+                "name": "noise",
+                "config": str(ROOT / "configs/mnist/smoothing.yaml"),
+                "args": ["--model.init_args.sigma=0.25"],
+            },
+        ],
+        "evaluation": str(tmp_path / "eval.yaml"),
+        "examples": 4,
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def table_rows(report: str) -> dict[str, dict[str, str]]:
+    lines = [line for line in report.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == len(header) and cells[0] not in rows:
+            rows[cells[0]] = dict(zip(header, cells, strict=True))
+    return rows
+
+
+def test_compare_end_to_end_report_matches_metrics_and_tsvs(tmp_path, capsys):
+    settings = tiny_settings(tmp_path)
+    cli.main(["compare", "--config", str(settings)])
+    out = tmp_path / "results"
+    report = (out / "report.md").read_text()
+    rows = table_rows(report)
+    assert list(rows) == ["standard", "adversarial", "noise"]
+    for name, row in rows.items():
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert float(row["clean acc"]) == pytest.approx(metrics["test/acc"], abs=5e-5)
+        assert float(row["acc fgm_l2_eps5"]) == pytest.approx(
+            metrics["test/perturbed_acc/fgm_l2_eps5"], abs=5e-5
+        )
+        assert float(row["acc pgd3_linf_eps0.3"]) == pytest.approx(
+            metrics["test/perturbed_acc/pgd3_linf_eps0.3"], abs=5e-5
+        )
+        tsv_rows, torn = read_tsv(out / name / "certify.tsv")
+        assert len(tsv_rows) == 5 and not torn
+        summary = summarize(tsv_rows, [0.0, 0.25])
+        assert row["correct_certified"] == f"{summary['correct_certified']:.0f}/5"
+        assert float(row["ACR"]) == pytest.approx(summary["acr"], abs=5e-5)
+        assert float(row["ACR"]) == pytest.approx(metrics["certify/acr"], abs=5e-5)
+        assert float(row["cert acc @0"]) == pytest.approx(summary["certified_acc@0"], abs=5e-5)
+        examples = np.load(out / name / "examples.npz")
+        assert examples["adv/fgm_l2_eps5"].shape == (4, 1, 28, 28)
+    for figure in ["certified_accuracy.png", "attack_accuracy.png", "examples_noise.png"]:
+        assert (out / figure).stat().st_size > 1000
+    assert list((out / "tensorboard" / "comparison").glob("events.out.tfevents.*"))
+    assert "n0: 10" in report  # the settings used are stated
+
+    # a second run reuses every finished stage and writes the same report
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/certify.tsv")}
+    cli.main(["compare", "--config", str(settings)])
+    printed = capsys.readouterr().out
+    assert len(re.findall(r"reusing trained checkpoint", printed)) == 3
+    assert len(re.findall(r"reusing evaluation", printed)) == 3
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/certify.tsv")} == before
+    assert table_rows((out / "report.md").read_text()) == rows
+
+
+def test_compare_refuses_missing_configs(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(
+            [
+                "compare",
+                "--trainings",
+                '[{"name": "x", "config": "nope.yaml"}]',
+                "--evaluation",
+                "nope.yaml",
+            ]
+        )

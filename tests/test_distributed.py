@@ -1,0 +1,157 @@
+"""Multi-process runs through the real CLI: DDP on 2 CPU processes (gloo) equals 1 process."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import cli
+from callbacks.certification import read_tsv
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 300  # a hung collective fails the test instead of the whole CI run
+
+
+def run_cli(*args: str, cwd: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def logged(output: str, prefix: str) -> dict[str, float]:
+    """Metrics from Lightning's printed results table, e.g. ``test/perturbed_acc/...``."""
+    found = re.findall(rf"^[\s│|]*({re.escape(prefix)}\S*)[\s│|]+([-\d.e]+)", output, re.MULTILINE)
+    return {k: float(v) for k, v in found}
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("ddp")
+    args = ["fit", "--config", str(ROOT / "configs/mnist/standard.yaml")]
+    args += ["--model.init_args.backbone", "lightning_modules.backbones.LeNet"]
+    args += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "25"]
+    args += ["--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
+    args += ["--trainer.logger.init_args.save_dir", str(tmp / "runs")]
+    old_argv = sys.argv
+    sys.argv = ["cli.py"]
+    try:
+        run = cli.main(args)
+    finally:
+        sys.argv = old_argv
+    return Path(run.trainer.checkpoint_callback.last_model_path)
+
+
+def evaluation_config(path: Path, tsv: Path) -> Path:
+    config = {
+        "trainer": {
+            "callbacks": [
+                {
+                    "class_path": "callbacks.PerturbedAccuracy",
+                    "init_args": {
+                        "attacks": [
+                            {"method": "fgm", "norm": "2", "eps": 1.0},
+                            {"method": "pgd", "norm": "inf", "eps": 0.1, "steps": 4},
+                        ],
+                        "max_images": 37,
+                        "batch_size": 8,
+                    },
+                },
+                {
+                    "class_path": "callbacks.Certification",
+                    "init_args": {
+                        "sigma": 0.25,
+                        "n0": 20,
+                        "n": 300,
+                        "alpha": 0.01,
+                        "max_images": 9,
+                        "batch_size": 128,
+                        "output": str(tsv),
+                    },
+                },
+            ]
+        }
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_two_processes_give_the_numbers_and_rows_of_one(trained_checkpoint, tmp_path):
+    results = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp")):
+        tsv = tmp_path / f"certify_{devices}.tsv"
+        config = evaluation_config(tmp_path / f"eval_{devices}.yaml", tsv)
+        output = run_cli(
+            "test",
+            "--config", str(ROOT / "configs/mnist/standard.yaml"),
+            "--model.init_args.backbone", "lightning_modules.backbones.LeNet",
+            "--config", str(config),
+            "--ckpt_path", str(trained_checkpoint),
+            "--trainer.accelerator", "cpu",
+            "--trainer.devices", str(devices),
+            "--trainer.strategy", strategy,
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            cwd=tmp_path,
+        )  # fmt: skip
+        if devices == 2:
+            assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
+        rows, torn = read_tsv(tsv)
+        assert not torn
+        results[devices] = (
+            logged(output, "test/perturbed_acc/"),
+            logged(output, "certify/"),
+            [(r.idx, r.label, r.predict, r.radius, r.correct) for r in rows],
+        )
+    one, two = results[1], results[2]
+    assert set(one[0]) == {"test/perturbed_acc/fgm_l2_eps1", "test/perturbed_acc/pgd4_linf_eps0.1"}
+    assert one[0] == two[0]  # same perturbed accuracies, random starts included
+    assert one[1] == two[1] and "certify/acr" in one[1]
+    assert one[2] == two[2]  # the same TSV rows, no duplicate from sampler padding
+    assert [r[0] for r in one[2]] == list(range(9))
+
+
+@pytest.mark.parametrize("config", ["standard", "adversarial", "smoothing"])
+def test_every_module_trains_with_ddp_on_two_processes(config, tmp_path):
+    output = run_cli(
+        "fit",
+        "--config", str(ROOT / f"configs/mnist/{config}.yaml"),
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2",
+        "--trainer.strategy", "ddp",
+        "--trainer.max_steps", "3",
+        "--trainer.limit_val_batches", "2",
+        "--trainer.num_sanity_val_steps", "0",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks", "[]",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
+    assert list((tmp_path / "runs").rglob("last.ckpt"))
+
+
+@pytest.mark.parametrize("config", ["standard", "adversarial", "smoothing"])
+def test_every_module_trains_and_tests_in_bf16_mixed(config, in_tmp, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+    common = ["--config", str(ROOT / f"configs/mnist/{config}.yaml")]
+    common += ["--trainer.precision", "bf16-mixed", "--trainer.fast_dev_run", "2"]
+    common += ["--trainer.enable_progress_bar", "false"]
+    fitted = cli.main(["fit", *common])
+    assert fitted.trainer.precision == "bf16-mixed"
+    loss = fitted.trainer.callback_metrics["train/loss"]
+    assert loss.isfinite()
+    tested = cli.main(["test", *common])
+    metrics = tested.trainer.callback_metrics
+    assert 0.0 <= float(metrics["test/acc"]) <= 1.0
+    for key, value in metrics.items():
+        if key.startswith("test/perturbation_norm/"):
+            assert value > 0  # the attacks still move the images under bf16 autocast
