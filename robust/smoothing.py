@@ -192,7 +192,10 @@ class Smooth:
         inferred_device, self.dtype = _infer_device_dtype(base_classifier)
         self.device = torch.device(device) if device is not None else inferred_device
         if self.channels_last:
-            base_classifier.to(memory_format=torch.channels_last)
+            # Outside inference mode, or the converted weights would be inference tensors and the
+            # model could never be trained or attacked again (Lightning tests in inference mode).
+            with torch.inference_mode(False), torch.no_grad():
+                base_classifier.to(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------ CERTIFY
     def certify(

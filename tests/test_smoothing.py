@@ -475,3 +475,15 @@ def test_agrees_with_art_randomized_smoothing() -> None:
         z_scores.append((cert.p_a_lower - p_lower_art) / math.sqrt(2 * p * (1 - p) / n))
     assert max(abs(z) for z in z_scores) < 5
     assert abs(sum(z_scores)) / math.sqrt(len(z_scores)) < 4
+
+
+def test_channels_last_inside_inference_mode_leaves_a_trainable_model():
+    """Converting the model under Lightning's inference mode must not make its weights inference tensors."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 6 * 6, 3)
+    )
+    with torch.inference_mode():
+        Smooth(model, num_classes=3, sigma=0.5, channels_last=True)
+    x = torch.rand(2, 1, 8, 8, requires_grad=True)
+    model(x).sum().backward()  # raises if the weights were created in inference mode
+    assert x.grad is not None and model[0].weight.grad is not None
