@@ -320,9 +320,9 @@ def _norm2(v: Tensor) -> Tensor:
     return torch.linalg.vector_norm(v.flatten(1), dim=1)
 
 
-def _norm_inf(v: Tensor) -> Tensor:
-    """Per-sample max-abs ``(B,)`` of ``v`` ``(B, ...)``."""
-    return torch.linalg.vector_norm(v.flatten(1), ord=math.inf, dim=1)
+def _norm2_wide(v: Tensor) -> Tensor:
+    """Per-sample Euclidean norm ``(B,)`` accumulated in float64, returned in ``v``'s dtype."""
+    return torch.linalg.vector_norm(v.flatten(1), dim=1, dtype=torch.float64).to(v.dtype)
 
 
 def _random_start(x: Tensor, eps: float, norm: str, generator: Generators) -> Tensor:
@@ -465,11 +465,9 @@ class _Run:
                     else:
                         x_adv.clamp_(0.0, 1.0)
                     continue
-                # Divide by the max-abs entry first so tiny gradients neither underflow in the
-                # squares of the norm nor vanish: the direction is exact whenever any entry is
-                # non-zero, and a zero gradient gives a zero step (0 / tiny), never NaN.
-                grad.div_(_view(_norm_inf(grad).clamp_min_(tiny), grad))
-                gnorm = _norm2(grad).clamp_min_(tiny)
+                # The norm accumulates in float64, so tiny gradients (whose float32 squares would
+                # underflow) keep an exact direction; a zero gradient gives a zero step, never NaN.
+                gnorm = _norm2_wide(grad).clamp_min_(tiny)
                 x_adv.addcdiv_(grad, _view(gnorm, grad), value=self.alpha)
                 if self.project:
                     delta = x_adv.sub_(x)
