@@ -59,12 +59,15 @@ def logger_run_dir(trainer_config) -> Path:
 
 def check_checkpoint(path: str) -> None:
     """Fail unless ``path`` is a readable Lightning checkpoint (or ``hpc``/``registry``)."""
-    if path in {"hpc", "registry"} or path.startswith("registry:"):
-        return
+    if path in {"hpc", "registry"} or path.startswith("registry:") or "://" in path:
+        return  # resolved by Lightning (remote paths through fsspec)
     if not Path(path).is_file():
         fail(f"ckpt_path {path!r} does not exist (give a .ckpt file written by fit, or 'last')")
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except RuntimeError:  # mmap needs the zip format; older checkpoints are plain pickles
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         fail(f"ckpt_path {path!r} is not a checkpoint torch can read ({type(err).__name__})")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -135,5 +138,10 @@ def main(args: list[str] | None = None) -> RobustCLI | None:
         fail(str(err))
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """Entry point of the ``robust`` console script (returns nothing, so the exit status is 0)."""
     main()
+
+
+if __name__ == "__main__":
+    console()

@@ -16,6 +16,7 @@ not redone, and an interrupted certification resumes from its TSV.
     python cli.py compare --config configs/mnist/compare.yaml
 """
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -89,21 +90,33 @@ def run_args(settings, training: Training, out: Path) -> list[str]:
     ]
 
 
+def stage_key(*parts: str) -> str:
+    """Short hash of everything a stage's result depends on (file contents and arguments)."""
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
 def fit(settings, training: Training, out: Path) -> dict:
-    """Train one model (or reuse a finished training) and return ``{"ckpt_path", "train_time_s"}``."""
+    """Train one model, or reuse the training of the same config and arguments.
+
+    Returns:
+        ``{"key", "ckpt_path", "train_time_s"}``; ``key`` changes with the training config's
+        contents, ``common_args`` and the model's ``args``.
+    """
+    key = stage_key(Path(training.config).read_text(), *settings.common_args, *training.args)
     marker = out / training.name / "fit.json"
     if marker.is_file():
         done = json.loads(marker.read_text())
-        if Path(done["ckpt_path"]).is_file():
+        if done.get("key") == key and Path(done["ckpt_path"]).is_file():
             print(f"[compare] {training.name}: reusing trained checkpoint {done['ckpt_path']}")
             return done
     print(f"[compare] {training.name}: training with {training.config}")
-    checkpoints = out / training.name / "checkpoints"
+    checkpoints = out / training.name / "checkpoints" / key
     start = time.perf_counter()
     run = cli.main(
         ["fit", *run_args(settings, training, out), "--checkpoint.dirpath", str(checkpoints)]
     )
     done = {
+        "key": key,
         "ckpt_path": run.trainer.checkpoint_callback.best_model_path
         or run.trainer.checkpoint_callback.last_model_path,
         "train_time_s": time.perf_counter() - start,
@@ -129,15 +142,30 @@ def evaluation_config(settings, training: Training, out: Path) -> tuple[Path, li
     return path, attacks
 
 
-def evaluate(settings, training: Training, out: Path, ckpt_path: str) -> dict:
-    """Test one model with the evaluation callbacks (or reuse finished metrics)."""
+def evaluate(settings, training: Training, out: Path, trained: dict) -> dict:
+    """Test one model with the evaluation callbacks, or reuse a finished identical evaluation.
+
+    An evaluation of the same checkpoint with the same evaluation config is reused when finished
+    and resumed (the certification TSV) when interrupted; a certification file left by another
+    model or config is moved aside to ``certify.tsv.stale``.
+    """
     folder = out / training.name
-    marker = folder / "metrics.json"
+    marker, state = folder / "metrics.json", folder / "evaluation.json"
     eval_config, attacks = evaluation_config(settings, training, out)
+    key = stage_key(
+        trained["key"], trained["ckpt_path"], eval_config.read_text(), str(settings.examples)
+    )
     if marker.is_file():
-        print(f"[compare] {training.name}: reusing evaluation {marker}")
-        return json.loads(marker.read_text())
-    print(f"[compare] {training.name}: attacking and certifying {ckpt_path}")
+        done = json.loads(marker.read_text())
+        if done.get("key") == key:
+            print(f"[compare] {training.name}: reusing evaluation {marker}")
+            return done["metrics"]
+    if state.is_file() and json.loads(state.read_text()).get("key") != key:
+        for stale in (folder / "certify.tsv", folder / "certify.tsv.json"):
+            if stale.exists():
+                stale.replace(stale.with_name(stale.name + ".stale"))
+    state.write_text(json.dumps({"key": key}))
+    print(f"[compare] {training.name}: attacking and certifying {trained['ckpt_path']}")
     run = cli.main(
         [
             "test",
@@ -145,12 +173,12 @@ def evaluate(settings, training: Training, out: Path, ckpt_path: str) -> dict:
             "--config",
             str(eval_config),
             "--ckpt_path",
-            ckpt_path,
+            trained["ckpt_path"],
         ]
     )
     metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
     save_examples(run.model, run.datamodule, attacks, settings.examples, folder / "examples.npz")
-    marker.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    marker.write_text(json.dumps({"key": key, "metrics": metrics}, indent=2, sort_keys=True))
     return metrics
 
 
@@ -289,7 +317,7 @@ def compare(argv: list[str]) -> Path:
     results = {}
     for training in settings.trainings:
         trained = fit(settings, training, out)
-        metrics = evaluate(settings, training, out, trained["ckpt_path"])
+        metrics = evaluate(settings, training, out, trained)
         results[training.name] = {"metrics": metrics, **trained}
     report = write_report(settings, out, results)
     print(f"[compare] report written to {report}")

@@ -385,6 +385,8 @@ class Certification(Callback):
                 loaded = (self._open_output(output, settings), None)
             except ValueError as err:
                 loaded = ([], str(err))
+            except OSError as err:  # every rank must reach the broadcast, or the others hang in it
+                loaded = ([], f"Certification output {output}: {type(err).__name__}: {err}")
         rows, error = trainer.strategy.broadcast(loaded, src=0)
         if error is not None:
             raise ValueError(error)
@@ -502,6 +504,14 @@ class Certification(Callback):
         dataset = evaluation_dataset(trainer, stage)
         selected = list(range(0, len(dataset), self.skip))[:limit]  # type: ignore[arg-type]
         existing = self._existing if testing else {}
+        for idx in (i for i in selected if i in existing):
+            if existing[idx].label != int(dataset[idx][1]):
+                raise ValueError(
+                    f"Certification output {self.output_path}: row {idx} has label "
+                    f"{existing[idx].label} but the dataset's image {idx} has label "
+                    f"{int(dataset[idx][1])}; the file was written for other data (another split, "
+                    "seed or dataset): give another output path"
+                )
         todo = [i for i in selected if i not in existing]
         if testing and self.stop_after is not None:
             todo = todo[: self.stop_after]

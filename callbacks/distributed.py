@@ -17,22 +17,20 @@ from torch.utils.data import DataLoader, Dataset
 
 
 def evaluation_dataset(trainer: Trainer, stage: str) -> Dataset:
-    """The unshuffled dataset the trainer evaluates in ``stage`` ("test" or "val").
+    """The unshuffled dataset the trainer is evaluating in ``stage`` ("test" or "val").
 
-    Taken from the data module's ``test_set``/``val_set`` when it has them, else from the
-    trainer's first evaluation data loader.
+    Taken from the running stage's first data loader (what ``trainer.test(dataloaders=...)`` or the
+    data module supplied this time), else from the data module's ``test_set``/``val_set``.
     """
-    datamodule = getattr(trainer, "datamodule", None)
-    attribute = "test_set" if stage == "test" else "val_set"
-    dataset = getattr(datamodule, attribute, None)
-    if dataset is not None:
-        return dataset
     loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
-    if isinstance(loaders, Sequence):
+    if isinstance(loaders, Sequence) and loaders:
         loaders = loaders[0]
-    if not isinstance(loaders, DataLoader):
+    if isinstance(loaders, DataLoader):
+        return loaders.dataset
+    dataset = getattr(getattr(trainer, "datamodule", None), f"{stage}_set", None)
+    if dataset is None:
         raise RuntimeError(f"no {stage} dataset found: give the Trainer a {stage} data loader")
-    return loaders.dataset
+    return dataset
 
 
 def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:

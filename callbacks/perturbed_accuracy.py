@@ -209,7 +209,8 @@ class PerturbedAccuracy(Callback):
             for indices, x, y in batches(dataset, mine, self.batch_size, num_rounds):
                 if not indices:
                     continue
-                x, y = x.to(device), y.to(device)
+                x = trainer.precision_plugin.convert_input(x.to(device))  # e.g. bf16-true weights
+                y = y.to(device)
                 with torch.no_grad():
                     clean = pl_module(x).argmax(dim=1)
                 columns = [torch.as_tensor(indices, device=device), y, clean]
@@ -246,8 +247,11 @@ class PerturbedAccuracy(Callback):
         results = {}
         for j, spec in enumerate(self.attacks):
             predicted, norm = table[:, 3 + 2 * j], table[:, 4 + 2 * j]
+            # robust: right on the clean image and on the adversarial one (an attack that happens to
+            # land a misclassified image on its true class does not make it robust)
+            robust = (predicted == labels) & (clean == labels)
             results[spec.key] = {
-                "accuracy": (predicted == labels).double().mean().item() if count else math.nan,
+                "accuracy": robust.double().mean().item() if count else math.nan,
                 "norm": norm.mean().item() if count else math.nan,
                 "clean_accuracy": clean_accuracy,
                 "num_images": count,

@@ -5,10 +5,11 @@ shared by every function here:
 
 * ``x`` is a float batch ``(B, ...)`` in ``[0, 1]`` (the model normalises internally); ``y`` holds
   int64 labels ``(B,)``; the result has the dtype, device and shape of ``x`` and is detached.
-* The loss is the cross-entropy summed over the batch (``reduction="sum"``) on logits promoted to at
-  least float32, so each sample's gradient is independent of the batch size and does not underflow
-  under bf16/fp16 autocast. Gradients are taken w.r.t. the input only (``torch.autograd.grad``), so
-  the model's parameter ``.grad`` fields are never touched.
+* The loss is the cross-entropy on logits promoted to at least float32, each sample's divided by the
+  L1 norm of its logit gradient and summed over the batch: steps depend only on the gradient's
+  direction, which this leaves unchanged, while each sample's gradient is independent of the batch
+  size and does not underflow under bf16/fp16 autocast. Gradients are taken w.r.t. the input only
+  (``torch.autograd.grad``), so the model's parameter ``.grad`` fields are never touched.
 * The model runs in eval mode during the attack; each submodule's previous mode is restored after.
 * Safe inside ``torch.inference_mode()`` (e.g. Lightning's test loop): the attack runs under
   ``torch.inference_mode(False)`` and ``torch.enable_grad()`` on a fresh iterate and cloned labels.
@@ -363,6 +364,22 @@ def _loss(
     return F.cross_entropy(logits, y, reduction=reduction), logits
 
 
+def _step_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
+    """Summed cross-entropy whose per-sample logit gradients have unit L1 norm.
+
+    Each sample's loss is divided by the (detached) L1 norm of its logit gradient, softmax - onehot.
+    Steps use the sign (L-inf) or the normalized gradient (L2), which a positive per-sample factor
+    does not change, but the backward pass then carries O(1) values: under fp16 a confident
+    sample's 1 - p_y of 1e-9 would otherwise underflow to a zero gradient and a zero step.
+    """
+    loss, logits = _loss(model, x, y, "none")
+    with torch.no_grad():
+        grad_logits = logits.softmax(dim=1)
+        grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
+        scale = 1.0 / grad_logits.abs().sum(dim=1).clamp_min_(torch.finfo(logits.dtype).tiny)
+    return (loss * scale).sum()
+
+
 def _run(
     model: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -454,8 +471,7 @@ class _Run:
             x_adv = x.clone()
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
-            loss, _ = _loss(model, x_adv, y, "sum")
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            (grad,) = torch.autograd.grad(_step_loss(model, x_adv, y), x_adv)
             x_adv.requires_grad_(False)
             with torch.no_grad():
                 if self.norm == "inf":

@@ -197,8 +197,9 @@ def test_restarts_prefer_success_over_loss():
 
 
 def test_half_precision_model_gradients_independent_of_batch_size():
-    # Summed loss: a sample's gradient does not shrink with the batch size, so confident samples in a
-    # large fp16 batch do not underflow (with a mean-reduced loss ~30% of these would not move).
+    # Per-sample normalized, summed loss: a sample's gradient neither shrinks with the batch size nor
+    # underflows in fp16 when the model is confident (with a mean-reduced loss ~30% of these would
+    # not move; with a plain summed loss some confident samples still would not).
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
     x = 0.25 + 0.5 * torch.rand(4096, 1, 8, 8)
@@ -210,7 +211,7 @@ def test_half_precision_model_gradients_independent_of_batch_size():
     full = fgm(model, x, y, 0.01, "inf")
     assert full.dtype == torch.float16
     assert torch.equal(full[:64], fgm(model, x[:64], y[:64], 0.01, "inf"))
-    assert ((full - x).flatten(1).abs().amax(1) > 0).float().mean() > 0.95
+    assert ((full - x).flatten(1).abs().amax(1) > 0).all()
 
 
 def test_targeted_reaches_target_more_often(trained):

@@ -205,6 +205,25 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert again.summary == whole.summary
 
 
+def test_tsv_of_other_data_is_refused(tmp_path):
+    output = tmp_path / "other_data.tsv"
+    certify(tmp_path / "a", sigma=SIGMA, output=str(output), stop_after=3)
+    text = output.read_text().splitlines(keepends=True)
+    fields = text[2].split("\t")
+    fields[1] = str((int(fields[1]) + 1) % 3)  # row 1 now claims another label
+    text[2] = "\t".join(fields)
+    output.write_text("".join(text))
+    with pytest.raises(ValueError, match="written for other data"):
+        certify(tmp_path / "b", sigma=SIGMA, output=str(output))
+
+
+def test_unwritable_output_is_one_clear_error(tmp_path):
+    folder = tmp_path / "a_folder.tsv"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"a_folder\.tsv"):
+        certify(tmp_path / "a", sigma=SIGMA, output=str(folder))
+
+
 @pytest.mark.parametrize("cut", ["no_newline", "short_line"])
 def test_torn_last_line_is_redone(tmp_path, cut):
     whole = certify(tmp_path / "whole", sigma=SIGMA)
@@ -385,9 +404,9 @@ with open(output + f".summary{{trainer.global_rank}}", "w") as file:
 
 
 def test_two_processes_write_the_rows_of_one(tmp_path):
-    """DDP on 2 CPU processes (11 images: unequal shards, an empty last round) = 1 process.
+    """DDP on 2 CPU processes = 1 process, resuming a file that a 1-process run left after 5 images.
 
-    The 2-process run also resumes a file that a 1-process run left after 5 images.
+    (tests/test_distributed.py runs the real CLI from scratch on 2 processes with unequal shards.)
     """
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(root=str(ROOT))))

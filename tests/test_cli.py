@@ -132,3 +132,18 @@ def test_backbone_image_size_mismatch_is_a_clear_error(in_tmp, monkeypatch):
             str(in_tmp),
         )
     assert info.value.code == 2
+
+
+def test_console_script_runs_and_exits_zero(in_tmp):
+    script = Path(sys.executable).with_name("robust")
+    if not script.exists():
+        pytest.skip("the project is not installed in this environment (pip install -e .)")
+    result = subprocess.run(
+        [str(script), "test", "--config", str(ROOT / "configs/mnist/standard.yaml"), *FAST],
+        cwd=in_tmp,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "test/acc" in result.stdout

@@ -85,7 +85,7 @@ def test_compare_end_to_end_report_matches_metrics_and_tsvs(tmp_path, capsys):
     rows = table_rows(report)
     assert list(rows) == ["standard", "adversarial", "noise"]
     for name, row in rows.items():
-        metrics = json.loads((out / name / "metrics.json").read_text())
+        metrics = json.loads((out / name / "metrics.json").read_text())["metrics"]
         assert float(row["clean acc"]) == pytest.approx(metrics["test/acc"], abs=5e-5)
         assert float(row["acc fgm_l2_eps5"]) == pytest.approx(
             metrics["test/perturbed_acc/fgm_l2_eps5"], abs=5e-5
@@ -116,6 +116,23 @@ def test_compare_end_to_end_report_matches_metrics_and_tsvs(tmp_path, capsys):
     assert len(re.findall(r"reusing evaluation", printed)) == 3
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/certify.tsv")} == before
     assert table_rows((out / "report.md").read_text()) == rows
+
+    # a changed evaluation config is evaluated again (the trained models are still reused), and the
+    # certification file of the old config is moved aside instead of being mixed or refused
+    evaluation = yaml.safe_load((tmp_path / "eval.yaml").read_text())
+    evaluation["trainer"]["callbacks"][1]["init_args"]["max_images"] = 3
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation))
+    cli.main(["compare", "--config", str(settings)])
+    printed = capsys.readouterr().out
+    assert len(re.findall(r"reusing trained checkpoint", printed)) == 3
+    assert "reusing evaluation" not in printed
+    for name in rows:
+        assert len(read_tsv(out / name / "certify.tsv")[0]) == 3
+        assert (out / name / "certify.tsv.stale").is_file()
+    assert all(
+        row["correct_certified"].endswith("/3")
+        for row in table_rows((out / "report.md").read_text()).values()
+    )
 
 
 def test_compare_refuses_missing_configs(tmp_path):

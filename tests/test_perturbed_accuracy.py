@@ -99,7 +99,8 @@ def direct(model, x, y, spec, seed=0):
     else:
         x_adv = attack(model, x, y, spec)
     with torch.no_grad():
-        accuracy = (model(x_adv).argmax(1) == y).double().mean().item()
+        robust = (model(x_adv).argmax(1) == y) & (model(x).argmax(1) == y)
+        accuracy = robust.double().mean().item()
     order = 2 if spec.norm == "2" else math.inf
     norm = torch.linalg.vector_norm((x_adv - x).flatten(1).double(), ord=order, dim=1)
     return accuracy, norm.mean().item()
@@ -168,6 +169,7 @@ def test_results_do_not_depend_on_batch_size_or_process_count(mnist, class_means
     for rank in (0, 1):
         fake = SimpleNamespace(
             datamodule=data,
+            test_dataloaders=None,
             limit_test_batches=1.0,
             world_size=2,
             global_rank=rank,
@@ -186,7 +188,10 @@ def test_results_do_not_depend_on_batch_size_or_process_count(mnist, class_means
     # and the numbers are those of attacking each image alone with its own generator
     for j, spec in enumerate(specs):
         accuracy, _ = direct(model, x, y, spec, seed=3)
-        assert (tables[40][:, 3 + 2 * j] == tables[40][:, 1]).double().mean() == accuracy
+        robust = (tables[40][:, 3 + 2 * j] == tables[40][:, 1]) & (
+            tables[40][:, 2] == tables[40][:, 1]
+        )
+        assert robust.double().mean() == accuracy
 
 
 def test_another_seed_gives_other_random_starts(mnist, class_means):
@@ -384,3 +389,19 @@ def test_standard_mnist_model_is_not_robust(in_tmp, monkeypatch):
     assert float(metrics["test/perturbed_acc/fgm_l2_eps5"]) < 0.2
     assert float(metrics["test/perturbed_acc/fgm_linf_eps0.3"]) < 0.15
     assert float(metrics["test/perturbed_acc/pgd40_l2_eps5"]) < 0.05
+
+
+def test_an_attack_that_fixes_a_misclassified_image_does_not_count_it_robust():
+    callback = PerturbedAccuracy(attacks=[AttackSpec(method="fgm", norm="inf", eps=0.1)])
+    # columns: index, label, clean prediction, adversarial prediction, perturbation norm
+    table = torch.tensor(
+        [
+            [0, 3, 5, 3, 0.1],  # wrong on the clean image, "right" after the attack: not robust
+            [1, 4, 4, 4, 0.1],  # right on both: robust
+            [2, 7, 7, 1, 0.1],  # fooled: not robust
+        ],
+        dtype=torch.float64,
+    )
+    result = callback._summarise(table)["fgm_linf_eps0.1"]
+    assert result["accuracy"] == pytest.approx(1 / 3)
+    assert result["clean_accuracy"] == pytest.approx(2 / 3)
