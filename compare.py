@@ -183,8 +183,10 @@ def evaluate(settings, training: Training, out: Path, trained: dict) -> dict:
 
 
 def save_examples(model, datamodule, attacks: list[AttackSpec], k: int, path: Path) -> None:
-    """Attack the first ``k`` test images with each attack and save images and predictions."""
-    images, labels = zip(*(datamodule.test_set[i][:2] for i in range(k)), strict=True)
+    """Attack ``k`` test images spread over the set with each attack; save images and predictions."""
+    count = len(datamodule.test_set)
+    chosen = np.linspace(0, count - 1, min(k, count)).round().astype(int).tolist()
+    images, labels = zip(*(datamodule.test_set[i][:2] for i in chosen), strict=True)
     x = torch.stack(images).to(model.device)
     y = torch.as_tensor(labels, device=model.device)
     model.eval()
