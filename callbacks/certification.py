@@ -281,7 +281,9 @@ class Certification(Callback):
         radii: Radii (>= 0) at which certified accuracy is logged.
         autocast: ``None`` (full precision), ``"bf16"`` or ``"fp16"``: run the classifier under
             autocast (the certificate holds for the classifier as evaluated).
-        channels_last: Run the classifier in channels-last memory format (changes the noise).
+        channels_last: Run the classifier in channels-last memory format: the same classifier up to
+            float rounding, about twice as fast on CPUs; for images of several channels the noise
+            is drawn in another order. ``None`` (default): on for CPUs, off otherwise.
         compile: ``torch.compile`` the classifier for certification.
         stop_after: Stop after this many newly certified test images (>= 0), as if interrupted.
         noise_block: Samples per independently seeded noise block (see ``Smooth``; part of the
@@ -307,7 +309,7 @@ class Certification(Callback):
         output: str | None = None,
         radii: Sequence[float] = DEFAULT_RADII,
         autocast: str | None = None,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         compile: bool = False,
         stop_after: int | None = None,
         noise_block: int = DEFAULT_NOISE_BLOCK,
@@ -417,6 +419,12 @@ class Certification(Callback):
             )
         return float(sigma)
 
+    def _channels_last(self, pl_module: LightningModule) -> bool:
+        """``channels_last``, or by default on for CPUs (about 2x faster there, same classifier)."""
+        if self.channels_last is None:
+            return pl_module.device.type == "cpu"
+        return self.channels_last
+
     def _settings(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         base = _base_classifier(pl_module)
         return {
@@ -427,7 +435,7 @@ class Certification(Callback):
             "seed": self.seed,
             "noise_block": self.noise_block,
             "autocast": self.autocast,
-            "channels_last": self.channels_last,
+            "channels_last": self._channels_last(pl_module),
             "device_type": pl_module.device.type,
             "model_sha256": model_fingerprint(base),
             # Not checked (they do not change any row): for the record.
@@ -487,7 +495,7 @@ class Certification(Callback):
             seed=self.seed,
             noise_block=self.noise_block,
             autocast_dtype=AUTOCAST[self.autocast] if self.autocast else None,
-            channels_last=self.channels_last,
+            channels_last=self._channels_last(pl_module),
             device=pl_module.device,
         )
 
