@@ -18,28 +18,10 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from lightning_modules.backbones import SmallCNN
 from robust.attacks import fgm, pgd
-
-
-def small_cnn() -> nn.Module:
-    """The project's MNIST SmallCNN if available, else the same Keras-style network inline."""
-    try:
-        from lightning_modules.backbones import SmallCNN
-    except ImportError:  # pragma: no cover - fallback when run outside the project
-        return nn.Sequential(
-            nn.Conv2d(1, 32, 3),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 3),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(64 * 12 * 12, 128),
-            nn.ReLU(),
-            nn.Linear(128, 10),
-        )
-    return SmallCNN()
 
 
 def timed(fn: Callable[[], Tensor], device: torch.device) -> float:
@@ -72,7 +54,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    model = small_cnn().to(device).eval()
+    model = SmallCNN(1, 10).to(device).eval()
     x = torch.rand(args.batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     e_inf, e_2, steps = args.eps_inf, args.eps_2, args.steps

@@ -20,40 +20,15 @@ import argparse
 import copy
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from lightning_modules.backbones import LeNet
 from robust.smoothing import Smooth
-
-try:
-    from lightning_modules.backbones import LeNet
-except ImportError:  # the backbones module is optional here
-
-    class LeNet(nn.Sequential):
-        """conv 1->20 5x5, pool, conv 20->50 5x5, pool, fc 800->500, relu, fc 500->10."""
-
-        def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
-            super().__init__(
-                nn.Conv2d(in_channels, 20, 5),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-                nn.Conv2d(20, 50, 5),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-                nn.Flatten(),
-                nn.Linear(800, 500),
-                nn.ReLU(),
-                nn.Linear(500, num_classes),
-            )
-
 
 NUM_CLASSES = 10
 
