@@ -3,8 +3,7 @@
 import math
 import numbers
 import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 import robust.attacks as attack_lib
 from callbacks.distributed import batches, evaluation_dataset, gather_rows, rounds, shard
 from robust.attacks import AttackSpec
+from robust.modes import eval_mode
 
 __all__ = ["GradientMaskingWarning", "PerturbedAccuracy", "image_seed"]
 
@@ -35,18 +35,6 @@ def image_seed(seed: int, key: str, index: int) -> int:
     words = [seed, zlib.crc32(key.encode()), index]
     state = np.random.SeedSequence(words).generate_state(1, np.uint64)[0]
     return int(state) & (2**63 - 1)
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each one's previous mode."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _norms(delta: Tensor, norm: str) -> Tensor:

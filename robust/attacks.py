@@ -19,6 +19,7 @@ shared by every function here:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from robust.modes import eval_mode
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 """One RNG for the batch, one per sample (batch-size independent starts), or the global RNG."""
@@ -394,38 +397,31 @@ def _run(
     generator: Generators,
 ) -> Tensor:
     """Shared driver: eval mode, inference-mode escape, restarts with per-sample worst case."""
-    modules = list(model.modules()) if isinstance(model, nn.Module) else []
-    modes = [m.training for m in modules]
-    try:
-        for m in modules:
-            m.training = False
-        with torch.inference_mode(False), torch.enable_grad():
-            # x only feeds out-of-place ops (never autograd), so an inference tensor is fine; y is
-            # saved for backward by the loss and must be a normal tensor.
-            x = x.detach()
-            y = y.detach().clone()
-            run = _Run(x, eps, norm, steps, step_size, random_start, targeted)
-            best = best_obj = best_ok = None
-            for _ in range(restarts):
-                x_adv = run(model, y, generator)
-                if restarts == 1:
-                    return x_adv
-                with torch.no_grad():
-                    loss, logits = _loss(model, x_adv, y, "none")
-                    hit = logits.argmax(dim=1) == y
-                    ok = hit if targeted else ~hit
-                    obj = -loss if targeted else loss
-                if best is None:
-                    best, best_obj, best_ok = x_adv, obj, ok
-                    continue
-                better = (ok & ~best_ok) | ((ok == best_ok) & (obj > best_obj))
-                best = torch.where(_view(better, x), x_adv, best)
-                best_obj = torch.where(better, obj, best_obj)
-                best_ok = best_ok | ok
-            return best
-    finally:
-        for m, mode in zip(modules, modes, strict=True):
-            m.training = mode
+    mode = eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
+    with mode, torch.inference_mode(False), torch.enable_grad():
+        # x only feeds out-of-place ops (never autograd), so an inference tensor is fine; y is
+        # saved for backward by the loss and must be a normal tensor.
+        x = x.detach()
+        y = y.detach().clone()
+        run = _Run(x, eps, norm, steps, step_size, random_start, targeted)
+        best = best_obj = best_ok = None
+        for _ in range(restarts):
+            x_adv = run(model, y, generator)
+            if restarts == 1:
+                return x_adv
+            with torch.no_grad():
+                loss, logits = _loss(model, x_adv, y, "none")
+                hit = logits.argmax(dim=1) == y
+                ok = hit if targeted else ~hit
+                obj = -loss if targeted else loss
+            if best is None:
+                best, best_obj, best_ok = x_adv, obj, ok
+                continue
+            better = (ok & ~best_ok) | ((ok == best_ok) & (obj > best_obj))
+            best = torch.where(_view(better, x), x_adv, best)
+            best_obj = torch.where(better, obj, best_obj)
+            best_ok = best_ok | ok
+        return best
 
 
 class _Run:

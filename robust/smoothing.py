@@ -20,6 +20,7 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
+from robust.modes import eval_mode
 from robust.statistics import binomial_pvalue, clopper_pearson_lower, smallest_useful_n
 
 __all__ = [
@@ -92,18 +93,6 @@ def _block_seeds(seed: int, index: int, stream: int, num_blocks: int) -> np.ndar
     """
     bits = np.random.Philox(np.random.SeedSequence([seed, index, stream]))
     return bits.random_raw(num_blocks)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's previous mode afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 class Smooth:
@@ -440,7 +429,7 @@ class Smooth:
             if fill == capacity:
                 flush()
 
-        with _eval_mode(self.base_classifier):
+        with eval_mode(self.base_classifier):
             for bucket, seed, rows in self._chunks(num_images, indices, streams):
                 generator.manual_seed(seed)
                 if fill + rows <= capacity:  # the whole block fits: draw it in place
