@@ -370,16 +370,18 @@ def _loss(
 def _step_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
     """Summed cross-entropy whose per-sample logit gradients have unit L1 norm.
 
-    Each sample's loss is divided by the (detached) L1 norm of its logit gradient, softmax - onehot.
-    Steps use the sign (L-inf) or the normalized gradient (L2), which a positive per-sample factor
-    does not change, but the backward pass then carries O(1) values: under fp16 a confident
-    sample's 1 - p_y of 1e-9 would otherwise underflow to a zero gradient and a zero step.
+    The logit gradient of CE is softmax - onehot, whose L1 norm is 2 (1 - p_y) = 2 sum_{j != y} p_j,
+    computed as a ratio of log-sum-exps so that it stays exact when p_y rounds to 1. Each sample's
+    loss is divided by that (detached) number. Steps use the sign (L-inf) or the normalized
+    gradient (L2), which a positive per-sample factor does not change, but the backward pass then
+    carries O(1) values: under fp16 a confident sample's 1 - p_y of 1e-9 would otherwise underflow
+    to a zero gradient and a zero step.
     """
     loss, logits = _loss(model, x, y, "none")
     with torch.no_grad():
-        grad_logits = logits.softmax(dim=1)
-        grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
-        scale = 1.0 / grad_logits.abs().sum(dim=1).clamp_min_(torch.finfo(logits.dtype).tiny)
+        others = logits.scatter(1, y.unsqueeze(1), -math.inf)
+        log_rest = torch.logsumexp(others, dim=1) - torch.logsumexp(logits, dim=1)
+        scale = log_rest.neg_().exp_().mul_(0.5)  # 1 / (2 sum_{j != y} p_j)
     return (loss * scale).sum()
 
 

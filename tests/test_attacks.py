@@ -566,3 +566,18 @@ def test_one_generator_per_sample_makes_starts_batch_independent(norm):
     assert not torch.allclose(shared, together)
     with pytest.raises(ValueError, match="generator"):
         attack(model, x, y, spec, generator=gens(range(5)))
+
+
+def test_step_loss_gives_each_sample_an_o1_logit_gradient_in_the_ce_direction():
+    from robust.attacks import _step_loss
+
+    # the third sample is so confident that p_y rounds to 1 in float32
+    logits = torch.tensor([[9.0, 0.0, -3.0], [0.1, 0.2, 0.3], [30.0, 0.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 2, 0])
+    (grad,) = torch.autograd.grad(_step_loss(lambda x: x, logits, y), logits)
+    others = grad.scatter(1, y.unsqueeze(1), 0.0)
+    # the entries of the other classes are p_j / (2 sum_{j != y} p_j): they sum to exactly 1/2
+    torch.testing.assert_close(others.sum(1), torch.full((3,), 0.5))
+    expected = logits.detach().softmax(1) - F.one_hot(y, 3)  # the direction of plain CE
+    cosine = F.cosine_similarity(grad[:2], expected[:2], dim=1)
+    torch.testing.assert_close(cosine, torch.ones(2))
