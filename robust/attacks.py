@@ -381,7 +381,8 @@ def _step_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tenso
     with torch.no_grad():
         others = logits.scatter(1, y.unsqueeze(1), -math.inf)
         log_rest = torch.logsumexp(others, dim=1) - torch.logsumexp(logits, dim=1)
-        scale = log_rest.neg_().exp_().mul_(0.5)  # 1 / (2 sum_{j != y} p_j)
+        # 1 / (2 sum_{j != y} p_j), capped at e^80 so a loss that is exactly 0 never meets inf
+        scale = log_rest.neg_().clamp_max_(80.0).exp_().mul_(0.5)
     return (loss * scale).sum()
 
 

@@ -581,3 +581,13 @@ def test_step_loss_gives_each_sample_an_o1_logit_gradient_in_the_ce_direction():
     expected = logits.detach().softmax(1) - F.one_hot(y, 3)  # the direction of plain CE
     cosine = F.cosine_similarity(grad[:2], expected[:2], dim=1)
     torch.testing.assert_close(cosine, torch.ones(2))
+
+
+def test_step_loss_stays_finite_when_the_other_classes_underflow():
+    from robust.attacks import _step_loss
+
+    logits = torch.tensor([[200.0, 0.0, 0.0], [1.0, 0.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 0])
+    loss = _step_loss(lambda x: x, logits, y)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert loss.isfinite() and grad.isfinite().all()
