@@ -3,12 +3,12 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, Trainer
-from torch.utils.data import DataLoader, TensorDataset
+from lightning.pytorch import Trainer
 
 import lightning_modules.adversarial as adversarial
 from lightning_modules import AdversarialClassifier, SmallCNN
 from robust.attacks import AttackSpec
+from tests.tensor_data import TensorData
 
 NO_TRAINER = "ignore:You are trying to `self.log()`"
 
@@ -154,20 +154,6 @@ def test_fraction_zero_is_clean_training(monkeypatch):
     assert loss.item() == pytest.approx(F.cross_entropy(net(x), y).item(), rel=1e-6)
 
 
-class Tiny(LightningDataModule):
-    def __init__(self, n: int = 24, batch_size: int = 8):
-        super().__init__()
-        x, y = interior_batch(n)
-        self.train_set = self.val_set = self.test_set = TensorDataset(x, y)
-        self.batch_size = batch_size
-
-    def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=self.batch_size)
-
-
 def fit(net, **kwargs) -> Trainer:
     settings = dict(
         logger=False,
@@ -178,7 +164,7 @@ def fit(net, **kwargs) -> Trainer:
         limit_val_batches=0,
     )
     trainer = Trainer(**{**settings, **kwargs})
-    trainer.fit(net, datamodule=Tiny())
+    trainer.fit(net, datamodule=TensorData(*interior_batch(24), batch_size=8))
     return trainer
 
 

@@ -4,11 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import Precision
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import callbacks.perturbed_accuracy as pa
 from callbacks import PerturbedAccuracy
@@ -16,28 +15,11 @@ from callbacks.perturbed_accuracy import GradientMaskingWarning, image_seed
 from datamodules import load_embedded_mnist
 from lightning_modules import StandardClassifier
 from robust.attacks import AttackSpec, attack
+from tests.tensor_data import TensorData
 
 FGM_L2 = AttackSpec("fgm", "2", 0.5)
 FGSM_RS = AttackSpec("fgm", "inf", 0.03, random_start=True)
 PGD_L2 = AttackSpec("pgd", "2", 0.5, steps=3)
-
-
-class Tensors(LightningDataModule):
-    """The same images for training, validation and test."""
-
-    def __init__(self, x, y, batch_size: int = 32):
-        super().__init__()
-        self.train_set = self.val_set = self.test_set = TensorDataset(x, y)
-        self.batch_size = batch_size
-
-    def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=self.batch_size)
-
-    def test_dataloader(self):
-        return DataLoader(self.test_set, batch_size=self.batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +99,7 @@ def test_logs_attacked_accuracy_inside_trainer_test_in_inference_mode(mnist, cla
     spy = InferenceModeSpy()
     callback = PerturbedAccuracy([FGM_L2, FGSM_RS, PGD_L2], batch_size=40)
     run = trainer(callbacks=[spy, callback])  # default inference_mode=True
-    (logged,) = run.test(model, datamodule=Tensors(x, y), verbose=False)
+    (logged,) = run.test(model, datamodule=TensorData(x, y), verbose=False)
     assert spy.inference_mode  # the attacks had to leave inference mode to get gradients
     clean = (model(x).argmax(1) == y).double().mean().item()
     for spec in (FGM_L2, FGSM_RS, PGD_L2):
@@ -149,7 +131,7 @@ def same_table(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_results_do_not_depend_on_batch_size_or_process_count(mnist, class_means, monkeypatch):
     x, y = mnist[2][:40], mnist[3][:40]
     model = make_model(class_means)
-    data = Tensors(x, y)
+    data = TensorData(x, y)
     specs = [FGSM_RS, PGD_L2, AttackSpec("pgd", "inf", 0.03, steps=2, restarts=2)]
     tables = {}
 
@@ -200,7 +182,7 @@ def test_another_seed_gives_other_random_starts(mnist, class_means):
     norms = []
     for seed in (0, 1):
         callback = PerturbedAccuracy([FGSM_RS], seed=seed)
-        trainer(callbacks=[callback]).test(model, datamodule=Tensors(x, y), verbose=False)
+        trainer(callbacks=[callback]).test(model, datamodule=TensorData(x, y), verbose=False)
         norms.append(callback.results["test"][FGSM_RS.key]["norm"])
     assert norms[0] != norms[1]
 
@@ -235,14 +217,16 @@ def test_gradient_masking_warning_fires_on_a_masking_model():
     fgm, pgd = AttackSpec("fgm", "inf", 0.1), AttackSpec("pgd", "inf", 0.1, steps=3)
     callback = PerturbedAccuracy([fgm, pgd])
     with pytest.warns(GradientMaskingWarning, match="gradient masking"):
-        trainer(callbacks=[callback]).test(masking_model(), datamodule=Tensors(x, y), verbose=False)
+        trainer(callbacks=[callback]).test(
+            masking_model(), datamodule=TensorData(x, y), verbose=False
+        )
     assert callback.results["test"][fgm.key]["accuracy"] == 1.0
     assert callback.results["test"][pgd.key]["accuracy"] == 0.0
     # the same gap below masking_gap = 1 stays silent
     quiet = PerturbedAccuracy([fgm, pgd], masking_gap=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientMaskingWarning)
-        trainer(callbacks=[quiet]).test(masking_model(), datamodule=Tensors(x, y), verbose=False)
+        trainer(callbacks=[quiet]).test(masking_model(), datamodule=TensorData(x, y), verbose=False)
 
 
 def test_no_masking_warning_on_a_normal_model(mnist, class_means):
@@ -252,7 +236,7 @@ def test_no_masking_warning_on_a_normal_model(mnist, class_means):
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientMaskingWarning)
         trainer(callbacks=[callback]).test(
-            make_model(class_means), datamodule=Tensors(x, y), verbose=False
+            make_model(class_means), datamodule=TensorData(x, y), verbose=False
         )
     results = callback.results["test"]
     assert results[specs[0].key]["accuracy"] >= results[specs[1].key]["accuracy"]
@@ -265,7 +249,7 @@ def test_image_grid_goes_to_tensorboard(mnist, class_means, tmp_path):
     logger = TensorBoardLogger(tmp_path, name="grid")
     callback = PerturbedAccuracy([FGM_L2, FGSM_RS], num_image_grid=6, batch_size=4)
     trainer(logger=logger, callbacks=[callback]).test(
-        make_model(class_means), datamodule=Tensors(x, y), verbose=False
+        make_model(class_means), datamodule=TensorData(x, y), verbose=False
     )
     logger.experiment.flush()
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload()
@@ -297,14 +281,14 @@ def test_validation_every_n_epochs_and_never_in_sanity_check(mnist, class_means)
             return super().evaluate(trainer, pl_module, stage)
 
     run = trainer(max_epochs=4, num_sanity_val_steps=1, callbacks=[Counting([FGM_L2], 2)])
-    run.fit(make_model(class_means).train(), datamodule=Tensors(x, y, batch_size=8))
+    run.fit(make_model(class_means).train(), datamodule=TensorData(x, y, batch_size=8))
     assert calls == [("val", 1, False), ("val", 3, False)]
     assert "val/perturbed_acc/fgm_l2_eps0.5" in run.callback_metrics
     calls.clear()
     never = trainer(max_epochs=1, callbacks=[Counting([FGM_L2])])
-    never.fit(make_model(class_means).train(), datamodule=Tensors(x, y, batch_size=8))
+    never.fit(make_model(class_means).train(), datamodule=TensorData(x, y, batch_size=8))
     assert calls == []
-    never.validate(make_model(class_means), datamodule=Tensors(x, y), verbose=False)
+    never.validate(make_model(class_means), datamodule=TensorData(x, y), verbose=False)
     assert calls == []
 
 
@@ -318,7 +302,7 @@ def test_trainer_limits_and_max_images_choose_the_first_images(mnist, class_mean
     ]:
         callback = PerturbedAccuracy([FGM_L2], **settings)
         trainer(callbacks=[callback], **kwargs).test(
-            make_model(class_means), datamodule=Tensors(x, y, batch_size=8), verbose=False
+            make_model(class_means), datamodule=TensorData(x, y, batch_size=8), verbose=False
         )
         assert callback.results["test"][FGM_L2.key]["num_images"] == expected
         accuracy, _ = direct(make_model(class_means), x[:expected], y[:expected], FGM_L2)
@@ -329,7 +313,7 @@ def test_bf16_mixed_evaluation_runs_and_perturbs(mnist, class_means):
     x, y = mnist[2][:16], mnist[3][:16]
     callback = PerturbedAccuracy([FGM_L2, PGD_L2])
     (logged,) = trainer(precision="bf16-mixed", callbacks=[callback]).test(
-        make_model(class_means), datamodule=Tensors(x, y), verbose=False
+        make_model(class_means), datamodule=TensorData(x, y), verbose=False
     )
     for spec in (FGM_L2, PGD_L2):
         assert 0 < logged[f"test/perturbation_norm/{spec.key}"] <= spec.eps * (1 + 1e-5)
