@@ -1,0 +1,156 @@
+"""Checks of settings: one clear ``SettingError`` naming the setting and its allowed values.
+
+Every public class and function of the project validates its arguments with these helpers, so a
+bad value fails at configuration time with one line such as
+``Certification alpha must be a number in (0, 1); got 1.5``, and the command line turns that line
+into ``error: ...`` with exit status 2 (see ``cli.py``).
+
+Examples:
+    >>> check_int("n", 100, minimum=1, owner="Certification")
+    100
+    >>> check_real("alpha", 1.5, low=0, high=1, owner="Certification")
+    Traceback (most recent call last):
+        ...
+    robust.checks.SettingError: Certification alpha must be a number in (0, 1); got 1.5
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+
+__all__ = ["SettingError", "check_choice", "check_int", "check_real"]
+
+
+class SettingError(ValueError):
+    """A setting or an input file was refused; the message names it and its allowed values.
+
+    A ``ValueError``, so callers that catch those keep working; the command line reports it as one
+    ``error:`` line with exit status 2 instead of a traceback.
+    """
+
+
+def _name(name: str, owner: str | None) -> str:
+    return f"{owner} {name}" if owner else name
+
+
+def check_int(
+    name: str,
+    value: object,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    owner: str | None = None,
+) -> int:
+    """Return ``value`` as an ``int`` if it is an integer (not a bool) within the bounds.
+
+    Args:
+        name: Setting name used in the message.
+        value: The value to check.
+        minimum: Smallest allowed value (inclusive), or None.
+        maximum: Largest allowed value (inclusive), or None.
+        owner: Class or component that owns the setting, prefixed to the name.
+
+    Raises:
+        SettingError: Naming the setting, the allowed range and the value given.
+
+    Examples:
+        >>> check_int("steps", 40, minimum=1)
+        40
+        >>> check_int("steps", True, minimum=1)
+        Traceback (most recent call last):
+            ...
+        robust.checks.SettingError: steps must be an integer >= 1; got True
+    """
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if ok and minimum is not None and value < minimum:
+        ok = False
+    if ok and maximum is not None and value > maximum:
+        ok = False
+    if not ok:
+        if minimum is not None and maximum is not None:
+            allowed = f"an integer in [{minimum}, {maximum}]"
+        elif minimum is not None:
+            allowed = f"an integer >= {minimum}"
+        elif maximum is not None:
+            allowed = f"an integer <= {maximum}"
+        else:
+            allowed = "an integer"
+        raise SettingError(f"{_name(name, owner)} must be {allowed}; got {value!r}")
+    return int(value)  # type: ignore[arg-type]
+
+
+def check_real(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = False,
+    high_inclusive: bool = False,
+    owner: str | None = None,
+) -> float:
+    """Return ``value`` as a ``float`` if it is a finite real number (not a bool) within the bounds.
+
+    Args:
+        name: Setting name used in the message.
+        value: The value to check.
+        low: Lower bound, or None for no bound.
+        high: Upper bound, or None for no bound.
+        low_inclusive: Whether ``low`` itself is allowed.
+        high_inclusive: Whether ``high`` itself is allowed.
+        owner: Class or component that owns the setting, prefixed to the name.
+
+    Raises:
+        SettingError: Naming the setting, the allowed interval and the value given.
+
+    Examples:
+        >>> check_real("sigma", 0.25, low=0)
+        0.25
+        >>> check_real("eps", -1, low=0, low_inclusive=True)
+        Traceback (most recent call last):
+            ...
+        robust.checks.SettingError: eps must be a number >= 0; got -1
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        value = float(value)  # type: ignore[arg-type]
+        ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low  # type: ignore[operator]
+    if ok and high is not None:
+        ok = value <= high if high_inclusive else value < high  # type: ignore[operator]
+    if not ok:
+        raise SettingError(
+            f"{_name(name, owner)} must be {_interval(low, high, low_inclusive, high_inclusive)}; "
+            f"got {value!r}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def _interval(low: float | None, high: float | None, low_in: bool, high_in: bool) -> str:
+    if low is not None and high is not None:
+        return f"a number in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+    if low is not None:
+        return f"a number {'>=' if low_in else '>'} {low:g}"
+    if high is not None:
+        return f"a number {'<=' if high_in else '<'} {high:g}"
+    return "a finite number"
+
+
+def check_choice(name: str, value: object, choices: Iterable[object], *, owner: str | None = None):
+    """Return ``value`` if it is one of ``choices``.
+
+    Raises:
+        SettingError: Naming the setting, the allowed values and the value given.
+
+    Examples:
+        >>> check_choice("autocast", "bf16", [None, "bf16", "fp16"])
+        'bf16'
+    """
+    allowed = list(choices)
+    if value not in allowed:
+        listed = ", ".join(repr(c) for c in allowed)
+        raise SettingError(f"{_name(name, owner)} must be one of {listed}; got {value!r}")
+    return value
