@@ -114,19 +114,18 @@ def check_real(
         robust.checks.SettingError: eps must be a number >= 0; got -1
     """
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok:
-        value = float(value)  # type: ignore[arg-type]
-        ok = math.isfinite(value)
+    number = float(value) if ok else math.nan  # type: ignore[arg-type]
+    ok = ok and math.isfinite(number)
     if ok and low is not None:
-        ok = value >= low if low_inclusive else value > low  # type: ignore[operator]
+        ok = number >= low if low_inclusive else number > low
     if ok and high is not None:
-        ok = value <= high if high_inclusive else value < high  # type: ignore[operator]
+        ok = number <= high if high_inclusive else number < high
     if not ok:
         raise SettingError(
             f"{_name(name, owner)} must be {_interval(low, high, low_inclusive, high_inclusive)}; "
             f"got {value!r}"
         )
-    return value  # type: ignore[return-value]
+    return number
 
 
 def _interval(low: float | None, high: float | None, low_in: bool, high_in: bool) -> str:
