@@ -28,7 +28,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 import cli
-from callbacks.certification import read_tsv, summarize
+from robust.certificates import read_tsv, summarize
 from robust.attacks import AttackSpec, attack
 from robust.report import markdown_table, plot_attack_bars, plot_certified_curves, plot_example_grid
 

@@ -1,6 +1,7 @@
 """Lightning callbacks that evaluate robustness: accuracy under attack and certification."""
 
 from callbacks.certification import Certification
+from callbacks.evaluation import EvaluationCallback
 from callbacks.perturbed_accuracy import PerturbedAccuracy
 
-__all__ = ["Certification", "PerturbedAccuracy"]
+__all__ = ["Certification", "EvaluationCallback", "PerturbedAccuracy"]

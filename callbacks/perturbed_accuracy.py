@@ -1,36 +1,49 @@
-"""Accuracy under attack at test time (and every k validation epochs), exact on any process count."""
+"""Accuracy under attack at test time (and on validation), exact on any process count.
+
+Each image's random parts (random starts, Square's proposals) come from its own generator seeded
+by (seed, attack key, dataset index), so the numbers depend neither on the batch size nor on the
+number of processes (see :mod:`callbacks.evaluation` for the sharding).
+"""
+
+from __future__ import annotations
 
 import math
-import numbers
 import zlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from matplotlib.figure import Figure
-from torch import Tensor, nn
+from torch import Tensor
 
 import robust.attacks as attack_lib
-from callbacks.distributed import batches, evaluation_dataset, gather_rows, rounds, shard
+from callbacks.evaluation import EvaluationCallback, gather_rows
 from robust.attacks import AttackSpec
+from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
+from robust.report import plot_example_grid
 
 __all__ = ["GradientMaskingWarning", "PerturbedAccuracy", "image_seed"]
 
+ONE_STEP = ("fgm",)
+GRADIENT_FREE = ("square",)
+
 
 class GradientMaskingWarning(UserWarning):
-    """A one-step attack is much weaker than PGD: the robustness may be gradient masking."""
+    """Evidence that the model's robustness to gradient attacks may be gradient masking."""
 
 
 def image_seed(seed: int, key: str, index: int) -> int:
-    """Seed of one image's random start, from (callback seed, attack key, dataset index).
+    """Seed of one image's random parts, from (callback seed, attack key, dataset index).
 
     Mixed by NumPy's ``SeedSequence`` so nearby indices give unrelated streams; independent of
     the batch size, the process count and the order of the attacks.
+
+    Examples:
+        >>> image_seed(0, "pgd40_linf_eps0.3", 7) == image_seed(0, "pgd40_linf_eps0.3", 7)
+        True
     """
     words = [seed, zlib.crc32(key.encode()), index]
     state = np.random.SeedSequence(words).generate_state(1, np.uint64)[0]
@@ -43,46 +56,44 @@ def _norms(delta: Tensor, norm: str) -> Tensor:
     return torch.linalg.vector_norm(delta.flatten(1).double(), ord=order, dim=1)
 
 
-def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
-
-
-class PerturbedAccuracy(Callback):
+class PerturbedAccuracy(EvaluationCallback):
     """Log the accuracy under each attack, and the perturbations' mean norm, on the evaluation set.
 
-    At the end of ``trainer.test`` (and every ``every_n_val_epochs`` validation epochs, never
-    during the sanity check) the callback walks the test (validation) dataset itself: each
-    process attacks the images ``rank, rank + world_size, ...`` (no padding), one row per image
-    is gathered to every process (:mod:`callbacks.distributed`), and every process logs the same
-    ``{stage}/perturbed_acc/<key>`` (fraction of images classified correctly after the attack;
-    images already misclassified count as errors) and ``{stage}/perturbation_norm/<key>`` (mean
-    norm, in the attack's norm, of ``x_adv - x``). The numbers depend neither on the process count
-    nor on the batch size: image ``i``'s random start is drawn from its own generator seeded by
-    :func:`image_seed` ``(seed, key, i)``. The images are those the trainer evaluates
-    (``limit_test_batches``/``limit_val_batches`` and ``fast_dev_run`` are honoured), at most
-    ``max_images``, taken from the start of the (unshuffled) dataset. The model runs in eval
-    mode under the trainer's precision (autocast for ``bf16-mixed``); the attacks leave
-    inference mode themselves.
+    Logged on every process (same values): ``{stage}/perturbed_acc/<key>``, the fraction of images
+    classified correctly both clean and after the attack (an attack that happens to move a
+    misclassified image onto its label does not make it robust), and
+    ``{stage}/perturbation_norm/<key>``, the mean norm of ``x_adv - x`` in the attack's norm. The
+    model runs in eval mode under the trainer's precision; the attacks leave inference mode
+    themselves, so this works inside ``trainer.test`` with the default ``inference_mode=True``.
 
-    Results are also kept in ``results[stage][key]`` (``accuracy``, ``norm``,
-    ``clean_accuracy``, ``num_images``, ``attack``). A :class:`GradientMaskingWarning` is issued
-    when the accuracy under an FGM attack exceeds that under a PGD attack with the same norm and
-    eps by more than ``masking_gap``: a one-step attack should not be much weaker than an
-    iterated one unless the loss surface hides its gradient (Athalye, Carlini & Wagner 2018,
-    "Obfuscated Gradients Give a False Sense of Security", Sec. 3.1 and 5). With a
-    TensorBoardLogger, process 0 adds, per attack, a figure of its first ``num_image_grid``
-    images: clean (true and predicted label) above adversarial (predicted label).
+    A :class:`GradientMaskingWarning` names the evidence when a one-step attack (FGM) leaves the
+    model more than ``masking_gap`` more accurate than an iterative attack with the same norm and
+    eps, or a gradient-free attack (Square) beats a gradient attack by more than ``masking_gap``
+    (Athalye, Carlini & Wagner 2018, Sec. 3.1; Croce & Hein 2020).
+
+    Examples of the ``num_image_grid`` images (spread evenly over the evaluated images, gathered
+    from all processes) go to TensorBoard as figures and, after testing, to
+    ``<log_dir>/adversarial_examples.npz`` (arrays ``indices``, ``labels``, ``clean``,
+    ``pred/clean``, ``adv/<key>``, ``pred/<key>``).
+
+    Results are also kept in ``results[stage][key]`` (``accuracy``, ``norm``, ``clean_accuracy``,
+    ``num_images``, ``attack``).
 
     Args:
         attacks: Untargeted attacks with distinct keys, e.g. from YAML
             ``[{method: fgm, norm: "2", eps: 5.0}, {method: pgd, norm: "2", eps: 5.0}]``.
-        every_n_val_epochs: Also evaluate after every n-th validation epoch of ``fit`` (and in
-            ``trainer.validate``); 0 never evaluates during validation.
+        every_n_val_epochs: See :class:`~callbacks.evaluation.EvaluationCallback`.
         batch_size: Images per attack batch on each process (results do not depend on it).
         max_images: Evaluate at most this many images (None: all the trainer evaluates).
-        seed: Seed of the random starts, >= 0.
-        num_image_grid: Images per attack in the TensorBoard figure; 0 adds no figure.
-        masking_gap: Accuracy gap FGM - PGD, in [0, 1], above which to warn.
+        skip: Evaluate every ``skip``-th image.
+        seed: Seed of the random parts of the attacks, >= 0.
+        num_image_grid: Example images per attack; 0: none.
+        masking_gap: Accuracy gap, in [0, 1], above which to warn of gradient masking.
+
+    Examples:
+        >>> callback = PerturbedAccuracy([AttackSpec("pgd", "inf", 0.3, steps=40)])
+        >>> [spec.key for spec in callback.attacks]
+        ['pgd40_linf_eps0.3']
     """
 
     def __init__(
@@ -91,87 +102,71 @@ class PerturbedAccuracy(Callback):
         every_n_val_epochs: int = 0,
         batch_size: int = 256,
         max_images: int | None = None,
+        skip: int = 1,
         seed: int = 0,
         num_image_grid: int = 16,
         masking_gap: float = 0.3,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            every_n_val_epochs=every_n_val_epochs,
+            batch_size=batch_size,
+            max_images=max_images,
+            skip=skip,
+        )
+        owner = "PerturbedAccuracy"
         if (
             isinstance(attacks, str | AttackSpec)
             or not isinstance(attacks, Sequence)
             or not attacks
             or not all(isinstance(a, AttackSpec) for a in attacks)
         ):
-            raise ValueError(f"attacks must be a non-empty list of AttackSpec, got {attacks!r}")
+            raise SettingError(
+                f"{owner} attacks must be a non-empty list of AttackSpec; got {attacks!r}"
+            )
         keys = [a.key for a in attacks]
         duplicates = sorted({k for k in keys if keys.count(k) > 1})
         if duplicates:
-            raise ValueError(f"attacks must have distinct keys (set name), repeated: {duplicates}")
+            raise SettingError(
+                f"{owner} attacks must have distinct keys (set name); repeated: {duplicates}"
+            )
         targeted = [a.key for a in attacks if a.targeted]
         if targeted:
-            raise ValueError(f"attacks must be untargeted (targeted=False), got {targeted}")
-        if not _is_int(every_n_val_epochs, 0):
-            raise ValueError(
-                f"every_n_val_epochs must be an integer >= 0 (0: never during validation), "
-                f"got {every_n_val_epochs!r}"
+            raise SettingError(
+                f"{owner} attacks must be untargeted (targeted=False); got {targeted}"
             )
-        if not _is_int(batch_size, 1):
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if max_images is not None and not _is_int(max_images, 1):
-            raise ValueError(f"max_images must be an integer >= 1 or None, got {max_images!r}")
-        if not _is_int(seed, 0):
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        if not _is_int(num_image_grid, 0):
-            raise ValueError(f"num_image_grid must be an integer >= 0, got {num_image_grid!r}")
-        if not (
-            isinstance(masking_gap, numbers.Real)
-            and not isinstance(masking_gap, bool)
-            and 0.0 <= masking_gap <= 1.0
-        ):
-            raise ValueError(f"masking_gap must be a number in [0, 1], got {masking_gap!r}")
         self.attacks = list(attacks)
-        self.every_n_val_epochs = every_n_val_epochs
-        self.batch_size = batch_size
-        self.max_images = max_images
-        self.seed = seed
-        self.num_image_grid = num_image_grid
-        self.masking_gap = float(masking_gap)
+        self.seed = check_int("seed", seed, minimum=0, owner=owner)
+        self.num_image_grid = check_int("num_image_grid", num_image_grid, minimum=0, owner=owner)
+        self.masking_gap = check_real(
+            "masking_gap",
+            masking_gap,
+            low=0,
+            high=1,
+            low_inclusive=True,
+            high_inclusive=True,
+            owner=owner,
+        )
+        self.width = 3 + 2 * len(
+            self.attacks
+        )  # index, label, clean prediction, (prediction, norm)*
         self.results: dict[str, dict[str, dict]] = {}
+        self._examples: list[int] = []
+        self._example_rows: list[Tensor] = []
 
-    # Lightning hooks -------------------------------------------------------------------------
+    # ------------------------------------------------------------------ evaluation hooks
+    def pending(  # noqa: D102
+        self, trainer: Trainer, pl_module: LightningModule, stage: str, selected: list[int]
+    ) -> list[int]:
+        count = min(self.num_image_grid, len(selected))
+        spots = np.linspace(0, len(selected) - 1, count).round().astype(int) if count else []
+        self._examples = sorted({selected[i] for i in spots})
+        self._example_rows = []
+        return selected
 
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Attack the test set and log ``test/perturbed_acc/<key>``."""
-        self.evaluate(trainer, pl_module, "test")
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Every ``every_n_val_epochs``-th epoch, attack the validation set and log ``val/...``."""
-        if trainer.sanity_checking or self.every_n_val_epochs == 0:
-            return
-        standalone = trainer.state.fn == TrainerFn.VALIDATING
-        if standalone or (trainer.current_epoch + 1) % self.every_n_val_epochs == 0:
-            self.evaluate(trainer, pl_module, "val")
-
-    # Evaluation -------------------------------------------------------------------------------
-
-    def num_images(self, trainer: Trainer, stage: str, dataset_size: int) -> int:
-        """Images to evaluate: those the trainer's ``limit_*_batches`` cover, at most ``max_images``."""
-        limit = trainer.limit_test_batches if stage == "test" else trainer.limit_val_batches
-        total = dataset_size
-        if isinstance(limit, float):
-            total = int(dataset_size * limit)
-        elif isinstance(limit, int):
-            loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
-            if isinstance(loaders, Sequence):
-                loaders = loaders[0] if loaders else None
-            loader_batch = getattr(loaders, "batch_size", None)
-            if loader_batch:
-                total = min(dataset_size, limit * loader_batch * trainer.world_size)
-        if self.max_images is not None:
-            total = min(total, self.max_images)
-        return total
-
-    def _attack(self, model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, indices) -> Tensor:
+    def attack(
+        self, model: LightningModule, x: Tensor, y: Tensor, spec: AttackSpec, indices: list[int]
+    ) -> Tensor:
+        """``spec``'s attack on a batch, each image's random parts seeded by :func:`image_seed`."""
         if not spec.resolved_random_start:
             return attack_lib.attack(model, x, y, spec)
         generators = [
@@ -180,63 +175,57 @@ class PerturbedAccuracy(Callback):
         ]
         return attack_lib.attack(model, x, y, spec, generator=generators)
 
-    def evaluate(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> dict:
-        """Attack the ``stage`` set, log and store the results; returns ``results[stage]``."""
-        dataset = evaluation_dataset(trainer, stage)
-        total = self.num_images(trainer, stage, len(dataset))
-        mine = shard(range(total), trainer.global_rank, trainer.world_size)
-        num_rounds = rounds(total, self.batch_size, trainer.world_size)
-        device = pl_module.device
-        width = 3 + 2 * len(self.attacks)  # index, label, clean prediction, (prediction, norm)*
-        rows: list[Tensor] = []
-        examples: dict[str, list[Tensor]] = {"x": [], "y": [], "clean": []}
-        for spec in self.attacks:
-            examples[spec.key], examples[f"{spec.key}/predicted"] = [], []
-        wanted = self.num_image_grid if trainer.is_global_zero and _tensorboards(trainer) else 0
+    def evaluate_batch(  # noqa: D102
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        stage: str,
+        indices: list[int],
+        images: Tensor,
+        labels: Tensor,
+    ) -> Tensor:
+        device = images.device
         with eval_mode(pl_module), trainer.precision_plugin.forward_context():
-            for indices, x, y in batches(dataset, mine, self.batch_size, num_rounds):
-                if not indices:
-                    continue
-                x = trainer.precision_plugin.convert_input(x.to(device))  # e.g. bf16-true weights
-                y = y.to(device)
+            x = trainer.precision_plugin.convert_input(images)  # e.g. bf16-true weights
+            with torch.no_grad():
+                clean = pl_module(x).argmax(dim=1)
+            columns = [torch.as_tensor(indices, device=device), labels, clean]
+            shown = [k for k, i in enumerate(indices) if i in self._examples]
+            example = [torch.as_tensor(indices)[shown], labels[shown].cpu(), clean[shown].cpu()]
+            pixels = [x[shown].flatten(1).cpu()]
+            for spec in self.attacks:
+                x_adv = self.attack(pl_module, x, labels, spec, indices)
                 with torch.no_grad():
-                    clean = pl_module(x).argmax(dim=1)
-                columns = [torch.as_tensor(indices, device=device), y, clean]
-                keep = max(0, min(len(x), wanted - sum(len(e) for e in examples["x"])))
-                if keep:
-                    examples["x"].append(x[:keep].cpu())
-                    examples["y"].append(y[:keep].cpu())
-                    examples["clean"].append(clean[:keep].cpu())
-                for spec in self.attacks:
-                    x_adv = self._attack(pl_module, x, y, spec, indices)
-                    with torch.no_grad():
-                        predicted = pl_module(x_adv).argmax(dim=1)
-                    columns += [predicted, _norms(x_adv - x, spec.norm)]
-                    if keep:
-                        examples[spec.key].append(x_adv[:keep].cpu())
-                        examples[f"{spec.key}/predicted"].append(predicted[:keep].cpu())
-                rows.append(torch.stack([c.double() for c in columns], dim=1).cpu())
-        local = torch.cat(rows) if rows else torch.zeros(0, width, dtype=torch.float64)
-        table = gather_rows(trainer, local, device=device)
-        results = self._summarise(table)
-        self.results[stage] = results
-        for key, result in results.items():
-            pl_module.log(f"{stage}/perturbed_acc/{key}", result["accuracy"], sync_dist=False)
-            pl_module.log(f"{stage}/perturbation_norm/{key}", result["norm"], sync_dist=False)
-        self._warn_if_masking(results)
-        if wanted and examples["x"]:
-            self._add_figures(trainer, stage, examples)
-        return results
+                    predicted = pl_module(x_adv).argmax(dim=1)
+                columns += [predicted, _norms(x_adv - x, spec.norm)]
+                example.append(predicted[shown].cpu())
+                pixels.append(x_adv[shown].flatten(1).cpu())
+        if shown:
+            numbers = torch.stack([c.double() for c in example], dim=1)
+            self._example_rows.append(torch.cat([numbers, *(p.double() for p in pixels)], dim=1))
+        return torch.stack([c.double() for c in columns], dim=1)
 
-    def _summarise(self, table: Tensor) -> dict[str, dict]:
+    def finish(  # noqa: D102
+        self, trainer: Trainer, pl_module: LightningModule, stage: str, rows: Tensor
+    ) -> dict[str, float]:
+        results = self.summarise(rows)
+        self.results[stage] = results
+        self._warn_if_masking(results)
+        self._save_examples(trainer, pl_module, stage, results)
+        metrics: dict[str, float] = {}
+        for key, result in results.items():
+            metrics[f"perturbed_acc/{key}"] = result["accuracy"]
+            metrics[f"perturbation_norm/{key}"] = result["norm"]
+        return metrics
+
+    def summarise(self, table: Tensor) -> dict[str, dict]:
+        """Per-attack results of a gathered table (rows: index, label, clean, (pred, norm)*)."""
         labels, clean = table[:, 1], table[:, 2]
         count = len(table)
         clean_accuracy = (clean == labels).double().mean().item() if count else math.nan
         results = {}
         for j, spec in enumerate(self.attacks):
             predicted, norm = table[:, 3 + 2 * j], table[:, 4 + 2 * j]
-            # robust: right on the clean image and on the adversarial one (an attack that happens to
-            # land a misclassified image on its true class does not make it robust)
             robust = (predicted == labels) & (clean == labels)
             results[spec.key] = {
                 "accuracy": robust.double().mean().item() if count else math.nan,
@@ -247,79 +236,80 @@ class PerturbedAccuracy(Callback):
             }
         return results
 
+    # ------------------------------------------------------------------ masking and examples
     def _warn_if_masking(self, results: dict[str, dict]) -> None:
-        for one in self.attacks:
-            if one.method != "fgm":
-                continue
-            for multi in self.attacks:
-                if multi.method != "pgd" or (multi.norm, multi.eps) != (one.norm, one.eps):
+        for weak in self.attacks:
+            for strong in self.attacks:
+                if weak is strong or (weak.norm, weak.eps) != (strong.norm, strong.eps):
                     continue
-                gap = results[one.key]["accuracy"] - results[multi.key]["accuracy"]
-                if gap > self.masking_gap:
+                one_step = weak.method in ONE_STEP and strong.method not in ONE_STEP
+                free_wins = strong.method in GRADIENT_FREE and weak.method not in GRADIENT_FREE
+                if not (one_step or free_wins):
+                    continue
+                a, b = results[weak.key]["accuracy"], results[strong.key]["accuracy"]
+                if a - b > self.masking_gap:
+                    why = (
+                        "a one-step attack is much weaker than an iterative one"
+                        if one_step
+                        else "a gradient-free attack beats a gradient attack"
+                    )
                     rank_zero_warn(
-                        f"accuracy under {one.key} ({results[one.key]['accuracy']:.4f}) exceeds "
-                        f"accuracy under {multi.key} ({results[multi.key]['accuracy']:.4f}) by "
-                        f"{gap:.4f} > masking_gap={self.masking_gap}: the robustness to the "
-                        "one-step attack may be gradient masking; trust the multi-step number",
+                        f"accuracy under {weak.key} ({a:.4f}) exceeds accuracy under "
+                        f"{strong.key} ({b:.4f}) by {a - b:.4f} > masking_gap={self.masking_gap}: "
+                        f"{why}, evidence of gradient masking; trust the lower number",
                         category=GradientMaskingWarning,
                     )
 
-    def _add_figures(self, trainer: Trainer, stage: str, examples: dict[str, list[Tensor]]) -> None:
-        x, y, clean = (torch.cat(examples[name]) for name in ("x", "y", "clean"))
+    def _save_examples(
+        self, trainer: Trainer, pl_module: LightningModule, stage: str, results: dict[str, dict]
+    ) -> None:
+        """Gather the example rows (a collective), then rank 0 draws and (test) saves them."""
+        if not self.num_image_grid:
+            return
+        fields = 3 + len(self.attacks)
+        local = torch.cat(self._example_rows) if self._example_rows else None
+        if local is None:
+            pixels = 0
+            if self._examples:  # another process holds them; the width must match
+                pixels = int(np.prod(_image_shape(trainer, stage))) * (1 + len(self.attacks))
+            local = torch.zeros(0, fields + pixels, dtype=torch.float64)
+        rows = gather_rows(trainer, local, device=pl_module.device)
+        if not trainer.is_global_zero or not len(rows):
+            return
+        shape = _image_shape(trainer, stage)
+        size = int(np.prod(shape))
+        images = rows[:, fields:].reshape(len(rows), 1 + len(self.attacks), *shape).float()
+        arrays = {
+            "indices": rows[:, 0].long().numpy(),
+            "labels": rows[:, 1].long().numpy(),
+            "clean": images[:, 0].numpy(),
+            "pred/clean": rows[:, 2].long().numpy(),
+        }
+        for j, spec in enumerate(self.attacks):
+            arrays[f"adv/{spec.key}"] = images[:, 1 + j].numpy()
+            arrays[f"pred/{spec.key}"] = rows[:, 3 + j].long().numpy()
+        assert size == arrays["clean"][0].size
+        if stage == "test" and trainer.log_dir is not None and not trainer.fast_dev_run:
+            path = Path(trainer.log_dir) / "adversarial_examples.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(path, **arrays)
         for spec in self.attacks:
-            result = self.results[stage][spec.key]
-            figure = example_figure(
-                x,
-                torch.cat(examples[spec.key]),
-                y,
-                clean,
-                torch.cat(examples[f"{spec.key}/predicted"]),
+            result = results[spec.key]
+            figure = plot_example_grid(
+                arrays["clean"],
+                {spec.key: arrays[f"adv/{spec.key}"]},
+                arrays["labels"].tolist(),
+                {
+                    "clean": arrays["pred/clean"].tolist(),
+                    spec.key: arrays[f"pred/{spec.key}"].tolist(),
+                },
                 title=f"{spec.key}: accuracy {result['accuracy']:.3f} "
                 f"(clean {result['clean_accuracy']:.3f}) on {result['num_images']} images",
             )
-            for logger in _tensorboards(trainer):
-                logger.experiment.add_figure(
-                    f"{stage}/adversarial_examples/{spec.key}",
-                    figure,
-                    global_step=trainer.global_step,
-                    close=False,
-                )
+            self.add_figure(trainer, f"{stage}/adversarial_examples/{spec.key}", figure)
 
 
-def _tensorboards(trainer: Trainer) -> list[TensorBoardLogger]:
-    return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+def _image_shape(trainer: Trainer, stage: str) -> tuple[int, ...]:
+    from callbacks.evaluation import evaluation_dataset
 
-
-def example_figure(
-    x: Tensor, x_adv: Tensor, y: Tensor, clean: Tensor, predicted: Tensor, title: str = ""
-) -> Figure:
-    """Figure with clean images (true/predicted label) above their adversarial versions.
-
-    Args:
-        x: Clean images ``(n, C, H, W)`` in [0, 1] (C is 1 or 3).
-        x_adv: Adversarial images ``(n, C, H, W)``.
-        y: True labels ``(n,)``.
-        clean: Predictions on ``x`` ``(n,)``.
-        predicted: Predictions on ``x_adv`` ``(n,)``.
-        title: Figure title.
-    """
-    n = len(x)
-    figure = Figure(figsize=(1.2 * n + 0.6, 3.0), layout="constrained")
-    axes = figure.subplots(2, n, squeeze=False)
-    for i in range(n):
-        for row, (image, label) in enumerate(((x[i], clean[i]), (x_adv[i], predicted[i]))):
-            ax = axes[row, i]
-            picture = image.detach().float().clamp(0, 1).permute(1, 2, 0).numpy()
-            gray = picture.shape[2] == 1
-            ax.imshow(
-                picture[..., 0] if gray else picture, cmap="gray" if gray else None, vmin=0, vmax=1
-            )
-            ax.set_xticks([])
-            ax.set_yticks([])
-            caption = f"y={int(y[i])} pred={int(label)}" if row == 0 else f"pred={int(label)}"
-            ax.set_title(caption, fontsize=8, color="black" if int(label) == int(y[i]) else "red")
-        axes[0, 0].set_ylabel("clean", fontsize=8)
-        axes[1, 0].set_ylabel("attacked", fontsize=8)
-    if title:
-        figure.suptitle(title, fontsize=9)
-    return figure
+    return tuple(torch.as_tensor(evaluation_dataset(trainer, stage)[0][0]).shape)

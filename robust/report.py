@@ -10,42 +10,55 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-
-def certified_accuracy(
-    radius: np.ndarray, correct: np.ndarray, grid: Sequence[float]
-) -> np.ndarray:
-    """Fraction of images certified correct with radius at least r, for each r of ``grid``.
-
-    Cohen et al. (2019), Section 4: abstentions have radius 0 and are never correct.
-    """
-    if len(radius) == 0:
-        return np.zeros(len(grid))
-    hit = np.asarray(correct, dtype=bool)[None, :] & (
-        np.asarray(radius)[None, :] >= np.asarray(grid)[:, None]
-    )
-    return hit.mean(axis=1)
+from robust.certificates import certified_accuracy
 
 
-def plot_certified_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
-    """Certified accuracy against L2 radius, one line per model.
+def plot_certified_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[int]]],
+    *,
+    marks: Sequence[float] = (),
+    cap: float | None = None,
+    title: str = "",
+) -> Figure:
+    """Certified accuracy against L2 radius, one line per model (Cohen et al. 2019, Figure 1).
 
     Args:
-        curves: Model name to ``(radius, correct)`` arrays with one entry per certified image.
+        curves: Model name (``""`` for an unlabelled single curve) to ``(radius, correct)`` with
+            one entry per certified image.
+        marks: Radii at which each curve is marked with a dot (the logged grid).
+        cap: The largest radius n samples can certify, sigma * Phi^-1(alpha ** (1 / n)), drawn
+            as a dotted line when given.
+        title: Figure title.
+
+    Examples:
+        >>> figure = plot_certified_curves({"noise": ([0.3, 0.0], [1, 0])}, marks=[0.0, 0.25])
+        >>> figure.axes[0].get_ylabel()
+        'certified accuracy'
     """
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    top = max((float(np.max(r, initial=0.0)) for r, _ in curves.values()), default=0.0)
-    grid = np.linspace(0.0, max(top * 1.05, 0.5), 200)
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.add_subplot()
+    top = max(
+        [*marks, cap or 0.0, 0.5, *(float(np.max(r, initial=0.0)) for r, _ in curves.values())]
+    )
+    grid = np.linspace(0.0, top * 1.05, 400)
     for name, (radius, correct) in curves.items():
-        label = f"{name} ({len(radius)} images)"
-        ax.plot(grid, certified_accuracy(radius, correct, grid), label=label)
-    ax.set_xlabel("L2 radius (pixel space, [0, 1] images)")
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+        label = f"{name} ({len(radius)} images)" if name else None
+        (line,) = axes.plot(grid, certified_accuracy(radius, correct, grid), label=label)
+        if marks:
+            values = certified_accuracy(radius, correct, marks)
+            axes.scatter(list(marks), values, color=line.get_color(), s=14, zorder=3)
+    if cap is not None:
+        axes.axvline(
+            cap, color="grey", linestyle=":", label=f"largest certifiable radius {cap:.3g}"
+        )
+    if any(curves) or cap is not None:
+        axes.legend(loc="upper right", fontsize=8)
+    axes.set(xlabel="L2 radius (pixels in [0, 1])", ylabel="certified accuracy", ylim=(0, 1.02))
+    axes.set_xlim(0, top * 1.05)
+    axes.grid(alpha=0.3)
+    if title:
+        axes.set_title(title, fontsize=9)
+    return figure
 
 
 def plot_attack_bars(accuracies: Mapping[str, Mapping[str, float]]) -> Figure:
@@ -73,6 +86,7 @@ def plot_example_grid(
     adversarial: Mapping[str, np.ndarray],
     labels: Sequence[int],
     predictions: Mapping[str, Sequence[int]],
+    title: str = "",
 ) -> Figure:
     """Rows: clean images then each attack's adversarial images, titled true/predicted label.
 
@@ -81,6 +95,13 @@ def plot_example_grid(
         adversarial: Attack name to adversarial images of the same shape.
         labels: True labels of the k images.
         predictions: Row name ("clean" and each attack) to the model's predicted labels.
+        title: Figure title.
+
+    Examples:
+        >>> images = np.zeros((2, 1, 4, 4))
+        >>> figure = plot_example_grid(images, {"fgm": images}, [1, 2], {"clean": [1, 2], "fgm": [1, 0]})
+        >>> [ax.get_title() for ax in figure.axes][-1]
+        '2→0'
     """
     rows = {"clean": clean, **adversarial}
     k = len(clean)
@@ -99,6 +120,8 @@ def plot_example_grid(
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(name, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import Certification
-from callbacks.certification import HEADER, CertifiedImage, read_tsv, summarize
+from robust.certificates import HEADER, CertifiedImage, read_tsv, summarize
+from robust.checks import SettingError
 from robust.smoothing import ABSTAIN, Smooth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,16 +206,58 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert again.summary == whole.summary
 
 
-def test_tsv_of_other_data_is_refused(tmp_path):
+class ShiftedData(TinyData):
+    """The same labels in the same order, other pixels: what another split seed can look like."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        images, labels = self.test_set.tensors
+        self.test_set = self.val_set = self.train_set = TensorDataset(images + 0.01, labels)
+
+
+def test_tsv_of_other_images_with_the_same_labels_is_refused(tmp_path):
     output = tmp_path / "other_data.tsv"
     certify(tmp_path / "a", sigma=SIGMA, output=str(output), stop_after=3)
+    before = output.read_text()
+    callback = Certification(sigma=SIGMA, n0=20, n=200, alpha=0.01, output=str(output))
+    trainer = Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False)
+    with pytest.raises(SettingError, match="dataset_sha256="):
+        trainer.test(TinyModule(), datamodule=ShiftedData(), verbose=False)
+    assert output.read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda f: (
+                f.__setitem__(4, "1" if f[2] != f[1] else f[4])
+                or f.__setitem__(2, str((int(f[1]) + 1) % 3))
+            ),
+            "correct=1 but predict",
+        ),
+        (lambda f: f.__setitem__(1, "-2"), "label -2"),
+        (lambda f: f.__setitem__(1, "7"), "label 7 is not a class"),
+        (lambda f: f.__setitem__(0, "40"), "dataset index 40"),
+        (
+            lambda f: f.__setitem__(2, "-1") or f.__setitem__(4, "0") or f.__setitem__(3, "0.5"),
+            "on an abstention",
+        ),
+        (lambda f: f.__setitem__(3, "nan"), "radius nan"),
+    ],
+)
+def test_forged_rows_are_refused_naming_the_line(tmp_path, edit, message):
+    output = tmp_path / "forged.tsv"
+    certify(tmp_path / "a", sigma=SIGMA, output=str(output), stop_after=4)
     text = output.read_text().splitlines(keepends=True)
-    fields = text[2].split("\t")
-    fields[1] = str((int(fields[1]) + 1) % 3)  # row 1 now claims another label
-    text[2] = "\t".join(fields)
+    fields = text[2].rstrip("\n").split("\t")
+    edit(fields)
+    text[2] = "\t".join(fields) + "\n"
     output.write_text("".join(text))
-    with pytest.raises(ValueError, match="written for other data"):
+    with pytest.raises(SettingError, match=f"line 3 .*{message}"):
         certify(tmp_path / "b", sigma=SIGMA, output=str(output))
+    with pytest.raises(SettingError, match=message):
+        read_tsv(output, num_classes=3, indices=range(11))
 
 
 def test_unwritable_output_is_one_clear_error(tmp_path):
@@ -285,7 +328,7 @@ def test_tsv_of_another_model_or_without_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match="model_sha256="):
         certify(tmp_path / "b", other, sigma=SIGMA, output=str(output), max_images=2)
     Path(f"{output}.json").unlink()
-    with pytest.raises(ValueError, match="without its settings file"):
+    with pytest.raises(SettingError, match="without its settings file"):
         certify(tmp_path / "c", sigma=SIGMA, output=str(output), max_images=2)
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import cli
-from callbacks.certification import read_tsv, summarize
+from robust.certificates import read_tsv, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 

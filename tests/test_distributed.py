@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import cli
-from callbacks.certification import read_tsv
+from robust.certificates import read_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # a hung collective fails the test instead of the whole CI run

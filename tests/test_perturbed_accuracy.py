@@ -9,6 +9,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import Precision
 from torch import nn
 
+import callbacks.evaluation as evaluation
 import callbacks.perturbed_accuracy as pa
 from callbacks import PerturbedAccuracy
 from callbacks.perturbed_accuracy import GradientMaskingWarning, image_seed
@@ -136,15 +137,15 @@ def test_results_do_not_depend_on_batch_size_or_process_count(mnist, class_means
     tables = {}
 
     def capture(label):
-        def gather(trainer, rows, device="cpu"):
-            tables[label] = rows.clone()
+        def gather(trainer, rows, device="cpu"):  # called once per round: keep them all
+            tables[label] = torch.cat([tables.get(label, rows[:0]), rows])
             return rows[torch.argsort(rows[:, 0])]
 
         return gather
 
     for batch_size in (7, 40):
-        callback = PerturbedAccuracy(specs, batch_size=batch_size, seed=3)
-        monkeypatch.setattr(pa, "gather_rows", capture(batch_size))
+        callback = PerturbedAccuracy(specs, batch_size=batch_size, seed=3, num_image_grid=0)
+        monkeypatch.setattr(evaluation, "gather_rows", capture(batch_size))
         trainer(callbacks=[callback]).test(model, datamodule=data, verbose=False)
     same_table(tables[7][torch.argsort(tables[7][:, 0])], tables[40])
     # Two processes: each attacks its shard; the union of their rows is the one-process table.
@@ -153,17 +154,19 @@ def test_results_do_not_depend_on_batch_size_or_process_count(mnist, class_means
             datamodule=data,
             test_dataloaders=None,
             limit_test_batches=1.0,
+            fast_dev_run=False,
+            progress_bar_callback=None,
             world_size=2,
             global_rank=rank,
             is_global_zero=rank == 0,
             loggers=[],
             precision_plugin=Precision(),
         )
-        monkeypatch.setattr(pa, "gather_rows", capture(f"rank{rank}"))
+        monkeypatch.setattr(evaluation, "gather_rows", capture(f"rank{rank}"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pl_module.log without a running trainer
-            callback = PerturbedAccuracy(specs, batch_size=6, seed=3)
-            callback.evaluate(fake, make_model(class_means), "test")
+            callback = PerturbedAccuracy(specs, batch_size=6, seed=3, num_image_grid=0)
+            callback.run(fake, make_model(class_means), "test")
     assert tables["rank0"][:, 0].tolist() == list(range(0, 40, 2))
     merged = torch.cat([tables["rank0"], tables["rank1"]])
     same_table(merged[torch.argsort(merged[:, 0])], tables[40])
@@ -260,15 +263,36 @@ def test_image_grid_goes_to_tensorboard(mnist, class_means, tmp_path):
     assert "test/perturbed_acc/fgm_l2_eps0.5" in events.Tags()["scalars"]
 
 
-def test_example_figure_shows_labels_and_predictions():
-    x = torch.rand(3, 1, 8, 8)
-    figure = pa.example_figure(
-        x, x.flip(0), torch.tensor([1, 2, 3]), torch.tensor([1, 2, 0]), torch.tensor([4, 2, 3])
+def test_example_grid_shows_labels_and_predictions():
+    from robust.report import plot_example_grid
+
+    x = torch.rand(3, 1, 8, 8).numpy()
+    figure = plot_example_grid(
+        x, {"fgm": x[::-1]}, [1, 2, 3], {"clean": [1, 2, 0], "fgm": [4, 2, 3]}
     )
     titles = [ax.get_title() for ax in figure.axes]
-    assert titles == ["y=1 pred=1", "y=2 pred=2", "y=3 pred=0", "pred=4", "pred=2", "pred=3"]
+    assert titles == ["1→1", "2→2", "3→0", "1→4", "2→2", "3→3"]
     colors = [ax.title.get_color() for ax in figure.axes]
-    assert colors == ["black", "black", "red", "red", "black", "black"]
+    assert colors == ["green", "green", "red", "red", "green", "green"]
+
+
+def test_examples_are_saved_for_the_report(mnist, class_means, tmp_path):
+    import numpy as np
+
+    x, y = mnist[2][:20], mnist[3][:20]
+    logger = TensorBoardLogger(tmp_path, name="grid")
+    callback = PerturbedAccuracy([FGM_L2], num_image_grid=5, batch_size=3)
+    model = make_model(class_means)
+    trainer(logger=logger, callbacks=[callback]).test(
+        model, datamodule=TensorData(x, y), verbose=False
+    )
+    saved = np.load(tmp_path / "grid" / "version_0" / "adversarial_examples.npz")
+    assert saved["indices"].tolist() == [0, 5, 10, 14, 19]
+    assert np.array_equal(saved["clean"], x[saved["indices"]].numpy())
+    adv = torch.from_numpy(saved[f"adv/{FGM_L2.key}"])
+    expected = attack(model, x[saved["indices"]], y[saved["indices"]], FGM_L2)
+    torch.testing.assert_close(adv, expected, atol=1e-6, rtol=0)
+    assert saved[f"pred/{FGM_L2.key}"].tolist() == model(expected).argmax(1).tolist()
 
 
 def test_validation_every_n_epochs_and_never_in_sanity_check(mnist, class_means):
@@ -276,9 +300,9 @@ def test_validation_every_n_epochs_and_never_in_sanity_check(mnist, class_means)
     calls = []
 
     class Counting(PerturbedAccuracy):
-        def evaluate(self, trainer, pl_module, stage):
+        def run(self, trainer, pl_module, stage):
             calls.append((stage, trainer.current_epoch, trainer.sanity_checking))
-            return super().evaluate(trainer, pl_module, stage)
+            return super().run(trainer, pl_module, stage)
 
     run = trainer(max_epochs=4, num_sanity_val_steps=1, callbacks=[Counting([FGM_L2], 2)])
     run.fit(make_model(class_means).train(), datamodule=TensorData(x, y, batch_size=8))
@@ -289,7 +313,10 @@ def test_validation_every_n_epochs_and_never_in_sanity_check(mnist, class_means)
     never.fit(make_model(class_means).train(), datamodule=TensorData(x, y, batch_size=8))
     assert calls == []
     never.validate(make_model(class_means), datamodule=TensorData(x, y), verbose=False)
-    assert calls == []
+    assert calls == []  # every_n_val_epochs=0: never on validation
+    standalone = trainer(callbacks=[Counting([FGM_L2], 2)])
+    standalone.validate(make_model(class_means), datamodule=TensorData(x, y), verbose=False)
+    assert calls == [("val", 0, False)]  # a standalone validate evaluates
 
 
 def test_trainer_limits_and_max_images_choose_the_first_images(mnist, class_means):
@@ -297,7 +324,8 @@ def test_trainer_limits_and_max_images_choose_the_first_images(mnist, class_mean
     for kwargs, settings, expected in [
         ({"limit_test_batches": 2}, {}, 16),
         ({"limit_test_batches": 0.25}, {}, 24),
-        ({"fast_dev_run": 1}, {}, 8),
+        ({"fast_dev_run": 1}, {}, 2),
+        ({}, {"skip": 3, "max_images": 5}, 5),
         ({}, {"max_images": 10}, 10),
     ]:
         callback = PerturbedAccuracy([FGM_L2], **settings)
@@ -305,7 +333,8 @@ def test_trainer_limits_and_max_images_choose_the_first_images(mnist, class_mean
             make_model(class_means), datamodule=TensorData(x, y, batch_size=8), verbose=False
         )
         assert callback.results["test"][FGM_L2.key]["num_images"] == expected
-        accuracy, _ = direct(make_model(class_means), x[:expected], y[:expected], FGM_L2)
+        chosen = torch.arange(0, len(x), settings.get("skip", 1))[:expected]
+        accuracy, _ = direct(make_model(class_means), x[chosen], y[chosen], FGM_L2)
         assert callback.results["test"][FGM_L2.key]["accuracy"] == pytest.approx(accuracy)
 
 
@@ -386,6 +415,6 @@ def test_an_attack_that_fixes_a_misclassified_image_does_not_count_it_robust():
         ],
         dtype=torch.float64,
     )
-    result = callback._summarise(table)["fgm_linf_eps0.1"]
+    result = callback.summarise(table)["fgm_linf_eps0.1"]
     assert result["accuracy"] == pytest.approx(1 / 3)
     assert result["clean_accuracy"] == pytest.approx(2 / 3)

@@ -1,0 +1,306 @@
+"""One base for the evaluation callbacks: when to run, which images, shard, batch, gather, log.
+
+Lightning's DistributedSampler pads the evaluation set with repeated images so every process gets
+the same number of batches; metrics computed on those batches count some images twice. The
+evaluation callbacks instead walk the dataset themselves: each process takes the selected dataset
+indices ``rank, rank + world_size, ...`` (no padding, no duplicates), computes one row of numbers
+per image, and :func:`gather_rows` collects the rows of all processes, sorted by dataset index.
+Every process calls the collectives the same number of times, so nothing deadlocks, and the
+numbers do not depend on the number of processes.
+
+A subclass (:class:`~callbacks.PerturbedAccuracy`, :class:`~callbacks.Certification`,
+:class:`~callbacks.SmoothedAttack`) gives only its per-batch rows (:meth:`evaluate_batch`) and
+their summary (:meth:`finish`); this base owns the rest, with one meaning for each setting:
+
+* ``every_n_val_epochs``: evaluate the validation set after every k-th epoch of ``fit``
+  (``(epoch + 1) % k == 0``) and in every standalone ``trainer.validate``; 0: never on validation.
+  Never during the sanity check. Always at the end of ``trainer.test``.
+* Which images: those the trainer evaluates (``limit_test_batches``/``limit_val_batches`` as a
+  fraction or a number of loader batches), then every ``skip``-th of them, then at most
+  ``max_images``. Under ``fast_dev_run``, at most 2 images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from robust.checks import check_int
+
+__all__ = [
+    "FAST_DEV_IMAGES",
+    "EvaluationCallback",
+    "batches",
+    "evaluation_dataset",
+    "gather_rows",
+    "rounds",
+    "shard",
+]
+
+FAST_DEV_IMAGES = 2
+"""Images an evaluation callback evaluates under ``fast_dev_run``."""
+
+
+def evaluation_dataset(trainer: Trainer, stage: str) -> Dataset:
+    """The unshuffled dataset the trainer is evaluating in ``stage`` ("test" or "val").
+
+    Taken from the running stage's first data loader (what ``trainer.test(dataloaders=...)`` or the
+    data module supplied this time), else from the data module's ``test_set``/``val_set``.
+    """
+    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+    if isinstance(loaders, Sequence) and loaders:
+        loaders = loaders[0]
+    if isinstance(loaders, DataLoader):
+        return loaders.dataset
+    dataset = getattr(getattr(trainer, "datamodule", None), f"{stage}_set", None)
+    if dataset is None:
+        raise RuntimeError(f"no {stage} dataset found: give the Trainer a {stage} data loader")
+    return dataset
+
+
+def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """This process's share of ``indices``: every ``world_size``-th, starting at ``rank``.
+
+    Examples:
+        >>> shard([0, 1, 2, 3, 4], rank=1, world_size=2)
+        [1, 3]
+    """
+    return list(indices[rank::world_size])
+
+
+def rounds(num_items: int, batch_size: int, world_size: int) -> int:
+    """Number of batches every process runs so that all ranks call collectives equally often.
+
+    Examples:
+        >>> rounds(num_items=5, batch_size=2, world_size=2)
+        2
+    """
+    per_rank = -(-num_items // world_size)
+    return -(-per_rank // batch_size)
+
+
+def batches(
+    dataset: Dataset, indices: Sequence[int], batch_size: int, num_rounds: int
+) -> Iterator[tuple[list[int], Tensor, Tensor]]:
+    """Yield ``num_rounds`` batches ``(indices, images, labels)``; the last ones may be empty.
+
+    Images are stacked from ``dataset[i]`` (image, label, ...) on the CPU.
+    """
+    for r in range(num_rounds):
+        chunk = list(indices[r * batch_size : (r + 1) * batch_size])
+        if not chunk:
+            yield [], torch.empty(0), torch.empty(0, dtype=torch.long)
+            continue
+        items = [dataset[i] for i in chunk]
+        images = torch.stack([torch.as_tensor(item[0]) for item in items])
+        labels = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
+        yield chunk, images, labels
+
+
+def gather_rows(trainer: Trainer, rows: Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """All processes' result rows, with the same value on every process, sorted by column 0.
+
+    Args:
+        trainer: The trainer (its strategy does the all-gather).
+        rows: ``(k, m)`` float64 rows of this process; column 0 is the dataset index. ``k`` may
+            differ between processes (including 0).
+        device: Device for the collective (the module's device; NCCL needs CUDA tensors).
+
+    Returns:
+        ``(sum of k, m)`` float64 rows on the CPU, sorted by dataset index.
+    """
+    rows = rows.to(torch.float64)
+    if trainer.world_size == 1:
+        return rows[torch.argsort(rows[:, 0])] if len(rows) else rows
+    strategy = trainer.strategy
+    count = torch.tensor([rows.shape[0]], device=device)
+    counts = strategy.all_gather(count).reshape(-1)
+    width = rows.shape[1]
+    padded = torch.zeros(int(counts.max()), width, dtype=torch.float64, device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    gathered = strategy.all_gather(padded).reshape(trainer.world_size, -1, width).cpu()
+    parts = [gathered[r, : int(counts[r])] for r in range(trainer.world_size)]
+    merged = torch.cat(parts)
+    return merged[torch.argsort(merged[:, 0])]
+
+
+class EvaluationCallback(Callback):
+    """Base of the evaluation callbacks: schedule, image selection, sharding, gathering, logging.
+
+    Subclasses implement :meth:`evaluate_batch` (rows of one batch of this process's images) and
+    :meth:`finish` (the metrics of all gathered rows), and may override :meth:`pending` (which
+    selected images still need work, e.g. after a resume), :meth:`on_rows` (rank 0 sees every
+    gathered round, e.g. to append to a file) and :meth:`images_per_round`.
+
+    Args:
+        every_n_val_epochs: Evaluate the validation set after every k-th epoch (and in a standalone
+            ``trainer.validate``); 0: never during validation.
+        batch_size: Images per round on each process (results do not depend on it).
+        max_images: Evaluate at most this many images (None: all selected).
+        skip: Evaluate every ``skip``-th image of those the trainer evaluates.
+
+    Examples:
+        >>> class Count(EvaluationCallback):
+        ...     width = 2
+        ...     def evaluate_batch(self, trainer, pl_module, stage, indices, x, y):
+        ...         return torch.tensor([[i, 1.0] for i in indices], dtype=torch.float64)
+        ...     def finish(self, trainer, pl_module, stage, rows):
+        ...         return {"images": float(len(rows))}
+        >>> Count(batch_size=8).skip
+        1
+    """
+
+    width: int = 1
+    """Columns of a row (column 0 is the dataset index)."""
+
+    def __init__(
+        self,
+        *,
+        every_n_val_epochs: int = 0,
+        batch_size: int = 256,
+        max_images: int | None = None,
+        skip: int = 1,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.every_n_val_epochs = check_int(
+            "every_n_val_epochs", every_n_val_epochs, minimum=0, owner=owner
+        )
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
+        self.max_images = (
+            None
+            if max_images is None
+            else check_int("max_images", max_images, minimum=1, owner=owner)
+        )
+        self.skip = check_int("skip", skip, minimum=1, owner=owner)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Evaluate the test set."""
+        self.run(trainer, pl_module, "test")
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Evaluate the validation set when the schedule says so (see the module docstring)."""
+        if trainer.sanity_checking or self.every_n_val_epochs == 0:
+            return
+        standalone = trainer.state.fn == TrainerFn.VALIDATING
+        if standalone or (trainer.current_epoch + 1) % self.every_n_val_epochs == 0:
+            self.run(trainer, pl_module, "val")
+
+    # ------------------------------------------------------------------ to override
+    def evaluate_batch(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        stage: str,
+        indices: list[int],
+        images: Tensor,
+        labels: Tensor,
+    ) -> Tensor:
+        """Rows ``(len(indices), width)`` for a batch of this process's images (on its device)."""
+        raise NotImplementedError
+
+    def finish(
+        self, trainer: Trainer, pl_module: LightningModule, stage: str, rows: Tensor
+    ) -> dict[str, float]:
+        """Metrics (logged as ``<prefix>/<name>``) of all gathered rows of the selected images."""
+        raise NotImplementedError
+
+    def pending(
+        self, trainer: Trainer, pl_module: LightningModule, stage: str, selected: list[int]
+    ) -> list[int]:
+        """The selected images that still need :meth:`evaluate_batch` (default: all)."""
+        return selected
+
+    def on_rows(self, trainer: Trainer, stage: str, rows: Tensor) -> None:
+        """Called on every process with each round's gathered rows (default: nothing)."""
+
+    def images_per_round(self, stage: str) -> int:
+        """Images per round and process (default ``batch_size``)."""
+        return self.batch_size
+
+    def metric_prefix(self, stage: str) -> str:
+        """Prefix of the logged metrics of ``stage`` (default: the stage name)."""
+        return stage
+
+    # ------------------------------------------------------------------ machinery
+    def select(self, trainer: Trainer, stage: str, dataset_size: int) -> list[int]:
+        """Dataset indices to evaluate: the trainer's limit, every ``skip``-th, ``max_images``."""
+        total = dataset_size
+        limit = trainer.limit_test_batches if stage == "test" else trainer.limit_val_batches
+        if isinstance(limit, float):
+            total = int(dataset_size * limit)
+        elif isinstance(limit, int):
+            loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+            if isinstance(loaders, Sequence):
+                loaders = loaders[0] if loaders else None
+            loader_batch = getattr(loaders, "batch_size", None)
+            if loader_batch:
+                total = min(dataset_size, limit * loader_batch * trainer.world_size)
+        selected = list(range(0, total, self.skip))
+        if self.max_images is not None:
+            selected = selected[: self.max_images]
+        if trainer.fast_dev_run:
+            selected = selected[:FAST_DEV_IMAGES]
+        return selected
+
+    def run(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> dict[str, float]:
+        """Evaluate the selected images of ``stage`` on all processes; log and return the metrics."""
+        dataset = evaluation_dataset(trainer, stage)
+        selected = self.select(trainer, stage, len(dataset))  # type: ignore[arg-type]
+        todo = self.pending(trainer, pl_module, stage, selected)
+        per_round = self.images_per_round(stage)
+        mine = shard(todo, trainer.global_rank, trainer.world_size)
+        num_rounds = rounds(len(todo), per_round, trainer.world_size)
+        device = pl_module.device
+        parts: list[Tensor] = []
+        bar = self.progress_bar(trainer, stage, len(todo))
+        try:
+            for indices, images, labels in batches(dataset, mine, per_round, num_rounds):
+                if indices:
+                    local = self.evaluate_batch(
+                        trainer, pl_module, stage, indices, images.to(device), labels.to(device)
+                    )
+                else:
+                    local = torch.zeros(0, self.width, dtype=torch.float64)
+                gathered = gather_rows(trainer, local.detach().double().cpu(), device=device)
+                self.on_rows(trainer, stage, gathered)
+                parts.append(gathered)
+                if bar is not None:
+                    bar.update(len(gathered))
+        finally:
+            if bar is not None:
+                bar.close()
+        rows = torch.cat(parts) if parts else torch.zeros(0, self.width, dtype=torch.float64)
+        metrics = self.finish(trainer, pl_module, stage, rows)
+        prefix = self.metric_prefix(stage)
+        for name, value in metrics.items():
+            pl_module.log(f"{prefix}/{name}", float(value), sync_dist=False, rank_zero_only=False)
+        return metrics
+
+    def progress_bar(self, trainer: Trainer, stage: str, total: int) -> Any:
+        """A tqdm bar on rank 0 when the trainer shows progress, else None."""
+        if not (trainer.is_global_zero and trainer.progress_bar_callback is not None and total):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"{type(self).__name__} {stage}", unit="img", leave=False)
+
+    @staticmethod
+    def tensorboards(trainer: Trainer) -> list[TensorBoardLogger]:
+        """The trainer's TensorBoard loggers."""
+        return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+    def add_figure(self, trainer: Trainer, tag: str, figure: Any) -> None:
+        """Rank 0: add a matplotlib figure to every TensorBoard logger."""
+        if not trainer.is_global_zero:
+            return
+        for logger in self.tensorboards(trainer):
+            logger.experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)

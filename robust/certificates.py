@@ -1,0 +1,358 @@
+r"""Certification results on disk: the TSV rows of locuslab/smoothing, checked, written and summarized.
+
+One row per certified image, ``idx label predict radius correct time`` tab-separated under a header
+line, as locuslab/smoothing's ``certify.py`` writes them, so their analysis scripts read our files
+and ours read theirs. The settings that determine the rows live in a sidecar ``<tsv>.json``.
+
+Files are untrusted until checked: :func:`read_tsv` refuses a row whose fields are inconsistent
+(``correct`` that does not match ``predict == label``, a radius on an abstention, a label outside
+the classes, an index outside the certified set) with a ``SettingError`` naming the line, and
+:func:`check_settings` refuses a file written with other settings, another model or other images.
+
+Examples:
+    >>> row = CertifiedImage(idx=3, label=7, predict=7, radius=0.5, correct=1, time=0.25)
+    >>> row.to_line()
+    '3\t7\t7\t0.5\t1\t0:00:00.250000\n'
+    >>> CertifiedImage.from_line(row.to_line()) == row
+    True
+    >>> summarize([row], radii=[0.0, 1.0])["certified_acc@1"]
+    0.0
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Container, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from robust.checks import SettingError
+
+__all__ = [
+    "ABSTAIN",
+    "HEADER",
+    "CertifiedImage",
+    "atomic_write",
+    "certified_accuracy",
+    "check_settings",
+    "images_fingerprint",
+    "model_fingerprint",
+    "read_settings",
+    "read_tsv",
+    "summarize",
+    "write_tsv",
+]
+
+ABSTAIN = -1
+"""``predict`` of a row whose certification abstained."""
+
+HEADER = ("idx", "label", "predict", "radius", "correct", "time")
+"""Columns of the TSV, as written by locuslab/smoothing's ``certify.py``."""
+
+
+@dataclass(frozen=True)
+class CertifiedImage:
+    """One TSV row: the certificate of one image.
+
+    Attributes:
+        idx: Dataset index of the image (also seeds its noise).
+        label: True class.
+        predict: Certified class, or ``ABSTAIN`` (-1).
+        radius: Certified L2 radius in pixel units; 0.0 when abstaining.
+        correct: 1 if ``predict == label`` else 0.
+        time: Seconds spent certifying the image (its share of its round).
+
+    Examples:
+        >>> CertifiedImage(0, 1, ABSTAIN, 0.0, 0, 0.1).abstained
+        True
+    """
+
+    idx: int
+    label: int
+    predict: int
+    radius: float
+    correct: int
+    time: float
+
+    @property
+    def abstained(self) -> bool:
+        """Whether the certification abstained."""
+        return self.predict == ABSTAIN
+
+    def to_line(self) -> str:
+        """The row as one TSV line (radius written exactly: ``repr`` round-trips a float)."""
+        elapsed = str(datetime.timedelta(seconds=self.time))
+        fields = (self.idx, self.label, self.predict, repr(self.radius), self.correct, elapsed)
+        return "\t".join(map(str, fields)) + "\n"
+
+    @classmethod
+    def from_line(cls, line: str, num_classes: int | None = None) -> CertifiedImage:
+        r"""Parse and check one TSV line.
+
+        Args:
+            line: One line of the file (its newline optional).
+            num_classes: When given, labels must be in ``[0, num_classes)`` and predictions too
+                (or ``ABSTAIN``).
+
+        Raises:
+            ValueError: Naming the first field that is malformed or inconsistent.
+
+        Examples:
+            >>> CertifiedImage.from_line("0\t1\t2\t0.5\t1\t0:00:01")
+            Traceback (most recent call last):
+                ...
+            ValueError: correct=1 but predict 2 != label 1
+        """
+        fields = line.rstrip("\n").split("\t")
+        if len(fields) != len(HEADER):
+            raise ValueError(f"expected {len(HEADER)} tab-separated fields, got {len(fields)}")
+        idx, label, predict, correct = (_integer(fields[k], HEADER[k]) for k in (0, 1, 2, 4))
+        radius = float(fields[3])
+        row = cls(idx, label, predict, radius, correct, _parse_seconds(fields[5]))
+        row.check(num_classes)
+        return row
+
+    def check(self, num_classes: int | None = None) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field of this row."""
+        if self.idx < 0:
+            raise ValueError(f"idx {self.idx} is negative")
+        if self.label < 0 or (num_classes is not None and self.label >= num_classes):
+            raise ValueError(f"label {self.label} is not a class in [0, {num_classes})")
+        if self.predict < ABSTAIN or (num_classes is not None and self.predict >= num_classes):
+            raise ValueError(f"predict {self.predict} is neither a class nor {ABSTAIN} (abstain)")
+        if not math.isfinite(self.radius) or self.radius < 0:
+            raise ValueError(f"radius {self.radius} is not a finite number >= 0")
+        if self.abstained and self.radius != 0:
+            raise ValueError(f"radius {self.radius} on an abstention (predict {ABSTAIN})")
+        if self.correct != int(self.predict == self.label):
+            raise ValueError(
+                f"correct={self.correct} but predict {self.predict} "
+                f"{'==' if self.predict == self.label else '!='} label {self.label}"
+            )
+        if not math.isfinite(self.time) or self.time < 0:
+            raise ValueError(f"time {self.time} is not a duration")
+
+    def same_certificate(self, other: CertifiedImage) -> bool:
+        """Equal in every column but the time."""
+        return asdict(self) | {"time": 0.0} == asdict(other) | {"time": 0.0}
+
+
+def _integer(text: str, name: str) -> int:
+    if not re.fullmatch(r"-?\d+", text.strip()):
+        raise ValueError(f"{name} {text!r} is not an integer")
+    return int(text)
+
+
+def _parse_seconds(text: str) -> float:
+    """Seconds in ``str(datetime.timedelta)`` text (``[D day[s], ]H:MM:SS[.ffffff]``) or number."""
+    match = re.fullmatch(r"(?:(-?\d+) days?, )?(\d+):(\d\d):(\d\d(?:\.\d+)?)", text.strip())
+    if match is None:
+        return float(text)
+    days, hours, minutes, seconds = match.groups()
+    return int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def read_tsv(
+    path: str | Path,
+    *,
+    num_classes: int | None = None,
+    indices: Container[int] | None = None,
+) -> tuple[list[CertifiedImage], bool]:
+    """Rows of a certification TSV, and whether its end was torn (an incomplete last line).
+
+    A last line without its newline, or a last line whose fields do not parse, is a row cut by an
+    interruption: it is left out and reported as torn. Any other bad line raises.
+
+    Args:
+        path: The TSV file.
+        num_classes: When given, labels and predictions must be classes in ``[0, num_classes)``.
+        indices: When given, every row's ``idx`` must be in it (the images being certified).
+
+    Returns:
+        ``(rows, torn)``.
+
+    Raises:
+        SettingError: For a wrong header, a malformed or inconsistent row (naming the line), a
+            repeated index or an index outside ``indices``.
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "c.tsv"
+        >>> write_tsv(path, [CertifiedImage(0, 1, 1, 0.3, 1, 0.1)])
+        >>> read_tsv(path)[0][0].radius
+        0.3
+    """
+    text = Path(path).read_text()
+    lines = text.split("\n")
+    torn = lines.pop() != ""  # text after the last newline is an unfinished line
+    if not lines:
+        return [], torn
+    if tuple(lines[0].split("\t")) != HEADER:
+        raise SettingError(
+            f"{path} is not a certification TSV: its header is not {' '.join(HEADER)}"
+        )
+    rows: list[CertifiedImage] = []
+    seen: set[int] = set()
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            row = CertifiedImage.from_line(line, num_classes)
+        except ValueError as err:
+            cut = len(line.split("\t")) < len(HEADER) or line.endswith("\t")
+            if number == len(lines) and cut:  # the last complete line: a row cut short
+                torn = True
+                break
+            raise SettingError(
+                f"{path} line {number} is not a valid certification row: {err}"
+            ) from None
+        if row.idx in seen:
+            raise SettingError(f"{path} line {number} repeats dataset index {row.idx}")
+        if indices is not None and row.idx not in indices:
+            raise SettingError(
+                f"{path} line {number} has dataset index {row.idx}, which is not among the "
+                "images being certified"
+            )
+        seen.add(row.idx)
+        rows.append(row)
+    return rows, torn
+
+
+def write_tsv(path: str | Path, rows: Iterable[CertifiedImage]) -> None:
+    """Write a whole TSV (header and rows) atomically: a reader sees the old file or the new one."""
+    atomic_write(Path(path), "\t".join(HEADER) + "\n" + "".join(row.to_line() for row in rows))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half a file)."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def certified_accuracy(
+    radius: np.ndarray | Sequence[float], correct: np.ndarray | Sequence[int], grid: Sequence[float]
+) -> np.ndarray:
+    """Fraction of images certified correct with radius at least r, for each r of ``grid``.
+
+    Cohen et al. (2019), Section 4: an abstention has radius 0 and is never correct.
+
+    Examples:
+        >>> certified_accuracy([0.2, 0.8, 0.0], [1, 1, 0], [0.0, 0.5]).tolist()
+        [0.6666666666666666, 0.3333333333333333]
+    """
+    radius = np.asarray(radius, dtype=np.float64)
+    if len(radius) == 0:
+        return np.zeros(len(grid))
+    correct = np.asarray(correct, dtype=bool)
+    return (correct[None, :] & (radius[None, :] >= np.asarray(grid)[:, None])).mean(axis=1)
+
+
+def summarize(rows: Sequence[CertifiedImage], radii: Sequence[float]) -> dict[str, float]:
+    """Certified accuracy at each radius, ACR, count certified-and-correct and abstain rate.
+
+    ACR is the mean of ``radius * correct`` (Zhai et al. 2020, MACER).
+
+    Returns:
+        ``{"certified_acc@<r>": ..., "acr": ..., "correct_certified": ..., "abstain_rate": ...,
+        "num_images": ...}``; empty when there are no rows.
+
+    Examples:
+        >>> rows = [CertifiedImage(0, 1, 1, 0.4, 1, 0.0), CertifiedImage(1, 2, -1, 0.0, 0, 0.0)]
+        >>> summary = summarize(rows, [0.0, 0.25])
+        >>> summary["acr"], summary["abstain_rate"], summary["certified_acc@0.25"]
+        (0.2, 0.5, 0.5)
+    """
+    if not rows:
+        return {}
+    radius = np.array([row.radius for row in rows], dtype=np.float64)
+    correct = np.array([row.correct for row in rows], dtype=bool)
+    accuracy = certified_accuracy(radius, correct, radii)
+    summary = {f"certified_acc@{r:g}": float(a) for r, a in zip(radii, accuracy, strict=True)}
+    summary["acr"] = float(np.mean(np.where(correct, radius, 0.0)))
+    summary["correct_certified"] = float(correct.sum())
+    summary["abstain_rate"] = float(np.mean([row.abstained for row in rows]))
+    summary["num_images"] = float(len(rows))
+    return summary
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes, values): the classifier of the rows.
+
+    Examples:
+        >>> model_fingerprint(nn.Linear(2, 2)) == model_fingerprint(nn.Linear(2, 2))
+        False
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def images_fingerprint(images: Iterable[tuple[int, torch.Tensor, int]]) -> str:
+    """SHA-256 of ``(index, image, label)`` triples: which images a file's rows are about.
+
+    Examples:
+        >>> one = images_fingerprint([(0, torch.zeros(1, 2, 2), 3)])
+        >>> one == images_fingerprint([(0, torch.zeros(1, 2, 2), 4)])
+        False
+    """
+    digest = hashlib.sha256()
+    for index, image, label in images:
+        data = torch.as_tensor(image).detach().cpu().to(torch.float32).contiguous().reshape(-1)
+        digest.update(f"{int(index)}:{int(label)}:{tuple(image.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """The settings sidecar of a TSV (``<tsv>.json``); ``SettingError`` if missing or not JSON."""
+    if not path.is_file():
+        raise SettingError(
+            f"settings file {path} is missing, so the rows beside it cannot be resumed safely; "
+            "move the TSV away or give another output path"
+        )
+    try:
+        stored = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SettingError(f"settings file {path} is not JSON: {err}") from None
+    if not isinstance(stored, dict):
+        raise SettingError(f"settings file {path} does not hold a JSON object")
+    return stored
+
+
+def check_settings(
+    stored: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str], where: str
+) -> None:
+    """Refuse (``SettingError``) when ``stored`` and ``current`` differ in any of ``keys``.
+
+    Examples:
+        >>> try:
+        ...     check_settings({"n": 10}, {"n": 100}, ["n"], "c.tsv")
+        ... except SettingError as err:
+        ...     print(str(err)[:59])
+        c.tsv was written with other settings (n=10 there, 100 now)
+    """
+    differ = [
+        f"{key}={stored.get(key)!r} there, {current[key]!r} now"
+        for key in keys
+        if stored.get(key) != current[key]
+    ]
+    if differ:
+        raise SettingError(
+            f"{where} was written with other settings ({'; '.join(differ)}); its rows cannot be "
+            "mixed with these: give another output path or delete the file and its .json"
+        )
