@@ -3,5 +3,6 @@
 from callbacks.certification import Certification
 from callbacks.evaluation import EvaluationCallback
 from callbacks.perturbed_accuracy import PerturbedAccuracy
+from callbacks.smoothed_attack import SmoothedAttack
 
-__all__ = ["Certification", "EvaluationCallback", "PerturbedAccuracy"]
+__all__ = ["Certification", "EvaluationCallback", "PerturbedAccuracy", "SmoothedAttack"]

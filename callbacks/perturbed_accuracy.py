@@ -73,7 +73,8 @@ class PerturbedAccuracy(EvaluationCallback):
 
     Examples of the ``num_image_grid`` images (spread evenly over the evaluated images, gathered
     from all processes) go to TensorBoard as figures and, after testing, to
-    ``<log_dir>/adversarial_examples.npz`` (arrays ``indices``, ``labels``, ``clean``,
+    ``<log_dir>/adversarial_examples.npz`` when the trainer has a logger (arrays ``indices``,
+    ``labels``, ``clean``,
     ``pred/clean``, ``adv/<key>``, ``pred/<key>``).
 
     Results are also kept in ``results[stage][key]`` (``accuracy``, ``norm``, ``clean_accuracy``,
@@ -289,7 +290,7 @@ class PerturbedAccuracy(EvaluationCallback):
             arrays[f"adv/{spec.key}"] = images[:, 1 + j].numpy()
             arrays[f"pred/{spec.key}"] = rows[:, 3 + j].long().numpy()
         assert size == arrays["clean"][0].size
-        if stage == "test" and trainer.log_dir is not None and not trainer.fast_dev_run:
+        if stage == "test" and trainer.loggers and not trainer.fast_dev_run:
             path = Path(trainer.log_dir) / "adversarial_examples.npz"
             path.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(path, **arrays)

@@ -1,0 +1,176 @@
+"""Empirical robustness of the smoothed classifier: SmoothAdv's attack, judged by PREDICT.
+
+Salman et al. (2019), "Provably Robust Deep Learning via Adversarially Trained Smoothed
+Classifiers", Sec. 4.2: attack the soft smoothed classifier with PGD in L2 (m noise samples per
+step, expectation over transformation; :func:`robust.smoothadv.smoothadv_attack`), then classify
+the adversarial image with the smoothed classifier g's PREDICT (Cohen et al. 2019, Algorithm 1),
+counting an abstention as wrong. Certified accuracy at r can never exceed this empirical robust
+accuracy at r beyond the certificates' failure probability: an attack that beats a certificate is
+a bug, and ``compare`` puts the two side by side.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+
+from callbacks.evaluation import EvaluationCallback
+from callbacks.perturbed_accuracy import image_seed
+from robust.checks import SettingError, check_int, check_real
+from robust.smoothadv import smoothadv_attack
+from robust.smoothing import ABSTAIN, Smooth
+
+__all__ = ["SmoothedAttack"]
+
+DEFAULT_RADII = (0.25, 0.5, 0.75, 1.0)
+
+
+class SmoothedAttack(EvaluationCallback):
+    """Accuracy of the smoothed classifier g under SmoothAdv's L2 attack at each radius.
+
+    For every selected image and radius r: ``x_adv = smoothadv_attack(f, x, y, sigma, eps=r)``
+    (``steps`` PGD steps on the soft smoothed classifier with ``num_noise_samples`` noise samples
+    per step), then ``PREDICT(x_adv)`` with ``n`` samples at level ``alpha``. Logged on every
+    process (``{stage}/`` prefix): ``smoothed_acc@0`` (PREDICT on the clean image),
+    ``smoothed_robust_acc@<r>`` (right on the clean image and on ``x_adv``; abstaining is wrong)
+    and ``smoothed_abstain@<r>``. The attack's noise of image i comes from a generator seeded by
+    (seed, radius, i), PREDICT's from ``Smooth``'s per-index streams, so the numbers depend neither
+    on the batch size nor on the process count.
+
+    Args:
+        sigma: Noise level of g, > 0; ``None`` takes the module's ``sigma``.
+        radii: L2 radii (> 0) of the attack, pixel units.
+        steps: PGD steps (>= 1); Salman et al. evaluate with 20 (and m up to 128).
+        num_noise_samples: Noise samples m per step (>= 1).
+        n: PREDICT's samples per image (>= 1).
+        alpha: PREDICT's test level, in (0, 1).
+        batch_size: Images per round on each process.
+        max_images: Attack at most this many images.
+        skip: Attack every ``skip``-th image.
+        every_n_val_epochs: See :class:`~callbacks.evaluation.EvaluationCallback`.
+        seed: Seed of the attack's and PREDICT's noise, >= 0.
+        predict_batch_size: Noisy samples per forward pass of PREDICT.
+
+    Examples:
+        >>> SmoothedAttack(sigma=0.25, radii=[0.5], steps=10, num_noise_samples=16).radii
+        [0.5]
+    """
+
+    def __init__(
+        self,
+        sigma: float | None = None,
+        radii: Sequence[float] = DEFAULT_RADII,
+        steps: int = 20,
+        num_noise_samples: int = 32,
+        n: int = 1000,
+        alpha: float = 0.001,
+        batch_size: int = 64,
+        max_images: int | None = None,
+        skip: int = 1,
+        every_n_val_epochs: int = 0,
+        seed: int = 0,
+        predict_batch_size: int = 1000,
+    ) -> None:
+        super().__init__(
+            every_n_val_epochs=every_n_val_epochs,
+            batch_size=batch_size,
+            max_images=max_images,
+            skip=skip,
+        )
+        owner = "SmoothedAttack"
+        self.sigma = None if sigma is None else check_real("sigma", sigma, low=0, owner=owner)
+        if isinstance(radii, str) or not radii:
+            raise SettingError(
+                f"{owner} radii must be a non-empty list of numbers > 0; got {radii!r}"
+            )
+        self.radii = sorted({check_real("radii", r, low=0, owner=owner) for r in radii})
+        self.steps = check_int("steps", steps, minimum=1, owner=owner)
+        self.num_noise_samples = check_int(
+            "num_noise_samples", num_noise_samples, minimum=1, owner=owner
+        )
+        self.n = check_int("n", n, minimum=1, owner=owner)
+        self.alpha = check_real("alpha", alpha, low=0, high=1, owner=owner)
+        self.seed = check_int("seed", seed, minimum=0, owner=owner)
+        self.predict_batch_size = check_int(
+            "predict_batch_size", predict_batch_size, minimum=1, owner=owner
+        )
+        self.width = 3 + len(self.radii)  # index, label, PREDICT(clean), PREDICT(x_adv at r)*
+        self.results: dict[str, dict[str, float]] = {}
+
+    def _sigma(self, pl_module: LightningModule) -> float:
+        if self.sigma is not None:
+            return self.sigma
+        sigma = getattr(pl_module, "sigma", None)
+        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0:
+            raise SettingError(
+                "SmoothedAttack sigma is not set and the module has no positive `sigma` "
+                f"({type(pl_module).__name__}); give SmoothedAttack(sigma=...)"
+            )
+        return float(sigma)
+
+    def evaluate_batch(  # noqa: D102
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        stage: str,
+        indices: list[int],
+        images: Tensor,
+        labels: Tensor,
+    ) -> Tensor:
+        sigma = self._sigma(pl_module)
+        base = getattr(pl_module, "model", pl_module)
+        smooth = Smooth(
+            base,
+            int(pl_module.num_classes),
+            sigma,
+            batch_size=self.predict_batch_size,
+            seed=self.seed,
+            device=images.device,
+        )
+        columns = [torch.as_tensor(indices, dtype=torch.float64), labels.double().cpu()]
+        clean = smooth.predict_batch(images, indices, self.n, self.alpha)
+        columns.append(torch.tensor(clean, dtype=torch.float64))
+        for r in self.radii:
+            generators = [
+                torch.Generator(device=images.device).manual_seed(
+                    image_seed(self.seed, f"smoothadv_r{r:g}", i)
+                )
+                for i in indices
+            ]
+            x_adv = smoothadv_attack(
+                base,
+                images,
+                labels,
+                sigma=sigma,
+                eps=r,
+                steps=self.steps,
+                num_noise_samples=self.num_noise_samples,
+                generator=generators,
+            )
+            predicted = smooth.predict_batch(x_adv, indices, self.n, self.alpha)
+            columns.append(torch.tensor(predicted, dtype=torch.float64))
+        return torch.stack(columns, dim=1)
+
+    def finish(  # noqa: D102
+        self, trainer: Trainer, pl_module: LightningModule, stage: str, rows: Tensor
+    ) -> dict[str, float]:
+        count = len(rows)
+        labels, clean = rows[:, 1], rows[:, 2]
+        right = clean == labels
+
+        def mean(mask: Tensor) -> float:
+            return mask.double().mean().item() if count else math.nan
+
+        metrics = {"smoothed_acc@0": mean(right)}
+        for j, r in enumerate(self.radii):
+            predicted = rows[:, 3 + j]
+            metrics[f"smoothed_robust_acc@{r:g}"] = mean(right & (predicted == labels))
+            metrics[f"smoothed_abstain@{r:g}"] = mean(predicted == ABSTAIN)
+        metrics["smoothed_num_images"] = float(count)
+        self.results[stage] = metrics
+        self.rows = rows
+        return metrics
