@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-import cli
+import compare
 from robust.certificates import read_tsv, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def plain_argv(monkeypatch):
 def tiny_settings(tmp_path: Path) -> Path:
     evaluation = {
         "trainer": {
-            "callbacks": [
+            "callbacks+": [
                 {
                     "class_path": "callbacks.PerturbedAccuracy",
                     "init_args": {
@@ -30,6 +30,7 @@ def tiny_settings(tmp_path: Path) -> Path:
                             {"method": "pgd", "norm": "inf", "eps": 0.3, "steps": 3},
                         ],
                         "max_images": 24,
+                        "num_image_grid": 4,
                     },
                 },
                 {
@@ -58,8 +59,7 @@ def tiny_settings(tmp_path: Path) -> Path:
                 "args": ["--model.init_args.sigma=0.25"],
             },
         ],
-        "evaluation": str(tmp_path / "eval.yaml"),
-        "examples": 4,
+        "evaluation": [str(tmp_path / "eval.yaml")],
     }
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(settings))
@@ -79,70 +79,81 @@ def table_rows(report: str) -> dict[str, dict[str, str]]:
 
 def test_compare_end_to_end_report_matches_metrics_and_tsvs(tmp_path, capsys):
     settings = tiny_settings(tmp_path)
-    cli.main(["compare", "--config", str(settings)])
+    compare.compare(["--config", str(settings)])
     out = tmp_path / "results"
     report = (out / "report.md").read_text()
     rows = table_rows(report)
-    assert list(rows) == ["standard", "adversarial", "noise"]
-    for name, row in rows.items():
-        metrics = json.loads((out / name / "metrics.json").read_text())["metrics"]
+    assert list(rows)[:3] == ["standard", "adversarial", "noise"]
+    log_dirs = {}
+    for name in ["standard", "adversarial", "noise"]:
+        row = rows[name]
+        done = json.loads((out / name / "metrics.json").read_text())
+        metrics, log_dirs[name] = done["metrics"], Path(done["log_dir"])
+        assert log_dirs[name].parent == out / "tensorboard" / name
         assert float(row["clean acc"]) == pytest.approx(metrics["test/acc"], abs=5e-5)
-        assert float(row["acc fgm_l2_eps5"]) == pytest.approx(
-            metrics["test/perturbed_acc/fgm_l2_eps5"], abs=5e-5
-        )
-        assert float(row["acc pgd3_linf_eps0.3"]) == pytest.approx(
-            metrics["test/perturbed_acc/pgd3_linf_eps0.3"], abs=5e-5
-        )
-        tsv_rows, torn = read_tsv(out / name / "certify.tsv")
+        for key in ("fgm_l2_eps5", "pgd3_linf_eps0.3"):
+            logged = metrics[f"test/perturbed_acc/{key}"]
+            assert float(row[f"acc {key}"]) == pytest.approx(logged, abs=5e-5)
+        tsv_rows, torn = read_tsv(log_dirs[name] / "certify_test.tsv")
         assert len(tsv_rows) == 5 and not torn
         summary = summarize(tsv_rows, [0.0, 0.25])
-        assert row["correct_certified"] == f"{summary['correct_certified']:.0f}/5"
+        assert row["correct_certified"].startswith(f"{summary['correct_certified']:.0f} of 5 (")
         assert float(row["ACR"]) == pytest.approx(summary["acr"], abs=5e-5)
         assert float(row["ACR"]) == pytest.approx(metrics["certify/acr"], abs=5e-5)
         assert float(row["cert acc @0"]) == pytest.approx(summary["certified_acc@0"], abs=5e-5)
-        examples = np.load(out / name / "examples.npz")
+        examples = np.load(log_dirs[name] / "adversarial_examples.npz")
         assert examples["adv/fgm_l2_eps5"].shape == (4, 1, 28, 28)
     for figure in ["certified_accuracy.png", "attack_accuracy.png", "examples_noise.png"]:
         assert (out / figure).stat().st_size > 1000
     assert list((out / "tensorboard" / "comparison").glob("events.out.tfevents.*"))
-    assert "n0: 10" in report  # the settings used are stated
+    assert '"n0": 10' in report  # the settings used are stated
+    assert "974 of 10000" in report  # the seed's table is there
 
     # a second run reuses every finished stage and writes the same report
     capsys.readouterr()
-    before = {p: p.stat().st_mtime_ns for p in out.glob("*/certify.tsv")}
-    cli.main(["compare", "--config", str(settings)])
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("certify_test.tsv")}
+    compare.compare(["--config", str(settings)])
     printed = capsys.readouterr().out
     assert len(re.findall(r"reusing trained checkpoint", printed)) == 3
     assert len(re.findall(r"reusing evaluation", printed)) == 3
-    assert {p: p.stat().st_mtime_ns for p in out.glob("*/certify.tsv")} == before
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("certify_test.tsv")} == before
     assert table_rows((out / "report.md").read_text()) == rows
 
-    # a changed evaluation config is evaluated again (the trained models are still reused), and the
-    # certification file of the old config is moved aside instead of being mixed or refused
+    # a changed evaluation config is evaluated again into a new log directory (the trained models
+    # are still reused), so the old certification file is neither mixed in nor refused
     evaluation = yaml.safe_load((tmp_path / "eval.yaml").read_text())
-    evaluation["trainer"]["callbacks"][1]["init_args"]["max_images"] = 3
+    evaluation["trainer"]["callbacks+"][1]["init_args"]["max_images"] = 3
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation))
-    cli.main(["compare", "--config", str(settings)])
+    compare.compare(["--config", str(settings)])
     printed = capsys.readouterr().out
     assert len(re.findall(r"reusing trained checkpoint", printed)) == 3
     assert "reusing evaluation" not in printed
-    for name in rows:
-        assert len(read_tsv(out / name / "certify.tsv")[0]) == 3
-        assert (out / name / "certify.tsv.stale").is_file()
+    for name, old in log_dirs.items():
+        new = Path(json.loads((out / name / "metrics.json").read_text())["log_dir"])
+        assert new != old and len(read_tsv(new / "certify_test.tsv")[0]) == 3
+        assert len(read_tsv(old / "certify_test.tsv")[0]) == 5  # untouched
     assert all(
-        row["correct_certified"].endswith("/3")
-        for row in table_rows((out / "report.md").read_text()).values()
+        row["correct_certified"].startswith(("0 of 3", "1 of 3", "2 of 3", "3 of 3"))
+        for name, row in table_rows((out / "report.md").read_text()).items()
+        if name in log_dirs
     )
 
 
-def test_compare_refuses_missing_configs(tmp_path):
-    with pytest.raises(SystemExit):
-        cli.main(
-            [
-                "compare",
-                "--trainings",
-                '[{"name": "x", "config": "nope.yaml"}]',
-                "--evaluation",
-                "nope.yaml",
-            ]
+def test_compare_refuses_missing_configs_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        compare.console(
+            ["--trainings", '[{"name": "x", "config": "nope.yaml"}]', "--evaluation", "[nope.yaml]"]
         )
+    assert exit_info.value.code == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_compare_reports_a_refusal_as_one_error_line(tmp_path, capsys):
+    settings = tiny_settings(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.console(
+            ["--config", str(settings), "--common_args+=--data.init_args.batch_size=-1"]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "batch_size" in err[-1]

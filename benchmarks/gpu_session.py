@@ -1,0 +1,279 @@
+"""One stage of the full-scale GPU run (``benchmarks/gpu_session.sh`` runs them all under time limits).
+
+Stages, each a separate process so that a time limit can stop one without losing the others
+(every stage writes its results as it goes):
+
+* ``train-noise``: LeNet with Gaussian noise sigma = 0.25 on the 60,000 official MNIST training
+  digits (54,000 train / 6,000 stratified validation), Adam + cosine schedule.
+* ``certify``: Certification of all 10,000 official test images at n0 = 100, n = 100,000,
+  alpha = 0.001 (Cohen et al. 2019's setting), resumable TSV.
+* ``train-robust``: TRADES (or PGD-AT) LeNet at L-inf eps = 0.3, best checkpoint by robust
+  validation accuracy.
+* ``attack``: PGD-40 and our AutoAttack (APGD-CE, APGD-T, Square 5,000) at L-inf eps = 0.3 on all
+  10,000 test images.
+* ``smoothed-attack``: SmoothAdv's attack on the smoothed noise model next to its certificates.
+
+Usage (``--tiny`` runs every stage at a toy size on the CPU, to check the script)::
+
+    python benchmarks/gpu_session.py STAGE --out DIR [--data data] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from callbacks import Certification, PerturbedAccuracy, SmoothedAttack
+from datamodules import MNISTDataModule
+from lightning_modules import AdversarialClassifier, NoiseAugmentedClassifier
+from lightning_modules.backbones import LeNet
+from robust.attacks import AttackSpec
+
+
+class FastMNIST(LightningDataModule):
+    """The MNIST data module's splits as in-memory tensors (the same pixels: uint8 / 255)."""
+
+    def __init__(self, data_dir: str, batch_size: int, tiny: bool) -> None:
+        super().__init__()
+        self.source = MNISTDataModule(data_dir=data_dir, download=False, batch_size=batch_size)
+        self.batch_size, self.tiny = batch_size, tiny
+
+    def setup(self, stage: str | None = None) -> None:
+        self.source.setup(stage)
+        self.train_set = self._tensors(self.source.train_set, 2000 if self.tiny else None)
+        self.val_set = self._tensors(self.source.val_set, 500 if self.tiny else None)
+        self.test_set = self.source.test_set
+
+    @staticmethod
+    def _tensors(subset, limit):
+        base, indices = subset.dataset, torch.as_tensor(subset.indices)
+        if limit:
+            indices = indices[:limit]
+        images = base.data[indices].unsqueeze(1).float().div(255)
+        return TensorDataset(images, torch.as_tensor(base.targets)[indices])
+
+    def identity(self) -> dict:
+        return self.source.identity() if hasattr(self.source, "identity") else {}
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=1000)
+
+    def test_dataloader(self):
+        return DataLoader(self.test_set, batch_size=1000, num_workers=4)
+
+
+EPOCHS = {"value": 30}
+
+
+def cosine(optimizer):
+    """Cosine learning-rate schedule over the planned epochs (module level: checkpoints pickle it)."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=EPOCHS["value"])
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class KeepBest(Callback):
+    """Save the module's state dict whenever ``monitor`` improves (loads with weights_only=True)."""
+
+    def __init__(self, path: Path, monitor: str) -> None:
+        self.path, self.monitor, self.best, self.epoch = path, monitor, -1.0, -1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None or float(value) <= self.best:
+            return
+        self.best, self.epoch = float(value), trainer.current_epoch
+        torch.save(pl_module.state_dict(), self.path)
+
+
+def trainer(out: Path, name: str, tiny: bool, **kwargs) -> Trainer:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    accelerator = "cpu" if tiny else "gpu"
+    return Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=TensorBoardLogger(str(out / "tb"), name=name, version="0"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kwargs,
+    )
+
+
+def record(out: Path, stage: str, values: dict) -> None:
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[stage] = values
+    path.write_text(json.dumps(results, indent=2, default=str))
+    print(f"[{stage}] {json.dumps(values, default=str)}", flush=True)
+
+
+def noise_model() -> NoiseAugmentedClassifier:
+    return NoiseAugmentedClassifier(backbone=LeNet, sigma=0.25, optimizer=adam, lr_scheduler=cosine)
+
+
+def robust_model(method: str, epochs: int, tiny: bool) -> AdversarialClassifier:
+    return AdversarialClassifier(
+        backbone=LeNet,
+        optimizer=adam,
+        lr_scheduler=cosine,
+        method=method,
+        attack=AttackSpec("pgd", "inf", 0.3, steps=10),
+        perturbed_fraction=1.0 if method == "at" else None,
+        eps_warmup_epochs=min(2, epochs - 1),
+        robust_val_images=200 if tiny else 1000,
+    )
+
+
+def train_noise(args) -> None:
+    EPOCHS["value"] = epochs = 2 if args.tiny else args.epochs
+    seed_everything(0)
+    model = noise_model()
+    run = trainer(
+        args.out, "noise", args.tiny, max_epochs=epochs, max_time={"seconds": args.seconds}
+    )
+    start = time.perf_counter()
+    data = FastMNIST(args.data, 256, args.tiny)
+    run.fit(model, datamodule=data)
+    seconds = time.perf_counter() - start
+    torch.save(model.state_dict(), args.out / "noise_state.pt")
+    tested = run.test(model, datamodule=data, verbose=False)[0]
+    record(args.out, "train-noise", {"epochs": run.current_epoch, "train_s": seconds, **tested})
+
+
+def load_noise(args) -> NoiseAugmentedClassifier:
+    model = noise_model()
+    model.load_state_dict(torch.load(args.out / "noise_state.pt", weights_only=True))
+    return model
+
+
+def certify(args) -> None:
+    model = load_noise(args)
+    callback = Certification(
+        n0=100,
+        n=2000 if args.tiny else 100_000,
+        alpha=0.001,
+        batch_size=args.certify_batch,
+        max_images=20 if args.tiny else None,
+        output=str(args.out / f"certify_noise{'_' + args.autocast if args.autocast else ''}.tsv"),
+        autocast=args.autocast,
+    )
+    run = trainer(args.out, "certify", args.tiny, callbacks=[callback])
+    start = time.perf_counter()
+    run.test(model, datamodule=FastMNIST(args.data, 256, args.tiny), verbose=False)
+    seconds = time.perf_counter() - start
+    samples = len(callback.results) * (callback.n0 + callback.n)
+    record(
+        args.out,
+        f"certify{'-' + args.autocast if args.autocast else ''}",
+        {"seconds": seconds, "samples_per_s": samples / seconds, **callback.summary},
+    )
+
+
+def train_robust(args) -> None:
+    EPOCHS["value"] = epochs = 2 if args.tiny else args.epochs
+    seed_everything(0)
+    model = robust_model(args.method, epochs, args.tiny)
+    keep = KeepBest(args.out / "robust_state.pt", "val/robust_acc")
+    run = trainer(
+        args.out,
+        "robust",
+        args.tiny,
+        max_epochs=epochs,
+        max_time={"seconds": args.seconds},
+        callbacks=[keep],
+    )
+    start = time.perf_counter()
+    run.fit(model, datamodule=FastMNIST(args.data, 128, args.tiny))
+    record(
+        args.out,
+        "train-robust",
+        {
+            "method": args.method,
+            "epochs": run.current_epoch,
+            "train_s": time.perf_counter() - start,
+            "best_epoch": keep.epoch,
+            "best_robust_val": keep.best,
+        },
+    )
+
+
+def attack(args) -> None:
+    model = robust_model(args.method, 10, args.tiny)
+    model.load_state_dict(torch.load(args.out / "robust_state.pt", weights_only=True))
+    attacks = [AttackSpec("pgd", "inf", 0.3, steps=40), AttackSpec("autoattack", "inf", 0.3)]
+    callback = PerturbedAccuracy(
+        attacks,
+        batch_size=args.attack_batch,
+        max_images=64 if args.tiny else None,
+        num_image_grid=8,
+    )
+    run = trainer(args.out, "attack", args.tiny, callbacks=[callback])
+    start = time.perf_counter()
+    tested = run.test(model, datamodule=FastMNIST(args.data, 256, args.tiny), verbose=False)[0]
+    record(args.out, "attack", {"seconds": time.perf_counter() - start, **tested})
+
+
+def smoothed_attack(args) -> None:
+    model = load_noise(args)
+    callback = SmoothedAttack(
+        radii=[0.25, 0.5, 0.75],
+        steps=4 if args.tiny else 20,
+        num_noise_samples=4 if args.tiny else 32,
+        n=500 if args.tiny else 10_000,
+        alpha=0.001,
+        batch_size=250,
+        max_images=4 if args.tiny else 1000,
+        skip=1 if args.tiny else 10,
+        predict_batch_size=20_000,
+    )
+    run = trainer(args.out, "smoothed_attack", args.tiny, callbacks=[callback])
+    start = time.perf_counter()
+    tested = run.test(model, datamodule=FastMNIST(args.data, 256, args.tiny), verbose=False)[0]
+    record(args.out, "smoothed-attack", {"seconds": time.perf_counter() - start, **tested})
+
+
+STAGES = {
+    "train-noise": train_noise,
+    "certify": certify,
+    "train-robust": train_robust,
+    "attack": attack,
+    "smoothed-attack": smoothed_attack,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=list(STAGES))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seconds", type=int, default=60, help="training time limit")
+    parser.add_argument("--method", default="trades", choices=["at", "trades"])
+    parser.add_argument("--certify-batch", type=int, default=20_000)
+    parser.add_argument("--attack-batch", type=int, default=2500)
+    parser.add_argument("--autocast", default=None, choices=[None, "bf16"])
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_float32_matmul_precision("highest")
+    STAGES[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
