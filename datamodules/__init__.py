@@ -5,6 +5,7 @@ from datamodules.embedded_mnist import EmbeddedMNISTDataModule, load_embedded_mn
 from datamodules.torchvision_data import (
     CIFAR10DataModule,
     FashionMNISTDataModule,
+    IDXDataModule,
     MNISTDataModule,
     TorchvisionDataModule,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "DataNotFoundError",
     "EmbeddedMNISTDataModule",
     "FashionMNISTDataModule",
+    "IDXDataModule",
     "ImageDataModule",
     "MNISTDataModule",
     "TorchvisionDataModule",

@@ -7,6 +7,11 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from robust.checks import check_int, check_real
+
+SPLIT_METHOD = "stratified_split/1"
+"""Name and version of the split algorithm, part of every identity: change it with the algorithm."""
+
 
 class DataNotFoundError(FileNotFoundError):
     """Dataset files are missing and could not be downloaded; the message says what to do."""
@@ -43,17 +48,18 @@ def stratified_split(labels: Tensor, fractions: Sequence[float], seed: int) -> l
 class ImageDataModule(LightningDataModule):
     """Base of every data module: float images in [0, 1] ``(C, H, W)`` and integer labels.
 
-    Subclasses set ``num_classes``, ``in_channels``, ``image_size``, ``mean`` and ``std`` (known
-    right after ``__init__`` so the CLI can link them into the model) and fill ``train_set``,
-    ``val_set`` and ``test_set`` in :meth:`setup`.
+    Subclasses set ``dataset_name``, ``num_classes``, ``in_channels``, ``image_size``, ``mean``
+    and ``std`` (known right after ``__init__`` so the CLI can link them into the model) and fill
+    ``train_set``, ``val_set`` and ``test_set`` in :meth:`setup`.
 
     Args:
         batch_size: Images per batch, at least 1.
         num_workers: Data-loading worker processes, at least 0.
         val_fraction: Fraction of the training images held out for validation, in (0, 1).
-        seed: Seed of the train/validation split (and of the test split where one is made).
+        seed: Seed of the train/validation split (and of the test split where one is made), >= 0.
     """
 
+    dataset_name: str
     num_classes: int
     in_channels: int
     image_size: tuple[int, int]
@@ -64,19 +70,30 @@ class ImageDataModule(LightningDataModule):
         self, batch_size: int = 64, num_workers: int = 0, val_fraction: float = 0.1, seed: int = 0
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data batch_size must be a positive integer, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"data num_workers must be 0 or more, got {num_workers}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data val_fraction must be in (0, 1), got {val_fraction}")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.val_fraction = val_fraction
-        self.seed = seed
+        owner = type(self).__name__
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0, owner=owner)
+        self.val_fraction = check_real("val_fraction", val_fraction, low=0, high=1, owner=owner)
+        self.seed = check_int("seed", seed, minimum=0, owner=owner)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+
+    def identity(self) -> dict[str, object]:
+        """Which images the training, validation and test sets hold, as a JSON-serializable dict.
+
+        Equal identities mean the same images in the same splits wherever the files are stored:
+        the class, the dataset, the split method, seed and fractions are part of it; ``data_dir``,
+        batch size and workers are not. Results (e.g. certification files) record it so that
+        results on other images are never mixed with them.
+        """
+        return {
+            "data_module": type(self).__name__,
+            "dataset": self.dataset_name,
+            "split_method": SPLIT_METHOD,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+        }
 
     def split_train_val(self, dataset: Dataset, labels: Tensor) -> tuple[Subset, Subset]:
         """Stratified, seeded split of a training set into training and validation subsets."""

