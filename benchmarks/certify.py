@@ -1,61 +1,256 @@
-"""Throughput of randomized-smoothing certification (noisy samples per second).
+"""Throughput of randomized-smoothing certification (noisy samples per second), CPU or GPU.
 
-Compares, with one LeNet-sized model, one n and one batch size, in one process:
-  (a) ours: ``robust.smoothing.Smooth.certify_batch``;
-  (b) loop: a plain loop written like locuslab/smoothing's ``Smooth._sample_noise`` (per batch:
-      ``batch.repeat``, ``torch.randn_like``, forward, argmax, ``.cpu().numpy()`` counts; counted
-      with ``np.bincount`` instead of a per-sample Python loop, a slightly stronger baseline);
-  (c) ART: ``PyTorchRandomizedSmoothing.certify``;
-  (d) forward: the model's plain forward pass at that batch size on a fixed input (the ceiling).
-``--bf16``, ``--channels-last`` and ``--compile`` apply to ours and to the forward ceiling alike;
-the loop and ART always run the plain fp32 model. Each method runs once untimed, then
-``--repeats`` times interleaved; the median rate is reported (the best in brackets).
+In one process, with one model (LeNet or SmallCNN on 28x28 MNIST-sized inputs) and one batch size:
 
-Example: ``python benchmarks/certify.py --n 2000 --images 2 --batch-size 1000``
+* ``certify``: ``Smooth.certify_batch`` (n0 + n samples per image over ``--images`` images) for
+  each variant of ``--variants``: a precision (``fp32`` = IEEE float32, ``tf32`` = TF32 allowed in
+  cuDNN/matmuls, ``bf16`` = bfloat16 autocast) plus flags ``cl`` (channels_last), ``compile``
+  (``torch.compile``, static shapes), ``graph`` (CUDA graph) and ``nbN`` (noise_block N instead
+  of ``--noise-block``), e.g. ``bf16+compile+graph+nb10000``;
+* ``forward``: the bare forward pass and argmax of the same model, variant and batch size on one
+  pre-made noisy batch (the ceiling: no noise, no counting); the ratio certify/forward says how
+  close certification comes to it, and certify/best is against the fastest forward of any
+  variant of the same precision;
+* ``noise``: drawing the seeded noise blocks alone (``torch.randn`` per block);
+* the FLOP rate of a large matmul per precision and the model's FLOPs per sample
+  (``torch.utils.flop_counter``), giving the fraction of that ceiling each variant reaches;
+* peers (``--peers``, default on CPUs): a loop written like locuslab/smoothing's ``_sample_noise``
+  (``batch.repeat``, ``randn_like``, forward, ``.cpu()`` counts) and ART's
+  ``PyTorchRandomizedSmoothing.certify`` where ART is installed (skipped otherwise);
+* ``--resnet``: seconds per image of CifarResNet18 certification at n = 100,000, extrapolated
+  from a small n (default on GPUs);
+* ``--sweep``: the bare forward's rate over a range of batch sizes (default on GPUs).
+
+Each timed thing runs once untimed (warm-up, compilation, graph capture), then ``--repeats``
+times interleaved; the table reports the median and the best. A time budget (``--budget-s``)
+skips what would not fit. ``--json PATH`` writes every number.
+
+Examples::
+
+    python benchmarks/certify.py --device cpu --images 2 --n 2000            # CPU, with peers
+    python benchmarks/certify.py --device cuda --json certify_h100.json      # GPU, ~3 minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib.util
+import json
 import math
 import statistics
+import sys
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_modules.backbones import LeNet
-from robust.smoothing import Smooth
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .` (GPU machines)
+
+from robust import smoothing  # noqa: E402
+from robust.smoothing import Smooth  # noqa: E402
 
 NUM_CLASSES = 10
 
 
-def parse_args() -> argparse.Namespace:
+def load_backbones():
+    """``lightning_modules/backbones.py`` alone (torch and torchvision only, no Lightning)."""
+    spec = importlib.util.spec_from_file_location(
+        "backbones", ROOT / "lightning_modules/backbones.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--model", choices=["lenet", "smallcnn"], default="lenet")
     parser.add_argument("--n0", type=int, default=100, help="selection samples per image")
-    parser.add_argument("--n", type=int, default=2000, help="estimation samples per image")
-    parser.add_argument("--images", type=int, default=2, help="images per timed run")
-    parser.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward")
-    parser.add_argument("--noise-block", type=int, default=None, help="Smooth's noise_block")
+    parser.add_argument("--n", type=int, default=None, help="estimation samples per image")
+    parser.add_argument("--images", type=int, default=None, help="images per timed certify call")
+    parser.add_argument("--batch-size", type=int, default=None, help="noisy samples per forward")
+    parser.add_argument("--noise-block", type=int, default=smoothing.DEFAULT_NOISE_BLOCK)
     parser.add_argument("--sigma", type=float, default=0.25)
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--bf16", action="store_true", help="autocast bfloat16 (ours, forward)")
-    parser.add_argument("--channels-last", action="store_true", help="(ours, forward)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile (ours, forward)")
-    parser.add_argument("--skip-art", action="store_true")
-    parser.add_argument("--skip-loop", action="store_true")
-    return parser.parse_args()
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "process"],
+        default="wall",
+        help="process: CPU time of this process (fairer on a shared CPU with --threads 1)",
+    )
+    parser.add_argument("--variants", default=None, help="comma-separated, e.g. fp32,bf16+cl")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--resnet", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--resnet-n", type=int, default=None, help="n of the ResNet timing")
+    parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--matmul-size", type=int, default=None)
+    parser.add_argument("--budget-s", type=float, default=None, help="skip what would not fit")
+    parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    defaults = {
+        "n": 100_000 if gpu else 2000,
+        "images": 8 if gpu else 2,
+        "batch_size": 50_000 if gpu else 1000,
+        "variants": (
+            "fp32,fp32+graph,fp32+compile+graph,tf32+cl+graph,bf16,bf16+cl+graph,"
+            "bf16+compile+graph,bf16+compile+graph+nb10000"
+            if gpu
+            else "fp32,fp32+cl,bf16+cl"
+        ),
+        "peers": not gpu,
+        "resnet": gpu,
+        "resnet_n": 5000 if gpu else 200,
+        "sweep": gpu,
+        "matmul_size": 8192 if gpu else 1024,
+        "budget_s": 170.0 if gpu else math.inf,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+# ----------------------------------------------------------------------------- helpers
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def parse_variant(name: str) -> dict:
+    """``bf16+cl+compile+graph+nb10000`` -> Smooth options (nbN: noise_block N, else --noise-block).
+
+    Examples:
+        >>> parse_variant("bf16+graph+nb10000")["noise_block"]
+        10000
+    """
+    precision, *flags = name.split("+")
+    blocks = [int(f[2:]) for f in flags if f.startswith("nb") and f[2:].isdigit()]
+    unknown = {f for f in flags if not f.startswith("nb")} - {"cl", "compile", "graph"}
+    if precision not in ("fp32", "tf32", "bf16") or unknown or len(blocks) > 1:
+        raise SystemExit(f"unknown variant {name!r}: PRECISION[+cl][+compile][+graph][+nbN]")
+    return {
+        "precision": precision,
+        "autocast_dtype": torch.bfloat16 if precision == "bf16" else None,
+        "tf32": precision == "tf32",
+        "channels_last": "cl" in flags,
+        "compile": "compile" in flags,
+        "cuda_graph": "graph" in flags,
+        "noise_block": blocks[0] if blocks else None,
+    }
+
+
+@contextlib.contextmanager
+def precision_flags(device: torch.device, tf32: bool) -> Iterator[None]:
+    with smoothing._tf32(tf32) if device.type == "cuda" else contextlib.nullcontext():
+        yield
+
+
+CLOCK = time.perf_counter
+
+
+def time_interleaved(
+    methods: dict[str, tuple[Callable[[], object], int]], device: torch.device, repeats: int
+) -> dict[str, list[float]]:
+    """Samples/s of each method: one untimed run each, then ``repeats`` interleaved rounds."""
+    for fn, _ in methods.values():
+        fn()
+    synchronize(device)
+    rates: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, (fn, samples) in methods.items():
+            synchronize(device)
+            start = CLOCK()
+            fn()
+            synchronize(device)
+            rates[name].append(samples / (CLOCK() - start))
+    return rates
+
+
+def summary(rates: list[float]) -> dict:
+    return {"median": statistics.median(rates), "best": max(rates), "all": rates}
+
+
+def flops_per_sample(model: nn.Module, shape: tuple[int, ...], device: torch.device) -> int:
+    """FLOPs of one forward pass per sample (2 per multiply-add), by FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.zeros(4, *shape, device=device))
+    return counter.get_total_flops() // 4
+
+
+def matmul_tflops(device: torch.device, precision: str, size: int, repeats: int = 3) -> float:
+    """TFLOP/s of a square matmul: fp32 (IEEE), tf32 or bf16 -- the ceiling of each precision."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    iterations = 20 if device.type == "cuda" else 3
+    best = 0.0
+    with precision_flags(device, precision == "tf32"):
+        torch.mm(a, b)
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(iterations):
+                torch.mm(a, b)
+            synchronize(device)
+            best = max(best, 2 * size**3 * iterations / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def bare_forward(
+    model: nn.Module, options: dict, batch: int, sample_shape: tuple, device: torch.device
+) -> Callable[[], torch.Tensor]:
+    """f(x).argmax on one pre-made noisy batch, with the variant's layout/precision/compile/graph."""
+    private = copy.deepcopy(model).eval().requires_grad_(False)
+    if options["channels_last"]:
+        private = private.to(memory_format=torch.channels_last)
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(batch, *sample_shape, device=device, generator=generator)
+    x = x + 0.25 * torch.randn(x.shape, device=device, generator=generator)
+    dtype = options["autocast_dtype"]
+
+    def classify(inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return private(inputs).argmax(1)
+
+    function = torch.compile(classify, dynamic=False) if options["compile"] else classify
+    if options["cuda_graph"] and device.type == "cuda":
+        with torch.inference_mode(), precision_flags(device, options["tf32"]):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    function(x)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = function(x)
+
+        def run() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return run
+
+    def run_eager() -> torch.Tensor:
+        with torch.inference_mode(), precision_flags(device, options["tf32"]):
+            return function(x)
+
+    return run_eager
 
 
 def locuslab_loop(
@@ -74,105 +269,326 @@ def locuslab_loop(
         return counts
 
 
-def main() -> None:
-    args = parse_args()
+# ----------------------------------------------------------------------------- measurements
+
+
+class Bench:
+    """Everything measured in one process, with its time budget."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.started = time.perf_counter()
+        self.results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}}
+        self.skipped: list[str] = []
+        backbones = load_backbones()
+        self.backbones = backbones
+        torch.manual_seed(0)
+        model_class = backbones.LeNet if args.model == "lenet" else backbones.SmallCNN
+        self.model = model_class(1, NUM_CLASSES).to(self.device).eval()
+        self.shape = (1, 28, 28)
+        generator = torch.Generator(device=self.device).manual_seed(1)
+        self.images = torch.rand(args.images, *self.shape, device=self.device, generator=generator)
+        self.indices = list(range(args.images))
+        self.total = args.images * (args.n0 + args.n)
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.perf_counter() - self.started)
+
+    def guarded(self, name: str, fn: Callable[[], object], need_s: float = 5.0) -> object:
+        """Run one measurement unless the budget is spent; record an error instead of dying."""
+        if self.left() < need_s:
+            self.skipped.append(f"{name} (time budget)")
+            return None
+        try:
+            return fn()
+        except Exception as err:  # one failing variant must not lose the others' numbers
+            traceback.print_exc()
+            self.results.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"
+            return None
+
+    def environment(self) -> None:
+        info = {
+            "torch": torch.__version__,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "model": self.args.model,
+        }
+        if self.device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(self.device)
+            info["cudnn_allow_tf32_default"] = torch.backends.cudnn.allow_tf32
+        self.results["environment"] = info
+        self.results["flops_per_sample"] = flops_per_sample(self.model, self.shape, self.device)
+
+    def matmul(self) -> None:
+        precisions = ["fp32", "tf32", "bf16"] if self.device.type == "cuda" else ["fp32", "bf16"]
+        self.results["matmul_tflops"] = {
+            p: matmul_tflops(self.device, p, self.args.matmul_size) for p in precisions
+        }
+
+    def variant(self, name: str) -> None:
+        args, options = self.args, parse_variant(name)
+        smooth_options = {k: options[k] for k in ("autocast_dtype", "channels_last", "compile")}
+        smooth = Smooth(
+            self.model,
+            NUM_CLASSES,
+            args.sigma,
+            batch_size=args.batch_size,
+            noise_block=options["noise_block"] or args.noise_block,
+            cuda_graph=options["cuda_graph"],
+            tf32=options["tf32"],
+            device=self.device,
+            **smooth_options,
+        )
+        forward = bare_forward(self.model, options, args.batch_size, self.shape, self.device)
+        iterations = max(1, round(self.total / args.batch_size))
+
+        def certify() -> None:
+            smooth.certify_batch(self.images, self.indices, args.n0, args.n, args.alpha)
+
+        def forwards() -> None:
+            for _ in range(iterations):
+                forward()
+
+        rates = time_interleaved(
+            {"certify": (certify, self.total), "forward": (forwards, iterations * args.batch_size)},
+            self.device,
+            args.repeats,
+        )
+        self.results.setdefault("variants", {})[name] = {
+            "options": {k: str(v) for k, v in options.items()},
+            "certify": summary(rates["certify"]),
+            "forward": summary(rates["forward"]),
+        }
+
+    def noise(self) -> None:
+        """Samples/s of drawing the seeded noise blocks alone (what certify adds to the forward)."""
+        args = self.args
+        buffer = torch.empty(args.noise_block, *self.shape, device=self.device)
+        generator = torch.Generator(device=self.device)
+        streams = [(0, args.n0), (1, args.n)]
+
+        def draw() -> None:
+            for seed, rows in smoothing._noise_blocks(0, self.indices, streams, args.noise_block):
+                generator.manual_seed(seed)
+                block = buffer[:rows]
+                torch.randn(block.shape, generator=generator, out=block)
+
+        rates = time_interleaved({"noise": (draw, self.total)}, self.device, args.repeats)
+        self.results["noise"] = summary(rates["noise"])
+
+    def peers(self) -> None:
+        args, device = self.args, self.device
+        methods: dict[str, tuple[Callable[[], object], int]] = {}
+
+        def loop() -> None:
+            for x in self.images:
+                locuslab_loop(self.model, x, args.n0, args.batch_size, args.sigma)
+                locuslab_loop(self.model, x, args.n, args.batch_size, args.sigma)
+
+        methods["loop"] = (loop, self.total)
+        try:
+            from art.estimators.certification.randomized_smoothing import (
+                PyTorchRandomizedSmoothing,
+            )
+        except ImportError:
+            self.skipped.append("ART (not installed)")
+        else:
+            art = PyTorchRandomizedSmoothing(
+                model=self.model,
+                loss=nn.CrossEntropyLoss(),
+                input_shape=self.shape,
+                nb_classes=NUM_CLASSES,
+                device_type="gpu" if device.type == "cuda" else "cpu",
+                sample_size=args.n0,
+                scale=args.sigma,
+                alpha=args.alpha,
+            )
+            images_np = self.images.cpu().numpy()
+            methods["ART"] = (
+                lambda: art.certify(images_np, n=args.n, batch_size=args.batch_size),
+                self.total,
+            )
+        smooth = Smooth(self.model, NUM_CLASSES, args.sigma, batch_size=args.batch_size)
+        methods["ours_fp32"] = (
+            lambda: smooth.certify_batch(self.images, self.indices, args.n0, args.n, args.alpha),
+            self.total,
+        )
+        rates = time_interleaved(methods, device, args.repeats)
+        self.results["peers"] = {name: summary(r) for name, r in rates.items()}
+
+    def resnet(self) -> None:
+        """Seconds per CIFAR image at n0 = 100, n = 100,000, from a run at a small n.
+
+        CifarResNet18 costs 1.11 GFLOP per 32x32 sample, so 2 s per image at n = 100,000 needs
+        56 TFLOP/s: beyond IEEE fp32 on an H100 (67 TFLOP/s peak without tensor cores), easy for
+        TF32 and bf16, which is why all three are timed.
+        """
+        args, device = self.args, self.device
+        torch.manual_seed(0)
+        model = self.backbones.CifarResNet18(3, NUM_CLASSES).to(device).eval()
+        image = torch.rand(1, 3, 32, 32, device=device)
+        batch = 1000 if device.type == "cuda" else 100
+        rows = {}
+        for name in ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32",):
+            if self.left() < 5:
+                self.skipped.append(f"resnet18 {name} (time budget)")
+                continue
+            options = parse_variant(name)
+            smooth = Smooth(
+                model,
+                NUM_CLASSES,
+                args.sigma,
+                batch_size=batch,
+                autocast_dtype=options["autocast_dtype"],
+                tf32=options["tf32"],
+                device=device,
+            )
+            n0 = min(args.n0, args.resnet_n)
+
+            def certify(smooth: Smooth = smooth, n0: int = n0) -> None:
+                smooth.certify_batch(image, [0], n0, args.resnet_n, args.alpha)
+
+            rate = max(time_interleaved({name: (certify, n0 + args.resnet_n)}, device, 2)[name])
+            rows[name] = {"samples_per_s": rate, "seconds_per_image_at_n_100000": 100_100 / rate}
+        flops = flops_per_sample(model, (3, 32, 32), device)
+        self.results["resnet18"] = {"n": args.resnet_n, "batch_size": batch, "flops": flops, **rows}
+
+    def sweep(self) -> None:
+        """Bare forward samples/s against batch size (eager fp32 and bf16): pick the batch size."""
+        args, device = self.args, self.device
+        sizes = [args.batch_size // 4, args.batch_size // 2, args.batch_size, 2 * args.batch_size]
+        table: dict[str, dict[int, float]] = {}
+        for name in ("fp32", "bf16"):
+            table[name] = {}
+            for size in (s for s in sizes if s > 0):
+                if self.left() < 5:
+                    self.skipped.append(f"sweep {name} {size} (time budget)")
+                    continue
+                forward = bare_forward(self.model, parse_variant(name), size, self.shape, device)
+                iterations = max(1, round(self.total / size))
+
+                def forwards(forward=forward, iterations=iterations) -> None:
+                    for _ in range(iterations):
+                        forward()
+
+                rate = time_interleaved({"f": (forwards, iterations * size)}, device, args.repeats)
+                table[name][size] = max(rate["f"])
+        self.results["batch_size_sweep"] = table
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(bench: Bench) -> str:
+    """A compact table of everything measured."""
+    r, args = bench.results, bench.args
+    env = r.get("environment", {})
+    lines = [
+        f"device={env.get('gpu', env.get('device'))} torch={env.get('torch')} "
+        f"threads={env.get('threads')} clock={args.clock} model={args.model} "
+        f"batch_size={args.batch_size} "
+        f"n0={args.n0} n={args.n} images={args.images} noise_block={args.noise_block}",
+    ]
+    flops = r.get("flops_per_sample")
+    matmul = r.get("matmul_tflops", {})
+    if flops:
+        lines.append(
+            f"model FLOPs/sample={flops / 1e6:.2f}M; matmul TFLOP/s: "
+            + ", ".join(f"{k}={v:.2f}" for k, v in matmul.items())
+        )
+    variants = r.get("variants", {})
+    best_forward: dict[str, float] = {}
+    for name, row in variants.items():
+        precision = name.split("+")[0]
+        best_forward[precision] = max(best_forward.get(precision, 0.0), row["forward"]["best"])
+    header = (
+        f"{'variant':24s} {'certify/s med':>14s} {'[best]':>12s} {'forward/s best':>15s} "
+        f"{'cert/fwd':>8s} {'cert/best':>9s} {'TFLOP/s':>8s} {'%matmul':>8s}"
+    )
+    lines += [header, "-" * len(header)]
+    for name, row in variants.items():
+        precision = name.split("+")[0]
+        cert, fwd = row["certify"], row["forward"]
+        ratio = cert["best"] / fwd["best"]
+        ratio_best = cert["best"] / best_forward[precision]
+        achieved = cert["best"] * (flops or 0) / 1e12
+        ceiling = matmul.get(precision)
+        percent = f"{100 * achieved / ceiling:7.1f}%" if ceiling else "      -"
+        row.update(ratio=ratio, ratio_to_best_forward=ratio_best, tflops=achieved)
+        lines.append(
+            f"{name:24s} {cert['median']:14,.0f} {cert['best']:12,.0f} {fwd['best']:15,.0f} "
+            f"{ratio:8.2f} {ratio_best:9.2f} {achieved:8.3f} {percent:>8s}"
+        )
+    if flops and variants:
+        lines.append("forward pass alone (best of each variant):")
+        for name, row in variants.items():
+            achieved = row["forward"]["best"] * flops / 1e12
+            ceiling = matmul.get(name.split("+")[0])
+            share = f" = {100 * achieved / ceiling:.1f}% of the matmul rate" if ceiling else ""
+            lines.append(f"  {name:22s} {achieved:8.3f} TFLOP/s{share}")
+    if "noise" in r:
+        lines.append(f"noise blocks alone: {r['noise']['best']:,.0f} samples/s (best)")
+    if "peers" in r:
+        peers = r["peers"]
+        ours = peers["ours_fp32"]["median"]
+        text = ", ".join(
+            f"{k} {v['median']:,.0f}/s (ours/{k} {ours / v['median']:.2f})"
+            for k, v in peers.items()
+            if k != "ours_fp32"
+        )
+        lines.append(f"peers (fp32, contiguous): ours {ours:,.0f}/s; {text}")
+    if "resnet18" in r:
+        res = r["resnet18"]
+        text = ", ".join(
+            f"{k} {v['seconds_per_image_at_n_100000']:.2f} s/image ({v['samples_per_s']:,.0f}/s)"
+            for k, v in res.items()
+            if isinstance(v, dict)
+        )
+        lines.append(
+            f"CifarResNet18 ({res['flops'] / 1e9:.2f} GFLOP/sample) at n=100,000 "
+            f"(from n={res['n']}): {text}"
+        )
+    if "batch_size_sweep" in r:
+        for name, row in r["batch_size_sweep"].items():
+            text = ", ".join(f"{size}: {rate:,.0f}" for size, rate in row.items())
+            lines.append(f"forward sweep {name} (batch: samples/s): {text}")
+    for name, error in r.get("errors", {}).items():
+        lines.append(f"ERROR {name}: {error}")
+    if bench.skipped:
+        lines.append("skipped: " + ", ".join(bench.skipped))
+    lines.append(f"total time {time.perf_counter() - bench.started:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    global CLOCK
+    args = parse_args(argv)
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    base = LeNet(1, NUM_CLASSES).to(device).eval()
-    fast = copy.deepcopy(base)
-    if args.channels_last:
-        fast = fast.to(memory_format=torch.channels_last)
-    if args.compile:
-        fast = torch.compile(fast)
-    autocast_dtype = torch.bfloat16 if args.bf16 else None
-    images = torch.rand(args.images, 1, 28, 28, device=device)
-    indices = list(range(args.images))
-    per_image = args.n0 + args.n
-    total = args.images * per_image
-
-    options = {} if args.noise_block is None else {"noise_block": args.noise_block}
-    smooth = Smooth(
-        fast,
-        NUM_CLASSES,
-        args.sigma,
-        batch_size=args.batch_size,
-        autocast_dtype=autocast_dtype,
-        channels_last=args.channels_last,
-        **options,
-    )
-
-    def ours() -> None:
-        smooth.certify_batch(images, indices, args.n0, args.n, args.alpha)
-
-    def loop() -> None:
-        for x in images:
-            locuslab_loop(base, x, args.n0, args.batch_size, args.sigma)
-            locuslab_loop(base, x, args.n, args.batch_size, args.sigma)
-
-    fixed = torch.rand(args.batch_size, 1, 28, 28, device=device)
-    if args.channels_last:
-        fixed = fixed.contiguous(memory_format=torch.channels_last)
-    forward_iters = max(1, round(total / args.batch_size))
-
-    def forward() -> None:
-        with (
-            torch.inference_mode(),
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16),
-        ):
-            for _ in range(forward_iters):
-                fast(fixed)
-
-    methods: dict[str, tuple[Callable[[], None], int]] = {
-        "ours": (ours, total),
-        "forward": (forward, forward_iters * args.batch_size),
-    }
-    if not args.skip_loop:
-        methods["loop"] = (loop, total)
-    if not args.skip_art:
-        from art.estimators.certification.randomized_smoothing import PyTorchRandomizedSmoothing
-
-        art = PyTorchRandomizedSmoothing(
-            model=base,
-            loss=nn.CrossEntropyLoss(),
-            input_shape=(1, 28, 28),
-            nb_classes=NUM_CLASSES,
-            device_type="gpu" if device.type == "cuda" else "cpu",
-            sample_size=args.n0,
-            scale=args.sigma,
-            alpha=args.alpha,
-        )
-        images_np = images.cpu().numpy()
-
-        def run_art() -> None:
-            art.certify(images_np, n=args.n, batch_size=args.batch_size)
-
-        methods["ART"] = (run_art, total)
-
-    rates: dict[str, list[float]] = {name: [] for name in methods}
-    for fn, _ in methods.values():  # warm-up (and compilation)
-        fn()
-    synchronize(device)
-    for _ in range(args.repeats):
-        for name, (fn, samples) in methods.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            rates[name].append(samples / (time.perf_counter() - start))
-
-    flags = [f for f in ("bf16", "channels_last", "compile") if getattr(args, f)]
-    print(
-        f"device={device} threads={torch.get_num_threads()} batch_size={args.batch_size} "
-        f"n0={args.n0} n={args.n} images={args.images} options={flags or ['fp32']}"
-    )
-    median = {name: statistics.median(r) for name, r in rates.items()}
-    for name, r in rates.items():
-        print(f"  {name:8s} {median[name]:12,.0f} samples/s  (best {max(r):,.0f})")
-    for other in ("loop", "ART", "forward"):
-        if other in median:
-            print(f"  ours/{other:8s} {median['ours'] / median[other]:.2f}x")
+    bench = Bench(args)
+    bench.guarded("environment", bench.environment, need_s=0)
+    bench.guarded("matmul", bench.matmul)
+    names = args.variants.split(",")
+    eager = [name for name in names if "compile" not in name.split("+")]
+    for name in eager:  # compiled variants last: their compilation takes the longest
+        bench.guarded(name, lambda name=name: bench.variant(name), need_s=15)
+    bench.guarded("noise", bench.noise)
+    if args.resnet:
+        bench.guarded("resnet18", bench.resnet, need_s=10)
+    for name in (name for name in names if name not in eager):
+        bench.guarded(name, lambda name=name: bench.variant(name), need_s=30)
+    if args.peers:
+        bench.guarded("peers", bench.peers, need_s=10)
+    if args.sweep:
+        bench.guarded("sweep", bench.sweep, need_s=10)
+    text = report(bench)
+    print(text)
+    bench.results["skipped"] = bench.skipped
+    if args.json:
+        args.json.write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
+    return bench.results
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from robust.certificates import (
 )
 from robust.checks import SettingError, check_choice, check_int, check_real
 from robust.report import plot_certified_curves
-from robust.smoothing import DEFAULT_NOISE_BLOCK, Smooth
+from robust.smoothing import DEFAULT_NOISE_BLOCK, MAX_BLOCKS, NOISE_SCHEME, Smooth
 from robust.statistics import smallest_useful_n
 
 __all__ = ["Certification"]
@@ -59,15 +59,21 @@ CHECKED_SETTINGS = (
     "seed",
     "noise_block",
     "autocast",
-    "channels_last",
+    "tf32",
+    "noise_scheme",
     "device_type",
+    "gpu",
     "model_sha256",
     "dataset_sha256",
 )
 # Under ``fast_dev_run`` the callback certifies 2 images with at most these n0, n.
 FAST_DEV_N0, FAST_DEV_N = 16, 64
-# Images per round ~ this many forward batches' worth of noisy samples (then rows are written).
-ROUND_FORWARDS = 4
+# Images per round ~ this many forward batches' worth of noisy samples (then rows are written): on
+# a GPU a forward batch takes milliseconds, so a round holds many of them.
+ROUND_FORWARDS = {"cpu": 4, "cuda": 50}
+# Defaults per device type: forward batch size (a sweep on CPU is flat above 1,000; a GPU needs
+# large batches to fill it) and the memory layout (channels_last: about 2x faster on CPUs).
+DEFAULT_BATCH_SIZE = {"cpu": 1000, "cuda": 50_000}
 
 
 class Certification(EvaluationCallback):
@@ -94,7 +100,8 @@ class Certification(EvaluationCallback):
         n0: Selection samples per image (>= 1); Cohen et al. use 100.
         n: Estimation samples per image (>= 1); Cohen et al. use 100,000.
         alpha: Failure probability of each certificate, in (0, 1); Cohen et al. use 0.001.
-        batch_size: Noisy samples per forward pass (>= 1); does not change the results.
+        batch_size: Noisy samples per forward pass (>= 1); does not change the results. ``None``:
+            1,000 on CPUs, 50,000 on GPUs.
         max_images: Certify at most this many images (>= 1; ``None``: all selected).
         skip: Certify every ``skip``-th image, as locuslab's ``--skip``.
         seed: Base seed of the noise (>= 0); image i's noise is seeded by (seed, i).
@@ -107,7 +114,11 @@ class Certification(EvaluationCallback):
             autocast (the certificate holds for the classifier as evaluated).
         channels_last: Run the classifier in channels-last memory format: the same classifier up to
             float rounding, about twice as fast on CPUs. ``None`` (default): on for CPUs only.
-        compile: ``torch.compile`` the classifier for certification.
+        compile: ``torch.compile`` the classifier for certification (static shapes: the last
+            forward batch is padded, and the padding is not counted).
+        cuda_graph: Replay the fixed-shape forward pass as a CUDA graph; ``None``: on for CUDA.
+        tf32: Allow TF32 matrix products and convolutions on CUDA (off: IEEE float32, the
+            classifier whose certificate is claimed; on: the certificate is for the TF32 one).
         stop_after: Stop after this many newly certified test images (>= 0), as if interrupted.
         noise_block: Samples per independently seeded noise block (see ``Smooth``).
 
@@ -128,7 +139,7 @@ class Certification(EvaluationCallback):
         n0: int = 100,
         n: int = 100_000,
         alpha: float = 0.001,
-        batch_size: int = 1000,
+        batch_size: int | None = None,
         max_images: int | None = None,
         skip: int = 1,
         seed: int = 0,
@@ -139,16 +150,19 @@ class Certification(EvaluationCallback):
         autocast: str | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
+        cuda_graph: bool | None = None,
+        tf32: bool = False,
         stop_after: int | None = None,
         noise_block: int = DEFAULT_NOISE_BLOCK,
     ) -> None:
         owner = "Certification"
         super().__init__(
             every_n_val_epochs=every_n_val_epochs,
-            batch_size=batch_size,
+            batch_size=1 if batch_size is None else batch_size,
             max_images=max_images,
             skip=skip,
         )
+        self.forward_batch = None if batch_size is None else self.batch_size
         self.sigma = None if sigma is None else check_real("sigma", sigma, low=0, owner=owner)
         self.alpha = check_real("alpha", alpha, low=0, high=1, owner=owner)
         self.n0 = check_int("n0", n0, minimum=1, owner=owner)
@@ -172,7 +186,16 @@ class Certification(EvaluationCallback):
         self.channels_last = check_choice(
             "channels_last", channels_last, [None, True, False], owner=owner
         )
-        self.compile = bool(compile)
+        self.compile = check_choice("compile", compile, [True, False], owner=owner)
+        self.cuda_graph = check_choice("cuda_graph", cuda_graph, [None, True, False], owner=owner)
+        self.tf32 = check_choice("tf32", tf32, [True, False], owner=owner)
+        for name, value in (("n", self.n), ("n0", self.n0), ("val_n", self.val_n)):
+            if value > MAX_BLOCKS * self.noise_block:
+                raise SettingError(
+                    f"{owner} {name} must be <= {MAX_BLOCKS * self.noise_block} (MAX_BLOCKS x "
+                    f"noise_block, so that every noise block has its own seed); got {value}: "
+                    "raise noise_block"
+                )
         self.output = output
         useful = smallest_useful_n(self.alpha)
         for name, value, used in (("n", n, True), ("val_n", val_n, every_n_val_epochs > 0)):
@@ -192,7 +215,6 @@ class Certification(EvaluationCallback):
         self._file_order: list[int] = []
         self._writer: Any = None
         self._smooth: Smooth | None = None
-        self._compiled: tuple[nn.Module, nn.Module] | None = None
         self._started = 0.0
         self._samples = 0
 
@@ -237,6 +259,16 @@ class Certification(EvaluationCallback):
             return pl_module.device.type == "cpu"
         return self.channels_last
 
+    def _forward_batch(self, pl_module: LightningModule) -> int:
+        if self.forward_batch is not None:
+            return self.forward_batch
+        return DEFAULT_BATCH_SIZE.get(pl_module.device.type, 1000)
+
+    def _cuda_graph(self, pl_module: LightningModule) -> bool:
+        if self.cuda_graph is None:
+            return pl_module.device.type == "cuda"
+        return self.cuda_graph
+
     def _settings(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         dataset = evaluation_dataset(trainer, "test")
         datamodule = getattr(trainer, "datamodule", None)
@@ -249,8 +281,10 @@ class Certification(EvaluationCallback):
             "seed": self.seed,
             "noise_block": self.noise_block,
             "autocast": self.autocast,
-            "channels_last": self._channels_last(pl_module),
+            "tf32": self.tf32,
+            "noise_scheme": NOISE_SCHEME,
             "device_type": pl_module.device.type,
+            "gpu": _gpu_name(pl_module.device),
             "model_sha256": model_fingerprint(_base_classifier(pl_module)),
             "dataset_sha256": images_fingerprint(
                 (i, *_image_label(dataset[i]))
@@ -259,9 +293,12 @@ class Certification(EvaluationCallback):
             # Not checked (they do not change any row): for the record.
             "data": identity() if callable(identity) else None,
             "num_classes": _num_classes(pl_module),
+            "channels_last": self._channels_last(pl_module),
+            "compile": self.compile,
+            "cuda_graph": self._cuda_graph(pl_module),
             "skip": self.skip,
             "max_images": self.max_images,
-            "batch_size": self.batch_size,
+            "batch_size": self._forward_batch(pl_module),
             "model": type(pl_module).__name__,
         }
 
@@ -289,20 +326,18 @@ class Certification(EvaluationCallback):
         return []
 
     def _make_smooth(self, pl_module: LightningModule) -> Smooth:
-        base = _base_classifier(pl_module)
-        if self.compile:
-            if self._compiled is None or self._compiled[0] is not base:
-                self._compiled = (base, torch.compile(base))
-            base = self._compiled[1]
         return Smooth(
-            base,
+            _base_classifier(pl_module),
             _num_classes(pl_module),
             self._sigma(pl_module),
-            batch_size=self.batch_size,
+            batch_size=self._forward_batch(pl_module),
             seed=self.seed,
             noise_block=self.noise_block,
             autocast_dtype=AUTOCAST[self.autocast] if self.autocast else None,
             channels_last=self._channels_last(pl_module),
+            compile=self.compile,
+            cuda_graph=self._cuda_graph(pl_module),
+            tf32=self.tf32,
             device=pl_module.device,
         )
 
@@ -317,8 +352,10 @@ class Certification(EvaluationCallback):
         return "certify" if stage == "test" else "val_certify"
 
     def images_per_round(self, stage: str) -> int:  # noqa: D102
+        assert self._smooth is not None
         n0, n = self.n0, self.n if stage == "test" else self.val_n
-        return max(1, math.ceil(ROUND_FORWARDS * self.batch_size / (n0 + n)))
+        forwards = ROUND_FORWARDS.get(self._smooth.device.type, 4)
+        return max(1, math.ceil(forwards * self._smooth.batch_size / (n0 + n)))
 
     def pending(
         self, trainer: Trainer, pl_module: LightningModule, stage: str, selected: list[int]
@@ -458,6 +495,11 @@ def _num_classes(pl_module: LightningModule) -> int:
         f"Certification needs the module's `num_classes` (an int >= 2); "
         f"{type(pl_module).__name__} has {num_classes!r}"
     )
+
+
+def _gpu_name(device: torch.device) -> str | None:
+    """The GPU model (its noise differs from another model's for large blocks), or None."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
 def _image_label(item: Any) -> tuple[Tensor, int]:

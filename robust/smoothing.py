@@ -5,14 +5,25 @@ Cohen, Rosenfeld & Kolter (2019), "Certified Adversarial Robustness via Randomiz
 sigma^2 I). If the top class has probability p_A >= pA_bar > 1/2, g is constant on the L2 ball of
 radius R = sigma * Phi^-1(pA_bar) around x (Theorem 1 with pB_bar = 1 - pA_bar). ``Smooth``
 implements the Monte Carlo algorithms PREDICT and CERTIFY (Algorithm 1 / Section 3.2.2).
+
+Examples:
+    >>> import torch
+    >>> from torch import nn
+    >>> always_one = nn.Linear(4, 2)  # f(x) = 1 for every x: logits (0, 1)
+    >>> _ = nn.init.zeros_(always_one.weight), always_one.bias.data.copy_(torch.tensor([0.0, 1.0]))
+    >>> smooth = Smooth(nn.Sequential(nn.Flatten(), always_one), num_classes=2, sigma=0.5)
+    >>> prediction, radius = smooth.certify(torch.zeros(1, 2, 2), n0=10, n=100, alpha=0.01)
+    >>> prediction, round(radius, 4)  # sigma * Phi^-1(alpha ** (1 / n)): all n samples say 1
+    (1, 0.8477)
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
-import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,14 +31,20 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
+from robust.checks import SettingError, check_choice, check_int, check_real
 from robust.modes import eval_mode
 from robust.statistics import binomial_pvalue, clopper_pearson_lower, smallest_useful_n
 
 __all__ = [
     "ABSTAIN",
+    "DEFAULT_NOISE_BLOCK",
+    "MAX_BLOCKS",
+    "MAX_INDEX",
+    "NOISE_SCHEME",
     "Certificate",
     "Smooth",
     "binomial_pvalue",
+    "block_seeds",
     "clopper_pearson_lower",
     "smallest_useful_n",
 ]
@@ -39,10 +56,21 @@ ABSTAIN = -1
 SELECTION_STREAM = 0
 ESTIMATION_STREAM = 1
 PREDICTION_STREAM = 2
+NUM_STREAMS = 3
 
-# Large enough that per-block launches are negligible even for tiny models on a GPU; blocks that
-# straddle forward batches are drawn into a scratch buffer of noise_block samples.
 DEFAULT_NOISE_BLOCK = 1000
+"""Noisy samples per independently seeded noise block (part of the seed of all noise)."""
+
+MAX_BLOCKS = 1024
+"""Noise blocks per (image, stream) that keep block seeds distinct: n <= MAX_BLOCKS * noise_block."""
+
+MAX_INDEX = 2**32 // (NUM_STREAMS * MAX_BLOCKS) - 1
+"""Largest dataset index whose block seeds stay distinct (1,398,100; ImageNet's train set fits)."""
+
+NOISE_SCHEME = "block-seeds-fmix32/nchw/float32"
+"""Names how the noise is made (seeds, order, precision); record it next to saved certificates."""
+
+_MASK32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -59,6 +87,11 @@ class Certificate:
         n0: Number of selection samples.
         n: Number of estimation samples.
         alpha: Failure probability of the certificate.
+
+    Examples:
+        >>> cert = Certificate(3, ABSTAIN, 0.0, 0.41, 480, 2, 100, 1000, 0.001)
+        >>> cert.abstained
+        True
     """
 
     index: int
@@ -73,26 +106,149 @@ class Certificate:
 
     @property
     def abstained(self) -> bool:
-        """Whether CERTIFY abstained."""
+        """Whether CERTIFY abstained.
+
+        Examples:
+            >>> Certificate(0, 4, 0.3, 0.9, 95, 4, 100, 100, 0.001).abstained
+            False
+        """
         return self.prediction == ABSTAIN
 
 
+# ---------------------------------------------------------------------------- seeded noise blocks
+
+
+@functools.lru_cache(maxsize=64)
+def _seed_keys(seed: int) -> tuple[int, int]:
+    """Two 32-bit keys derived from the base seed (any non-negative int) by NumPy's SeedSequence."""
+    k0, k1 = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint32)
+    return int(k0), int(k1)
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer: a bijection of [0, 2**32) (every step is invertible)."""
+    h = h ^ (h >> np.uint64(16))
+    h = (h * np.uint64(0x85EBCA6B)) & np.uint64(_MASK32)
+    h = h ^ (h >> np.uint64(13))
+    h = (h * np.uint64(0xC2B2AE35)) & np.uint64(_MASK32)
+    return h ^ (h >> np.uint64(16))
+
+
+def block_seeds(
+    seed: int, index: int | Sequence[int] | np.ndarray, stream: int, num_blocks: int
+) -> np.ndarray:
+    """Generator seeds of noise blocks 0..num_blocks-1 of one (base seed, dataset index, stream).
+
+    PyTorch's CPU generator keeps only the low 32 bits of a seed (``manual_seed(s)`` equals
+    ``manual_seed(s + 2**32)``), so 64-bit seeds drawn at random would collide: about 131 pairs
+    among the 1.01M blocks of 10,000 images at n = 100,000. Instead every block gets a distinct
+    32-bit seed by construction:
+
+    1. key = (index * NUM_STREAMS + stream) * MAX_BLOCKS + block, a mixed-radix number that is
+       injective for index <= MAX_INDEX, stream < NUM_STREAMS and block < MAX_BLOCKS, and < 2**32;
+    2. seed32 = fmix32((key + k0) mod 2**32) XOR k1 with (k0, k1) derived from the base seed: a
+       composition of bijections of the 32-bit integers, so distinct keys keep distinct seeds.
+
+    Within one run (one base seed) no two blocks share a seed, on any device: CUDA's Philox takes
+    the same seeds (as its 64-bit key, offset 0). Runs with different base seeds use unrelated
+    permutations of the same 2**32 seeds, so a block of one run equals some block of another run
+    only by chance (probability about blocks / 2**32 per block).
+
+    Args:
+        seed: Non-negative base seed of the run.
+        index: Dataset index of the image, in [0, MAX_INDEX]; or a 1-D array of them.
+        stream: Noise stream (0 selection, 1 estimation, 2 prediction).
+        num_blocks: Number of blocks, in [0, MAX_BLOCKS].
+
+    Returns:
+        uint32 array of ``num_blocks`` seeds; of shape (len(index), num_blocks) for an array.
+
+    Raises:
+        SettingError: For an index, stream or block count outside the collision-free ranges.
+
+    Examples:
+        >>> block_seeds(0, index=7, stream=1, num_blocks=3).tolist()
+        [3526622783, 2447370486, 3089093485]
+        >>> block_seeds(0, index=[7, 8], stream=1, num_blocks=2).tolist()
+        [[3526622783, 2447370486], [3491389806, 67446996]]
+    """
+    seed = check_int("seed", seed, minimum=0)
+    indices = np.asarray(index)
+    valid = indices.ndim <= 1 and (
+        indices.size == 0
+        or (
+            np.issubdtype(indices.dtype, np.integer)
+            and 0 <= indices.min() <= indices.max() <= MAX_INDEX
+        )
+    )
+    if not valid:
+        raise SettingError(f"index must be integers in [0, {MAX_INDEX}]; got {index!r}")
+    stream = check_int("stream", stream, minimum=0, maximum=NUM_STREAMS - 1)
+    num_blocks = check_int("num_blocks", num_blocks, minimum=0, maximum=MAX_BLOCKS)
+    k0, k1 = _seed_keys(seed)
+    first = (indices.astype(np.uint64) * NUM_STREAMS + np.uint64(stream)) * np.uint64(MAX_BLOCKS)
+    key = first[..., None] + np.arange(num_blocks, dtype=np.uint64)
+    mixed = _fmix32((key + np.uint64(k0)) & np.uint64(_MASK32)) ^ np.uint64(k1)
+    return mixed.astype(np.uint32)
+
+
+def _noise_blocks(
+    seed: int, indices: Sequence[int], streams: Sequence[tuple[int, int]], noise_block: int
+) -> Iterator[tuple[int, int]]:
+    """(block seed, rows) of every noise block of a call, in the order of the rows they fill.
+
+    The rows of a call are laid out image by image and, within an image, stream by stream:
+    image slot i owns rows [i * per_image, (i + 1) * per_image) with per_image = sum of the
+    streams' sample counts, its first ``streams[0][1]`` rows in stream ``streams[0][0]``.
+    """
+    for index in indices:  # each image's rows are contiguous ...
+        for stream, num in streams:  # ... the selection rows first, then the estimation rows
+            seeds = block_seeds(seed, index, stream, math.ceil(num / noise_block)).tolist()
+            for block, block_seed in enumerate(seeds):  # block b holds samples b * noise_block..
+                yield block_seed, min(noise_block, num - block * noise_block)
+
+
+# ---------------------------------------------------------------------------- forward batches
+
+
+@dataclass
+class _Buffers:
+    """Device buffers of the forward batches, reused across calls (static for compile/graphs).
+
+    noise: ``batch_size + noise_block`` rows of N(0, I) noise; batches are always ``noise[:B]``.
+    images: The call's images, padded with zeros to a power-of-two capacity.
+    rows: Global row number of each row of the current forward batch.
+    layout: [rows per image, first row of the second stream within an image, streams * classes].
+    ones: Count increments.
+    """
+
+    noise: torch.Tensor
+    images: torch.Tensor
+    rows: torch.Tensor
+    layout: torch.Tensor
+    ones: torch.Tensor
+
+
+def _channels_last_copy(model: nn.Module) -> nn.Module:
+    """A private channels-last copy of ``model`` in eval mode; the caller's module is untouched.
+
+    Made outside inference mode so that it is an ordinary module (Lightning tests run in
+    inference mode), with its parameters frozen: only Smooth evaluates it.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        private = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return private.eval().requires_grad_(False)
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
 def _infer_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for _, tensor in _tensors(model):
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.float32
-
-
-def _block_seeds(seed: int, index: int, stream: int, num_blocks: int) -> np.ndarray:
-    """Seeds of noise blocks 0..num_blocks-1 of one (seed, dataset index, stream).
-
-    Block b's seed is the b-th 64-bit output of a Philox counter-based generator keyed by
-    ``SeedSequence([seed, index, stream])``: a function of (seed, index, stream, b) alone, and
-    cheap to compute for all blocks of an image at once.
-    """
-    bits = np.random.Philox(np.random.SeedSequence([seed, index, stream]))
-    return bits.random_raw(num_blocks)
 
 
 class Smooth:
@@ -102,40 +258,65 @@ class Smooth:
     (Theorem 1) is about exactly this Gaussian. The base classifier maps [0, 1] images to logits and
     contains its own input normalization.
 
-    Speed: noisy copies of several images are packed into one forward batch (and a large n fills
-    whole batches); noise is drawn into a preallocated buffer on the model's device; class counts
-    are accumulated on the device with ``index_add_`` (``torch.bincount`` would sync on CUDA); the
-    counts cross to the host once per ``certify_batch``/``predict_batch`` call.
+    **Precision.** The noise is drawn and added in float32 (float64 for a float64 model), whatever
+    the model's dtype, so x + sigma * z is Gaussian to float32 rounding; it is then cast to the
+    model's dtype (e.g. bfloat16 under ``precision="bf16-true"``). The certificate is about the
+    classifier *as evaluated*: the cast, ``autocast_dtype`` and ``tf32`` are part of f, and
+    Theorem 1 holds for that f. ``tf32=False`` (default) makes "fp32" mean IEEE float32 in
+    cuDNN convolutions and CUDA matmuls (PyTorch's own default lets cuDNN use TF32);
+    ``tf32=True`` allows TF32 there, a slightly different f. Neither matters on CPUs.
 
-    Reproducibility: the noise of an image comes in fixed blocks of ``noise_block`` samples, each
-    drawn by a generator seeded from (seed, dataset index, stream, block); streams are selection,
-    estimation and prediction. Because ``torch.randn`` output is not invariant to how a draw is
-    split into calls, the block size is fixed and independent of ``batch_size``, so results do not
-    depend on the batch size, the order or packing of images, or the number of processes. They do
-    depend on the device type (CPU and CUDA generators differ), ``noise_block`` and
-    ``channels_last`` (which draws the i.i.d. noise in NHWC order).
+    **Noise.** Each image's noise comes in blocks of ``noise_block`` samples drawn by a generator
+    seeded with ``block_seeds(seed, dataset index, stream, block)``, always in NCHW order; the
+    streams are selection, estimation and prediction. Block seeds are distinct by construction for
+    dataset indices <= ``MAX_INDEX`` and n, n0 <= ``MAX_BLOCKS * noise_block`` (larger values are
+    refused). Because ``torch.randn`` output is not invariant to how a draw is split, the block
+    size is fixed and independent of ``batch_size``, so results do not depend on the batch size,
+    the order or packing of images, the number of processes, ``channels_last``, ``compile`` or
+    ``cuda_graph`` (beyond float rounding of f). They do depend on the device type (CPU and CUDA
+    generators differ) and, on CUDA, on the GPU model for blocks of more than about a million
+    values (PyTorch sizes its random-number grid by the number of multiprocessors).
 
-    Forward options: ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs f under autocast. The
-    certificate is a statement about the base classifier *as evaluated*, so bf16 changes f but the
-    guarantee holds for that f (noise is drawn and added in full precision; the cast is part of f).
-    ``channels_last`` (and a ``torch.compile``d base classifier) evaluate the same f up to float
-    rounding.
+    **Speed.** Noisy copies of several images are packed into forward batches of ``batch_size``;
+    class counts stay on the device (``index_add_``; ``torch.bincount`` would sync on CUDA) and
+    cross to the host once per call; nothing inside the loop synchronizes. Options: ``autocast``
+    (bf16/fp16 forward), ``channels_last`` (a private channels-last copy of the model, refreshed
+    from the caller's weights at each call, so the caller's module is never converted),
+    ``compile`` (``torch.compile`` of the per-batch step with static shapes: the last batch is
+    padded to ``batch_size`` and its padded rows are not counted) and ``cuda_graph`` (one CUDA
+    graph of the per-batch step, replayed; CUDA only, ignored elsewhere). Rule for the batch
+    size: the largest that fits in memory, a multiple of ``noise_block``, so that one forward
+    pass takes milliseconds on a GPU (e.g. 50,000 for LeNet, 1,000 for a CIFAR ResNet-18) and the
+    per-block host work (about 10-20 us per block) stays small; ``benchmarks/certify.py --sweep``
+    measures it.
 
     Args:
         base_classifier: Module mapping a batch of [0, 1] images to logits of ``num_classes``.
         num_classes: Number of classes (>= 2).
         sigma: Noise standard deviation in pixel units (> 0).
-        batch_size: Noisy samples per forward pass (>= 1).
+        batch_size: Noisy samples per forward pass (>= 1); default of every call.
         seed: Non-negative base seed of all noise.
         noise_block: Samples per independently seeded noise block (>= 1). Part of the seed:
             changing it changes the noise.
-        autocast_dtype: ``None`` (full precision), ``torch.bfloat16`` or ``torch.float16``.
-        channels_last: Convert the base classifier (in place) and the noise buffer to channels-last
-            memory format; needs image inputs of shape (C, H, W).
+        autocast_dtype: ``None`` (the model's own precision), ``torch.bfloat16`` or
+            ``torch.float16``: run f under autocast.
+        channels_last: Evaluate a private channels-last copy of f; needs (C, H, W) images.
+        compile: ``torch.compile`` the per-batch step (static shapes).
+        cuda_graph: Capture the per-batch step in a CUDA graph (CUDA devices only).
+        tf32: Allow TF32 in cuDNN convolutions and CUDA matmuls during certification.
         device: Device of the forward passes; default: that of the base classifier's parameters.
 
     Raises:
-        ValueError: For any setting outside its allowed values (named in the message).
+        SettingError: For any setting outside its allowed values (named in the message).
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+        >>> smooth = Smooth(model, num_classes=3, sigma=0.25, batch_size=500)
+        >>> certificates = smooth.certify_batch(torch.rand(2, 1, 4, 4), [0, 1], 10, 200, 0.01)
+        >>> [c.index for c in certificates]
+        [0, 1]
     """
 
     def __init__(
@@ -149,51 +330,71 @@ class Smooth:
         noise_block: int = DEFAULT_NOISE_BLOCK,
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
+        compile: bool = False,
+        cuda_graph: bool = False,
+        tf32: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(base_classifier, nn.Module):
-            raise ValueError(
-                f"base_classifier must be a torch.nn.Module; got {type(base_classifier).__name__}"
+            raise SettingError(
+                f"Smooth base_classifier must be a torch.nn.Module; got "
+                f"{type(base_classifier).__name__}"
             )
-        _check_int("num_classes", num_classes, minimum=2)
-        if (
-            isinstance(sigma, bool)
-            or not isinstance(sigma, numbers.Real)
-            or not (math.isfinite(sigma) and sigma > 0)
-        ):
-            raise ValueError(f"sigma must be a positive finite float; got {sigma!r}")
-        _check_int("batch_size", batch_size, minimum=1)
-        _check_int("seed", seed, minimum=0)
-        _check_int("noise_block", noise_block, minimum=1)
-        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(
-                "autocast_dtype must be one of None, torch.bfloat16, torch.float16; "
-                f"got {autocast_dtype!r}"
-            )
+        owner = "Smooth"
         self.base_classifier = base_classifier
-        self.num_classes = int(num_classes)
-        self.sigma = float(sigma)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.noise_block = int(noise_block)
-        self.autocast_dtype = autocast_dtype
-        self.channels_last = bool(channels_last)
-        inferred_device, self.dtype = _infer_device_dtype(base_classifier)
+        self.num_classes = check_int("num_classes", num_classes, minimum=2, owner=owner)
+        self.sigma = check_real("sigma", sigma, low=0, owner=owner)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
+        self.seed = check_int("seed", seed, minimum=0, owner=owner)
+        self.noise_block = check_int("noise_block", noise_block, minimum=1, owner=owner)
+        self.autocast_dtype = check_choice(
+            "autocast_dtype", autocast_dtype, [None, torch.bfloat16, torch.float16], owner=owner
+        )
+        flags = {"channels_last": channels_last, "compile": compile, "cuda_graph": cuda_graph}
+        for name, value in (*flags.items(), ("tf32", tf32)):
+            check_choice(name, value, [False, True], owner=owner)
+        self.channels_last, self.compile, self.cuda_graph = channels_last, compile, cuda_graph
+        self.tf32 = tf32
+        inferred_device, self.model_dtype = _infer_device_dtype(base_classifier)
         self.device = torch.device(device) if device is not None else inferred_device
-        if self.channels_last:
-            # Outside inference mode, or the converted weights would be inference tensors and the
-            # model could never be trained or attacked again (Lightning tests in inference mode).
-            with torch.inference_mode(False), torch.no_grad():
-                base_classifier.to(memory_format=torch.channels_last)
+        # Noise in float32 (float64 for float64 models), never in the model's bf16/fp16.
+        self.noise_dtype = torch.promote_types(torch.float32, self.model_dtype)
+        self._model = _channels_last_copy(base_classifier) if channels_last else base_classifier
+        self._buffers: _Buffers | None = None
+        self._compiled: Callable[..., torch.Tensor] | None = None
+        self._graph: tuple[tuple, torch.cuda.CUDAGraph, torch.Tensor] | None = None
+
+    @property
+    def static_shapes(self) -> bool:
+        """Whether every forward batch has exactly ``batch_size`` rows (compile or CUDA graphs).
+
+        Examples:
+            >>> Smooth(nn.Linear(4, 2), 2, 0.5, compile=True).static_shapes
+            True
+        """
+        return self.compile or self._use_graph
+
+    @property
+    def _use_graph(self) -> bool:
+        return self.cuda_graph and self.device.type == "cuda"
 
     # ------------------------------------------------------------------ CERTIFY
     def certify(
-        self, x: torch.Tensor, n0: int, n: int, alpha: float, index: int
+        self,
+        x: torch.Tensor,
+        n0: int,
+        n: int,
+        alpha: float,
+        *,
+        index: int = 0,
+        batch_size: int | None = None,
     ) -> tuple[int, float]:
         """CERTIFY (Cohen et al. 2019, Algorithm 1) for one image.
 
         With probability at least 1 - alpha over the noise, the returned class is g(x) and g is
-        constant on the L2 ball of the returned radius around x.
+        constant on the L2 ball of the returned radius around x. ``index`` and ``batch_size`` are
+        keyword-only: locuslab's ``certify(x, n0, n, alpha, batch_size)`` raises a TypeError here
+        instead of silently seeding the noise with the batch size.
 
         Args:
             x: One image, shape (C, H, W) (any per-sample shape the classifier accepts).
@@ -201,12 +402,18 @@ class Smooth:
             n: Number of fresh estimation samples used to lower-bound p_A.
             alpha: Failure probability in (0, 1).
             index: Dataset index of x; seeds its noise.
+            batch_size: Noisy samples per forward pass; ``None``: the instance's.
 
         Returns:
             (prediction, radius); (``ABSTAIN``, 0.0) when the bound on p_A is below 1/2.
+
+        Examples:
+            >>> smooth = Smooth(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), 2, sigma=0.5)
+            >>> smooth.certify(torch.zeros(1, 2, 2), 10, 5, 0.001, index=3)  # n too small: abstain
+            (-1, 0.0)
         """
-        cert = self.certify_batch(x.unsqueeze(0), [index], n0, n, alpha)[0]
-        return cert.prediction, cert.radius
+        cert = self.certify_batch(x.unsqueeze(0), [index], n0, n, alpha, batch_size=batch_size)
+        return cert[0].prediction, cert[0].radius
 
     def certify_batch(
         self,
@@ -215,37 +422,46 @@ class Smooth:
         n0: int,
         n: int,
         alpha: float,
+        *,
+        batch_size: int | None = None,
     ) -> list[Certificate]:
         """CERTIFY for several images, sharing forward batches between them.
 
-        For each image, n0 selection samples choose c_A hat (argmax of counts); a FRESH, independent
-        set of n estimation samples gives n_A; p_A_lower = Clopper-Pearson lower bound of (n_A, n);
-        the image is certified with radius sigma * Phi^-1(p_A_lower) unless p_A_lower < 1/2
-        (abstain, radius 0). ``smallest_useful_n(alpha)`` is the least n that can certify.
+        ``smallest_useful_n(alpha)`` is the least n that can certify.
 
         Args:
             images: Batch of images, shape (B, C, H, W).
-            indices: Dataset index of each image (B non-negative ints); seeds the noise.
-            n0: Number of selection samples per image (>= 1).
-            n: Number of estimation samples per image (>= 1).
+            indices: Dataset index of each image (B ints in [0, MAX_INDEX]); seeds the noise.
+            n0: Number of selection samples per image, in [1, MAX_BLOCKS * noise_block].
+            n: Number of estimation samples per image, in [1, MAX_BLOCKS * noise_block].
             alpha: Failure probability of each certificate, in (0, 1).
+            batch_size: Noisy samples per forward pass; ``None``: the instance's.
 
         Returns:
             One ``Certificate`` per image, in input order.
+
+        Examples:
+            >>> smooth = Smooth(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), 2, sigma=0.5)
+            >>> cert = smooth.certify_batch(torch.zeros(1, 1, 2, 2), [5], 10, 100, 0.01)[0]
+            >>> cert.index, cert.n0, cert.n, cert.count_a <= 100
+            (5, 10, 100, True)
         """
-        _check_int("n0", n0, minimum=1)
-        _check_int("n", n, minimum=1)
-        _check_alpha(alpha)
-        index_list = self._check_batch(images, indices)
-        counts = self._sample_counts(
-            images, index_list, [(SELECTION_STREAM, n0), (ESTIMATION_STREAM, n)]
-        )
+        n0, n = self._check_num("n0", n0), self._check_num("n", n)
+        alpha = check_real("alpha", alpha, low=0, high=1)
+        indices = self._check_batch(images, indices)
+        streams = [(SELECTION_STREAM, n0), (ESTIMATION_STREAM, n)]
+        # draw n0 + n samples of f(x + eps) per image: two independent noise streams
+        counts = self._sample_counts(images, indices, streams, batch_size)
+        # use the n0 selection samples to take a guess at the top class c_A
         top = counts[:, 0, :].argmax(axis=1)
-        count_a = counts[:, 1, :][np.arange(len(index_list)), top]
+        # count c_A among the n fresh estimation samples
+        count_a = counts[:, 1, :][np.arange(len(indices)), top]
+        # one-sided (1 - alpha) lower confidence bound on p_A
         p_lower = np.atleast_1d(clopper_pearson_lower(count_a, n, alpha))
         certificates = []
-        for i, index in enumerate(index_list):
+        for i, index in enumerate(indices):
             p = float(p_lower[i])
+            # abstain unless p_A > 1/2 is certain at level alpha; else R = sigma * Phi^-1(p_A)
             abstain = p < 0.5
             certificates.append(
                 Certificate(
@@ -255,29 +471,46 @@ class Smooth:
                     p_a_lower=p,
                     count_a=int(count_a[i]),
                     top_class=int(top[i]),
-                    n0=int(n0),
-                    n=int(n),
-                    alpha=float(alpha),
+                    n0=n0,
+                    n=n,
+                    alpha=alpha,
                 )
             )
         return certificates
 
     # ------------------------------------------------------------------ PREDICT
-    def predict(self, x: torch.Tensor, n: int, alpha: float, index: int) -> int:
+    def predict(
+        self,
+        x: torch.Tensor,
+        n: int,
+        alpha: float,
+        *,
+        index: int = 0,
+        batch_size: int | None = None,
+    ) -> int:
         """PREDICT (Cohen et al. 2019, Algorithm 1) for one image.
 
         With probability at least 1 - alpha the result is g(x) or ``ABSTAIN``.
 
         Args:
             x: One image, shape (C, H, W).
-            n: Number of noise samples (>= 1).
+            n: Number of noise samples, in [1, MAX_BLOCKS * noise_block].
             alpha: Level of the binomial test of the top two counts, in (0, 1).
-            index: Dataset index of x; seeds its noise.
+            index: Dataset index of x; seeds its noise (keyword-only).
+            batch_size: Noisy samples per forward pass; ``None``: the instance's.
 
         Returns:
             The predicted class or ``ABSTAIN``.
+
+        Examples:
+            >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))  # logits (0, x[0]):
+            >>> _ = nn.init.zeros_(model[1].weight), nn.init.zeros_(model[1].bias)
+            >>> model[1].weight.data[1, 0] = 1.0  # x = 0 is on the decision boundary
+            >>> Smooth(model, 2, sigma=0.5).predict(torch.zeros(1, 2, 2), 100, 0.001)  # a tie
+            -1
         """
-        return self.predict_batch(x.unsqueeze(0), [index], n, alpha)[0]
+        predictions = self.predict_batch(x.unsqueeze(0), [index], n, alpha, batch_size=batch_size)
+        return predictions[0]
 
     def predict_batch(
         self,
@@ -285,181 +518,311 @@ class Smooth:
         indices: Sequence[int] | torch.Tensor | np.ndarray,
         n: int,
         alpha: float,
+        *,
+        batch_size: int | None = None,
     ) -> list[int]:
         """PREDICT for several images: the top class unless binomial_pvalue(top two) > alpha.
 
         Args:
             images: Batch of images, shape (B, C, H, W).
-            indices: Dataset index of each image (B non-negative ints); seeds the noise.
-            n: Number of noise samples per image (>= 1).
+            indices: Dataset index of each image (B ints in [0, MAX_INDEX]); seeds the noise.
+            n: Number of noise samples per image, in [1, MAX_BLOCKS * noise_block].
             alpha: Level of the test, in (0, 1).
+            batch_size: Noisy samples per forward pass; ``None``: the instance's.
 
         Returns:
             One class (or ``ABSTAIN``) per image, in input order.
+
+        Examples:
+            >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+            >>> _ = nn.init.zeros_(model[1].weight), model[1].bias.data.copy_(torch.tensor([1., 0]))
+            >>> Smooth(model, 2, sigma=0.5).predict_batch(torch.zeros(3, 1, 2, 2), [0, 1, 2], 50, 0.01)
+            [0, 0, 0]
         """
-        _check_int("n", n, minimum=1)
-        _check_alpha(alpha)
-        index_list = self._check_batch(images, indices)
-        counts = self._sample_counts(images, index_list, [(PREDICTION_STREAM, n)])[:, 0, :]
+        n = self._check_num("n", n)
+        alpha = check_real("alpha", alpha, low=0, high=1)
+        indices = self._check_batch(images, indices)
+        # draw n samples of f(x + eps) per image
+        counts = self._sample_counts(images, indices, [(PREDICTION_STREAM, n)], batch_size)[:, 0]
+        # the top two classes
         order = np.argsort(-counts, axis=1, kind="stable")
         predictions = []
-        for i in range(len(index_list)):
+        for i in range(len(indices)):
             first, second = order[i, 0], order[i, 1]
+            # return the top class only if a two-sided binomial test rejects p = 1/2 at alpha
             p_value = binomial_pvalue(int(counts[i, first]), int(counts[i, second]))
             predictions.append(int(first) if p_value <= alpha else ABSTAIN)
         return predictions
 
-    # ------------------------------------------------------------------ sampling
+    # ------------------------------------------------------------------ inspection
+    @torch.no_grad()
+    def noisy_inputs(
+        self, x: torch.Tensor, num: int, *, index: int = 0, stream: int = SELECTION_STREAM
+    ) -> torch.Tensor:
+        """The first ``num`` noisy copies x + sigma * z of one image's stream, before f's cast.
+
+        Exactly the noise that CERTIFY/PREDICT classify (same blocks, seeds and arithmetic), in
+        ``noise_dtype``: for looking at, and for checking that it is Gaussian.
+
+        Args:
+            x: One image, shape (C, H, W).
+            num: Number of samples, in [1, MAX_BLOCKS * noise_block].
+            index: Dataset index of x.
+            stream: 0 selection, 1 estimation, 2 prediction.
+
+        Returns:
+            Tensor of shape (num, C, H, W) on ``device``.
+
+        Examples:
+            >>> smooth = Smooth(nn.Flatten(), 2, sigma=0.5)
+            >>> noisy = smooth.noisy_inputs(torch.zeros(1, 2, 2), 3, index=4)
+            >>> noisy.shape, noisy.dtype
+            (torch.Size([3, 1, 2, 2]), torch.float32)
+        """
+        num = self._check_num("num", num)
+        check_int("stream", stream, minimum=0, maximum=NUM_STREAMS - 1)
+        self._check_batch(x.unsqueeze(0), [index])
+        image = x.to(device=self.device, dtype=self.noise_dtype).unsqueeze(0)
+        noise = torch.empty((num, *x.shape), device=self.device, dtype=self.noise_dtype)
+        generator = torch.Generator(device=self.device)
+        start = 0
+        for block_seed, rows in _noise_blocks(
+            self.seed, [index], [(stream, num)], self.noise_block
+        ):
+            generator.manual_seed(block_seed)
+            block = noise[start : start + rows]
+            torch.randn(block.shape, generator=generator, out=block)
+            start += rows
+        rows_of = torch.zeros(num, dtype=torch.int64, device=self.device)
+        return self._noisy(image, rows_of, noise)
+
+    # ------------------------------------------------------------------ checks
+    def _check_num(self, name: str, value: object) -> int:
+        limit = MAX_BLOCKS * self.noise_block
+        try:
+            return check_int(name, value, minimum=1, maximum=limit)
+        except SettingError as err:
+            raise SettingError(
+                f"{err} (at most MAX_BLOCKS={MAX_BLOCKS} noise blocks of noise_block="
+                f"{self.noise_block} samples keep the noise seeds distinct; raise noise_block "
+                "for more samples)"
+            ) from None
+
     def _check_batch(
         self, images: torch.Tensor, indices: Sequence[int] | torch.Tensor | np.ndarray
     ) -> list[int]:
         if not isinstance(images, torch.Tensor) or images.dim() < 2:
-            raise ValueError("images must be a tensor of shape (B, *sample_shape)")
+            raise SettingError("images must be a tensor of shape (B, *sample_shape)")
         if isinstance(indices, torch.Tensor):
             indices = indices.cpu().numpy()
         index_list = [int(i) for i in np.asarray(indices).reshape(-1)]
         if len(index_list) != images.shape[0]:
-            raise ValueError(
+            raise SettingError(
                 f"indices must have one entry per image; got {len(index_list)} for "
                 f"{images.shape[0]} images"
             )
-        if any(i < 0 for i in index_list):
-            raise ValueError("indices must be non-negative dataset indices")
+        bad = [i for i in index_list if not 0 <= i <= MAX_INDEX]
+        if bad:
+            raise SettingError(
+                f"indices must be dataset indices in [0, {MAX_INDEX}] (the range whose noise "
+                f"seeds are distinct); got {bad[0]}"
+            )
         if self.channels_last and images.dim() != 4:
-            raise ValueError("channels_last=True needs images of shape (B, C, H, W)")
+            raise SettingError("channels_last=True needs images of shape (B, C, H, W)")
         return index_list
 
-    def _new_buffer(self, rows: int, sample_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Allocate a noise buffer; return (forward view, contiguous view that noise is drawn in)."""
-        if self.channels_last:
-            c, h, w = sample_shape
-            draw = torch.empty((rows, h, w, c), device=self.device, dtype=self.dtype)
-            return draw.permute(0, 3, 1, 2), draw
-        buffer = torch.empty((rows, *sample_shape), device=self.device, dtype=self.dtype)
-        return buffer, buffer
-
-    def _chunks(
-        self, num_images: int, indices: list[int], streams: list[tuple[int, int]]
-    ) -> Iterator[tuple[int, int, int]]:
-        """Yield (bucket, seed, rows) per noise block; bucket = image slot * len(streams) + k."""
-        block = self.noise_block
-        for slot in range(num_images):
-            for k, (stream, num) in enumerate(streams):
-                num_blocks = math.ceil(num / block)
-                seeds = _block_seeds(self.seed, indices[slot], stream, num_blocks).tolist()
-                for b, seed in enumerate(seeds):
-                    yield slot * len(streams) + k, seed, min(block, num - b * block)
-
+    # ------------------------------------------------------------------ sampling
     @torch.inference_mode()
     def _sample_counts(
-        self, images: torch.Tensor, indices: list[int], streams: list[tuple[int, int]]
+        self,
+        images: torch.Tensor,
+        indices: list[int],
+        streams: list[tuple[int, int]],
+        batch_size: int | None,
     ) -> np.ndarray:
-        """Count f's predictions on noisy copies; returns int64 counts of shape (B, S, classes)."""
-        num_images, num_streams, classes = len(indices), len(streams), self.num_classes
-        x = images.to(device=self.device, dtype=self.dtype)
-        sample_shape = x.shape[1:]
-        capacity = self.batch_size
-        buffer, buffer_draw = self._new_buffer(capacity, sample_shape)
-        scratch: tuple[torch.Tensor, torch.Tensor] | None = None
-        # On CUDA a broadcast add (x over the batch) runs several times slower than a dense one,
-        # so long runs of one image add a dense copy of it (bitwise the same result).
-        dense: torch.Tensor | None = None  # one image repeated over the batch
-        dense_slot = -1
-        generator = torch.Generator(device=self.device)
-        ones = torch.ones(capacity, dtype=torch.int64, device=self.device)
+        """Count f's classes on the noisy copies: int64 array (images, streams, classes).
+
+        Noise blocks fill the rows of the call in order (see ``_noise_blocks``); every
+        ``batch_size`` rows make one forward batch, always ``noise[:B]``: a block that straddles
+        two batches is drawn whole and its rest carried to the front of the buffer.
+        """
+        size = self.batch_size
+        if batch_size is not None:
+            size = check_int("batch_size", batch_size, minimum=1)
+        per_image = sum(num for _, num in streams)
+        buffers = self._prepare(images, size, per_image, streams[0][1], len(streams))
         counts = torch.zeros(
-            num_images * num_streams * classes, dtype=torch.int64, device=self.device
+            len(indices) * len(streams) * self.num_classes, dtype=torch.int64, device=self.device
         )
+        generator = torch.Generator(device=self.device)
+        noise, fill = buffers.noise, 0
+        with self._evaluating():
+            step = self._step(buffers, size)
+            for block_seed, rows in _noise_blocks(self.seed, indices, streams, self.noise_block):
+                # seed the block's own generator: its noise depends on (seed, index, stream, block)
+                generator.manual_seed(block_seed)
+                # draw the whole block, z ~ N(0, I) in noise_dtype, into the next free rows
+                block = noise[fill : fill + rows]
+                torch.randn(block.shape, generator=generator, out=block)
+                fill += rows
+                while fill >= size:
+                    # a full forward batch: classify x + sigma * z and count on the device
+                    counts.index_add_(0, step(size), buffers.ones)
+                    # carry the rest of a straddling block to the front of the buffer
+                    fill -= size
+                    if fill:
+                        rest = noise[size : size + fill]
+                        noise[:fill].copy_(rest.clone() if fill > size else rest)
+            if fill:
+                # the last, partial batch (padded to full size for static shapes; not counted)
+                counts.index_add_(0, step(fill), buffers.ones[:fill])
+        # the counts cross to the host once per call
+        return counts.view(len(indices), len(streams), self.num_classes).cpu().numpy()
+
+    def _prepare(
+        self, images: torch.Tensor, size: int, per_image: int, first: int, num_streams: int
+    ) -> _Buffers:
+        """Buffers for this call (reallocated only when a shape grows), holding its images."""
+        shape = tuple(images.shape[1:])
+        capacity = 1 << max(0, images.shape[0] - 1).bit_length()
+        old = self._buffers
+        if (
+            old is None
+            or old.noise.shape != (size + self.noise_block, *shape)
+            or old.images.shape[0] < capacity
+        ):
+            options = {"device": self.device, "dtype": self.noise_dtype}
+            self._buffers = _Buffers(
+                noise=torch.zeros((size + self.noise_block, *shape), **options),
+                images=torch.zeros((capacity, *shape), **options),
+                rows=torch.empty(size, dtype=torch.int64, device=self.device),
+                layout=torch.zeros(3, dtype=torch.int64, device=self.device),
+                ones=torch.ones(size, dtype=torch.int64, device=self.device),
+            )
+        buffers = self._buffers
+        buffers.images[: images.shape[0]].copy_(images)
+        torch.arange(size, out=buffers.rows)
+        # fill_ with host numbers launches kernels but never waits for the device
+        second = first if num_streams > 1 else per_image  # no second stream: never reached
+        buffers.layout[0].fill_(per_image)
+        buffers.layout[1].fill_(second)
+        buffers.layout[2].fill_(num_streams * self.num_classes)
+        return buffers
+
+    def _noisy(self, images: torch.Tensor, rows: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Noisy rows x + sigma * z (pixel space, no clipping), in ``noise_dtype``."""
+        return torch.add(images.index_select(0, rows), noise, alpha=self.sigma)
+
+    def _batch_keys(
+        self, images: torch.Tensor, noise: torch.Tensor, rows: torch.Tensor, layout: torch.Tensor
+    ) -> torch.Tensor:
+        """Count keys (slot * streams + stream) * classes + f(x + sigma * z) of one forward batch.
+
+        Row r of the call belongs to image slot r // per_image and, within it, to the second
+        stream when r % per_image >= layout[1]. Padded rows get some valid image and are not
+        counted. This is the step that ``compile`` compiles and ``cuda_graph`` captures.
+        """
+        per_image, second, stride = layout[0], layout[1], layout[2]
+        slot = torch.div(rows, per_image, rounding_mode="floor").clamp_(max=images.shape[0] - 1)
+        stream = (rows - slot * per_image).ge(second).long()
+        # the cast to f's dtype comes after the Gaussian noise is added: it is part of f
+        inputs = self._noisy(images, slot, noise).to(self.model_dtype)
         autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
-        # Runs of rows in the current forward batch: [bucket, rows, holds raw noise (x not added)].
-        segments: list[list[int]] = []
-        fill = 0
-
-        def add_image(slot: int, noise: torch.Tensor, out: torch.Tensor) -> None:
-            """Write x[slot] + sigma * noise into out (pixel space, no clipping)."""
-            nonlocal dense, dense_slot
-            image = x[slot]
-            if self.device.type == "cuda" and out.shape[0] >= capacity // 4:
-                if dense is None:
-                    dense = torch.empty_like(buffer)
-                if dense_slot != slot:
-                    dense.copy_(image.expand_as(buffer))
-                    dense_slot = slot
-                image = dense[: out.shape[0]]
-            torch.add(image, noise, alpha=self.sigma, out=out)
-
-        def flush() -> None:
-            nonlocal fill
-            start = 0
-            for bucket, rows, raw in segments:  # one op per run of raw rows of one image
-                if raw:
-                    view = buffer[start : start + rows]
-                    add_image(bucket // num_streams, view, view)
-                start += rows
-            with autocast:
-                logits = self.base_classifier(buffer[:fill])
-            if logits.shape != (fill, classes):
-                raise ValueError(
-                    f"base_classifier must return logits of shape (batch, num_classes={classes}); "
-                    f"got {tuple(logits.shape)}"
-                )
-            # Key = bucket * classes + class. index_add_ rather than torch.bincount: on CUDA,
-            # bincount reads the maximum key back to the host, a sync per forward batch.
-            offsets = np.repeat(
-                np.array([s[0] for s in segments]) * classes, [s[1] for s in segments]
+        with autocast:
+            logits = self._model(inputs)
+        if logits.shape != (noise.shape[0], self.num_classes):
+            raise SettingError(
+                f"base_classifier must return logits of shape (batch, num_classes="
+                f"{self.num_classes}); got {tuple(logits.shape)}"
             )
-            keys = logits.argmax(dim=1) + torch.from_numpy(offsets).to(
-                self.device, non_blocking=True
-            )
-            counts.index_add_(0, keys, ones[:fill])
-            segments.clear()
-            fill = 0
+        return slot * stride + stream * self.num_classes + logits.argmax(dim=1)
 
-        def record(bucket: int, rows: int, raw: bool) -> None:
-            nonlocal fill
-            if segments and segments[-1][0] == bucket and segments[-1][2] == raw:
-                segments[-1][1] += rows
+    def _step(self, buffers: _Buffers, size: int) -> Callable[[int], torch.Tensor]:
+        """``step(valid)``: count keys of the next forward batch's first ``valid`` rows."""
+        function = self._batch_keys
+        if self.compile:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._batch_keys, dynamic=False)
+            function = self._compiled
+        static = self.static_shapes
+        graph = self._captured(function, buffers, size) if self._use_graph else None
+
+        def step(valid: int) -> torch.Tensor:
+            rows = valid if not static else size
+            if graph is not None:
+                keys = graph()
             else:
-                segments.append([bucket, rows, raw])
-            fill += rows
-            if fill == capacity:
-                flush()
+                args = (buffers.images, buffers.noise[:rows], buffers.rows[:rows], buffers.layout)
+                keys = function(*args)
+            buffers.rows.add_(size)  # the next batch's global row numbers
+            return keys[:valid]
 
-        with eval_mode(self.base_classifier):
-            for bucket, seed, rows in self._chunks(num_images, indices, streams):
-                generator.manual_seed(seed)
-                if fill + rows <= capacity:  # the whole block fits: draw it in place
-                    target = buffer_draw[fill : fill + rows]
-                    torch.randn(target.shape, out=target, generator=generator)
-                    record(bucket, rows, raw=True)
-                    continue
-                # The block straddles forward batches: draw it whole into scratch, then write
-                # x + sigma * z piece by piece (scratch is reused by the next straddling block).
-                if scratch is None:
-                    scratch = self._new_buffer(self.noise_block, sample_shape)
-                target = scratch[1][:rows]
-                torch.randn(target.shape, out=target, generator=generator)
-                done = 0
-                while done < rows:
-                    take = min(capacity - fill, rows - done)
-                    piece = buffer[fill : fill + take]
-                    add_image(bucket // num_streams, scratch[0][done : done + take], piece)
-                    done += take
-                    record(bucket, take, raw=False)
-            if fill:
-                flush()
-        return counts.view(num_images, num_streams, classes).cpu().numpy()
+        return step
+
+    def _captured(
+        self, function: Callable[..., torch.Tensor], buffers: _Buffers, size: int
+    ) -> Callable[[], torch.Tensor]:
+        """A CUDA graph of ``function`` on the static buffers (captured again if they moved)."""
+        args = (buffers.images, buffers.noise[:size], buffers.rows, buffers.layout)
+        key = tuple(t.data_ptr() for t in args) + tuple(
+            t.data_ptr() for _, t in _tensors(self._model)
+        )
+        if self._graph is None or self._graph[0] != key:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm up: cuDNN autotuning, compilation, lazy init
+                    function(*args)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                keys = function(*args)
+            self._graph = (key, graph, keys)
+        _, graph, keys = self._graph
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return keys
+
+        return replay
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Eval mode (the caller's modes restored), refreshed private copy, TF32 as set."""
+        with contextlib.ExitStack() as stack:
+            if self._model is self.base_classifier:
+                stack.enter_context(eval_mode(self.base_classifier))
+            else:
+                self._refresh_copy()
+            if self.device.type == "cuda":
+                stack.enter_context(_tf32(self.tf32))
+            yield
+
+    def _refresh_copy(self) -> None:
+        """Copy the caller's current weights into the private channels-last copy (in place)."""
+        mine, theirs = _tensors(self._model), _tensors(self.base_classifier)
+        same = len(mine) == len(theirs) and all(
+            a == b and x.shape == y.shape and x.dtype == y.dtype
+            for (a, x), (b, y) in zip(mine, theirs, strict=True)
+        )
+        if not same:  # the caller changed the module's structure: copy it again
+            self._model = _channels_last_copy(self.base_classifier)
+            self._graph = None
+            return
+        for (_, dst), (_, src) in zip(mine, theirs, strict=True):
+            dst.copy_(src)
 
 
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-
-
-def _check_alpha(alpha: float) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be a float in the open interval (0, 1); got {alpha!r}")
+@contextlib.contextmanager
+def _tf32(allow: bool) -> Iterator[None]:
+    """Allow or forbid TF32 in cuDNN convolutions and CUDA matmuls; restore the previous flags."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

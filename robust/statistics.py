@@ -8,18 +8,14 @@ Cohen, Rosenfeld & Kolter (2019), "Certified Adversarial Robustness via Randomiz
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import beta, binomtest
 
+from robust.checks import SettingError, check_real
+
 __all__ = ["binomial_pvalue", "clopper_pearson_lower", "smallest_useful_n"]
-
-
-def _check_alpha(alpha: float) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be a float in the open interval (0, 1); got {alpha!r}")
 
 
 def clopper_pearson_lower(k: ArrayLike, n: ArrayLike, alpha: float) -> float | np.ndarray:
@@ -38,15 +34,21 @@ def clopper_pearson_lower(k: ArrayLike, n: ArrayLike, alpha: float) -> float | n
         The lower bound: a float for scalar inputs, else an array of the broadcast shape.
 
     Raises:
-        ValueError: If alpha is outside (0, 1), n < 1, or k is outside [0, n].
+        SettingError: If alpha is outside (0, 1), n < 1, or k is outside [0, n].
+
+    Examples:
+        >>> round(clopper_pearson_lower(990, 1000, 0.001), 4)
+        0.976
+        >>> clopper_pearson_lower(10, 10, 0.01) == 0.01 ** (1 / 10)  # k = n: alpha ** (1 / n)
+        True
     """
-    _check_alpha(alpha)
+    alpha = check_real("alpha", alpha, low=0, high=1)
     k_arr = np.asarray(k)
     n_arr = np.asarray(n)
     if np.any(n_arr < 1):
-        raise ValueError(f"n must be >= 1; got {n!r}")
+        raise SettingError(f"n must be >= 1; got {n!r}")
     if np.any(k_arr < 0) or np.any(k_arr > n_arr):
-        raise ValueError(f"k must satisfy 0 <= k <= n; got k={k!r}, n={n!r}")
+        raise SettingError(f"k must satisfy 0 <= k <= n; got k={k!r}, n={n!r}")
     k_f = k_arr.astype(np.float64)
     n_f = n_arr.astype(np.float64)
     # Beta(0, .) is degenerate; the k = 0 bound is 0 by definition, so evaluate at a safe k there.
@@ -69,11 +71,17 @@ def binomial_pvalue(n_a: int, n_b: int) -> float:
         The p-value in [0, 1].
 
     Raises:
-        ValueError: If a count is negative.
+        SettingError: If a count is negative.
+
+    Examples:
+        >>> round(binomial_pvalue(60, 40), 4)
+        0.0569
+        >>> binomial_pvalue(0, 0)
+        1.0
     """
     n_a, n_b = int(n_a), int(n_b)
     if n_a < 0 or n_b < 0:
-        raise ValueError(f"counts must be >= 0; got n_a={n_a}, n_b={n_b}")
+        raise SettingError(f"counts must be >= 0; got n_a={n_a}, n_b={n_b}")
     if n_a + n_b == 0:
         return 1.0
     return float(binomtest(n_a, n_a + n_b, 0.5).pvalue)
@@ -91,8 +99,15 @@ def smallest_useful_n(alpha: float) -> int:
 
     Returns:
         The smallest useful number of estimation samples.
+
+    Raises:
+        SettingError: If alpha is outside (0, 1).
+
+    Examples:
+        >>> smallest_useful_n(0.001)  # Cohen et al.'s alpha: n = 10 can certify, n = 9 cannot
+        10
     """
-    _check_alpha(alpha)
+    alpha = check_real("alpha", alpha, low=0, high=1)
     n = max(1, math.floor(math.log2(1.0 / alpha)))
     while alpha ** (1.0 / n) <= 0.5:  # guard floating-point rounding near powers of two
         n += 1

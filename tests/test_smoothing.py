@@ -2,7 +2,8 @@
 
 Oracles: statsmodels/scipy for the bounds, closed forms for a constant and a linear base
 classifier (coverage of the certificate over repeated runs), ART's PyTorchRandomizedSmoothing as
-a peer implementation.
+a peer implementation; for the notebook API, the caller's module (untouched by channels_last) and
+runs at other batch sizes. Noise seeds, precision and static shapes: ``test_smoothing_noise.py``.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def test_constant_classifier_radius_is_exact(n: int, alpha: float, sigma: float)
 def test_constant_classifier_abstains_below_smallest_useful_n() -> None:
     alpha = 0.001
     n = smallest_useful_n(alpha) - 1
-    prediction, radius = Smooth(Constant(3, 0), 3, 0.5).certify(torch.rand(1, 4, 4), 5, n, alpha, 0)
+    prediction, radius = Smooth(Constant(3, 0), 3, 0.5).certify(torch.rand(1, 4, 4), 5, n, alpha)
     assert (prediction, radius) == (ABSTAIN, 0.0)
 
 
@@ -273,7 +274,10 @@ def test_reproducible_across_batch_size_order_and_packing(device: str) -> None:
     single = Smooth(model, 5, 0.5, batch_size=64, noise_block=50)
     for i, index in enumerate(indices):
         cert = reference[index]
-        assert single.certify(images[i], n0, n, alpha, index) == (cert.prediction, cert.radius)
+        assert single.certify(images[i], n0, n, alpha, index=index) == (
+            cert.prediction,
+            cert.radius,
+        )
     # The noise really depends on the seed (else the equalities above would be vacuous).
     other = Smooth(model, 5, 0.5, batch_size=1000, noise_block=50, seed=1)
     counts = [c.count_a for c in other.certify_batch(images, indices, n0, n, alpha)]
@@ -292,30 +296,29 @@ def test_predict_reproducible_across_batch_size() -> None:
     assert a == b
 
 
-def test_channels_last_reproducible_and_matches_for_one_channel() -> None:
-    images3 = _random_images(3, channels=3)
-    runs = [
-        Smooth(
-            small_cnn(3), 5, 0.5, batch_size=b, noise_block=40, channels_last=True
-        ).certify_batch(images3, [0, 1, 2], 20, 100, 0.01)
-        for b in (33, 500)
-    ]
-    assert runs[0] == runs[1]
-    # With one channel NHWC and NCHW orders coincide, so the noise is identical.
-    images1 = _random_images(3, channels=1)
-    plain = Smooth(small_cnn(1), 5, 0.5, noise_block=40).certify_batch(
-        images1, [0, 1, 2], 20, 100, 0.01
-    )
-    cl = Smooth(small_cnn(1), 5, 0.5, noise_block=40, channels_last=True).certify_batch(
-        images1, [0, 1, 2], 20, 100, 0.01
-    )
-    assert [c.count_a for c in cl] == [c.count_a for c in plain]
+def test_channels_last_draws_the_same_noise() -> None:
+    """The noise is drawn in NCHW order whatever the layout: channels_last changes only rounding."""
+    for channels in (1, 3):
+        images = _random_images(3, channels=channels)
+        plain = Smooth(small_cnn(channels), 5, 0.5, noise_block=40).certify_batch(
+            images, [0, 1, 2], 20, 100, 0.01
+        )
+        for batch_size in (33, 500):
+            cl = Smooth(
+                small_cnn(channels),
+                5,
+                0.5,
+                batch_size=batch_size,
+                noise_block=40,
+                channels_last=True,
+            ).certify_batch(images, [0, 1, 2], 20, 100, 0.01)
+            assert cl == plain
 
 
 def test_bf16_autocast_runs() -> None:
     model, x, true_radius = linear_setup(1.5)
     smooth = Smooth(model, 2, 0.5, autocast_dtype=torch.bfloat16)
-    prediction, radius = smooth.certify(x, 50, 2000, 0.001, 0)
+    prediction, radius = smooth.certify(x, 50, 2000, 0.001)
     assert prediction == 1 and 0 < radius < true_radius + 0.05
 
 
@@ -338,7 +341,7 @@ def test_eval_mode_during_certification_and_modes_restored() -> None:
     model.train()
     model.inner.eval()  # mixed modes must come back exactly
     smooth = Smooth(model, 2, 0.5, batch_size=16)
-    smooth.certify(torch.rand(1, 3, 3), 10, 40, 0.01, 0)
+    smooth.certify(torch.rand(1, 3, 3), 10, 40, 0.01)
     assert model.seen and not any(model.seen)
     assert model.training and not model.inner.training
 
@@ -347,8 +350,8 @@ def test_works_inside_inference_mode_and_with_grad_enabled() -> None:
     model, x, _ = linear_setup(1.0)
     smooth = Smooth(model, 2, 0.5)
     with torch.inference_mode():
-        inside = smooth.certify(x, 20, 200, 0.01, 0)
-    assert smooth.certify(x.requires_grad_(), 20, 200, 0.01, 0) == inside
+        inside = smooth.certify(x, 20, 200, 0.01)
+    assert smooth.certify(x.requires_grad_(), 20, 200, 0.01) == inside
 
 
 # ----------------------------------------------------------------------------- PREDICT
@@ -362,9 +365,9 @@ def test_predict_abstains_on_fifty_fifty_classifier() -> None:
 
 def test_predict_returns_class_of_constant_classifier() -> None:
     smooth = Smooth(Constant(10, 7), 10, 0.25)
-    assert smooth.predict(torch.rand(1, 4, 4), 100, 0.001, 0) == 7
+    assert smooth.predict(torch.rand(1, 4, 4), 100, 0.001) == 7
     # Too few samples for the test to reject p = 1/2: abstain.
-    assert smooth.predict(torch.rand(1, 4, 4), 5, 0.001, 0) == ABSTAIN
+    assert smooth.predict(torch.rand(1, 4, 4), 5, 0.001) == ABSTAIN
 
 
 # ----------------------------------------------------------------------------- validation
@@ -397,10 +400,10 @@ def test_construction_validation(kwargs: dict, name: str) -> None:
 def test_call_validation(n0: int, n: int, alpha: float, name: str) -> None:
     smooth = Smooth(Constant(3, 0), 3, 0.5)
     with pytest.raises(ValueError, match=name):
-        smooth.certify(torch.rand(1, 4, 4), n0, n, alpha, 0)
+        smooth.certify(torch.rand(1, 4, 4), n0, n, alpha)
     if name != "n0":
         with pytest.raises(ValueError, match=name):
-            smooth.predict(torch.rand(1, 4, 4), n, alpha, 0)
+            smooth.predict(torch.rand(1, 4, 4), n, alpha)
 
 
 def test_batch_validation() -> None:
@@ -410,7 +413,7 @@ def test_batch_validation() -> None:
     with pytest.raises(ValueError, match="indices"):
         smooth.certify_batch(torch.rand(1, 1, 4, 4), [-1], 5, 10, 0.01)
     with pytest.raises(ValueError, match="num_classes"):
-        Smooth(Constant(3, 0), 4, 0.5).certify(torch.rand(1, 4, 4), 5, 10, 0.01, 0)
+        Smooth(Constant(3, 0), 4, 0.5).certify(torch.rand(1, 4, 4), 5, 10, 0.01)
 
 
 # ----------------------------------------------------------------------------- peer: ART
@@ -477,13 +480,64 @@ def test_agrees_with_art_randomized_smoothing() -> None:
     assert abs(sum(z_scores)) / math.sqrt(len(z_scores)) < 4
 
 
-def test_channels_last_inside_inference_mode_leaves_a_trainable_model():
-    """Converting the model under Lightning's inference mode must not make its weights inference tensors."""
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 6 * 6, 3)
-    )
-    with torch.inference_mode():
-        Smooth(model, num_classes=3, sigma=0.5, channels_last=True)
-    x = torch.rand(2, 1, 8, 8, requires_grad=True)
-    model(x).sum().backward()  # raises if the weights were created in inference mode
+# ----------------------------------------------------------------------------- notebook API
+
+
+def test_index_and_batch_size_are_keyword_only() -> None:
+    """locuslab's certify(x, n0, n, alpha, batch_size) must not run with index=batch_size."""
+    model, x, _ = linear_setup(1.0)
+    smooth = Smooth(model, 2, 0.5, batch_size=64)
+    with pytest.raises(TypeError):
+        smooth.certify(x, 20, 200, 0.01, 1000)
+    with pytest.raises(TypeError):
+        smooth.predict(x, 200, 0.01, 1000)
+    # batch_size=None is the instance's; another batch size changes nothing; index seeds the noise.
+    reference = smooth.certify(x, 20, 200, 0.01, index=4)
+    assert smooth.certify(x, 20, 200, 0.01, index=4, batch_size=None) == reference
+    assert smooth.certify(x, 20, 200, 0.01, index=4, batch_size=7) == reference
+    cert = smooth.certify_batch(x.unsqueeze(0), [4], 20, 200, 0.01, batch_size=1000)[0]
+    assert (cert.prediction, cert.radius) == reference
+    others = {smooth.certify_batch(x.unsqueeze(0), [i], 20, 200, 0.01)[0].count_a for i in range(8)}
+    assert len(others) > 1
+    predicted = smooth.predict(x, 300, 0.01, index=2)
+    assert predicted == smooth.predict_batch(x.unsqueeze(0), [2], 300, 0.01, batch_size=9)[0]
+
+
+def _conv_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_channels_last_leaves_the_callers_model_untouched(inference: bool) -> None:
+    """channels_last evaluates a private copy: the caller's parameters keep layout, storage, grad."""
+    model = _conv_model()
+    before = {
+        name: (p.data_ptr(), p.stride(), p.detach().clone()) for name, p in model.named_parameters()
+    }
+    images = _random_images(2, channels=3)
+    with torch.inference_mode(inference):
+        smooth = Smooth(model, 3, 0.5, channels_last=True, noise_block=50)
+        smooth.certify_batch(images, [0, 1], 10, 100, 0.01)
+    for name, p in model.named_parameters():
+        ptr, stride, value = before[name]
+        assert (p.data_ptr(), p.stride()) == (ptr, stride) and torch.equal(p, value)
+        assert p.requires_grad and not p.is_inference()
+    assert model.training  # the caller's mode is not touched either
+    # The model can still be trained (its weights are no inference tensors).
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    model(x).sum().backward()
     assert x.grad is not None and model[0].weight.grad is not None
+
+
+def test_channels_last_copy_follows_the_callers_weights() -> None:
+    """Weights changed after construction (training in a notebook) are the ones certified."""
+    model = _conv_model()
+    smooth = Smooth(model, 3, 0.25, channels_last=True)
+    images = _random_images(2, channels=3)
+    with torch.no_grad():  # make f constant: class 2 everywhere
+        for p in model.parameters():
+            p.zero_()
+        model[3].bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+    certs = smooth.certify_batch(images, [0, 1], 10, 100, 0.01)
+    assert [(c.prediction, c.count_a) for c in certs] == [(2, 100), (2, 100)]

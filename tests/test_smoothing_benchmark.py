@@ -1,0 +1,83 @@
+"""The certification benchmark runs end to end at a tiny size, as on a GPU machine without peers.
+
+Oracles: LeNet's FLOPs counted by hand, the JSON and table it must write, and the GPU defaults it
+must parse (the GPU machine has no ART, so the peers must be skipped there, not crash).
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_certify", ROOT / "benchmarks/certify.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lenet_flops_per_sample(bench) -> None:
+    lenet = bench.load_backbones().LeNet(1, 10)
+    # 2 * multiply-adds: conv 1->20 5x5 on 24x24, conv 20->50 5x5 on 8x8, fc 800->500, fc 500->10
+    by_hand = 2 * (20 * 24 * 24 * 25 + 50 * 8 * 8 * 20 * 25 + 800 * 500 + 500 * 10)
+    assert bench.flops_per_sample(lenet, (1, 28, 28), torch.device("cpu")) == by_hand == 4_586_000
+
+
+def test_gpu_defaults_parse(bench) -> None:
+    args = bench.parse_args(["--device", "cuda"])
+    assert (args.n, args.batch_size, args.resnet, args.sweep, args.peers) == (
+        100_000,
+        50_000,
+        True,
+        True,
+        False,
+    )
+    options = [bench.parse_variant(v) for v in args.variants.split(",")]
+    assert {o["precision"] for o in options} == {"fp32", "tf32", "bf16"}
+    assert any(o["compile"] and o["cuda_graph"] for o in options)
+    with pytest.raises(SystemExit):
+        bench.parse_variant("fp64+cl")
+
+
+def test_tiny_cpu_run_without_art(bench, tmp_path, monkeypatch, capsys) -> None:
+    real_import = builtins.__import__
+
+    def no_art(name, *args, **kwargs):
+        if name.startswith("art"):
+            raise ImportError("no ART here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_art)
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--images", "1", "--n", "300", "--batch-size", "200"]
+    argv += ["--noise-block", "128", "--repeats", "1", "--matmul-size", "128", "--peers"]
+    argv += ["--variants", "fp32,fp32+cl+graph+nb64", "--json", str(out)]
+    results = bench.main(argv)
+    printed = capsys.readouterr().out
+    assert "errors" not in results
+    for name in ("fp32", "fp32+cl+graph+nb64"):
+        row = results["variants"][name]
+        assert row["certify"]["best"] > 0 and row["forward"]["best"] > 0
+        assert row["ratio"] == pytest.approx(row["certify"]["best"] / row["forward"]["best"])
+        assert name in printed
+    assert set(results["peers"]) == {"loop", "ours_fp32"}
+    assert "ART (not installed)" in results["skipped"]
+    assert json.loads(out.read_text())["flops_per_sample"] == 4_586_000
+    assert "%matmul" in printed and "noise blocks alone" in printed
+
+
+def test_budget_skips_instead_of_overrunning(bench, capsys) -> None:
+    argv = ["--device", "cpu", "--images", "1", "--n", "100", "--budget-s", "0", "--no-peers"]
+    results = bench.main(argv)
+    assert "variants" not in results
+    assert any("time budget" in s for s in results["skipped"])
+    assert "skipped:" in capsys.readouterr().out
