@@ -28,7 +28,7 @@ from lightning.pytorch import LightningModule, Trainer
 from scipy.stats import norm
 from torch import Tensor, nn
 
-from callbacks.evaluation import EvaluationCallback, evaluation_dataset
+from callbacks.evaluation import EvaluationCallback
 from robust.certificates import (
     HEADER,
     CertifiedImage,
@@ -43,6 +43,7 @@ from robust.certificates import (
 )
 from robust.checks import SettingError, check_choice, check_int, check_real
 from robust.report import plot_certified_curves
+from robust.sharding import evaluation_dataset
 from robust.smoothing import DEFAULT_NOISE_BLOCK, MAX_BLOCKS, NOISE_SCHEME, Smooth
 from robust.statistics import smallest_useful_n
 

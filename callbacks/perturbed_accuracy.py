@@ -8,7 +8,6 @@ number of processes (see :mod:`callbacks.evaluation` for the sharding).
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,11 +18,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 import robust.attacks as attack_lib
-from callbacks.evaluation import EvaluationCallback, gather_rows
+from callbacks.evaluation import EvaluationCallback
 from robust.attacks import AttackSpec
 from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
 from robust.report import plot_example_grid
+from robust.sharding import evaluation_dataset, gather_rows, image_seed
 
 __all__ = ["GradientMaskingWarning", "PerturbedAccuracy", "image_seed"]
 
@@ -33,21 +33,6 @@ GRADIENT_FREE = ("square",)
 
 class GradientMaskingWarning(UserWarning):
     """Evidence that the model's robustness to gradient attacks may be gradient masking."""
-
-
-def image_seed(seed: int, key: str, index: int) -> int:
-    """Seed of one image's random parts, from (callback seed, attack key, dataset index).
-
-    Mixed by NumPy's ``SeedSequence`` so nearby indices give unrelated streams; independent of
-    the batch size, the process count and the order of the attacks.
-
-    Examples:
-        >>> image_seed(0, "pgd40_linf_eps0.3", 7) == image_seed(0, "pgd40_linf_eps0.3", 7)
-        True
-    """
-    words = [seed, zlib.crc32(key.encode()), index]
-    state = np.random.SeedSequence(words).generate_state(1, np.uint64)[0]
-    return int(state) & (2**63 - 1)
 
 
 def _norms(delta: Tensor, norm: str) -> Tensor:
@@ -311,6 +296,4 @@ class PerturbedAccuracy(EvaluationCallback):
 
 
 def _image_shape(trainer: Trainer, stage: str) -> tuple[int, ...]:
-    from callbacks.evaluation import evaluation_dataset
-
     return tuple(torch.as_tensor(evaluation_dataset(trainer, stage)[0][0]).shape)

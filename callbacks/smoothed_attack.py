@@ -19,8 +19,8 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from callbacks.evaluation import EvaluationCallback
-from callbacks.perturbed_accuracy import image_seed
 from robust.checks import SettingError, check_int, check_real
+from robust.sharding import image_seed
 from robust.smoothadv import smoothadv_attack
 from robust.smoothing import ABSTAIN, Smooth
 

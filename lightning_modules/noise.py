@@ -1,4 +1,4 @@
-"""Gaussian noise augmentation (with optional consistency regularization) for randomized smoothing.
+"""Gaussian noise augmentation, consistency regularization and SmoothAdv for randomized smoothing.
 
 Cohen, Rosenfeld & Kolter (2019), "Certified Adversarial Robustness via Randomized Smoothing",
 Section 3.3: the base classifier of a smoothed classifier is trained on x + N(0, sigma^2 I) so that
@@ -7,6 +7,9 @@ Robustness of Smoothed Classifiers" (NeurIPS; arXiv 2006.04062): draw m noisy co
 and penalise their disagreement (the consistency loss L_con), which raises the average certified
 radius. The form here is the default of the authors' code (github.com/jh-jeong/
 smoothing-consistency, ``consistency_loss(..., loss="default")``), which reproduces the paper.
+Salman et al. (2019), "Provably Robust Deep Learning via Adversarially Trained Smoothed
+Classifiers" (NeurIPS), Sec. 3-4: SmoothAdv trains on noisy copies of adversarial examples of the
+smoothed classifier (:func:`robust.smoothadv.smoothadv_attack`).
 """
 
 import math
@@ -19,6 +22,10 @@ from torch import Tensor
 
 from lightning_modules.backbones import SmallCNN
 from lightning_modules.standard import BackboneFactory, StandardClassifier, _adam
+from robust.checks import SettingError, check_int, check_real
+from robust.smoothadv import smoothadv_attack
+
+_OWNER = "NoiseAugmentedClassifier"
 
 
 def consistency_terms(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,6 +68,17 @@ class NoiseAugmentedClassifier(StandardClassifier):
     averaged over the batch; with m = 1 and lambda = eta = 0 it is the plain Gaussian augmentation
     of Cohen et al. (2019). Validation and test measure clean accuracy as in the base class.
 
+    **SmoothAdv** (Salman et al. 2019, Sec. 3-4, their "SmoothAdv_PGD"; on with
+    ``smoothadv_eps > 0``): the m noises delta_i are drawn first, x is replaced by the adversarial
+    x' of the soft smoothed classifier found by :func:`robust.smoothadv.smoothadv_attack` (L2 PGD
+    of ``smoothadv_steps`` steps on ``-log((1/m) sum_i softmax(f(x' + delta_i))_y)`` with these
+    same m noises at every step, within ``||x' - x||_2 <= eps``, in eval mode), and the loss above
+    is taken on the m noisy copies x' + delta_i (the authors' ``--train-multi-noise``); the
+    consistency terms add to it (Jeong & Shin 2020 report SmoothAdv with them). The eps grows
+    linearly over ``smoothadv_warmup_epochs`` W as in the authors' ``train_pgd.py``: epoch e
+    (0-based) uses ``eps * min(1, (e + 1) / W)``, so epoch 0 already attacks with ``eps / W``.
+    Logs ``train/smoothadv_eps`` then.
+
     Args:
         backbone: See :class:`~lightning_modules.standard.StandardClassifier`.
         num_classes: See the base class.
@@ -71,10 +89,17 @@ class NoiseAugmentedClassifier(StandardClassifier):
         optimizer: See the base class.
         lr_scheduler: See the base class.
         sigma: Noise standard deviation in pixel units ([0, 1] images), > 0; certify with the same.
-        num_noise_samples: Noisy copies m per image in each step, >= 1 (the batch grows m times).
+        num_noise_samples: Noisy copies m per image in each step, >= 1 (the batch grows m times);
+            also SmoothAdv's m (the paper's m_train, 1 to 8).
         consistency_weight: lambda >= 0 of the KL consistency term (needs m >= 2; Jeong & Shin
             use m = 2 and lambda in 5..20).
         entropy_weight: eta >= 0 of the entropy term (Jeong & Shin use 0.5).
+        smoothadv_eps: L2 radius eps >= 0 of SmoothAdv (0: off; Salman et al. train with 0.25 to
+            2.0 on CIFAR-10).
+        smoothadv_steps: PGD steps of SmoothAdv, >= 1 (the paper: 1 to 10).
+        smoothadv_step_size: PGD step length > 0; None: ``2 * eps / steps`` (the authors' code).
+        smoothadv_warmup_epochs: Epochs W >= 0 over which SmoothAdv's eps grows linearly (0 or 1:
+            the full eps from the start; the authors warm up over 10 epochs on CIFAR-10).
     """
 
     def __init__(
@@ -91,39 +116,54 @@ class NoiseAugmentedClassifier(StandardClassifier):
         num_noise_samples: int = 1,
         consistency_weight: float = 0.0,
         entropy_weight: float = 0.0,
+        smoothadv_eps: float = 0.0,
+        smoothadv_steps: int = 1,
+        smoothadv_step_size: float | None = None,
+        smoothadv_warmup_epochs: int = 0,
     ) -> None:
-        if isinstance(sigma, bool) or not isinstance(sigma, int | float):
-            raise ValueError(f"model sigma must be a positive finite number, got {sigma!r}")
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"model sigma must be a positive finite number, got {sigma!r}")
-        if (
-            isinstance(num_noise_samples, bool)
-            or not isinstance(num_noise_samples, int)
-            or num_noise_samples < 1
-        ):
-            raise ValueError(
-                f"model num_noise_samples must be an integer >= 1, got {num_noise_samples!r}"
-            )
-        for name, weight in (
-            ("consistency_weight", consistency_weight),
-            ("entropy_weight", entropy_weight),
-        ):
-            if isinstance(weight, bool) or not isinstance(weight, int | float):
-                raise ValueError(f"model {name} must be a finite number >= 0, got {weight!r}")
-            if not (math.isfinite(weight) and weight >= 0):
-                raise ValueError(f"model {name} must be a finite number >= 0, got {weight!r}")
+        sigma = check_real("sigma", sigma, low=0, owner=_OWNER)
+        num_noise_samples = check_int(
+            "num_noise_samples", num_noise_samples, minimum=1, owner=_OWNER
+        )
+        consistency_weight = check_real(
+            "consistency_weight", consistency_weight, low=0, low_inclusive=True, owner=_OWNER
+        )
+        entropy_weight = check_real(
+            "entropy_weight", entropy_weight, low=0, low_inclusive=True, owner=_OWNER
+        )
         if consistency_weight > 0 and num_noise_samples < 2:
-            raise ValueError(
-                "model consistency_weight > 0 needs num_noise_samples >= 2 (the KL term between "
-                f"noisy copies is 0 for one copy), got num_noise_samples={num_noise_samples}"
+            raise SettingError(
+                f"{_OWNER} num_noise_samples must be >= 2 when consistency_weight > 0 (the KL term "
+                f"between noisy copies is 0 for one copy); got num_noise_samples={num_noise_samples}"
             )
+        smoothadv_eps = check_real(
+            "smoothadv_eps", smoothadv_eps, low=0, low_inclusive=True, owner=_OWNER
+        )
+        smoothadv_steps = check_int("smoothadv_steps", smoothadv_steps, minimum=1, owner=_OWNER)
+        if smoothadv_step_size is not None:
+            smoothadv_step_size = check_real(
+                "smoothadv_step_size", smoothadv_step_size, low=0, owner=_OWNER
+            )
+        smoothadv_warmup_epochs = check_int(
+            "smoothadv_warmup_epochs", smoothadv_warmup_epochs, minimum=0, owner=_OWNER
+        )
         super().__init__(
             backbone, num_classes, in_channels, image_size, mean, std, optimizer, lr_scheduler
         )
-        self.sigma = float(sigma)
+        self.sigma = sigma
         self.num_noise_samples = num_noise_samples
-        self.consistency_weight = float(consistency_weight)
-        self.entropy_weight = float(entropy_weight)
+        self.consistency_weight = consistency_weight
+        self.entropy_weight = entropy_weight
+        self.smoothadv_eps = smoothadv_eps
+        self.smoothadv_steps = smoothadv_steps
+        self.smoothadv_step_size = smoothadv_step_size
+        self.smoothadv_warmup_epochs = smoothadv_warmup_epochs
+
+    def smoothadv_eps_at_epoch(self, epoch: int) -> float:
+        """SmoothAdv's eps in (0-based) ``epoch``: ``smoothadv_eps * min(1, (epoch + 1) / W)``."""
+        if self.smoothadv_warmup_epochs == 0 or epoch + 1 >= self.smoothadv_warmup_epochs:
+            return self.smoothadv_eps
+        return self.smoothadv_eps * (epoch + 1) / self.smoothadv_warmup_epochs
 
     def add_noise(self, x: Tensor) -> Tensor:
         """``m`` noisy copies ``x + sigma * z`` stacked copy-major: shape ``(m * B, C, H, W)``."""
@@ -133,11 +173,32 @@ class NoiseAugmentedClassifier(StandardClassifier):
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Cross-entropy on noisy copies plus the consistency terms of Jeong & Shin (2020).
 
+        With SmoothAdv on, the copies are of the adversarial images (see the class docstring).
+
         Returns:
             The loss, the logits of all ``m * B`` noisy copies and their (repeated) targets.
         """
         m, batch = self.num_noise_samples, x.shape[0]
-        logits = self(self.add_noise(x))
+        eps = self.smoothadv_eps_at_epoch(self.current_epoch) if self.smoothadv_eps > 0 else 0.0
+        if eps > 0:
+            noise = self.sigma * torch.randn((m, *x.shape), dtype=x.dtype, device=x.device)
+            x_adv = smoothadv_attack(
+                self,
+                x,
+                y,
+                sigma=self.sigma,
+                eps=eps,
+                steps=self.smoothadv_steps,
+                num_noise_samples=m,
+                step_size=self.smoothadv_step_size,
+                noise=noise,
+            )
+            noisy = (x_adv.unsqueeze(0) + noise).flatten(0, 1)
+        else:
+            noisy = self.add_noise(x)
+        if self.smoothadv_eps > 0 and self._trainer is not None:
+            self.log("train/smoothadv_eps", eps, on_step=False, on_epoch=True)
+        logits = self(noisy)
         targets = y.repeat(m)
         loss = F.cross_entropy(logits, targets)  # = mean over copies of the per-copy mean CE
         if self.consistency_weight > 0 or self.entropy_weight > 0:

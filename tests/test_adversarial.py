@@ -7,7 +7,10 @@ from lightning.pytorch import Trainer
 
 import lightning_modules.adversarial as adversarial
 from lightning_modules import AdversarialClassifier, SmallCNN
-from robust.attacks import AttackSpec
+from robust.attacks import AttackSpec, attack
+from robust.checks import SettingError
+from robust.sharding import image_seed
+from robust.trades import kl_divergence
 from tests.tensor_data import TensorData
 
 NO_TRAINER = "ignore:You are trying to `self.log()`"
@@ -52,6 +55,7 @@ class Spy:
         self.calls.append(
             {
                 "x": x.clone(),
+                "generator": generator,
                 "x_adv": x_adv.clone(),
                 "spec": spec,
                 "autocast": torch.is_autocast_enabled("cpu"),
@@ -61,20 +65,41 @@ class Spy:
         return x_adv
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "half", True, None])
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "half", True])
 def test_perturbed_fraction_outside_0_1_is_rejected(value):
-    with pytest.raises(ValueError, match=r"perturbed_fraction must be in \[0, 1\]"):
+    with pytest.raises(
+        SettingError, match=r"AdversarialClassifier perturbed_fraction must be a number in \[0, 1\]"
+    ):
         AdversarialClassifier(perturbed_fraction=value)
+
+
+TRADES = {"method": "trades", "attack": AttackSpec("pgd", "inf", 0.3, steps=10)}
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"eps_warmup_epochs": -1}, "eps_warmup_epochs"),
-        ({"eps_warmup_epochs": 1.5}, "eps_warmup_epochs"),
+        ({"eps_warmup_epochs": -1}, "eps_warmup_epochs must be an integer >= 0"),
+        ({"eps_warmup_epochs": 1.5}, "eps_warmup_epochs must be an integer >= 0"),
         ({"attack": AttackSpec(targeted=True)}, "targeted"),
         ({"attack": "fgm"}, "attack must be an AttackSpec"),
         ({"attack": {"method": "cw"}}, "method"),
+        ({"method": "madry"}, "method must be one of 'at', 'trades'; got 'madry'"),
+        ({**TRADES, "beta": -1.0}, "beta must be a number >= 0; got -1.0"),
+        ({"beta": 6.0}, "beta must be unset"),
+        ({**TRADES, "perturbed_fraction": 0.5}, "perturbed_fraction must be 1"),
+        (
+            {**TRADES, "attack": AttackSpec("pgd", "inf", 0.3, random_start=True)},
+            "random_start must be unset",
+        ),
+        ({**TRADES, "grad_align_weight": 0.2}, "grad_align_weight must be 0 for method 'trades'"),
+        ({"grad_align_weight": -0.1}, "grad_align_weight must be a number >= 0"),
+        ({"robust_val_images": -1}, "robust_val_images must be an integer >= 0"),
+        ({"robust_val_attack": AttackSpec(targeted=True)}, "robust_val_attack.targeted"),
+        ({"robust_val_seed": -1}, "robust_val_seed must be an integer >= 0"),
+        ({"robust_val_batch_size": 0}, "robust_val_batch_size must be an integer >= 1"),
+        ({"robust_val_collapse": 1.5}, r"robust_val_collapse must be a number in \[0, 1\]"),
+        ({"stop_on_collapse": "yes"}, "stop_on_collapse must be true or false"),
     ],
 )
 def test_other_bad_settings_are_rejected(kwargs, message):
@@ -86,6 +111,13 @@ def test_defaults_are_the_seed_attack_and_a_mapping_is_accepted():
     net = AdversarialClassifier()
     assert net.attack == AttackSpec("fgm", "2", 5.0)
     assert net.attack.key == "fgm_l2_eps5"
+    assert (net.method, net.perturbed_fraction, net.grad_align_weight) == ("at", 0.5, 0.0)
+    assert net.robust_val_images == 0  # robust validation is off unless asked for
+    # the default robust validation attack: PGD-10 at the training attack's norm and full eps
+    assert net.robust_val_attack == AttackSpec("pgd", "2", 5.0, steps=10)
+    trades = AdversarialClassifier(**TRADES)
+    assert (trades.beta, trades.perturbed_fraction) == (6.0, 1.0)
+    assert trades.robust_val_attack.key == "pgd10_linf_eps0.3"
     as_dict = AdversarialClassifier(attack={"method": "pgd", "norm": "linf", "eps": 0.3})
     assert as_dict.attack == AttackSpec("pgd", "inf", 0.3)
     assert as_dict.hparams["attack"] == dataclasses.asdict(as_dict.attack)
@@ -209,3 +241,236 @@ def test_checkpoint_restores_the_attack(tmp_path):
     # its config instead); the attack itself is stored as a plain dict
     loaded = AdversarialClassifier.load_from_checkpoint(path, weights_only=False)
     assert (loaded.attack, loaded.perturbed_fraction, loaded.eps_warmup_epochs) == (spec, 0.25, 3)
+
+
+# TRADES ------------------------------------------------------------------------------------------
+
+
+class TradesSpy:
+    """Wraps robust.trades.trades_perturb in the module under test and records its calls."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        self.real = adversarial.trades_perturb
+        monkeypatch.setattr(adversarial, "trades_perturb", self)
+
+    def __call__(self, net, x, **kwargs):
+        x_adv = self.real(net, x, **kwargs)
+        self.calls.append({"x": x.clone(), "x_adv": x_adv.clone(), **kwargs})
+        return x_adv
+
+
+@pytest.mark.filterwarnings(NO_TRAINER)
+@pytest.mark.parametrize("beta", [0.0, 6.0])
+def test_trades_loss_is_ce_plus_beta_kl_of_the_inner_maximum(beta, monkeypatch):
+    spy = TradesSpy(monkeypatch)
+    spec = AttackSpec("pgd", "inf", 0.05, steps=3, step_size=0.02)
+    net = model(method="trades", attack=spec, beta=beta).train()
+    x, y = interior_batch(8)
+    loss, logits, targets = net.training_loss(x, y)
+    (call,) = spy.calls
+    assert torch.equal(call["x"], x)  # the whole batch, clean
+    assert (call["eps"], call["norm"], call["steps"], call["step_size"]) == (0.05, "inf", 3, 0.02)
+    assert (call["x_adv"] - x).abs().max() <= 0.05 + 1e-7
+    assert torch.equal(targets, y)
+    torch.testing.assert_close(logits, net(x))  # train/acc is measured on the clean images
+    ce = F.cross_entropy(net(x), y)
+    kl = kl_divergence(net(x), net(call["x_adv"])).mean()
+    assert kl.item() > 1e-4  # the KL term is not trivially 0
+    if beta == 0:
+        assert loss.item() == pytest.approx(ce.item(), rel=1e-6)
+    else:
+        assert loss.item() == pytest.approx((ce + beta * kl).item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+# GradAlign ---------------------------------------------------------------------------------------
+
+
+def binary_linear(in_channels: int, num_classes: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * 28 * 28, 2))
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_grad_align_is_zero_for_a_binary_linear_model_and_positive_for_a_cnn(norm):
+    x, y = interior_batch(8)
+    eps = 0.3 if norm == "inf" else 3.0
+    torch.manual_seed(0)
+    linear = AdversarialClassifier(backbone=binary_linear, num_classes=2)
+    # the input gradient of a two-class linear model is (p_1 - 1[y = 1]) (w_1 - w_0): its
+    # direction is the same everywhere, so the cosine is 1
+    zero = adversarial.grad_align_penalty(linear, x, y % 2, eps, norm)
+    assert abs(zero.item()) < 1e-6
+    cnn = model()
+    penalty = adversarial.grad_align_penalty(cnn, x, y, eps, norm)
+    assert 0.01 < penalty.item() <= 2
+    penalty.backward()  # double backprop reaches the weights
+    assert sum(p.grad.abs().sum() for p in cnn.parameters() if p.grad is not None) > 0
+
+
+@pytest.mark.filterwarnings(NO_TRAINER)
+def test_training_loss_adds_the_weighted_grad_align_term():
+    spec = AttackSpec("fgm", "inf", 0.1)  # no random start: the penalty's eta is the first draw
+    net = model(attack=spec, perturbed_fraction=1.0, grad_align_weight=0.5).train()
+    x, y = interior_batch(8)
+    torch.manual_seed(7)
+    loss, *_ = net.training_loss(x, y)
+    x_adv = attack(net, x, y, spec)
+    torch.manual_seed(7)
+    penalty = adversarial.grad_align_penalty(net, x, y, 0.1, "inf")
+    ce = F.cross_entropy(net(x_adv), y)
+    assert penalty.item() > 0.01
+    assert loss.item() == pytest.approx((ce + 0.5 * penalty).item(), rel=1e-5)
+
+
+# Robust validation -------------------------------------------------------------------------------
+
+
+def tiny(in_channels: int, num_classes: int) -> torch.nn.Module:
+    """A small nonlinear network: cheap attacks for the robust-validation tests."""
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(in_channels * 28 * 28, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, num_classes),
+    )
+
+
+def tiny_model(**kwargs) -> AdversarialClassifier:
+    torch.manual_seed(0)
+    return AdversarialClassifier(backbone=tiny, **kwargs)
+
+
+def labelled_batch(n: int = 24):
+    """The model's own predictions as labels, every 5th one wrong: clean and robust in (0, 1)."""
+    x, _ = interior_batch(n)
+    with torch.no_grad():
+        y = tiny_model().eval()(x).argmax(dim=1)
+    y[::5] = (y[::5] + 1) % 10
+    return x, y
+
+
+EPS_HALF = 0.003  # about half the correctly classified images keep their label under PGD-3
+
+
+def robust_per_image(net, x, y, spec, seed=0):
+    """1 where image i is right both clean and under the attack from its own seeded start."""
+    flags = []
+    for i in range(len(x)):
+        g = torch.Generator().manual_seed(image_seed(seed, spec.key, i))
+        x_adv = attack(net, x[i : i + 1], y[i : i + 1], spec, generator=[g])
+        with torch.no_grad():
+            clean = net(x[i : i + 1]).argmax(1).item()
+            adv = net(x_adv).argmax(1).item()
+        flags.append(float(clean == adv == y[i].item()))
+    return torch.tensor(flags, dtype=torch.float64)
+
+
+def validate(net, x, y, **kwargs):
+    trainer = Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        **kwargs,
+    )
+    trainer.validate(net, datamodule=TensorData(x, y, batch_size=8), verbose=False)
+    return float(trainer.callback_metrics["val/robust_acc"])
+
+
+def test_robust_validation_accuracy_is_exact_and_deterministic(monkeypatch):
+    x, y = labelled_batch(24)
+    spec = AttackSpec("pgd", "inf", EPS_HALF, steps=3)
+    net = tiny_model(
+        attack=AttackSpec("fgm", "inf", 0.3), robust_val_attack=spec, robust_val_images=19
+    )
+    got = validate(net, x, y)
+    robust = robust_per_image(net.eval(), x, y, spec)
+    expected = robust[:19].mean().item()
+    assert 0.2 < expected < 0.8  # neither every image nor none: the count matters
+    assert got == pytest.approx(expected, abs=1e-6)  # logged as float32; one image is 1/19
+    # another robust-validation batch size, another run: the same number, and each image's
+    # random start seeded by its dataset index (not by its place in a batch)
+    spy = Spy(monkeypatch)
+    other = tiny_model(robust_val_attack=spec, robust_val_images=19, robust_val_batch_size=5)
+    assert validate(other, x, y) == pytest.approx(got, abs=1e-6)
+    assert [len(c["x"]) for c in spy.calls] == [5, 5, 5, 4]
+    assert torch.equal(torch.cat([c["x"] for c in spy.calls]), x[:19])
+    seeds = [g.initial_seed() for c in spy.calls for g in c["generator"]]
+    assert seeds == [image_seed(0, spec.key, i) for i in range(19)]
+    # limit_val_batches limits the images (2 loader batches of 8), and never more than the set
+    limited = tiny_model(robust_val_attack=spec, robust_val_images=1000)
+    assert validate(limited, x, y, limit_val_batches=2) == pytest.approx(
+        robust[:16].mean().item(), abs=1e-6
+    )
+
+
+def test_robust_validation_runs_each_epoch_and_warns_and_stops_on_collapse(monkeypatch):
+    scripted = iter([0.50, 0.80, 0.55, 0.30, 0.90])
+    monkeypatch.setattr(
+        AdversarialClassifier, "robust_validation_accuracy", lambda self: next(scripted)
+    )
+    x, y = interior_batch(24)
+    net = tiny_model(
+        attack=AttackSpec("fgm", "inf", 0.1, random_start=True),
+        robust_val_images=8,
+        robust_val_collapse=0.3,
+        stop_on_collapse=True,
+    )
+    trainer = Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        max_epochs=5,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=1,  # the sanity check does not count
+    )
+    with pytest.warns(adversarial.RobustOverfittingWarning) as record:
+        trainer.fit(net, datamodule=TensorData(x, y, batch_size=8))
+    (warning,) = [w for w in record if w.category is adversarial.RobustOverfittingWarning]
+    text = str(warning.message)
+    assert "fell to 0.3000 in epoch 3 from its best 0.8000 in epoch 1" in text
+    assert "catastrophic overfitting" in text  # one-step training
+    assert trainer.current_epoch == 4  # stopped after epoch 3 (0-based), before the fifth
+    assert float(trainer.callback_metrics["val/robust_acc"]) == pytest.approx(0.30)
+    assert net.robust_val_best == (0.80, 1)
+
+
+def test_trades_config_fits_with_robust_validation_and_loads_with_weights_only(in_tmp, monkeypatch):
+    import sys
+
+    import cli
+
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+    config = str(cli.Path(__file__).resolve().parents[1] / "configs/mnist/trades.yaml")
+    run = cli.main(
+        [
+            "fit",
+            "--config",
+            config,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--data.init_args.batch_size=16",
+            "--model.init_args.eps_warmup_epochs=0",
+            "--model.init_args.attack.steps=2",
+        ]
+    )
+    assert (run.model.method, run.model.beta, run.model.attack.resolved_steps) == ("trades", 6.0, 2)
+    metrics = run.trainer.callback_metrics
+    assert float(metrics["train/kl"]) > 0  # the TRADES term really ran
+    assert 0 <= float(metrics["val/robust_acc"]) <= 1
+    best = run.trainer.checkpoint_callback.best_model_path
+    assert run.trainer.checkpoint_callback.monitor == "val/robust_acc"
+    assert "best-epoch00" in best
+    checkpoint = torch.load(best, weights_only=True)  # plain values only
+    assert checkpoint["hyper_parameters"]["attack"] == dataclasses.asdict(run.model.attack)
+    loaded = AdversarialClassifier.load_from_checkpoint(best)
+    assert (loaded.method, loaded.beta, loaded.attack) == ("trades", 6.0, run.model.attack)
+    assert loaded.robust_val_best == run.model.robust_val_best is not None

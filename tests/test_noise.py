@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import cli
+import lightning_modules.noise as noise_module
 from lightning_modules import NoiseAugmentedClassifier
 from lightning_modules.noise import consistency_terms
+from robust.checks import SettingError
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -124,22 +126,26 @@ def test_consistency_loss_value():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "name"),
+    ("kwargs", "message"),
     [
-        ({"sigma": 0.0}, "sigma"),
-        ({"sigma": -0.25}, "sigma"),
-        ({"sigma": float("nan")}, "sigma"),
-        ({"sigma": float("inf")}, "sigma"),
-        ({"sigma": True}, "sigma"),
-        ({"num_noise_samples": 0}, "num_noise_samples"),
-        ({"num_noise_samples": 1.5}, "num_noise_samples"),
-        ({"consistency_weight": -1.0}, "consistency_weight"),
-        ({"entropy_weight": float("nan")}, "entropy_weight"),
-        ({"consistency_weight": 1.0, "num_noise_samples": 1}, "num_noise_samples >= 2"),
+        ({"sigma": 0.0}, "sigma must be a number > 0; got 0.0"),
+        ({"sigma": -0.25}, "sigma must be a number > 0"),
+        ({"sigma": float("nan")}, "sigma must be a number > 0"),
+        ({"sigma": float("inf")}, "sigma must be a number > 0"),
+        ({"sigma": True}, "sigma must be a number > 0"),
+        ({"num_noise_samples": 0}, "num_noise_samples must be an integer >= 1"),
+        ({"num_noise_samples": 1.5}, "num_noise_samples must be an integer >= 1"),
+        ({"consistency_weight": -1.0}, "consistency_weight must be a number >= 0"),
+        ({"entropy_weight": float("nan")}, "entropy_weight must be a number >= 0"),
+        ({"consistency_weight": 1.0, "num_noise_samples": 1}, "num_noise_samples must be >= 2"),
+        ({"smoothadv_eps": -0.5}, "smoothadv_eps must be a number >= 0"),
+        ({"smoothadv_steps": 0}, "smoothadv_steps must be an integer >= 1"),
+        ({"smoothadv_step_size": 0.0}, "smoothadv_step_size must be a number > 0"),
+        ({"smoothadv_warmup_epochs": -1}, "smoothadv_warmup_epochs must be an integer >= 0"),
     ],
 )
-def test_bad_settings_fail_at_construction(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+def test_bad_settings_fail_at_construction(kwargs, message):
+    with pytest.raises(SettingError, match=f"NoiseAugmentedClassifier {message}"):
         NoiseAugmentedClassifier(**kwargs)
 
 
@@ -149,5 +155,82 @@ def test_cli_rejects_bad_sigma_before_training(in_tmp, monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["fit", "--config", config, "--model.init_args.sigma", "0"])
     assert info.value.code == 2
-    assert "sigma must be a positive finite number" in capsys.readouterr().err
+    assert "NoiseAugmentedClassifier sigma must be a number > 0" in capsys.readouterr().err
     assert not (in_tmp / "runs").exists()
+
+
+# SmoothAdv ---------------------------------------------------------------------------------------
+
+
+def test_smoothadv_eps_warms_up_as_in_the_authors_code():
+    module = make(smoothadv_eps=1.0, smoothadv_warmup_epochs=4)
+    eps = [module.smoothadv_eps_at_epoch(e) for e in range(6)]
+    assert eps == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])  # min(1, (e + 1) / W)
+    assert make(smoothadv_eps=1.0).smoothadv_eps_at_epoch(0) == 1.0
+
+
+class AttackSpy:
+    """Wraps smoothadv_attack in the module under test and records its calls."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        self.real = noise_module.smoothadv_attack
+        monkeypatch.setattr(noise_module, "smoothadv_attack", self)
+
+    def __call__(self, net, x, y, **kwargs):
+        x_adv = self.real(net, x, y, **kwargs)
+        self.calls.append({"x": x.clone(), "x_adv": x_adv.clone(), **kwargs})
+        return x_adv
+
+
+@pytest.mark.parametrize("consistency", [0.0, 5.0])
+def test_smoothadv_trains_on_the_attacks_noisy_copies(consistency, monkeypatch):
+    spy = AttackSpy(monkeypatch)
+    m, sigma, eps = 3, 0.25, 0.5
+    module = make(
+        sigma=sigma,
+        num_noise_samples=m,
+        smoothadv_eps=eps,
+        smoothadv_steps=2,
+        consistency_weight=consistency,
+    )
+    x, y = images(8)
+    loss, logits, targets = module.training_loss(x, y)
+    (call,) = spy.calls
+    assert (call["sigma"], call["eps"], call["steps"], call["num_noise_samples"]) == (
+        sigma,
+        eps,
+        2,
+        m,
+    )
+    x_adv, noise = call["x_adv"], call["noise"]
+    assert noise.shape == (m, 8, 1, 28, 28)
+    assert noise.std().item() == pytest.approx(sigma, rel=0.05)
+    delta = (x_adv - x).flatten(1).norm(dim=1)
+    assert (delta > 0.4).all() and (delta <= eps * (1 + 1e-5)).all()
+    # the backbone's last input is the m noisy copies of x_adv, with the attack's own noise
+    seen = module.model[1].inputs[-1] * STD + MEAN
+    torch.testing.assert_close(seen.view(m, 8, 1, 28, 28), x_adv + noise, atol=1e-5, rtol=0)
+    assert torch.equal(targets, y.repeat(m))
+    out = module.model[1].outputs[-1]
+    assert torch.equal(logits, out)
+    expected = F.cross_entropy(out, targets)
+    if consistency:
+        kl, _ = consistency_terms(out.view(m, 8, -1))
+        expected = expected + consistency * kl.mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the attack made the copies worse for the model than the clean images' copies
+    with torch.no_grad():
+        clean_ce = F.cross_entropy(module((x.unsqueeze(0) + noise).flatten(0, 1)), targets)
+    assert F.cross_entropy(out, targets).item() > clean_ce.item()
+
+
+def test_smoothadv_off_leaves_gaussian_training_unchanged(monkeypatch):
+    spy = AttackSpy(monkeypatch)
+    x, y = images(4)
+    torch.manual_seed(3)
+    plain = make(sigma=0.25, num_noise_samples=2).training_loss(x, y)[0]
+    torch.manual_seed(3)
+    zero = make(sigma=0.25, num_noise_samples=2, smoothadv_eps=0.0).training_loss(x, y)[0]
+    assert spy.calls == []
+    assert plain.item() == zero.item()

@@ -1,0 +1,139 @@
+"""Exact evaluation over a dataset on any number of processes: shard without padding, gather rows.
+
+Lightning's DistributedSampler pads the evaluation set with repeated images so every process gets
+the same number of batches; metrics computed on those batches count some images twice. Exact
+evaluations (the evaluation callbacks, the adversarial module's robust validation) instead walk
+the dataset themselves: each process takes the selected dataset indices ``rank, rank +
+world_size, ...`` (no padding, no duplicates), computes one row of numbers per image, and
+:func:`gather_rows` collects the rows of all processes, sorted by dataset index. Every process
+calls the collectives the same number of times, so nothing deadlocks. Each image's random parts
+come from its own generator seeded by :func:`image_seed`, so the numbers depend neither on the
+batch size nor on the number of processes.
+
+Framework-free: the trainer is used through its public attributes only (``world_size``,
+``strategy.all_gather``, ``test_dataloaders``/``val_dataloaders``, ``datamodule``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "FAST_DEV_IMAGES",
+    "batches",
+    "evaluation_dataset",
+    "gather_rows",
+    "image_seed",
+    "rounds",
+    "shard",
+]
+
+FAST_DEV_IMAGES = 2
+"""Images an exact evaluation evaluates under Lightning's ``fast_dev_run``."""
+
+
+def image_seed(seed: int, key: str, index: int) -> int:
+    """Seed of one image's random parts, from (seed, what is evaluated, dataset index).
+
+    Mixed by NumPy's ``SeedSequence`` so nearby indices give unrelated streams; independent of
+    the batch size, the process count and the order of the evaluations.
+
+    Examples:
+        >>> image_seed(0, "pgd40_linf_eps0.3", 7) == image_seed(0, "pgd40_linf_eps0.3", 7)
+        True
+        >>> image_seed(0, "pgd40_linf_eps0.3", 7) == image_seed(0, "pgd40_linf_eps0.3", 8)
+        False
+    """
+    words = [seed, zlib.crc32(key.encode()), index]
+    state = np.random.SeedSequence(words).generate_state(1, np.uint64)[0]
+    return int(state) & (2**63 - 1)
+
+
+def evaluation_dataset(trainer: Any, stage: str) -> Dataset:
+    """The unshuffled dataset the trainer is evaluating in ``stage`` ("test" or "val").
+
+    Taken from the running stage's first data loader (what ``trainer.test(dataloaders=...)`` or the
+    data module supplied this time), else from the data module's ``test_set``/``val_set``.
+    """
+    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+    if isinstance(loaders, Sequence) and loaders:
+        loaders = loaders[0]
+    if isinstance(loaders, DataLoader):
+        return loaders.dataset
+    dataset = getattr(getattr(trainer, "datamodule", None), f"{stage}_set", None)
+    if dataset is None:
+        raise RuntimeError(f"no {stage} dataset found: give the Trainer a {stage} data loader")
+    return dataset
+
+
+def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """This process's share of ``indices``: every ``world_size``-th, starting at ``rank``.
+
+    Examples:
+        >>> shard([0, 1, 2, 3, 4], rank=1, world_size=2)
+        [1, 3]
+    """
+    return list(indices[rank::world_size])
+
+
+def rounds(num_items: int, batch_size: int, world_size: int) -> int:
+    """Number of batches every process runs so that all ranks call collectives equally often.
+
+    Examples:
+        >>> rounds(num_items=5, batch_size=2, world_size=2)
+        2
+    """
+    per_rank = -(-num_items // world_size)
+    return -(-per_rank // batch_size)
+
+
+def batches(
+    dataset: Dataset, indices: Sequence[int], batch_size: int, num_rounds: int
+) -> Iterator[tuple[list[int], Tensor, Tensor]]:
+    """Yield ``num_rounds`` batches ``(indices, images, labels)``; the last ones may be empty.
+
+    Images are stacked from ``dataset[i]`` (image, label, ...) on the CPU.
+    """
+    for r in range(num_rounds):
+        chunk = list(indices[r * batch_size : (r + 1) * batch_size])
+        if not chunk:
+            yield [], torch.empty(0), torch.empty(0, dtype=torch.long)
+            continue
+        items = [dataset[i] for i in chunk]
+        images = torch.stack([torch.as_tensor(item[0]) for item in items])
+        labels = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
+        yield chunk, images, labels
+
+
+def gather_rows(trainer: Any, rows: Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """All processes' result rows, with the same value on every process, sorted by column 0.
+
+    Args:
+        trainer: The trainer (its strategy does the all-gather).
+        rows: ``(k, m)`` float64 rows of this process; column 0 is the dataset index. ``k`` may
+            differ between processes (including 0).
+        device: Device for the collective (the module's device; NCCL needs CUDA tensors).
+
+    Returns:
+        ``(sum of k, m)`` float64 rows on the CPU, sorted by dataset index.
+    """
+    rows = rows.to(torch.float64)
+    if trainer.world_size == 1:
+        return rows[torch.argsort(rows[:, 0])] if len(rows) else rows
+    strategy = trainer.strategy
+    count = torch.tensor([rows.shape[0]], device=device)
+    counts = strategy.all_gather(count).reshape(-1)
+    width = rows.shape[1]
+    padded = torch.zeros(int(counts.max()), width, dtype=torch.float64, device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    gathered = strategy.all_gather(padded).reshape(trainer.world_size, -1, width).cpu()
+    parts = [gathered[r, : int(counts[r])] for r in range(trainer.world_size)]
+    merged = torch.cat(parts)
+    return merged[torch.argsort(merged[:, 0])]
