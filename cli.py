@@ -1,20 +1,44 @@
 """Command line: ``python cli.py {fit,validate,test,predict} --config configs/...`` (also ``robust``).
 
 LightningCLI with subclass mode for model and data: the data module's class count, channels, image
-size and normalization are linked into the model, a ModelCheckpoint (best ``val/acc`` and last) and
-a TensorBoardLogger under ``runs/`` are defaults that a config can change, and devices,
-accelerator, precision and strategy pass straight to the Trainer.
+size and normalization are linked into the model, a checkpoint callback (best ``val/acc`` and a true
+last-epoch ``last.ckpt``) and a TensorBoardLogger under ``runs/`` are defaults that a config can
+change, and devices, accelerator, precision and strategy pass straight to the Trainer.
+
+Nothing goes silently wrong: every refusal (a bad setting, a checkpoint that disagrees with the
+settings, an untrusted or unreadable checkpoint, an output folder that cannot be written, a
+callback refusing its input while the subcommand runs) ends in one ``error: ...`` line on stderr
+and exit status 2. Other exceptions are bugs and keep their traceback. Checkpoints are always
+loaded with ``torch.load(weights_only=True)``.
+
+From Python, :func:`main` runs the same command line and returns the :class:`RobustCLI`; with
+``exit_on_refusal=False`` a refusal raises :class:`robust.checks.SettingError` instead of exiting.
 """
 
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import os
+import re
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules import DataNotFoundError, ImageDataModule
 from lightning_modules import StandardClassifier
+from robust.checks import SettingError
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -23,11 +47,140 @@ TRAINER_DEFAULTS = {
     },
 }
 
+# Model settings that the CLI links from the data module (see RobustCLI.add_arguments_to_parser).
+LINKED_SETTINGS = ("num_classes", "in_channels", "image_size", "mean", "std")
 
-def fail(message: str) -> None:
-    """Print one clear error line and exit with status 2 (what argparse does for bad usage)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+_MISSING = object()
+
+
+def refuse(message: str) -> NoReturn:
+    """Refuse with one clear message: :func:`main` prints it as ``error: ...`` and exits with 2."""
+    raise SettingError(message)
+
+
+class ParseRefusalError(SettingError):
+    """A command line or config that the parser refused; ``tip`` says how to get the options."""
+
+    def __init__(self, message: str, tip: str | None = None) -> None:
+        super().__init__(message)
+        self.tip = tip
+
+
+# ----------------------------------------------------------------------------------------------
+# One line out of jsonargparse's long error texts
+
+
+_UNION = "Does not validate against any of the Union subtypes"
+_GENERIC_PREFIXES = (
+    "Expected a <class 'NoneType'>",
+    "Expected a <class 'list'>",
+    "Not a valid subclass of",
+    "Subclass types expect one of",
+    "a class path (str)",
+    "a dict with class_path entry",
+    "a dict without class_path",
+    "a dict with parameters accepted",
+)
+_PARSER_KEY = re.compile(r'\s*Parser key "([^"]+)":\s*')
+_CLASS_PROBLEM = re.compile(r"\s*Problem with given class_path '[^']*':\s*")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _exception_chain(err: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+
+
+def _is_generic(text: str) -> bool:
+    line = _one_line(text).lstrip("- ")
+    return (
+        not line
+        or _UNION in line
+        or line.startswith(_GENERIC_PREFIXES)
+        or re.fullmatch(r"Problem with given class_path '[^']*':", line) is not None
+    )
+
+
+def _split_keys(text: str) -> tuple[list[str], str]:
+    """Leading ``Parser key "a":`` prefixes as keys, and the rest of the text."""
+    keys = []
+    while match := _PARSER_KEY.match(text) or _CLASS_PROBLEM.match(text):
+        if match.re is _PARSER_KEY:
+            keys.append(match.group(1))
+        text = text[match.end() :]
+    return keys, text
+
+
+def _union_items(text: str) -> list[str]:
+    """The ``- ...`` items of jsonargparse's error lists (each one reason a value was refused)."""
+    return [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+
+
+def essential_message(err: BaseException | None, message: str | None = None) -> str:
+    """The one line that matters in an error, for an ``error: ...`` line.
+
+    jsonargparse reports a refused class or union value (``--model.init_args.sigma -1``,
+    ``--trainer.callbacks.alpha 1.5``) as a long text listing every subtype it tried, with the
+    exception that the class itself raised chained as ``__cause__`` of the first subtype; a
+    parse error comes with the inner exception as ``ex``. This returns, in order of preference:
+    the message of a :class:`~robust.checks.SettingError` or
+    :class:`~datamodules.DataNotFoundError` in the exception chain; the first specific (not
+    "expected NoneType", not a union summary) message in the chain, prefixed with the parser keys
+    it belongs to (``model.sigma: Expected a <class 'float'>. Got value: abc``); the first specific
+    item of the union's error list; the whole text on one line.
+
+    Args:
+        err: The exception (may be None when only ``message`` is known).
+        message: The text to condense when it is not ``str(err)`` (jsonargparse's ``error()``).
+
+    Returns:
+        One line without the ``error:`` prefix.
+    """
+    chain = list(_exception_chain(err))
+    for link in chain:
+        if isinstance(link, SettingError | DataNotFoundError):
+            return _one_line(str(link))
+    text = str(err) if message is None else message
+    keys, _ = _split_keys(text)
+    for link in chain:
+        if not _is_generic(str(link)):
+            inner_keys, rest = _split_keys(str(link))
+            if not _is_generic(rest):
+                prefix = ".".join(keys + inner_keys)
+                return f"{prefix}: {_one_line(rest)}" if prefix else _one_line(rest)
+    for item in _union_items(text):
+        if not _is_generic(item):
+            return f"{'.'.join(keys)}: {_one_line(item)}" if keys else _one_line(item)
+    return _one_line(text)
+
+
+class RobustArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose user-facing errors raise :class:`ParseRefusalError` (one line).
+
+    Parsers that jsonargparse makes internally (``exit_on_error=False``) keep raising its
+    ``ArgumentError`` so its own fallbacks work; only an error that would end the program is
+    turned into a refusal, which :func:`main` prints as ``error: ...`` with exit status 2 (no
+    page of usage before it; the tip names ``--help``).
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Raise :class:`ParseRefusalError` with the essential line of ``message``."""
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        tip = f"for the accepted options run: {prog} --help"
+        raise ParseRefusalError(essential_message(ex, message), tip=tip) from ex
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: safe loading and agreement with the settings
 
 
 def find_run_checkpoint(which: str, run_dir: Path) -> str:
@@ -36,13 +189,16 @@ def find_run_checkpoint(which: str, run_dir: Path) -> str:
     A new process logs to a new ``version_N`` folder, so Lightning's own ``"last"``/``"best"``
     would find nothing there and silently evaluate an untrained model; this finds the checkpoint
     that the latest ``fit`` of the same config wrote.
+
+    Raises:
+        SettingError: When no such checkpoint exists.
     """
     pattern = "last.ckpt" if which == "last" else "best-*.ckpt"
     found = sorted(
         run_dir.glob(f"version_*/checkpoints/{pattern}"), key=lambda p: p.stat().st_mtime
     )
     if not found:
-        fail(
+        refuse(
             f"ckpt_path {which!r}: no {pattern} under {run_dir}/version_*/checkpoints; "
             "run fit with this config first, or give the path of a .ckpt file"
         )
@@ -57,30 +213,397 @@ def logger_run_dir(trainer_config) -> Path:
     return Path(init_args.get("save_dir") or "runs") / str(init_args.get("name") or "default")
 
 
-def check_checkpoint(path: str) -> None:
-    """Fail unless ``path`` is a readable Lightning checkpoint (or ``hpc``/``registry``)."""
-    if path in {"hpc", "registry"} or path.startswith("registry:") or "://" in path:
-        return  # resolved by Lightning (remote paths through fsspec)
+def _load_failure(err: Exception) -> tuple[bool, str]:
+    """Whether a failed safe load refused Python objects, and the line that says what failed."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    refused = next((line for line in lines if "GLOBAL" in line), None)
+    if refused is not None:
+        return True, refused.removeprefix("WeightsUnpickler error: ").split(" Please use ")[0]
+    boilerplate = (
+        "Weights only load failed",
+        "Check the documentation",
+        "Please file",
+        "(1)",
+        "(2)",
+    )
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    detail = (useful or lines or [""])[-1]
+    return False, f"{type(err).__name__}: {detail[:200]}"
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)``, refusing anything unsafe or broken.
+
+    ``weights_only=True`` unpickles tensors and plain values only, so a file whose pickle would
+    run code (a ``__reduce__`` calling ``os.system``) is refused before anything runs. A class
+    that our checkpoints legitimately hold would go through
+    ``torch.serialization.add_safe_globals``; today none does (hyperparameters are plain values,
+    attacks are stored as dicts).
+
+    Raises:
+        SettingError: Naming the file and why it was refused.
+    """
     if not Path(path).is_file():
-        fail(f"ckpt_path {path!r} does not exist (give a .ckpt file written by fit, or 'last')")
+        refuse(f"ckpt_path {path!r} does not exist (give a .ckpt file written by fit, or 'last')")
     try:
         try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError:  # mmap needs the zip format; older checkpoints are plain pickles
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        fail(f"ckpt_path {path!r} is not a checkpoint torch can read ({type(err).__name__})")
+        unsafe, detail = _load_failure(err)
+        if unsafe:
+            refuse(
+                f"ckpt_path {path!r} was refused: loading it would call Python code that a safe "
+                f"load (torch.load weights_only=True) does not allow ({detail}); only load "
+                "checkpoints you trust, written by this project's fit"
+            )
+        refuse(f"ckpt_path {path!r} is not a checkpoint torch can read ({detail})")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        fail(f"ckpt_path {path!r} is not a Lightning checkpoint (it has no 'state_dict')")
+        refuse(f"ckpt_path {path!r} is not a Lightning checkpoint (it has no 'state_dict')")
+    return checkpoint
+
+
+def check_checkpoint(path: str) -> dict[str, Any] | None:
+    """Refuse unless ``path`` is a safely readable Lightning checkpoint; return its hyperparameters.
+
+    ``hpc``, ``registry`` and remote paths are left to Lightning (returns None); Lightning loads
+    them with ``weights_only=True`` too (see :meth:`RobustCLI.fit`).
+    """
+    if path in {"hpc", "registry"} or path.startswith("registry:") or "://" in path:
+        return None  # resolved by Lightning (remote paths through fsspec)
+    hparams = load_checkpoint(path).get("hyper_parameters") or {}
+    return dict(hparams) if isinstance(hparams, Mapping) else {}
+
+
+def _resolve(path: str) -> Any:
+    """The object at dotted ``path`` among modules already imported (nothing is imported), or None."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:cut]))
+        if module is not None:
+            obj: Any = module
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr, _MISSING)
+                if obj is _MISSING:
+                    return None
+            return obj
+    return None
+
+
+def _qualified(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _defaults(target: Any) -> dict[str, Any]:
+    """Default values of the parameters of a class (or function) ``target``."""
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return {}
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {
+        name: p.default
+        for name, p in parameters.items()
+        if p.default is not inspect.Parameter.empty and p.kind not in variadic
+    }
+
+
+def _parameters(target: Any) -> set[str] | None:
+    """Names that ``target`` accepts as keyword arguments (None: any, or unknown)."""
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return set(parameters)
+
+
+def canonical(value: Any) -> Any:
+    """A comparable form of a setting, whichever way jsonargparse or a checkpoint spells it.
+
+    Classes become ``{"class_path": module.qualname, "init_args": {defaults | given}}`` (so
+    ``lightning_modules.LeNet``, ``lightning_modules.backbones.LeNet`` and the class itself are the
+    same), functions their ``module.qualname``, namespaces dicts and sequences lists. Dotted
+    strings are looked up only among modules already imported: a checkpoint never imports code.
+    """
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, Mapping):
+        if "class_path" in value:
+            init_args = dict(value.get("init_args") or {})
+            init_args.update(value.get("dict_kwargs") or {})
+            return _canonical_class(
+                _resolve(str(value["class_path"])), value["class_path"], init_args
+            )
+        return {str(k): canonical(v) for k, v in value.items() if k != "__path__"}
+    if isinstance(value, type):
+        return _canonical_class(value, _qualified(value), {})
+    if callable(value) and hasattr(value, "__qualname__") and hasattr(value, "__module__"):
+        return _qualified(value)
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    if isinstance(value, str) and "." in value and value[:1].isidentifier():
+        target = _resolve(value)
+        if target is not None and callable(target):
+            return canonical(target)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def _canonical_class(target: Any, name: Any, init_args: dict[str, Any]) -> dict[str, Any]:
+    if target is None:
+        return {
+            "class_path": str(name),
+            "init_args": {k: canonical(v) for k, v in init_args.items()},
+        }
+    merged = {**_defaults(target), **init_args}
+    return {
+        "class_path": _qualified(target),
+        "init_args": {k: canonical(v) for k, v in merged.items()},
+    }
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equality of two :func:`canonical` values (floats to 1e-9 relative)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, numbers.Real) and isinstance(b, numbers.Real):
+        a, b = float(a), float(b)
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def show(value: Any) -> str:
+    """A :func:`canonical` value as the user would write it (a class with its non-default args)."""
+    if isinstance(value, dict) and "class_path" in value:
+        defaults = canonical(_defaults(_resolve(value["class_path"])))
+        extras = [
+            f"{k}={show(v)}"
+            for k, v in value["init_args"].items()
+            if k not in defaults or not same(defaults[k], v)
+        ]
+        return value["class_path"] + (f"({', '.join(extras)})" if extras else "")
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _model_section_keys(section: Any) -> set[str]:
+    """Init-arg names that a ``model:`` section of a config (or a ``--model`` value) gives."""
+    if isinstance(section, str) and Path(section).is_file():
+        try:
+            section = yaml.safe_load(Path(section).read_text())
+        except (OSError, yaml.YAMLError):
+            return set()
+    if not isinstance(section, Mapping):
+        return set()
+    keys = set(section.get("init_args") or {}) | set(section.get("dict_kwargs") or {})
+    return keys | {str(k) for k in section if k not in {"class_path", "init_args", "dict_kwargs"}}
+
+
+def named_model_settings(args: Sequence[str] | Mapping | Namespace, subcommand: str) -> set[str]:
+    """Names of the model's init args that a config file or the command line sets explicitly.
+
+    Looks at ``--config`` files (their ``model:`` section, also under the subcommand's key),
+    ``--model.init_args.NAME`` / ``--model.NAME`` arguments and ``--model`` values (a dict or a
+    file); for a dict or Namespace given instead of arguments, at its ``model`` entry.
+    """
+    if isinstance(args, Namespace):
+        args = args.as_dict()
+    if isinstance(args, Mapping):
+        config = args.get(subcommand, args)
+        return _model_section_keys(config.get("model") if isinstance(config, Mapping) else None)
+    names: set[str] = set()
+    tokens = list(args)
+    for i, token in enumerate(tokens):
+        flag, has_value, inline = token.partition("=")
+        value = inline if has_value else (tokens[i + 1] if i + 1 < len(tokens) else "")
+        if flag in {"--config", "-c"}:
+            try:
+                loaded = yaml.safe_load(Path(value).read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(loaded, Mapping):
+                names |= _model_section_keys(loaded.get("model"))
+                if isinstance(loaded.get(subcommand), Mapping):
+                    names |= _model_section_keys(loaded[subcommand].get("model"))
+        elif flag == "--model":
+            try:
+                names |= _model_section_keys(yaml.safe_load(value))
+            except yaml.YAMLError:
+                continue
+        elif flag.startswith("--model."):
+            parts = flag.removeprefix("--model.").split(".")
+            if parts[0] in {"init_args", "dict_kwargs"}:
+                parts = parts[1:]
+            if parts and parts[0] not in {"class_path", "help"}:
+                names.add(parts[0])
+    return names
+
+
+def check_model_against_checkpoint(
+    model_config: Namespace, hparams: Mapping[str, Any], named: set[str], path: str
+) -> None:
+    """Refuse when the model class or an explicit setting disagrees with the checkpoint's.
+
+    Lightning replaces the model settings by the checkpoint's hyperparameters when given
+    ``ckpt_path``, so a setting that the config or the command line gives would silently be
+    ignored (or the model class switched). A setting counts as given when ``named`` lists it or
+    its value differs from the class default; settings that only hold defaults take the
+    checkpoint's values, as Lightning does. Linked settings are checked against the data module
+    separately (:meth:`RobustCLI.check_linked_settings`).
+
+    Raises:
+        SettingError: Naming the setting, its value here and its value in the checkpoint.
+    """
+    config = model_config.as_dict() if isinstance(model_config, Namespace) else dict(model_config)
+    class_path = config.get("class_path")
+    target = _resolve(str(class_path)) if class_path else None
+    stored_class = hparams.get("_class_path")
+    if class_path and stored_class:
+        here = _qualified(target) if target is not None else str(class_path)
+        stored_target = _resolve(str(stored_class))
+        there = _qualified(stored_target) if stored_target is not None else str(stored_class)
+        if here != there:
+            refuse(
+                f"model class is {here} here but {there} in the checkpoint {path}: use the "
+                "config the checkpoint was trained with (or a checkpoint of this model)"
+            )
+    init_args = (config.get("init_args") or {}) if class_path else config
+    defaults = _defaults(target) if target is not None else {}
+    accepted = _parameters(target)
+    unknown = sorted(set(hparams) - {"_class_path", "_instantiator"} - (accepted or set(hparams)))
+    if unknown:
+        refuse(
+            f"the checkpoint {path} holds model settings that {show(canonical(target))} does not "
+            f"take: {', '.join(unknown)} (written by another version of the code?)"
+        )
+    for name, value in init_args.items():
+        if name in LINKED_SETTINGS or name not in hparams:
+            continue
+        given = canonical(value)
+        explicit = (
+            name in named or name not in defaults or not same(given, canonical(defaults[name]))
+        )
+        stored = canonical(hparams[name])
+        if explicit and not same(given, stored):
+            refuse(
+                f"model.init_args.{name} is {show(given)} here but {show(stored)} in the "
+                f"checkpoint {path}: leave the setting out to use the checkpoint's, or give a "
+                "checkpoint trained with it"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# A last.ckpt that is the last epoch
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``last.ckpt`` is the state after the latest epoch, always.
+
+    Since Lightning 2.6, ``save_last=True`` writes ``last.ckpt`` only at a step where a top-k
+    checkpoint was also written, so with top-1 by ``val/acc`` it was a copy of the best epoch and
+    ``fit --ckpt_path last`` resumed from there. Here, when ``save_last`` is set, ``last.ckpt`` is
+    also written at the end of every training epoch in which no top-k checkpoint was saved (after
+    that epoch's validation), so it always holds the latest epoch and the best stays in
+    ``best-epochNN.ckpt``. ``save_last="link"`` writes a file too (a link would point at the best
+    checkpoint). The arguments are ModelCheckpoint's.
+    """
+
+    def setup(self, trainer: Trainer, pl_module, stage: str) -> None:  # noqa: D102
+        if self.save_last == "link":
+            self.save_last = True
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module) -> None:
+        """Save top-k as ModelCheckpoint does, then ``last.ckpt`` unless saved at this step."""
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state; the best scores too when resuming into another run's folder.
+
+        A resumed ``fit`` logs to a new ``version_N`` folder, and ModelCheckpoint then forgets
+        the scores of the best checkpoints, so the first resumed epoch became the "best" however
+        bad it was. Here the top-k bookkeeping carries over while its files still exist: a
+        resumed epoch is saved as best only if it beats them, and the old files stay where they
+        are (Lightning never deletes outside this run's folder).
+        """
+        super().load_state_dict(state_dict)
+        best = state_dict.get("best_k_models") or {}
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath or not best:
+            return
+        if state_dict.get("monitor") == self.monitor and all(Path(p).is_file() for p in best):
+            self.best_k_models = dict(best)
+            self.best_model_score = state_dict.get("best_model_score")
+            self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
+            self.kth_value = state_dict.get("kth_value", self.kth_value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folders
+
+
+def check_output_folder(folder: Path, setting: str, needed_bytes: int = 0) -> None:
+    """Refuse unless files can be written in ``folder`` (created later if missing).
+
+    Writes and removes a small probe file in the nearest existing ancestor, so a read-only
+    folder, a file in the way or a full disk is found before any long work.
+
+    Raises:
+        SettingError: Naming the folder, the setting it comes from and the reason.
+    """
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        refuse(f"output folder {folder} ({setting}) cannot be created: {existing} is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".robust-write-test-") as probe:
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        refuse(f"output folder {folder} ({setting}) is not writable: {reason} (in {existing})")
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        refuse(
+            f"output folder {folder} ({setting}) has {free / 2**20:.1f} MiB free; a checkpoint "
+            f"of this model needs about {needed_bytes / 2**20:.1f} MiB"
+        )
+
+
+def _checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Rough size of one checkpoint: weights and two optimizer moments per parameter."""
+    sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
+    return 3 * sum(sizes)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI
 
 
 class RobustCLI(LightningCLI):
-    """LightningCLI with the data-to-model links, a default checkpoint and early, clear errors."""
+    """LightningCLI with the data-to-model links, default checkpoints and early, clear refusals."""
+
+    checkpoint_path: str | None = None
+    checkpoint_hparams: dict[str, Any] | None = None
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102 (LightningCLI hook)
-        for name in ("num_classes", "in_channels", "image_size", "mean", "std"):
+        for name in LINKED_SETTINGS:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -92,37 +615,158 @@ class RobustCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser, args) -> None:
-        """Parse, then resolve and check ``ckpt_path`` before Lightning reads hyperparameters from it."""
+        """Parse, then resolve ``ckpt_path`` and check it before Lightning reads its hyperparameters.
+
+        Raises:
+            SettingError: For ``weights_only false``; for a missing, unreadable or unsafe
+                checkpoint, or one whose model class or hyperparameters disagree with the
+                settings given.
+        """
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        if config.get("weights_only") is False:
+            refuse(
+                "weights_only false is not allowed: checkpoints are always loaded with "
+                "torch.load(weights_only=True), which cannot run code hidden in a file"
+            )
         ckpt_path = config.get("ckpt_path")
         if ckpt_path in {"last", "best"}:
             ckpt_path = config.ckpt_path = find_run_checkpoint(
                 ckpt_path, logger_run_dir(config.trainer)
             )
-        if ckpt_path:
-            check_checkpoint(str(ckpt_path))
+        if not ckpt_path:
+            return
+        hparams = check_checkpoint(str(ckpt_path))
+        if not hparams:
+            return
+        self.checkpoint_path, self.checkpoint_hparams = str(ckpt_path), hparams
+        given = sys.argv[1:] if args is None else args
+        named = named_model_settings(given, subcommand or "")
+        check_model_against_checkpoint(config.model, hparams, named, str(ckpt_path))
 
-    def instantiate_classes(self) -> None:  # noqa: D102
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's merge of the checkpoint's hyperparameters, its refusal naming the file."""
+        try:
+            super()._parse_ckpt_path()
+        except SettingError as err:
+            refuse(
+                f"the hyperparameters in the checkpoint {self.checkpoint_path} do not fit: {err}"
+            )
+
+    def check_linked_settings(self, values: Mapping[str, Any]) -> None:
+        """Refuse when the data module's linked values disagree with the checkpoint's.
+
+        The data module's class count, channels, image size and normalization statistics are
+        linked into the model and would replace the checkpoint's (or, for the normalization
+        buffers, be replaced by them when the weights load).
+
+        Raises:
+            SettingError: Naming the setting and both values.
+        """
+        hparams = self.checkpoint_hparams or {}
+        for name in LINKED_SETTINGS:
+            value = values.get(name)
+            if value is None or name not in hparams:
+                continue
+            if not same(canonical(value), canonical(hparams[name])):
+                refuse(
+                    f"the data module gives {name} {show(canonical(value))} but the checkpoint "
+                    f"{self.checkpoint_path} was trained with {name} "
+                    f"{show(canonical(hparams[name]))} (model.init_args.{name}, linked from "
+                    "data): use the data the checkpoint was trained with"
+                )
+
+    def instantiate_classes(self) -> None:
+        """Instantiate; a refused setting becomes a :class:`SettingError` with its one line.
+
+        Before and after, the data module's linked values are checked against the checkpoint's.
+        """
+        if self.checkpoint_hparams:
+            data_class = _resolve(str(self._get(self.config, "data").get("class_path", "")))
+            self.check_linked_settings(
+                {name: getattr(data_class, name, None) for name in LINKED_SETTINGS}
+            )
         try:
             super().instantiate_classes()
-        except (ValueError, DataNotFoundError) as err:
-            fail(str(err))
+        except ValueError as err:
+            # jsonargparse wraps what a class raised in a ValueError listing the types it tried;
+            # a refusal is a ValueError (or missing data), anything else a bug to show whole
+            chain = list(_exception_chain(err))
+            refusals = [e for e in chain if isinstance(e, SettingError | DataNotFoundError)]
+            specific = next((e for e in chain if not _is_generic(str(e))), err)
+            if not refusals and not isinstance(specific, ValueError):
+                raise
+            raise SettingError(essential_message(err)) from err
+        if self.checkpoint_hparams and self.datamodule is not None:
+            self.check_linked_settings(
+                {name: getattr(self.datamodule, name, None) for name in LINKED_SETTINGS}
+            )
+
+    def check_output_folders(self, fitting: bool) -> None:
+        """Refuse before any work when a folder the run writes to cannot be written.
+
+        Checks each logger's folder, ``trainer.default_root_dir`` when it was given or there is
+        no logger, and for ``fit`` the checkpoint folders (with room for a checkpoint).
+        """
+        trainer = self.trainer
+        checkpoint_size = _checkpoint_bytes(self.model) if fitting else 0
+        folders: list[tuple[Path, str, int]] = []
+        for logger in trainer.loggers:
+            folder = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None)
+            if folder:
+                folders.append((Path(folder), "trainer.logger save_dir", checkpoint_size))
+        trainer_config = self._get(self.config, "trainer") or {}
+        if not trainer.loggers or trainer_config.get("default_root_dir") is not None:
+            folders.append((Path(trainer.default_root_dir), "trainer.default_root_dir", 0))
+        if fitting:
+            for callback in trainer.checkpoint_callbacks:
+                if getattr(callback, "dirpath", None):
+                    folders.append((Path(callback.dirpath), "checkpoint.dirpath", checkpoint_size))
+        for folder, setting, needed in folders:
+            check_output_folder(folder, setting, needed)
+
+    def _run_trainer(self, method: str, kwargs: dict[str, Any]) -> None:
+        self.check_output_folders(fitting=method == "fit")
+        kwargs["weights_only"] = True  # None (the default) or True: refused False when parsing
+        getattr(self.trainer, method)(**kwargs)
+
+    # LightningCLI runs ``self.<subcommand>`` when it exists instead of ``trainer.<subcommand>``.
+    def fit(self, **kwargs: Any) -> None:
+        """``Trainer.fit`` with ``weights_only=True`` after checking the output folders."""
+        self._run_trainer("fit", kwargs)
+
+    def validate(self, **kwargs: Any) -> None:
+        """``Trainer.validate`` with ``weights_only=True`` after checking the output folders."""
+        self._run_trainer("validate", kwargs)
+
+    def test(self, **kwargs: Any) -> None:
+        """``Trainer.test`` with ``weights_only=True`` after checking the output folders."""
+        self._run_trainer("test", kwargs)
+
+    def predict(self, **kwargs: Any) -> None:
+        """``Trainer.predict`` with ``weights_only=True`` after checking the output folders."""
+        self._run_trainer("predict", kwargs)
 
 
-def main(args: list[str] | None = None) -> RobustCLI | None:
+def main(
+    args: list[str] | dict | Namespace | None = None, *, exit_on_refusal: bool = True
+) -> RobustCLI:
     """Run the CLI on ``args`` (``sys.argv`` when None) and return it.
 
-    ``compare`` is the one subcommand that is not LightningCLI's own: it runs fit and test for
-    several configs through this same CLI and writes a report (see :mod:`compare`).
-    """
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["compare"]:
-        from compare import compare
+    Args:
+        args: Command line arguments, e.g. ``["fit", "--config", "configs/mnist/standard.yaml"]``.
+        exit_on_refusal: When True (the command line), a refusal prints ``error: <one line>`` to
+            stderr and exits with status 2. When False (callers in Python such as ``compare``),
+            it raises :class:`robust.checks.SettingError` with that line instead, whether it
+            happens while parsing, instantiating or running the subcommand.
 
-        compare(argv[1:])
-        return None
+    Returns:
+        The CLI, whose ``trainer``, ``model`` and ``datamodule`` hold the finished run.
+
+    Raises:
+        SettingError: Only with ``exit_on_refusal=False``.
+    """
     try:
         return RobustCLI(
             StandardClassifier,
@@ -132,10 +776,20 @@ def main(args: list[str] | None = None) -> RobustCLI | None:
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             trainer_defaults=TRAINER_DEFAULTS,
+            parser_class=RobustArgumentParser,
             args=args,
         )
-    except DataNotFoundError as err:
-        fail(str(err))
+    except (SettingError, DataNotFoundError) as err:
+        message = essential_message(err)
+        if not exit_on_refusal:
+            if isinstance(err, SettingError):
+                raise
+            raise SettingError(message) from err
+        tip = getattr(err, "tip", None)
+        if tip:
+            print(f"tip: {tip}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def console() -> None:

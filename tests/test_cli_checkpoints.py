@@ -1,0 +1,226 @@
+"""Checkpoints through the CLI: agreement with the settings, a true last.ckpt, safe loading, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDARD = str(ROOT / "configs/mnist/standard.yaml")
+SMOOTHING = str(ROOT / "configs/mnist/smoothing.yaml")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+TINY = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2", *QUIET]
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    """LightningCLI warns when sys.argv holds pytest's arguments besides ``args``."""
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """One-epoch checkpoints: a noise-trained LeNet at sigma 0.5 and a standard SmallCNN."""
+    runs = tmp_path_factory.mktemp("ckpts") / "runs"
+    one = ["--trainer.max_epochs", "1", "--trainer.num_sanity_val_steps", "0", *TINY]
+    one += ["--trainer.logger.init_args.save_dir", str(runs)]
+    sys_argv, sys.argv = sys.argv, ["cli.py"]
+    try:
+        noise = cli.main(["fit", "--config", SMOOTHING, "--model.init_args.sigma", "0.5", *one])
+        standard = cli.main(["fit", "--config", STANDARD, *one])
+    finally:
+        sys.argv = sys_argv
+    return {
+        "noise": noise.trainer.checkpoint_callback.last_model_path,
+        "standard": standard.trainer.checkpoint_callback.last_model_path,
+    }
+
+
+def refusal(capsys, *args: str) -> str:
+    """Run the CLI in-process, expect a refusal, and return its one ``error:`` line."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(list(args))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    return errors[0]
+
+
+# --------------------------------------------------------------------------- item 2 of issue 10
+
+
+@pytest.mark.parametrize(
+    ("kind", "args", "expected"),
+    [
+        # the repro: a setting given on the command line was replaced by the checkpoint's
+        (
+            "noise",
+            ["--config", SMOOTHING, "--model.init_args.sigma", "-1"],
+            "model.init_args.sigma is -1.0 here but 0.5 in the checkpoint",
+        ),
+        # a setting given in the config file, although equal to the class default
+        ("noise", ["--config", SMOOTHING], "model.init_args.sigma is 0.25 here but 0.5"),
+        # the repro: the model class was switched by the checkpoint
+        (
+            "standard",
+            ["--config", SMOOTHING],
+            "model class is lightning_modules.noise.NoiseAugmentedClassifier here but "
+            "lightning_modules.standard.StandardClassifier in the checkpoint",
+        ),
+        # a setting the data module links into the model
+        (
+            "standard",
+            ["--config", STANDARD, "--data", "datamodules.FashionMNISTDataModule"],
+            "the data module gives mean [0.286] but the checkpoint",
+        ),
+    ],
+)
+def test_checkpoint_disagreeing_with_the_settings_is_refused(
+    kind, args, expected, checkpoints, in_tmp, capsys
+):
+    line = refusal(capsys, "test", *args, "--ckpt_path", checkpoints[kind], *QUIET)
+    assert expected in line
+    assert checkpoints[kind] in line
+    assert not (in_tmp / "runs").exists()  # refused before anything ran
+
+
+def test_checkpoint_with_settings_the_model_does_not_take_is_refused(checkpoints, in_tmp, capsys):
+    checkpoint = torch.load(checkpoints["standard"], weights_only=True)
+    checkpoint["hyper_parameters"]["dropout_rate"] = 0.3  # as if written by another version
+    torch.save(checkpoint, in_tmp / "other_version.ckpt")
+    args = ["--config", STANDARD, "--ckpt_path", str(in_tmp / "other_version.ckpt")]
+    line = refusal(capsys, "test", *args)
+    assert "StandardClassifier does not take: dropout_rate" in line
+
+
+def test_checkpoint_agreeing_with_the_settings_is_used(checkpoints, in_tmp):
+    args = ["--config", SMOOTHING, "--model.init_args.sigma", "0.5", *QUIET]
+    args += ["--ckpt_path", checkpoints["noise"], "--trainer.callbacks", "[]"]
+    tested = cli.main(["test", *args, "--trainer.limit_test_batches", "1"])
+    assert tested.model.sigma == 0.5
+    assert "test/acc" in tested.trainer.callback_metrics
+
+
+# -------------------------------------------------------------------------- item 3b of issue 10
+
+
+def test_last_checkpoint_is_the_last_epoch_and_resumes_from_it(in_tmp):
+    # Best by the smallest step: epoch 0 is the best and is never replaced, so the old
+    # save_last=True (written only beside a new best) kept last.ckpt at epoch 0.
+    args = ["--config", STANDARD, "--checkpoint.monitor", "step", "--checkpoint.mode", "min"]
+    args += TINY
+    fitted = cli.main(["fit", *args, "--trainer.max_epochs", "3"])
+    folder = in_tmp / "runs/mnist_standard/version_0/checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best-epoch00.ckpt", "last.ckpt"]
+    assert torch.load(folder / "best-epoch00.ckpt", weights_only=True)["epoch"] == 0
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+    assert (
+        Path(fitted.trainer.checkpoint_callback.last_model_path).resolve() == folder / "last.ckpt"
+    )
+
+    resumed = cli.main(["fit", *args, "--trainer.max_epochs", "4", "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 8  # exactly one more epoch of 2 batches
+    folder = in_tmp / "runs/mnist_standard/version_1/checkpoints"
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (3, 8)
+    # the best is still epoch 0 of the first run: the resumed epoch did not beat it
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+    best = Path(resumed.trainer.checkpoint_callback.best_model_path).resolve()
+    assert best == in_tmp / "runs/mnist_standard/version_0/checkpoints/best-epoch00.ckpt"
+
+
+# --------------------------------------------------------------------------- item 4 of issue 10
+
+
+class Pwn:
+    """Unpickling this runs a shell command: what an untrusted checkpoint can do."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.target}'",))
+
+
+def test_malicious_checkpoint_is_refused_without_running_it(in_tmp, capsys):
+    pwned = in_tmp / "pwned"
+    evil = in_tmp / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "payload": Pwn(pwned)}, evil)
+    for subcommand in ("test", "fit"):
+        line = refusal(capsys, subcommand, "--config", STANDARD, "--ckpt_path", str(evil))
+        assert "evil.ckpt" in line and "was refused" in line and "posix.system" in line
+    assert not pwned.exists()
+    line = refusal(capsys, "test", "--config", STANDARD, "--weights_only", "false")
+    assert "weights_only false is not allowed" in line
+    assert not (in_tmp / "runs").exists()
+
+
+def test_every_checkpoint_load_uses_weights_only(checkpoints, in_tmp, monkeypatch):
+    seen = []
+    original = torch.load
+
+    def recording_load(*args, **kwargs):
+        seen.append(kwargs.get("weights_only"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    args = ["--config", STANDARD, "--ckpt_path", checkpoints["standard"], *QUIET]
+    cli.main(["test", *args, "--trainer.limit_test_batches", "1"])
+    # ours (the check), Lightning's hyperparameters and Lightning's restore of the weights
+    assert len(seen) >= 3
+    assert set(seen) == {True}
+
+
+# ------------------------------------------------------------ issue 10, beyond the list: kill -9
+
+
+class EpochRecorder(Callback):
+    """Records the epochs that this process trains."""
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epochs.append(trainer.current_epoch)
+
+
+def test_fit_killed_with_sigkill_resumes_from_last(in_tmp):
+    args = ["--config", STANDARD, "--trainer.max_epochs", "3", *QUIET]
+    args += ["--trainer.limit_train_batches", "5", "--trainer.limit_val_batches", "1"]
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), "fit", *args],
+        cwd=in_tmp,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = in_tmp / "runs/mnist_standard/version_0/checkpoints/last.ckpt"
+    deadline = time.monotonic() + 120
+    try:
+        while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL  # killed, not finished
+    done = torch.load(last, weights_only=True)["epoch"]
+    assert done < 2
+
+    args += ["--trainer.callbacks+=tests.test_cli_checkpoints.EpochRecorder"]
+    resumed = cli.main(["fit", *args, "--ckpt_path", "last"])
+    # jsonargparse imports this module as tests.test_cli_checkpoints (pytest may use another name)
+    recorder = next(c for c in resumed.trainer.callbacks if type(c).__name__ == "EpochRecorder")
+    assert recorder.epochs == list(range(done + 1, 3))  # only the epochs not finished
+    assert resumed.trainer.global_step == 3 * 5
+    final = torch.load(in_tmp / "runs/mnist_standard/version_1/checkpoints/last.ckpt")
+    assert (final["epoch"], final["global_step"]) == (2, 15)
