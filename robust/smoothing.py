@@ -357,6 +357,13 @@ class Smooth:
         self.tf32 = tf32
         inferred_device, self.model_dtype = _infer_device_dtype(base_classifier)
         self.device = torch.device(device) if device is not None else inferred_device
+        if channels_last and cuda_graph and self.device.type == "cuda":
+            # Measured on an H200 (torch 2.11): capturing the channels-last forward ended in
+            # "illegal memory access"; refuse it rather than risk a corrupt count.
+            raise SettingError(
+                f"{owner} channels_last=True with cuda_graph=True is not supported on CUDA "
+                "(the captured graph crashed on an H200); set one of them to False"
+            )
         # Noise in float32 (float64 for float64 models), never in the model's bf16/fp16.
         self.noise_dtype = torch.promote_types(torch.float32, self.model_dtype)
         self._model = _channels_last_copy(base_classifier) if channels_last else base_classifier

@@ -541,3 +541,12 @@ def test_channels_last_copy_follows_the_callers_weights() -> None:
         model[3].bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
     certs = smooth.certify_batch(images, [0, 1], 10, 100, 0.01)
     assert [(c.prediction, c.count_a) for c in certs] == [(2, 100), (2, 100)]
+
+
+def test_channels_last_cuda_graph_is_refused_on_cuda():
+    """The combination crashed the GPU (illegal memory access, H200, torch 2.11): refused up front."""
+    from robust.checks import SettingError
+
+    with pytest.raises(SettingError, match="channels_last=True with cuda_graph=True"):
+        Smooth(nn.Linear(4, 2), 2, 0.5, channels_last=True, cuda_graph=True, device="cuda")
+    Smooth(nn.Linear(4, 2), 2, 0.5, channels_last=True, cuda_graph=True, device="cpu")  # ignored
