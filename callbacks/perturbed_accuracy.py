@@ -20,6 +20,7 @@ from torch import Tensor
 import robust.attacks as attack_lib
 from callbacks.evaluation import EvaluationCallback
 from robust.attacks import AttackSpec
+from robust.autoattack import STAGES
 from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
 from robust.report import plot_example_grid
@@ -28,6 +29,7 @@ from robust.sharding import evaluation_dataset, gather_rows, image_seed
 __all__ = ["GradientMaskingWarning", "PerturbedAccuracy", "image_seed"]
 
 ONE_STEP = ("fgm",)
+AUTOATTACK_STAGES = tuple(stage for stage in STAGES if stage != "clean")
 GRADIENT_FREE = ("square",)
 
 
@@ -50,6 +52,9 @@ class PerturbedAccuracy(EvaluationCallback):
     ``{stage}/perturbation_norm/<key>``, the mean norm of ``x_adv - x`` in the attack's norm. The
     model runs in eval mode under the trainer's precision; the attacks leave inference mode
     themselves, so this works inside ``trainer.test`` with the default ``inference_mode=True``.
+
+    For an ``autoattack`` spec, the robust accuracy after each of its attacks is logged too, as
+    ``{stage}/perturbed_acc/<key>/after_<apgd-ce|apgd-t|square>``.
 
     A :class:`GradientMaskingWarning` names the evidence when a one-step attack (FGM) leaves the
     model more than ``masking_gap`` more accurate than an iterative attack with the same norm and
@@ -132,9 +137,9 @@ class PerturbedAccuracy(EvaluationCallback):
             high_inclusive=True,
             owner=owner,
         )
-        self.width = 3 + 2 * len(
-            self.attacks
-        )  # index, label, clean prediction, (prediction, norm)*
+        # index, label, clean prediction, (prediction, norm) per attack, then AutoAttack's masks
+        self._staged = [spec for spec in self.attacks if spec.method == "autoattack"]
+        self.width = 3 + 2 * len(self.attacks) + len(AUTOATTACK_STAGES) * len(self._staged)
         self.results: dict[str, dict[str, dict]] = {}
         self._examples: list[int] = []
         self._example_rows: list[Tensor] = []
@@ -150,16 +155,22 @@ class PerturbedAccuracy(EvaluationCallback):
         return selected
 
     def attack(
-        self, model: LightningModule, x: Tensor, y: Tensor, spec: AttackSpec, indices: list[int]
+        self,
+        model: LightningModule,
+        x: Tensor,
+        y: Tensor,
+        spec: AttackSpec,
+        indices: list[int],
+        stages: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """``spec``'s attack on a batch, each image's random parts seeded by :func:`image_seed`."""
         if not spec.resolved_random_start:
-            return attack_lib.attack(model, x, y, spec)
+            return attack_lib.attack(model, x, y, spec, stages=stages)
         generators = [
             torch.Generator(device=x.device).manual_seed(image_seed(self.seed, spec.key, i))
             for i in indices
         ]
-        return attack_lib.attack(model, x, y, spec, generator=generators)
+        return attack_lib.attack(model, x, y, spec, generator=generators, stages=stages)
 
     def evaluate_batch(  # noqa: D102
         self,
@@ -179,17 +190,21 @@ class PerturbedAccuracy(EvaluationCallback):
             shown = [k for k, i in enumerate(indices) if i in self._examples]
             example = [torch.as_tensor(indices)[shown], labels[shown].cpu(), clean[shown].cpu()]
             pixels = [x[shown].flatten(1).cpu()]
+            staged: list[Tensor] = []
             for spec in self.attacks:
-                x_adv = self.attack(pl_module, x, labels, spec, indices)
+                masks: dict[str, Tensor] | None = {} if spec in self._staged else None
+                x_adv = self.attack(pl_module, x, labels, spec, indices, stages=masks)
                 with torch.no_grad():
                     predicted = pl_module(x_adv).argmax(dim=1)
                 columns += [predicted, _norms(x_adv - x, spec.norm)]
+                if masks is not None:
+                    staged += [masks[stage] for stage in AUTOATTACK_STAGES]
                 example.append(predicted[shown].cpu())
                 pixels.append(x_adv[shown].flatten(1).cpu())
         if shown:
             numbers = torch.stack([c.double() for c in example], dim=1)
             self._example_rows.append(torch.cat([numbers, *(p.double() for p in pixels)], dim=1))
-        return torch.stack([c.double() for c in columns], dim=1)
+        return torch.stack([c.double() for c in columns + staged], dim=1)
 
     def finish(  # noqa: D102
         self, trainer: Trainer, pl_module: LightningModule, stage: str, rows: Tensor
@@ -202,6 +217,8 @@ class PerturbedAccuracy(EvaluationCallback):
         for key, result in results.items():
             metrics[f"perturbed_acc/{key}"] = result["accuracy"]
             metrics[f"perturbation_norm/{key}"] = result["norm"]
+            for stage, accuracy in result.get("stages", {}).items():
+                metrics[f"perturbed_acc/{key}/after_{stage}"] = accuracy
         return metrics
 
     def summarise(self, table: Tensor) -> dict[str, dict]:
@@ -210,6 +227,13 @@ class PerturbedAccuracy(EvaluationCallback):
         count = len(table)
         clean_accuracy = (clean == labels).double().mean().item() if count else math.nan
         results = {}
+        column = 3 + 2 * len(self.attacks)
+        stage_columns = {}
+        for spec in self._staged:
+            stage_columns[spec.key] = dict(
+                zip(AUTOATTACK_STAGES, range(column, column + 3), strict=True)
+            )
+            column += len(AUTOATTACK_STAGES)
         for j, spec in enumerate(self.attacks):
             predicted, norm = table[:, 3 + 2 * j], table[:, 4 + 2 * j]
             robust = (predicted == labels) & (clean == labels)
@@ -220,6 +244,11 @@ class PerturbedAccuracy(EvaluationCallback):
                 "num_images": count,
                 "attack": spec,
             }
+            if spec.key in stage_columns:  # AutoAttack: robust accuracy after each of its attacks
+                results[spec.key]["stages"] = {
+                    stage: table[:, k].double().mean().item() if count else math.nan
+                    for stage, k in stage_columns[spec.key].items()
+                }
         return results
 
     # ------------------------------------------------------------------ masking and examples

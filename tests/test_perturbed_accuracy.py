@@ -420,3 +420,25 @@ def test_an_attack_that_fixes_a_misclassified_image_does_not_count_it_robust():
     result = callback.summarise(table)["fgm_linf_eps0.1"]
     assert result["accuracy"] == pytest.approx(1 / 3)
     assert result["clean_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_autoattack_logs_the_accuracy_after_each_stage(mnist, class_means):
+    from robust.autoattack import autoattack
+
+    x, y = mnist[2][:12], mnist[3][:12]
+    model = make_model(class_means)
+    spec = AttackSpec("autoattack", "inf", 0.05, steps=5, n_queries=20)
+    callback = PerturbedAccuracy([spec], seed=1, num_image_grid=0, batch_size=5)
+    (logged,) = trainer(callbacks=[callback]).test(
+        model, datamodule=TensorData(x, y), verbose=False
+    )
+    masks = {}
+    generators = [torch.Generator().manual_seed(image_seed(1, spec.key, i)) for i in range(12)]
+    autoattack(model, x, y, 0.05, "inf", steps=5, n_queries=20, generator=generators, stages=masks)
+    for stage in ("apgd-ce", "apgd-t", "square"):
+        expected = masks[stage].double().mean().item()
+        assert logged[f"test/perturbed_acc/{spec.key}/after_{stage}"] == pytest.approx(expected)
+    assert logged[f"test/perturbed_acc/{spec.key}"] == pytest.approx(
+        masks["square"].double().mean().item()
+    )
+    assert masks["apgd-ce"].double().mean() < (model(x).argmax(1) == y).double().mean()
