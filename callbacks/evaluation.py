@@ -29,9 +29,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import Tensor
+from torch import Tensor, nn
 
-from robust.checks import check_int
+from robust.checks import SettingError, check_int
 from robust.sharding import (
     FAST_DEV_IMAGES,
     batches,
@@ -41,7 +41,7 @@ from robust.sharding import (
     shard,
 )
 
-__all__ = ["EvaluationCallback"]
+__all__ = ["EvaluationCallback", "base_classifier", "module_num_classes", "module_sigma"]
 
 
 class EvaluationCallback(Callback):
@@ -198,13 +198,47 @@ class EvaluationCallback(Callback):
             pl_module.log(f"{prefix}/{name}", float(value), sync_dist=False, rank_zero_only=False)
         return metrics
 
+    def rate(self) -> str | None:
+        """Extra text for the progress bar, e.g. a throughput (default: none)."""
+        return None
+
     def progress_bar(self, trainer: Trainer, stage: str, total: int) -> Any:
-        """A tqdm bar on rank 0 when the trainer shows progress, else None."""
+        """A tqdm bar on rank 0 when the trainer shows progress, else None; shows :meth:`rate`."""
         if not (trainer.is_global_zero and trainer.progress_bar_callback is not None and total):
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=f"{type(self).__name__} {stage}", unit="img", leave=False)
+        bar = tqdm(total=total, desc=f"{type(self).__name__} {stage}", unit="img", leave=False)
+        update = bar.update
+
+        def update_with_rate(count: int) -> None:
+            text = self.rate()
+            if text:
+                bar.set_postfix_str(text)
+            update(count)
+
+        bar.update = update_with_rate
+        return bar
+
+    @staticmethod
+    def on_rank_zero(trainer: Trainer, work: Any, owner: str) -> Any:
+        """Run ``work()`` on rank 0 and give its result to every process.
+
+        A refusal (``ValueError``) or an I/O error on rank 0 is raised on every process as one
+        ``SettingError``: every rank reaches the broadcast, so none hangs in it.
+        """
+        outcome: tuple[Any, str | None] = (None, None)
+        if trainer.is_global_zero:
+            try:
+                outcome = (work(), None)
+            except ValueError as err:
+                outcome = (None, str(err))
+            except OSError as err:
+                outcome = (None, f"{owner}: {type(err).__name__}: {err}")
+        result, error = trainer.strategy.broadcast(outcome, src=0)
+        if error is not None:
+            raise SettingError(error)
+        return result
 
     @staticmethod
     def tensorboards(trainer: Trainer) -> list[TensorBoardLogger]:
@@ -217,3 +251,33 @@ class EvaluationCallback(Callback):
             return
         for logger in self.tensorboards(trainer):
             logger.experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
+
+
+def base_classifier(pl_module: LightningModule) -> nn.Module:
+    """The pixel-space classifier: ``pl_module.model`` when there is one, else the module."""
+    model = getattr(pl_module, "model", None)
+    return model if isinstance(model, nn.Module) else pl_module
+
+
+def module_num_classes(pl_module: LightningModule, owner: str) -> int:
+    """The module's ``num_classes``; ``SettingError`` naming ``owner`` when it has none."""
+    num_classes = getattr(pl_module, "num_classes", None)
+    if isinstance(num_classes, int) and num_classes >= 2:
+        return num_classes
+    raise SettingError(
+        f"{owner} needs the module's `num_classes` (an int >= 2); "
+        f"{type(pl_module).__name__} has {num_classes!r}"
+    )
+
+
+def module_sigma(pl_module: LightningModule, sigma: float | None, owner: str) -> float:
+    """``sigma`` when given, else the module's positive ``sigma`` (a noise-trained model's)."""
+    if sigma is not None:
+        return sigma
+    value = getattr(pl_module, "sigma", None)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise SettingError(
+            f"{owner} sigma is not set and the module has no positive `sigma` "
+            f"({type(pl_module).__name__}); give {owner}(sigma=...)"
+        )
+    return float(value)

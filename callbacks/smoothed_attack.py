@@ -18,8 +18,13 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from callbacks.evaluation import EvaluationCallback
-from robust.checks import SettingError, check_int, check_real
+from callbacks.evaluation import (
+    EvaluationCallback,
+    base_classifier,
+    module_num_classes,
+    module_sigma,
+)
+from robust.checks import check_int, check_radii, check_real
 from robust.sharding import image_seed
 from robust.smoothadv import smoothadv_attack
 from robust.smoothing import ABSTAIN, Smooth
@@ -83,11 +88,7 @@ class SmoothedAttack(EvaluationCallback):
         )
         owner = "SmoothedAttack"
         self.sigma = None if sigma is None else check_real("sigma", sigma, low=0, owner=owner)
-        if isinstance(radii, str) or not radii:
-            raise SettingError(
-                f"{owner} radii must be a non-empty list of numbers > 0; got {radii!r}"
-            )
-        self.radii = sorted({check_real("radii", r, low=0, owner=owner) for r in radii})
+        self.radii = check_radii("radii", radii, owner=owner, zero=False)
         self.steps = check_int("steps", steps, minimum=1, owner=owner)
         self.num_noise_samples = check_int(
             "num_noise_samples", num_noise_samples, minimum=1, owner=owner
@@ -101,17 +102,6 @@ class SmoothedAttack(EvaluationCallback):
         self.width = 3 + len(self.radii)  # index, label, PREDICT(clean), PREDICT(x_adv at r)*
         self.results: dict[str, dict[str, float]] = {}
 
-    def _sigma(self, pl_module: LightningModule) -> float:
-        if self.sigma is not None:
-            return self.sigma
-        sigma = getattr(pl_module, "sigma", None)
-        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0:
-            raise SettingError(
-                "SmoothedAttack sigma is not set and the module has no positive `sigma` "
-                f"({type(pl_module).__name__}); give SmoothedAttack(sigma=...)"
-            )
-        return float(sigma)
-
     def evaluate_batch(  # noqa: D102
         self,
         trainer: Trainer,
@@ -121,11 +111,11 @@ class SmoothedAttack(EvaluationCallback):
         images: Tensor,
         labels: Tensor,
     ) -> Tensor:
-        sigma = self._sigma(pl_module)
-        base = getattr(pl_module, "model", pl_module)
+        sigma = module_sigma(pl_module, self.sigma, "SmoothedAttack")
+        base = base_classifier(pl_module)
         smooth = Smooth(
             base,
-            int(pl_module.num_classes),
+            module_num_classes(pl_module, "SmoothedAttack"),
             sigma,
             batch_size=self.predict_batch_size,
             seed=self.seed,

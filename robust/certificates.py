@@ -41,12 +41,14 @@ from robust.checks import SettingError
 __all__ = [
     "ABSTAIN",
     "HEADER",
+    "CertificateFile",
     "CertifiedImage",
     "atomic_write",
     "certified_accuracy",
     "check_settings",
     "images_fingerprint",
     "model_fingerprint",
+    "open_resumable",
     "read_settings",
     "read_tsv",
     "summarize",
@@ -141,6 +143,12 @@ class CertifiedImage:
             )
         if not math.isfinite(self.time) or self.time < 0:
             raise ValueError(f"time {self.time} is not a duration")
+
+    @classmethod
+    def from_numbers(cls, row: Sequence[float]) -> CertifiedImage:
+        """The row from its six numbers (e.g. a gathered float64 tensor row)."""
+        idx, label, predict, radius, correct, seconds = (float(v) for v in row)
+        return cls(int(idx), int(label), int(predict), radius, int(correct), seconds)
 
     def same_certificate(self, other: CertifiedImage) -> bool:
         """Equal in every column but the time."""
@@ -356,3 +364,109 @@ def check_settings(
             f"{where} was written with other settings ({'; '.join(differ)}); its rows cannot be "
             "mixed with these: give another output path or delete the file and its .json"
         )
+
+
+def open_resumable(
+    path: Path,
+    settings: Mapping[str, Any],
+    checked: Iterable[str],
+    *,
+    num_classes: int,
+    size: int,
+    owner: str = "Certification",
+) -> list[CertifiedImage]:
+    """The rows of a TSV to resume, checked against ``settings``; or a new file with its sidecar.
+
+    A file written with other values of the ``checked`` settings, without its sidecar, or with a
+    bad row is refused; a torn last line is dropped (its image is certified again).
+
+    Args:
+        path: The TSV; its settings are in ``<path>.json``.
+        settings: The settings of this run (written to the sidecar of a new file).
+        checked: The settings that must match the sidecar's.
+        num_classes: Classes of the dataset (labels and predictions are checked against it).
+        size: Number of images in the dataset (indices must be below it).
+        owner: Named in messages.
+
+    Raises:
+        SettingError: For any refusal, naming the file and the reason.
+    """
+    sidecar = path.with_name(path.name + ".json")
+    if path.is_file() and path.stat().st_size > 0:
+        if not sidecar.is_file():
+            raise SettingError(
+                f"{owner} output {path} exists without its settings file {sidecar}, so it cannot "
+                "be resumed safely; move it away or give another output path"
+            )
+        check_settings(read_settings(sidecar), settings, checked, f"{owner} output {path}")
+        rows, torn = read_tsv(path, num_classes=num_classes, indices=range(size))
+        if torn:
+            write_tsv(path, rows)
+        return rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(sidecar, json.dumps(dict(settings), indent=2) + "\n")
+    write_tsv(path, [])
+    return []
+
+
+class CertificateFile:
+    """A certification TSV being written: resumed rows, appended rounds, index order at the end.
+
+    Args:
+        path: The TSV (its settings in ``<path>.json``).
+        settings: This run's settings; ``checked`` of them must equal those of a file resumed.
+        checked: The settings that determine the rows.
+        num_classes: Classes of the dataset.
+        size: Number of images in the dataset.
+        owner: Named in messages.
+
+    Raises:
+        SettingError: When an existing file cannot be resumed (see :func:`open_resumable`).
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "c.tsv"
+        >>> file = CertificateFile(path, {"n": 10}, ["n"], num_classes=3, size=5)
+        >>> file.append([CertifiedImage(4, 1, 1, 0.2, 1, 0.0), CertifiedImage(0, 2, -1, 0.0, 0, 0.0)])
+        >>> file.close()
+        >>> [row.idx for row in read_tsv(path)[0]]
+        [0, 4]
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        settings: Mapping[str, Any],
+        checked: Iterable[str],
+        *,
+        num_classes: int,
+        size: int,
+        owner: str = "Certification",
+    ) -> None:
+        self.path = path
+        rows = open_resumable(
+            path, settings, checked, num_classes=num_classes, size=size, owner=owner
+        )
+        self.rows = {row.idx: row for row in rows}
+        self._order = [row.idx for row in rows]
+        self._handle: Any = None
+
+    def append(self, rows: Iterable[CertifiedImage]) -> None:
+        """Append rows to the file and flush them (an interruption keeps them)."""
+        rows = list(rows)
+        if self._handle is None:
+            self._handle = self.path.open("a")
+        self._handle.write("".join(row.to_line() for row in rows))
+        self._handle.flush()
+        for row in rows:
+            self.rows[row.idx] = row
+            self._order.append(row.idx)
+
+    def close(self) -> None:
+        """Close the file, rewritten in dataset-index order if resuming left it out of order."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._order != sorted(self._order):
+            write_tsv(self.path, (self.rows[i] for i in sorted(self.rows)))
+            self._order = sorted(self.rows)

@@ -153,3 +153,18 @@ def check_choice(name: str, value: object, choices: Iterable[object], *, owner: 
         listed = ", ".join(repr(c) for c in allowed)
         raise SettingError(f"{_name(name, owner)} must be one of {listed}; got {value!r}")
     return value
+
+
+def check_radii(name: str, values: object, *, owner: str | None = None, zero: bool = True):
+    """Return a sorted list of distinct radii: numbers >= 0 (> 0 when ``zero`` is False).
+
+    Examples:
+        >>> check_radii("radii", [0.5, 0.25, 0.5])
+        [0.25, 0.5]
+    """
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable) or not values:
+        bound = ">= 0" if zero else "> 0"
+        raise SettingError(
+            f"{_name(name, owner)} must be a non-empty list of numbers {bound}; got {values!r}"
+        )
+    return sorted({check_real(name, r, low=0, low_inclusive=zero, owner=owner) for r in values})

@@ -63,6 +63,38 @@ def plot_certified_curves(
     return figure
 
 
+def certification_figure(
+    radius: Sequence[float],
+    correct: Sequence[int],
+    radii: Sequence[float],
+    *,
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+) -> Figure:
+    """Certified accuracy against radius of one certification run, titled with its settings.
+
+    The dotted line is the largest radius n samples can certify, sigma * Phi^-1(alpha ** (1 / n))
+    (the Clopper-Pearson bound when all n samples agree).
+
+    Examples:
+        >>> figure = certification_figure([0.3], [1], [0.0], sigma=0.25, n0=100, n=1000, alpha=0.001)
+        >>> figure.axes[0].get_title()
+        'sigma=0.25, n0=100, n=1000, alpha=0.001, 1 images, ACR=0.300'
+    """
+    from scipy.stats import norm
+
+    acr = (
+        float(np.mean(np.where(np.asarray(correct, dtype=bool), radius, 0.0))) if len(radius) else 0
+    )
+    title = f"sigma={sigma:g}, n0={n0}, n={n}, alpha={alpha:g}, {len(radius)} images, ACR={acr:.3f}"
+    cap = sigma * float(norm.ppf(alpha ** (1.0 / n)))
+    return plot_certified_curves(
+        {"": (radius, correct)}, marks=radii, cap=cap if cap > 0 else None, title=title
+    )
+
+
 def plot_attack_bars(accuracies: Mapping[str, Mapping[str, float]]) -> Figure:
     """Grouped bars: accuracy (clean and under each attack) for each model."""
     models = list(accuracies)
