@@ -16,15 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from callbacks import Certification
 from robust.certificates import HEADER, CertifiedImage, read_tsv, summarize
 from robust.checks import SettingError
 from robust.smoothing import ABSTAIN, Smooth
+from tests.tensor_data import TensorData
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA = 0.5
@@ -78,19 +79,9 @@ def tiny_images(count: int = 11) -> TensorDataset:
     return TensorDataset(images, labels)
 
 
-class TinyData(LightningDataModule):
-    def __init__(self, count: int = 11) -> None:
-        super().__init__()
-        self.test_set = self.val_set = self.train_set = tiny_images(count)
-
-    def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=4)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=4)
-
-    def test_dataloader(self):
-        return DataLoader(self.test_set, batch_size=4)
+def TinyData(count: int = 11) -> TensorData:  # noqa: N802 (reads as the data module it is)
+    """The tiny images as train, validation and test set, in batches of 4."""
+    return TensorData(*tiny_images(count).tensors, batch_size=4)
 
 
 def certify(tmp_path: Path, module: LightningModule | None = None, **kwargs) -> Certification:
@@ -206,13 +197,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert again.summary == whole.summary
 
 
-class ShiftedData(TinyData):
+def ShiftedData() -> TensorData:  # noqa: N802
     """The same labels in the same order, other pixels: what another split seed can look like."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        images, labels = self.test_set.tensors
-        self.test_set = self.val_set = self.train_set = TensorDataset(images + 0.01, labels)
+    images, labels = tiny_images().tensors
+    return TensorData(images + 0.01, labels, batch_size=4)
 
 
 def test_tsv_of_other_images_with_the_same_labels_is_refused(tmp_path):
