@@ -1,30 +1,54 @@
-"""Throughput of robust.attacks vs torchattacks on the same model and batch, in one process.
+"""Speed and robust accuracy of robust.attacks against torchattacks, in one process.
 
-Times FGM-Linf (FGSM), FGM-L2, PGD-Linf and PGD-L2 (``--steps`` steps, random start) from
-``robust.attacks`` against torchattacks' ``FGSM``, ``PGDL2(steps=1, alpha=eps)``, ``PGD`` and
-``PGDL2``; ours and theirs alternate within each repetition so machine drift hits both alike.
-Prints the median images/s of each and the ratio ours/torchattacks (> 1: ours faster), and the
-largest difference between the two adversarial batches for the deterministic attacks.
+Speed (the default): FGM-Linf (FGSM), FGM-L2, PGD-Linf and PGD-L2 (``--steps`` steps, random start),
+APGD-CE (100 iterations) and Square (``--queries`` queries) from ``robust.attacks`` against
+torchattacks' ``FGSM``, ``PGDL2(steps=1, alpha=eps)``, ``PGD``, ``PGDL2``, ``APGD`` and ``Square``
+on the same model and batch. Ours runs twice, at our defaults (channels-last weights on CPUs) and
+in the caller's layout (``channels_last=False``, the same arithmetic as torchattacks); the three
+alternate within each repetition, in rotating order, so machine drift hits all alike. Prints the
+median images/s of each and the ratios ours/torchattacks (> 1: ours faster) as the median and the
+range over the repetitions, and, for the deterministic attacks, the largest difference between our
+and torchattacks' adversarial batches and the share of images equal to 1e-6 (in float32 they
+differ where torchattacks' cross-entropy gradient loses ``p_y - 1`` to cancellation).
 
-    python benchmarks/attacks.py                      # CPU, batch 256, PGD-40
-    python benchmarks/attacks.py --device cuda --reps 20
+Cross-check (``--crosscheck``): robust accuracy of ours and torchattacks at the same settings on
+the same test images: APGD-CE (100 iterations), APGD-T (100 iterations, 9 target classes), Square
+(5,000 queries, AutoAttack's unscaled schedule) and AutoAttack (ours: APGD-CE, APGD-T, Square;
+torchattacks' ``MultiAttack`` of the same three at the same settings, and with ``--with-fab`` its
+``AutoAttack``, which adds FAB-T and runs APGD for 10 iterations).
+
+The model is a LeNet (``Normalize`` then ``LeNet(1, 10)``) trained for ``--epochs`` epochs on the
+4,000 embedded MNIST training digits; the batch is the first ``--batch`` test digits. Without
+torchattacks installed only our numbers are printed.
+
+    python benchmarks/attacks.py                               # CPU, batch 256
+    python benchmarks/attacks.py --device cuda --reps 10
+    python benchmarks/attacks.py --crosscheck --images 500 --attacks apgd-ce,square
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from lightning_modules.backbones import SmallCNN
-from robust.attacks import fgm, pgd
+from datamodules import EmbeddedMNISTDataModule
+from lightning_modules.backbones import LeNet, Normalize, SmallCNN
+from robust.attacks import apgd, apgd_t, autoattack, fgm, pgd, square
+
+try:
+    import torchattacks
+except ImportError:  # the GPU machine may not have it
+    torchattacks = None
 
 
-def timed(fn: Callable[[], Tensor], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> float:
     """Wall time of one call, synchronising CUDA before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -35,82 +59,304 @@ def timed(fn: Callable[[], Tensor], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=40, help="PGD steps")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--eps-inf", type=float, default=0.3)
-    parser.add_argument("--eps-2", type=float, default=2.0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-
-    import torchattacks
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+def trained_model(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[nn.Module, Tensor, Tensor]:
+    """The benchmark model (trained for ``--epochs``) and all test digits with their labels."""
+    data = EmbeddedMNISTDataModule(seed=0)
+    data.setup()
     torch.manual_seed(args.seed)
-    model = SmallCNN(1, 10).to(device).eval()
-    x = torch.rand(args.batch, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
+    backbone = LeNet(1, 10) if args.model == "lenet" else SmallCNN(1, 10)
+    model = nn.Sequential(Normalize(data.mean, data.std), backbone).to(device)
+    x_train, y_train = (t.to(device) for t in data.train_set.tensors)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.epochs):
+        order = torch.randperm(len(x_train), generator=generator).to(device)
+        for start in range(0, len(x_train), 64):
+            index = order[start : start + 64]
+            optimizer.zero_grad()
+            F.cross_entropy(model(x_train[index]), y_train[index]).backward()
+            optimizer.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x, y = (t.to(device) for t in data.test_set.tensors)
+    return model, x, y
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return sum(
+            (model(x[i : i + 500]).argmax(1) == y[i : i + 500]).sum().item()
+            for i in range(0, len(x), 500)
+        ) / len(x)
+
+
+def ta_norm(norm: str) -> str:
+    return "Linf" if norm == "inf" else "L2"
+
+
+def speed(args: argparse.Namespace, model: nn.Module, x: Tensor, y: Tensor) -> None:
+    device = x.device
     e_inf, e_2, steps = args.eps_inf, args.eps_2, args.steps
 
-    cases: list[tuple[str, Callable[[], Tensor], Callable[[], Tensor], bool]] = [
+    def gen() -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(0)
+
+    # label, ours(channels_last) -> images, theirs or None, deterministic (compare images)
+    cases: list[tuple[str, Callable[[bool | None], Tensor], Callable[[], Tensor] | None, bool]] = [
         (
             "FGM-Linf (FGSM)",
-            lambda: fgm(model, x, y, e_inf, "inf"),
-            lambda: torchattacks.FGSM(model, eps=e_inf)(x, y),
+            lambda cl: fgm(model, x, y, e_inf, "inf", channels_last=cl),
+            torchattacks and (lambda: torchattacks.FGSM(model, eps=e_inf)(x, y)),
             True,
         ),
         (
             "FGM-L2",
-            lambda: fgm(model, x, y, e_2, "2"),
-            lambda: torchattacks.PGDL2(model, eps=e_2, alpha=e_2, steps=1, random_start=False)(
-                x, y
+            lambda cl: fgm(model, x, y, e_2, "2", channels_last=cl),
+            torchattacks
+            and (
+                lambda: torchattacks.PGDL2(model, eps=e_2, alpha=e_2, steps=1, random_start=False)(
+                    x, y
+                )
             ),
             True,
         ),
         (
             f"PGD{steps}-Linf",
-            lambda: pgd(model, x, y, e_inf, "inf", steps=steps),
-            lambda: torchattacks.PGD(model, eps=e_inf, alpha=2.5 * e_inf / steps, steps=steps)(
-                x, y
+            lambda cl: pgd(
+                model, x, y, e_inf, "inf", steps=steps, generator=gen(), channels_last=cl
+            ),
+            torchattacks
+            and (
+                lambda: torchattacks.PGD(model, eps=e_inf, alpha=2.5 * e_inf / steps, steps=steps)(
+                    x, y
+                )
             ),
             False,
         ),
         (
             f"PGD{steps}-L2",
-            lambda: pgd(model, x, y, e_2, "2", steps=steps),
-            lambda: torchattacks.PGDL2(model, eps=e_2, alpha=2.5 * e_2 / steps, steps=steps)(x, y),
+            lambda cl: pgd(model, x, y, e_2, "2", steps=steps, generator=gen(), channels_last=cl),
+            torchattacks
+            and (
+                lambda: torchattacks.PGDL2(model, eps=e_2, alpha=2.5 * e_2 / steps, steps=steps)(
+                    x, y
+                )
+            ),
+            False,
+        ),
+        (
+            "APGD-CE-Linf",
+            lambda cl: apgd(model, x, y, e_inf, "inf", generator=gen(), channels_last=cl),
+            torchattacks
+            and (lambda: torchattacks.APGD(model, norm="Linf", eps=e_inf, steps=100, seed=0)(x, y)),
+            False,
+        ),
+        (
+            "APGD-CE-L2",
+            lambda cl: apgd(model, x, y, e_2, "2", generator=gen(), channels_last=cl),
+            torchattacks
+            and (lambda: torchattacks.APGD(model, norm="L2", eps=e_2, steps=100, seed=0)(x, y)),
+            False,
+        ),
+        (
+            f"Square{args.queries}-Linf",
+            lambda cl: square(
+                model, x, y, e_inf, "inf", n_queries=args.queries, generator=gen(), channels_last=cl
+            ),
+            torchattacks
+            and (
+                lambda: torchattacks.Square(
+                    model,
+                    norm="Linf",
+                    eps=e_inf,
+                    n_queries=args.queries,
+                    seed=0,
+                    resc_schedule=False,
+                )(x, y)
+            ),
             False,
         ),
     ]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    wanted = [w.strip().lower() for w in args.attacks.split(",")] if args.attacks else None
+    if wanted:
+        cases = [c for c in cases if any(c[0].lower().startswith(w) for w in wanted)]
+    default_cl = x.device.type == "cpu"
     print(
-        f"device={name} threads={torch.get_num_threads()} batch={args.batch} steps={steps} "
-        f"reps={args.reps} torch={torch.__version__} torchattacks={torchattacks.__version__}"
+        f"speed: ours at our defaults (channels_last={default_cl}) and in the caller's layout "
+        f"(channels_last=False) vs torchattacks; {args.reps} interleaved repetitions; "
+        f"clean accuracy {accuracy(model, x, y):.3f}"
     )
-    print(
-        f"{'attack':18s} {'ours img/s':>12s} {'torchattacks':>13s} {'ratio':>7s} {'max|diff|':>10s}"
-    )
+    head = f"{'attack':18s} {'ours img/s':>11s} {'same-layout':>12s} {'torchattacks':>13s}"
+    ratios = f"{'ratio default (range)':>24s} {'ratio same-layout (range)':>26s}"
+    print(f"{head} {ratios} {'max|diff| same':>15s}")
     for label, ours, theirs, deterministic in cases:
+        runs: dict[str, Callable[[], object]] = {
+            "default": lambda ours=ours: ours(None),
+            "same": lambda ours=ours: ours(False),
+        }
+        if theirs is not None:
+            runs["theirs"] = theirs
         for _ in range(args.warmup):
-            ours(), theirs()
-        t_ours, t_theirs = [], []
+            for fn in runs.values():
+                fn()
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        names = list(runs)
         for rep in range(args.reps):
-            pair = [(ours, t_ours), (theirs, t_theirs)]
-            for fn, sink in pair if rep % 2 == 0 else pair[::-1]:
-                sink.append(timed(fn, device))
-        ips_ours = args.batch / statistics.median(t_ours)
-        ips_theirs = args.batch / statistics.median(t_theirs)
-        diff = f"{(ours() - theirs()).abs().max().item():10.1e}" if deterministic else f"{'-':>10s}"
-        print(
-            f"{label:18s} {ips_ours:12.1f} {ips_theirs:13.1f} {ips_ours / ips_theirs:7.2f} {diff}"
+            shift = rep % len(names)
+            for name in names[shift:] + names[:shift]:
+                times[name].append(timed(runs[name], x.device))
+        ips = {k: len(x) / statistics.median(v) for k, v in times.items()}
+        row = f"{label:18s} {ips['default']:11.1f} {ips['same']:12.1f}"
+        if "theirs" in times:
+            ratios = {
+                k: [t / o for o, t in zip(times[k], times["theirs"], strict=True)]
+                for k in ("default", "same")
+            }
+            cells = [
+                f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})" for r in ratios.values()
+            ]
+            diff = "-"
+            if deterministic:  # largest difference; share of images equal to 1e-6
+                gap = (ours(False) - theirs()).flatten(1).abs().amax(1)
+                diff = f"{gap.max().item():.1e} {(gap <= 1e-6).float().mean().item():.2f}"
+            row += f" {ips['theirs']:13.1f} {cells[0]:>24s} {cells[1]:>26s} {diff:>15s}"
+        else:
+            row += f" {'(not installed)':>13s}"
+        print(row, flush=True)
+
+
+def cross_cases(
+    args: argparse.Namespace, model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float
+) -> list[tuple[str, Callable[[], Tensor], Callable[[], Tensor] | None]]:
+    """(label, ours, torchattacks or None) for one norm at the same settings."""
+    q, tn = args.cross_queries, ta_norm(norm)
+
+    def gen() -> torch.Generator:
+        return torch.Generator(device=x.device).manual_seed(args.seed)
+
+    def ta_apgd():
+        return torchattacks.APGD(model, norm=tn, eps=eps, steps=100, seed=0)
+
+    def ta_apgdt():
+        return torchattacks.APGDT(model, norm=tn, eps=eps, steps=100, n_classes=10, seed=0)
+
+    def ta_square():
+        return torchattacks.Square(
+            model, norm=tn, eps=eps, n_queries=q, seed=0, resc_schedule=False
         )
+
+    def ours_autoattack() -> Tensor:
+        return autoattack(model, x, y, eps, norm, n_queries=q, generator=gen())
+
+    have = torchattacks is not None
+    cases = [
+        (
+            "apgd-ce",
+            lambda: apgd(model, x, y, eps, norm, generator=gen()),
+            have and (lambda: ta_apgd()(x, y)),
+        ),
+        (
+            "apgd-t",
+            lambda: apgd_t(model, x, y, eps, norm, generator=gen()),
+            have and (lambda: ta_apgdt()(x, y)),
+        ),
+        (
+            f"square{q}",
+            lambda: square(model, x, y, eps, norm, n_queries=q, generator=gen()),
+            have and (lambda: ta_square()(x, y)),
+        ),
+        (
+            "autoattack",
+            ours_autoattack,
+            have and (lambda: torchattacks.MultiAttack([ta_apgd(), ta_apgdt(), ta_square()])(x, y)),
+        ),
+    ]
+    if args.with_fab and have:
+        ta_aa = torchattacks.AutoAttack(model, norm=tn, eps=eps, n_classes=10, seed=0)
+        cases.append(("autoattack vs AutoAttack", ours_autoattack, lambda: ta_aa(x, y)))
+    return [(label, ours, theirs or None) for label, ours, theirs in cases]
+
+
+def crosscheck(args: argparse.Namespace, model: nn.Module, x: Tensor, y: Tensor) -> None:
+    wanted = [w.strip().lower() for w in args.attacks.split(",")] if args.attacks else None
+    print(
+        f"cross-check on {len(x)} test digits, clean accuracy {accuracy(model, x, y):.4f}; "
+        "robust accuracy (time in s):"
+    )
+    print(
+        f"{'attack':30s} {'ours':>8s} {'torchattacks':>13s} {'diff (pp)':>10s} "
+        f"{'ours s':>8s} {'theirs s':>9s}"
+    )
+    for norm in args.norms.split(","):
+        eps = args.eps_inf if norm == "inf" else args.eps_2
+        for label, ours, theirs in cross_cases(args, model, x, y, norm, eps):
+            if wanted and not any(label.startswith(w) for w in wanted):
+                continue
+            start = time.perf_counter()
+            x_ours = ours()
+            t_ours = time.perf_counter() - start
+            order = math.inf if norm == "inf" else 2
+            bound = torch.linalg.vector_norm((x_ours - x).flatten(1), ord=order, dim=1)
+            assert bound.max().item() <= eps * (1 + 1e-5), "perturbation outside the ball"
+            assert 0 <= x_ours.min() and x_ours.max() <= 1, "pixels outside [0, 1]"
+            a = accuracy(model, x_ours, y)
+            name = f"{label} L{norm} eps={eps:g}"
+            if theirs is None:
+                print(f"{name:30s} {a:8.4f} {'-':>13s} {'-':>10s} {t_ours:8.1f}", flush=True)
+                continue
+            start = time.perf_counter()
+            b = accuracy(model, theirs(), y)
+            t_theirs = time.perf_counter() - start
+            print(
+                f"{name:30s} {a:8.4f} {b:13.4f} {100 * (a - b):+10.2f} {t_ours:8.1f} "
+                f"{t_theirs:9.1f}",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--model", default="lenet", choices=["lenet", "smallcnn"])
+    parser.add_argument("--epochs", type=int, default=1, help="training epochs of the model")
+    parser.add_argument("--batch", type=int, default=256, help="speed: images per batch")
+    parser.add_argument("--steps", type=int, default=40, help="speed: PGD steps")
+    parser.add_argument("--queries", type=int, default=1000, help="speed: Square queries")
+    parser.add_argument("--reps", type=int, default=3, help="speed: timed repetitions")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--eps-inf", type=float, default=0.2)
+    parser.add_argument("--eps-2", type=float, default=2.0)
+    parser.add_argument("--attacks", default="", help="comma-separated prefixes of the rows to run")
+    parser.add_argument("--crosscheck", action="store_true", help="robust accuracy, not speed")
+    parser.add_argument("--images", type=int, default=500, help="cross-check: test digits")
+    parser.add_argument("--norms", default="inf,2", help="cross-check: norms")
+    parser.add_argument("--cross-queries", type=int, default=5000, help="cross-check: Square")
+    parser.add_argument(
+        "--with-fab", action="store_true", help="cross-check: torchattacks.AutoAttack"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    model, x, y = trained_model(args, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    version = torchattacks.__version__ if torchattacks is not None else "not installed"
+    print(
+        f"device={name} threads={torch.get_num_threads()} torch={torch.__version__} "
+        f"torchattacks={version} model={args.model} (trained {args.epochs} epochs in "
+        f"{time.perf_counter() - start:.0f} s)"
+    )
+    if args.crosscheck:
+        crosscheck(args, model, x[: args.images], y[: args.images])
+    else:
+        speed(args, model, x[: args.batch], y[: args.batch])
 
 
 if __name__ == "__main__":

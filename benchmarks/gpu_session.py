@@ -169,6 +169,7 @@ def certify(args) -> None:
         n=2000 if args.tiny else 100_000,
         alpha=0.001,
         batch_size=args.certify_batch,
+        cuda_graph=args.cuda_graph,
         max_images=20 if args.tiny else None,
         output=str(args.out / f"certify_noise{'_' + args.autocast if args.autocast else ''}.tsv"),
         autocast=args.autocast,
@@ -199,7 +200,7 @@ def train_robust(args) -> None:
         callbacks=[keep],
     )
     start = time.perf_counter()
-    run.fit(model, datamodule=FastMNIST(args.data, 128, args.tiny))
+    run.fit(model, datamodule=FastMNIST(args.data, args.batch, args.tiny))
     record(
         args.out,
         "train-robust",
@@ -266,7 +267,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seconds", type=int, default=60, help="training time limit")
     parser.add_argument("--method", default="trades", choices=["at", "trades"])
-    parser.add_argument("--certify-batch", type=int, default=20_000)
+    parser.add_argument("--certify-batch", type=int, default=None, help="default: the callback's")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--batch", type=int, default=256, help="training batch of train-robust")
     parser.add_argument("--attack-batch", type=int, default=2500)
     parser.add_argument("--autocast", default=None, choices=[None, "bf16"])
     args = parser.parse_args()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -12,7 +13,18 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
-from robust.attacks import AttackSpec, _random_start, attack, fgm, pgd
+from robust.attacks import (
+    AttackSpec,
+    _random_start,
+    apgd,
+    apgd_t,
+    attack,
+    autoattack,
+    fgm,
+    pgd,
+    square,
+)
+from robust.checks import SettingError
 
 EPS = {"inf": 0.1, "2": 1.0}
 
@@ -475,6 +487,27 @@ def test_spec_defaults_and_keys():
         == "pgd10_l2_eps1_r5_tgt"
     )
     assert AttackSpec(name="custom").key == "custom"
+    # the new methods: AutoAttack's standard settings by default, non-defaults in the key
+    spec_aa = AttackSpec(method="autoattack", norm="inf", eps=0.3)
+    assert (spec_aa.resolved_steps, spec_aa.resolved_n_target_classes) == (100, 9)
+    assert (spec_aa.resolved_n_queries, spec_aa.resolved_p_init, spec_aa.resolved_rho) == (
+        5000,
+        0.8,
+        0.75,
+    )
+    assert spec_aa.resolved_random_start and spec_aa.key == "autoattack_linf_eps0.3"
+    assert AttackSpec(method="APGD_CE", norm=2, eps=0.5).key == "apgd-ce_l2_eps0.5"
+    assert (
+        AttackSpec(method="apgd-ce", eps=0.5, steps=50, restarts=5).key == "apgd-ce50_l2_eps0.5_r5"
+    )
+    assert (
+        AttackSpec(method="apgd-ce", eps=0.5, random_start=False).key == "apgd-ce_l2_eps0.5_norand"
+    )
+    assert AttackSpec(method="apgd-t", eps=0.5, rho=0.5).key == "apgd-t_l2_eps0.5_rho0.5"
+    assert AttackSpec(method="square", eps=0.5, p_init=0.3).key == "square_l2_eps0.5_p0.3"
+    square_spec = AttackSpec(method="square", eps=0.5)
+    assert square_spec.resolved_rho is None and square_spec.resolved_step_size is None
+    assert AttackSpec(method="pgd", eps=0.5).resolved_n_queries is None
     assert AttackSpec(norm=math.inf).norm == "inf" and AttackSpec(norm="L2").norm == "2"
     # Resolved values are derived, so replace() re-derives them.
     assert dataclasses.replace(spec, eps=0.1).resolved_step_size == pytest.approx(2.5 * 0.1 / 40)
@@ -491,28 +524,98 @@ def test_spec_defaults_and_keys():
         ({"eps": -0.1}, "eps"),
         ({"eps": math.nan}, "eps"),
         ({"method": "pgd", "steps": 0}, "steps"),
+        ({"method": "apgd-ce", "steps": 0}, "steps"),
+        ({"method": "autoattack", "steps": -1}, "steps"),
         ({"method": "fgm", "steps": 5}, "steps"),
         ({"restarts": 0}, "restarts"),
         ({"method": "pgd", "random_start": False, "restarts": 3}, "restarts"),
+        ({"method": "apgd-t", "random_start": False, "restarts": 2}, "restarts"),
         ({"step_size": 0.0}, "step_size"),
         ({"step_size": -1.0}, "step_size"),
         ({"name": ""}, "name"),
+        ({"method": "square", "n_queries": 0}, "n_queries"),
+        ({"method": "autoattack", "n_queries": 0}, "n_queries"),
+        ({"method": "square", "p_init": 0.0}, "p_init"),
+        ({"method": "square", "p_init": 1.5}, "p_init"),
+        ({"method": "apgd-ce", "rho": 0.0}, "rho"),
+        ({"method": "apgd-t", "n_target_classes": 0}, "n_target_classes"),
+        # settings a method does not take are refused, not ignored
+        ({"method": "pgd", "n_queries": 100}, "n_queries"),
+        ({"method": "apgd-ce", "n_target_classes": 3}, "n_target_classes"),
+        ({"method": "apgd-ce", "step_size": 0.1}, "step_size"),
+        ({"method": "square", "steps": 10}, "steps"),
+        ({"method": "fgm", "rho": 0.5}, "rho"),
+        ({"method": "apgd-t", "targeted": True}, "targeted"),
+        ({"method": "square", "random_start": False}, "random_start"),
+        ({"method": "autoattack", "random_start": False}, "random_start"),
     ],
 )
 def test_spec_validation(kwargs, setting):
-    with pytest.raises(ValueError, match=setting):
+    with pytest.raises(SettingError, match=setting) as error:
         AttackSpec(**kwargs)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"AttackSpec {setting}")
+    assert "must" in message or "applies to" in message  # names the allowed values
+
+
+def test_spec_validation_names_allowed_values():
+    with pytest.raises(SettingError) as error:
+        AttackSpec(method="apgd")
+    for method in ("'fgm'", "'pgd'", "'apgd-ce'", "'apgd-t'", "'square'", "'autoattack'"):
+        assert method in str(error.value)
+    with pytest.raises(SettingError, match="'2', 'inf'"):
+        AttackSpec(norm="l1")
+    with pytest.raises(SettingError, match=">= 1; got 0"):
+        AttackSpec(method="square", n_queries=0)
 
 
 def test_function_validation():
     model = small_cnn()
     x, y = batch(2)
-    with pytest.raises(ValueError, match="norm"):
+    with pytest.raises(SettingError, match="fgm norm must be one of"):
         fgm(model, x, y, 0.1, "1")
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(SettingError, match="pgd steps must be an integer >= 1"):
         pgd(model, x, y, 0.1, "inf", steps=0)
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(SettingError, match="pgd eps must be a number >= 0"):
         pgd(model, x, y, -1.0, "inf")
+    with pytest.raises(SettingError, match="apgd steps"):
+        apgd(model, x, y, 0.1, "inf", steps=0)
+    with pytest.raises(SettingError, match="square n_queries"):
+        square(model, x, y, 0.1, "inf", n_queries=0)
+    with pytest.raises(SettingError, match="autoattack eps"):
+        autoattack(model, x, y, -0.1, "inf")
+
+
+ALL_SPECS = [
+    AttackSpec("fgm", "inf", 0.0),
+    AttackSpec("fgm", "2", 0.0, random_start=True, restarts=2),
+    AttackSpec("pgd", "inf", 0.0, steps=3),
+    AttackSpec("pgd", "2", 0.0, steps=3, targeted=True),
+    AttackSpec("apgd-ce", "inf", 0.0, steps=3),
+    AttackSpec("apgd-t", "2", 0.0, steps=3, n_target_classes=2),
+    AttackSpec("square", "inf", 0.0, n_queries=5),
+    AttackSpec("autoattack", "2", 0.0, steps=3, n_queries=5),
+]
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.key)
+def test_eps_zero_means_no_attack(spec):
+    model = small_cnn(classes=5)
+    x, y = batch(8, classes=5)
+    stages = {}
+    with torch.inference_mode():
+        got = attack(model, x, y, spec, generator=torch.Generator().manual_seed(0), stages=stages)
+    assert torch.equal(got, x) and got.dtype == x.dtype
+    clean = model(x).argmax(1) == y
+    assert accuracy(model, got, y) == clean.float().mean().item()
+    assert all(torch.equal(mask, clean) for mask in stages.values()) and "clean" in stages
+
+
+def test_eps_zero_functions_return_x():
+    model = small_cnn(classes=5)
+    x, y = batch(4, classes=5)
+    for fn in (fgm, pgd, apgd, apgd_t, square, autoattack):
+        assert torch.equal(fn(model, x, y, 0.0, "inf"), x)
 
 
 def test_attack_dispatch_matches_functions():
@@ -542,9 +645,24 @@ def test_spec_from_yaml_via_jsonargparse():
     jsonargparse = pytest.importorskip("jsonargparse")
     parser = jsonargparse.ArgumentParser()
     parser.add_argument("--attacks", type=list[AttackSpec])
-    cfg = parser.parse_string("attacks: [{method: pgd, norm: Linf, eps: 0.3}, {norm: 2, eps: 1.5}]")
+    cfg = parser.parse_string(
+        "attacks: [{method: pgd, norm: Linf, eps: 0.3}, {norm: 2, eps: 1.5}, "
+        "{method: autoattack, norm: inf, eps: 0.3}, {method: square, norm: 2, eps: 2, n_queries: 1000}, "
+        "{method: apgd_t, norm: inf, eps: 0.3, n_target_classes: 3}]"
+    )
     specs = parser.instantiate(cfg).attacks
-    assert specs == [AttackSpec(method="pgd", norm="inf", eps=0.3), AttackSpec(norm="2", eps=1.5)]
+    assert specs == [
+        AttackSpec(method="pgd", norm="inf", eps=0.3),
+        AttackSpec(norm="2", eps=1.5),
+        AttackSpec(method="autoattack", norm="inf", eps=0.3),
+        AttackSpec(method="square", norm="2", eps=2.0, n_queries=1000),
+        AttackSpec(method="apgd-t", norm="inf", eps=0.3, n_target_classes=3),
+    ]
+    assert [s.key for s in specs[2:]] == [
+        "autoattack_linf_eps0.3",
+        "square_l2_eps2_q1000",
+        "apgd-t_linf_eps0.3_t3",
+    ]
 
 
 @pytest.mark.parametrize("norm", ["inf", "2"])
@@ -576,11 +694,42 @@ def test_step_loss_gives_each_sample_an_o1_logit_gradient_in_the_ce_direction():
     y = torch.tensor([0, 2, 0])
     (grad,) = torch.autograd.grad(_step_loss(lambda x: x, logits, y), logits)
     others = grad.scatter(1, y.unsqueeze(1), 0.0)
-    # the entries of the other classes are p_j / (2 sum_{j != y} p_j): they sum to exactly 1/2
+    # the entries of the other classes are q_j / 2: they sum to exactly 1/2, the true class -1/2
     torch.testing.assert_close(others.sum(1), torch.full((3,), 0.5))
-    expected = logits.detach().softmax(1) - F.one_hot(y, 3)  # the direction of plain CE
-    cosine = F.cosine_similarity(grad[:2], expected[:2], dim=1)
-    torch.testing.assert_close(cosine, torch.ones(2))
+    torch.testing.assert_close(grad.gather(1, y[:, None])[:, 0], torch.full((3,), -0.5))
+    # the direction of the cross-entropy's gradient, computed in float64 (where p_y < 1 is exact)
+    wide = logits.detach().double()
+    expected = wide.softmax(1) - F.one_hot(y, 3)
+    unit = expected / expected.norm(dim=1, keepdim=True)  # (cosine_similarity clamps tiny norms)
+    cosine = (grad.double() / grad.double().norm(dim=1, keepdim=True) * unit).sum(1)
+    torch.testing.assert_close(cosine, torch.ones(3, dtype=torch.float64))
+    # float32 autograd of the plain cross-entropy loses the third sample's y entry to cancellation
+    plain = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), logits)[0]
+    assert plain[2, 0] == 0 and expected[2, 0] < 0
+
+
+def test_fgsm_signs_match_float64_gradient_for_confident_samples(trained):
+    # Logits x3: p_y rounds to 1 in float32 for most images (margins ~23) but not in float64, so
+    # float64 autograd of the cross-entropy is an exact reference for its gradient's signs.
+    model, x, y = trained
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model[-1].weight.mul_(3.0)
+        model[-1].bias.mul_(3.0)
+        p_y = model(x).softmax(1).gather(1, y[:, None])[:, 0]
+    assert (p_y == 1.0).float().mean() > 0.8
+    model64, x64 = copy.deepcopy(model).double(), x.double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(F.cross_entropy(model64(x64), y, reduction="sum"), x64)
+    # coordinates whose float64 gradient is not negligible within its sample
+    clear = g64.abs() > 1e-4 * g64.flatten(1).abs().amax(1).view(-1, 1, 1, 1)
+    step = (fgm(model, x, y, 0.01, "inf") - x).sign()
+    seen = clear & (step != 0)  # a step clipped at 0 or 1 shows no sign
+    assert seen.sum() > 0.99 * clear.sum()
+    assert ((step != g64.sign()) & seen).sum() == 0
+    # plain float32 autograd of the cross-entropy gets many of these signs wrong
+    x32 = x.clone().requires_grad_(True)
+    (g32,) = torch.autograd.grad(F.cross_entropy(model(x32), y, reduction="sum"), x32)
+    assert ((g32.sign() != g64.sign()) & clear).sum() > 0.05 * clear.sum()
 
 
 def test_step_loss_stays_finite_when_the_other_classes_underflow():

@@ -1,0 +1,280 @@
+"""Pieces shared by every attack in :mod:`robust.attacks` (private; import from there).
+
+* :func:`prepared`: the context every attack runs in (eval mode with each submodule's mode restored,
+  outside ``torch.inference_mode``, gradients on) and the forward pass it uses (optionally through a
+  channels-last copy of the model's 4-D weights, leaving the caller's model untouched).
+* Per-sample randomness (:func:`draw`, :func:`subset`): with one generator per image, image ``i``
+  consumes ``generator[i]`` alone, exactly as a one-image call would, so results do not depend on
+  the batch an image is in.
+* Losses computed from logits promoted to at least float32: :func:`cross_entropy` (exact even when
+  ``p_y`` rounds to 1), :func:`margin` and :func:`others_minus_true` (the cancellation-free step
+  direction of the cross-entropy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robust.checks import SettingError, check_choice, check_real
+from robust.modes import eval_mode
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One RNG for the batch, one per sample (batch-size independent results), or the global RNG."""
+
+NORMS = ("2", "inf")
+
+_NORM_ALIASES = {"2": "2", "2.0": "2", "l2": "2", "inf": "inf", "linf": "inf", "infinity": "inf"}
+
+
+def canonical_norm(norm: str | float, owner: str | None = None) -> str:
+    """Return ``"2"`` or ``"inf"`` for 2, "2", "l2", "L2", inf, "inf", "linf", "Linf", "l_inf"."""
+    key = str(norm).strip().lower().replace("_", "").replace(" ", "")
+    if key in _NORM_ALIASES:
+        return _NORM_ALIASES[key]
+    prefix = f"{owner} norm" if owner else "norm"
+    raise SettingError(
+        f"{prefix} must be one of '2', 'inf' (aliases 2, 'l2', 'L2', inf, 'linf', 'Linf'); "
+        f"got {norm!r}"
+    )
+
+
+def check_eps(eps: object, owner: str | None = None) -> float:
+    """``eps`` as a float: a finite number >= 0 (0 means no attack)."""
+    return check_real("eps", eps, low=0, low_inclusive=True, owner=owner)
+
+
+def check_fraction(name: str, value: object, owner: str | None = None) -> float:
+    """A number in (0, 1] (``p_init``, ``rho``)."""
+    return check_real(name, value, low=0, high=1, high_inclusive=True, owner=owner)
+
+
+def check_bool(name: str, value: object, owner: str | None = None) -> bool:
+    """``value`` if it is True or False."""
+    return check_choice(name, value, [True, False], owner=owner)
+
+
+# ---------------------------------------------------------------------------- shapes and norms
+
+
+def view(v: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-sample vector ``(B,)`` to broadcast against ``like`` ``(B, ...)``."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def norm2(v: Tensor) -> Tensor:
+    """Per-sample Euclidean norm ``(B,)`` of ``v`` ``(B, ...)``."""
+    return torch.linalg.vector_norm(v.flatten(1), dim=1)
+
+
+def norm2_wide(v: Tensor) -> Tensor:
+    """Per-sample Euclidean norm ``(B,)`` accumulated in float64, returned in ``v``'s dtype."""
+    return torch.linalg.vector_norm(v.flatten(1), dim=1, dtype=torch.float64).to(v.dtype)
+
+
+def project_l2(x: Tensor, x_adv: Tensor, eps: float) -> Tensor:
+    """Project ``x_adv`` (in place) onto the L2 ball of radius ``eps`` around ``x``, clip to [0, 1].
+
+    Clipping moves every coordinate towards ``x`` (which lies in [0, 1]), so it never leaves the ball.
+    """
+    tiny = torch.finfo(x_adv.dtype).tiny
+    delta = x_adv.sub_(x)
+    factor = (eps / norm2(delta).clamp_min_(tiny)).clamp_max_(1.0)
+    return delta.mul_(view(factor, delta)).add_(x).clamp_(0.0, 1.0)
+
+
+def unit_l2(g: Tensor) -> Tensor:
+    """``g`` divided per sample by its L2 norm (float64 accumulation); a zero ``g`` stays zero."""
+    return g / view(norm2_wide(g).clamp_min_(torch.finfo(g.dtype).tiny), g)
+
+
+# --------------------------------------------------------------------------------- randomness
+
+
+def check_generators(generator: Generators, n: int) -> None:
+    """Refuse a list of generators whose length is not the batch size."""
+    if isinstance(generator, Sequence) and len(generator) != n:
+        raise ValueError(f"generator: {len(generator)} generators for a batch of {n} images")
+
+
+def subset(generator: Generators, index: Sequence[int]) -> Generators:
+    """The generators of the images ``index`` (a shared generator or None stays as it is)."""
+    if isinstance(generator, Sequence):
+        return [generator[i] for i in index]
+    return generator
+
+
+def draw(
+    generator: Generators,
+    n: int,
+    shape: Sequence[int],
+    like: Tensor,
+    kind: str = "rand",
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``n`` samples of ``shape`` (``rand``: U[0, 1), ``randn``: N(0, 1)) on ``like``'s device.
+
+    With one generator per image, sample ``i`` comes from ``generator[i]`` alone.
+    """
+    fn = torch.rand if kind == "rand" else torch.randn
+    dtype = like.dtype if dtype is None else dtype
+    if isinstance(generator, Sequence):
+        if len(generator) != n:
+            raise ValueError(f"generator: {len(generator)} generators for a batch of {n} images")
+        if n == 0:
+            return torch.empty(0, *shape, dtype=dtype, device=like.device)
+        return torch.stack(
+            [fn(*shape, generator=g, dtype=dtype, device=like.device) for g in generator]
+        )
+    return fn(n, *shape, generator=generator, dtype=dtype, device=like.device)
+
+
+# ------------------------------------------------------------------------------------- losses
+
+
+def float_logits(logits: Tensor) -> Tensor:
+    """Logits promoted to at least float32 (bf16/fp16 autocast outputs are widened)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def others_minus_true(logits: Tensor, y: Tensor) -> Tensor:
+    """``LSE_{j != y}(z_j) - z_y`` per sample: the cross-entropy's step direction without cancellation.
+
+    ``CE = softplus(LSE_{j != y}(z_j) - z_y)`` is an increasing function of it, so the two have
+    gradients of the same direction; but autograd's CE gradient ``softmax - onehot`` loses its
+    ``y`` entry ``p_y - 1`` to cancellation once ``p_y`` rounds to 1, while this one's logit
+    gradient is exactly ``(q_j)_{j != y}`` and ``-1`` at ``y`` (``q`` the softmax over the other
+    classes): every entry O(1), the L1 norm exactly 2.
+    """
+    true = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+    others = logits.scatter(1, y.unsqueeze(1), -math.inf)
+    return torch.logsumexp(others, dim=1) - true
+
+
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-sample cross-entropy ``softplus(LSE_{j != y} z_j - z_y)``: accurate down to 1e-38 or so.
+
+    ``F.cross_entropy`` computes ``LSE(z) - z_y`` and so returns exactly 0 for confident samples in
+    float32; this form keeps their tiny losses comparable (used to pick the worst restart).
+    """
+    return F.softplus(others_minus_true(float_logits(logits), y))
+
+
+def margin(logits: Tensor, y: Tensor) -> Tensor:
+    """``z_y - max_{j != y} z_j`` per sample (float32 or wider): <= 0 means misclassified."""
+    logits = float_logits(logits)
+    true = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+    return true - logits.scatter(1, y.unsqueeze(1), -math.inf).amax(dim=1)
+
+
+def input_grad(loss: Tensor, x: Tensor) -> Tensor:
+    """Gradient of ``loss`` w.r.t. ``x`` only (zeros where the loss does not depend on ``x``)."""
+    (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    return torch.zeros_like(x) if grad is None else grad
+
+
+# ------------------------------------------------------------------------------------ context
+
+
+CPU_CHUNK = 64
+"""Images per forward/backward pass on CPUs in the fast layout (cache-sized; about 10% faster)."""
+
+
+def _default_channels_last(model: object, x: Tensor) -> bool:
+    """Channels-last weights by default for float32 images on CPUs (about 1.5x faster there)."""
+    return x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
+
+
+class Forward:
+    """The model as the attacks call it: logits, and per-sample input gradients of an objective.
+
+    With ``channels_last``, 4-D parameters are replaced, for the duration of each call, by
+    detached channels-last copies (:func:`torch.func.functional_call`; the caller's parameters are
+    never changed, and no parameter gradient is built). With ``chunk``, batches are evaluated in
+    slices of that many images (each sample's result does not depend on its batch, up to float
+    rounding). Compiled (``_orig_mod``) and non-module callables are called as they are.
+    """
+
+    def __init__(
+        self, model: Callable[[Tensor], Tensor], channels_last: bool, chunk: int | None
+    ) -> None:
+        self.model, self.chunk = model, chunk
+        self.weights: dict[str, Tensor] = {}
+        if channels_last and isinstance(model, nn.Module) and not hasattr(model, "_orig_mod"):
+            # clone, not contiguous(): a weight with one input channel counts as contiguous in
+            # both formats, yet only explicit channels-last strides make convolutions use it
+            self.weights = {
+                name: p.detach().clone(memory_format=torch.channels_last)
+                for name, p in model.named_parameters()
+                if p.dim() == 4
+            }
+
+    def _call(self, x: Tensor) -> Tensor:
+        if self.weights:
+            return torch.func.functional_call(self.model, self.weights, (x,))
+        return self.model(x)
+
+    def _slices(self, n: int) -> list[slice]:
+        if self.chunk is None or n <= self.chunk:
+            return [slice(0, n)]
+        return [slice(s, s + self.chunk) for s in range(0, n, self.chunk)]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Logits ``(B, C)`` of ``x``."""
+        parts = [self._call(x[s]) for s in self._slices(len(x))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def gradient(
+        self,
+        x: Tensor,
+        y: Tensor,
+        objective: Callable[[Tensor, Tensor], tuple[Tensor | None, Tensor]],
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Objective values, the input gradient of the summed loss, and the detached logits.
+
+        ``objective(logits, y)`` returns per-sample values (or None) and a scalar loss that sums
+        per-sample terms, so slices can be differentiated one by one.
+        """
+        values, grads, logits = [], [], []
+        for s in self._slices(len(x)):
+            piece = x[s].detach().requires_grad_(True)
+            out = self._call(piece)
+            value, loss = objective(out, y[s])
+            grads.append(input_grad(loss, piece))
+            values.append(value)
+            logits.append(out.detach())
+        if len(grads) == 1:
+            return values[0], grads[0], logits[0]
+        value = None if values[0] is None else torch.cat(values)
+        return value, torch.cat(grads), torch.cat(logits)
+
+
+@contextlib.contextmanager
+def prepared(
+    model: Callable[[Tensor], Tensor], x: Tensor, channels_last: bool | None
+) -> Iterator[Forward]:
+    """Eval mode (modes restored after), no inference mode, gradients on; yields the forward pass.
+
+    ``channels_last`` None picks it for float32 4-D images on CPUs, where batches then also run
+    in slices of :data:`CPU_CHUNK` images.
+    """
+    if channels_last is None:
+        channels_last = _default_channels_last(model, x)
+    chunk = CPU_CHUNK if channels_last and x.device.type == "cpu" else None
+    mode = eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
+    with mode, torch.inference_mode(False), torch.enable_grad():
+        yield Forward(model, channels_last, chunk)
+
+
+def as_inputs(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Detached ``x`` (it only feeds out-of-place ops) and a normal-tensor copy of ``y``.
+
+    Must be called inside :func:`prepared`: ``y`` is saved for backward by the losses, which an
+    inference tensor cannot be.
+    """
+    return x.detach(), y.detach().clone()

@@ -1,0 +1,227 @@
+"""Tests for robust.square: schedule and window profile, norm bounds, query budget, oracles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from robust.checks import SettingError
+from robust.square import _eta_cpu, square, square_p
+
+
+def linear(d: int, classes: int, seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, classes)).to(dtype)
+
+
+def small_cnn(classes: int = 5, seed: int = 0, channels: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(channels, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 16),
+        nn.ReLU(),
+        nn.Linear(16, classes),
+    )
+
+
+def gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def dist(d: torch.Tensor, norm: str) -> torch.Tensor:
+    return d.flatten(1).norm(p=math.inf if norm == "inf" else 2, dim=1)
+
+
+def margins(model, x, y):
+    with torch.no_grad():
+        z = model(x)
+    return z.gather(1, y[:, None])[:, 0] - z.scatter(1, y[:, None], -math.inf).amax(1)
+
+
+# ---------------------------------------------------------------- schedule, profile
+
+
+def test_p_schedule_halves_at_the_papers_iterations():
+    halvings = [10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000]
+    for k, bound in enumerate(halvings):
+        assert square_p(bound, 0.8, 10000) == 0.8 / 2**k
+        assert square_p(bound + 1, 0.8, 10000) == 0.8 / 2 ** (k + 1)
+    # AutoAttack does not rescale for its 5,000 queries; the Square Attack code does
+    assert square_p(300, 0.8, 5000) == 0.1 and square_p(300, 0.8, 5000, rescale=True) == 0.05
+
+
+def test_window_profile_matches_torchattacks():
+    torchattacks = pytest.importorskip("torchattacks")
+    ref_attack = torchattacks.Square(nn.Linear(2, 2), eps=0.1)
+    ref_attack.device = torch.device("cpu")
+    for s in (3, 5, 8, 11):
+        ref = torch.zeros(s, s)
+        ref[: s // 2] = ref_attack.eta_rectangles(s // 2, s)
+        ref[s // 2 :] = -ref_attack.eta_rectangles(s - s // 2, s)
+        ref /= ref.norm()
+        torch.testing.assert_close(_eta_cpu(s).float(), ref, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------- bounds
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_bounds_pixels_and_progress(norm, channels):
+    model = small_cnn(channels=channels)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(24, channels, 10, 10, generator=g)
+    x[:, :, :3] = 0.0  # saturated pixels: clipping must act
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps = 0.05 if norm == "inf" else 0.5
+    adv = square(model, x, y, eps, norm, n_queries=200, generator=torch.Generator().manual_seed(0))
+    assert adv.shape == x.shape and adv.dtype == x.dtype
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert (dist(adv - x, norm) <= eps * (1 + 1e-5)).all()
+    assert (margins(model, adv, y) < margins(model, x, y)).all()  # the search made progress
+
+
+def test_linf_reaches_the_optimal_vertex_of_a_linear_classifier():
+    # A linear binary margin is minimised over the box at x - eps sign(w_y - w_o); Square's
+    # proposals are vertices and its last phase flips single pixels, so it must get there.
+    model = linear(64, 2)
+    w, b = model[1].weight.detach(), model[1].bias.detach()
+    g = torch.Generator().manual_seed(3)
+    x = 0.4 + 0.2 * torch.rand(6, 1, 8, 8, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    u = w[y] - w[1 - y]
+    margin = (u * x.flatten(1)).sum(1) + b[y] - b[1 - y]
+    eps = 0.8 * (margin / u.abs().sum(1)).min().item()  # nobody gets misclassified
+    adv = square(
+        model, x, y, eps, "inf", n_queries=3000, generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(
+        margins(model, adv, y), margin - eps * u.abs().sum(1), atol=1e-9, rtol=0
+    )
+
+
+def test_l2_never_beats_the_analytic_optimum_of_a_linear_classifier():
+    model = linear(64, 2)
+    w, b = model[1].weight.detach(), model[1].bias.detach()
+    g = torch.Generator().manual_seed(3)
+    x = 0.4 + 0.2 * torch.rand(16, 1, 8, 8, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    u = w[y] - w[1 - y]
+    margin = (u * x.flatten(1)).sum(1) + b[y] - b[1 - y]
+    eps = 0.8 * (margin / u.norm(dim=1)).min().item()
+    adv = square(model, x, y, eps, "2", n_queries=500, generator=torch.Generator().manual_seed(0))
+    got = margins(model, adv, y)
+    optimum = margin - eps * u.norm(dim=1)
+    assert (got >= optimum - 1e-9).all()
+    # random search gets a good part of the way (the comparison above is not vacuous)
+    assert ((margin - got) > 0.3 * (margin - optimum)).all()
+
+
+# ---------------------------------------------------------------- queries, randomness
+
+
+class Counting(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.rows = inner, 0
+
+    def forward(self, x):
+        self.rows += len(x)
+        return self.inner(x)
+
+
+def test_query_budget_per_image_includes_the_start():
+    # eps far too small to fool anyone: every image spends exactly n_queries forward passes,
+    # plus one clean pass for the batch.
+    model = Counting(small_cnn())
+    x = torch.rand(7, 1, 10, 10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model.inner(x).argmax(1)
+    for n_queries in (1, 2, 37):
+        model.rows = 0
+        square(model, x, y, 1e-4, "inf", n_queries=n_queries)
+        assert model.rows == 7 * (1 + n_queries)
+
+
+def test_fooled_images_stop_and_stay_adversarial():
+    model = Counting(linear(100, 5, dtype=torch.float32))
+    x = torch.rand(32, 1, 10, 10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model.inner(x).argmax(1)
+    adv = square(model, x, y, 0.2, "inf", n_queries=300, generator=gens(range(32)))
+    fooled = margins(model.inner, adv, y) <= 0
+    assert 0.5 < fooled.float().mean() < 1
+    assert model.rows < 32 * 300 * 0.8  # finished images left the batch
+    # an image that stays robust spends the whole budget: at least (robust images) * 300 rows
+    assert model.rows >= 32 + (~fooled).sum().item() * 300
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_one_generator_per_sample_makes_results_batch_independent(norm):
+    model = small_cnn(channels=3).double()
+    x = torch.rand(6, 3, 10, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps = 0.05 if norm == "inf" else 0.5
+    together = square(model, x, y, eps, norm, n_queries=60, generator=gens(range(6)))
+    alone = torch.cat(
+        [
+            square(model, x[i : i + 1], y[i : i + 1], eps, norm, n_queries=60, generator=gens([i]))
+            for i in range(6)
+        ]
+    )
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
+    shared = square(
+        model, x, y, eps, norm, n_queries=60, generator=torch.Generator().manual_seed(0)
+    )
+    assert not torch.equal(shared, together)
+
+
+def test_restarts_never_weaker():
+    model = small_cnn(seed=4)
+    x = torch.rand(48, 1, 10, 10, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    runs = {
+        r: square(model, x, y, 0.05, "inf", n_queries=30, restarts=r, generator=gens(range(48)))
+        for r in (1, 3)
+    }
+    m = {r: margins(model, v, y) for r, v in runs.items()}
+    assert (m[3] <= m[1]).all() and (m[3] < m[1]).any()
+
+
+def test_inside_inference_mode_matches_outside_and_modes_restored():
+    model = nn.Sequential(small_cnn(), nn.Dropout(0.5))
+    model.train()
+    model[0][0].eval()
+    before = [m.training for m in model.modules()]
+    x = torch.rand(8, 1, 10, 10, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 5
+    ref = square(model, x, y, 0.1, "2", n_queries=20, generator=gens(range(8)))
+    assert [m.training for m in model.modules()] == before
+    with torch.inference_mode():
+        got = square(model, x.clone(), y.clone(), 0.1, "2", n_queries=20, generator=gens(range(8)))
+    assert torch.equal(got, ref)
+
+
+def test_validation():
+    model = small_cnn()
+    x, y = torch.rand(2, 1, 10, 10), torch.tensor([0, 1])
+    for kwargs, setting in (
+        ({"n_queries": 0}, "square n_queries must be an integer >= 1"),
+        ({"p_init": 0.0}, "square p_init must be a number in"),
+        ({"restarts": 0}, "square restarts"),
+    ):
+        with pytest.raises(SettingError, match=setting):
+            square(model, x, y, 0.1, "inf", **kwargs)
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        square(model, x.flatten(1), y, 0.1, "inf")
