@@ -184,7 +184,9 @@ def compare(argv: list[str]) -> Path:
     recorded = {
         "trainings": [vars(t) for t in settings.trainings],
         "common_args": settings.common_args,
-        "evaluation": {path: yaml.safe_load(Path(path).read_text()) for path in settings.evaluation},
+        "evaluation": {
+            path: yaml.safe_load(Path(path).read_text()) for path in settings.evaluation
+        },
         "eval_args": settings.eval_args,
     }
     report = write_report(out, results, recorded, reference=settings.reference)
