@@ -289,6 +289,8 @@ class PerturbedAccuracy(EvaluationCallback):
                 pixels = int(np.prod(_image_shape(trainer, stage))) * (1 + len(self.attacks))
             local = torch.zeros(0, fields + pixels, dtype=torch.float64)
         rows = gather_rows(trainer, local, device=pl_module.device)
+        saving = stage == "test" and trainer.loggers and not trainer.fast_dev_run
+        log_dir = trainer.log_dir if saving else None  # a collective: every process asks
         if not trainer.is_global_zero or not len(rows):
             return
         shape = _image_shape(trainer, stage)
@@ -304,8 +306,8 @@ class PerturbedAccuracy(EvaluationCallback):
             arrays[f"adv/{spec.key}"] = images[:, 1 + j].numpy()
             arrays[f"pred/{spec.key}"] = rows[:, 3 + j].long().numpy()
         assert size == arrays["clean"][0].size
-        if stage == "test" and trainer.loggers and not trainer.fast_dev_run:
-            path = Path(trainer.log_dir) / "adversarial_examples.npz"
+        if log_dir is not None:
+            path = Path(log_dir) / "adversarial_examples.npz"
             path.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(path, **arrays)
         for spec in self.attacks:

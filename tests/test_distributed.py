@@ -155,6 +155,7 @@ def test_every_module_trains_and_tests_in_bf16_mixed(config, in_tmp, monkeypatch
     assert "test/acc" in metrics
     norms = {k: float(v) for k, v in metrics.items() if k.startswith("test/perturbation_norm/")}
     assert set(norms) == {
-        f"test/perturbation_norm/{k}" for k in ("fgm_l2_eps5", "fgm_linf_eps0.3", "pgd40_l2_eps5")
+        f"test/perturbation_norm/{k}"
+        for k in ("fgm_l2_eps5", "fgm_linf_eps0.3", "pgd40_l2_eps5", "pgd40_linf_eps0.3")
     }
     assert all(value > 0 for value in norms.values())  # the attacks move the images under bf16
