@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import robust._attack_core as attack_core
 from datamodules import EmbeddedMNISTDataModule
 from lightning_modules.backbones import LeNet, Normalize, SmallCNN
 from robust.attacks import apgd, apgd_t, autoattack, fgm, pgd, square
@@ -295,21 +296,21 @@ def crosscheck(args: argparse.Namespace, model: nn.Module, x: Tensor, y: Tensor)
         for label, ours, theirs in cross_cases(args, model, x, y, norm, eps):
             if wanted and not any(label.startswith(w) for w in wanted):
                 continue
-            start = time.perf_counter()
-            x_ours = ours()
-            t_ours = time.perf_counter() - start
-            order = math.inf if norm == "inf" else 2
-            bound = torch.linalg.vector_norm((x_ours - x).flatten(1), ord=order, dim=1)
-            assert bound.max().item() <= eps * (1 + 1e-5), "perturbation outside the ball"
-            assert 0 <= x_ours.min() and x_ours.max() <= 1, "pixels outside [0, 1]"
-            a = accuracy(model, x_ours, y)
             name = f"{label} L{norm} eps={eps:g}"
-            if theirs is None:
-                print(f"{name:30s} {a:8.4f} {'-':>13s} {'-':>10s} {t_ours:8.1f}", flush=True)
-                continue
-            start = time.perf_counter()
-            b = accuracy(model, theirs(), y)
-            t_theirs = time.perf_counter() - start
+            a = b = t_ours = t_theirs = math.nan
+            if args.side in ("both", "ours"):
+                start = time.perf_counter()
+                x_ours = ours()
+                t_ours = time.perf_counter() - start
+                order = math.inf if norm == "inf" else 2
+                bound = torch.linalg.vector_norm((x_ours - x).flatten(1), ord=order, dim=1)
+                assert bound.max().item() <= eps * (1 + 1e-5), "perturbation outside the ball"
+                assert 0 <= x_ours.min() and x_ours.max() <= 1, "pixels outside [0, 1]"
+                a = accuracy(model, x_ours, y)
+            if theirs is not None and args.side in ("both", "theirs"):
+                start = time.perf_counter()
+                b = accuracy(model, theirs(), y)
+                t_theirs = time.perf_counter() - start
             print(
                 f"{name:30s} {a:8.4f} {b:13.4f} {100 * (a - b):+10.2f} {t_ours:8.1f} "
                 f"{t_theirs:9.1f}",
@@ -328,6 +329,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="speed: timed repetitions")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--cpu-chunk", type=int, default=None, help="images per pass on CPUs (0: whole batch)"
+    )
     parser.add_argument("--eps-inf", type=float, default=0.2)
     parser.add_argument("--eps-2", type=float, default=2.0)
     parser.add_argument("--attacks", default="", help="comma-separated prefixes of the rows to run")
@@ -338,11 +342,16 @@ def main() -> None:
     parser.add_argument(
         "--with-fab", action="store_true", help="cross-check: torchattacks.AutoAttack"
     )
+    parser.add_argument(
+        "--side", default="both", choices=["both", "ours", "theirs"], help="cross-check: run one"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.cpu_chunk is not None:
+        attack_core.CPU_CHUNK = args.cpu_chunk
     device = torch.device(args.device)
     start = time.perf_counter()
     model, x, y = trained_model(args, device)

@@ -182,11 +182,11 @@ def input_grad(loss: Tensor, x: Tensor) -> Tensor:
 
 
 CPU_CHUNK = 64
-"""Images per forward/backward pass on CPUs in the fast layout (cache-sized; about 10% faster)."""
+"""Images per forward/backward pass on CPUs in the fast layout (cache-sized; 0: whole batches)."""
 
 
 def _default_channels_last(model: object, x: Tensor) -> bool:
-    """Channels-last weights by default for float32 images on CPUs (about 1.5x faster there)."""
+    """Channels-last weights by default for float32 4-D images on CPUs (faster there)."""
     return x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
 
 
@@ -265,7 +265,7 @@ def prepared(
     """
     if channels_last is None:
         channels_last = _default_channels_last(model, x)
-    chunk = CPU_CHUNK if channels_last and x.device.type == "cpu" else None
+    chunk = CPU_CHUNK if channels_last and x.device.type == "cpu" and CPU_CHUNK else None
     mode = eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
     with mode, torch.inference_mode(False), torch.enable_grad():
         yield Forward(model, channels_last, chunk)
