@@ -455,3 +455,43 @@ def test_two_processes_write_the_rows_of_one(tmp_path):
     for rank in (0, 1):  # the same summary on every rank, equal to the one-process run
         assert json.loads((tmp_path / f"p2.tsv.summary{rank}").read_text()) == one
     assert math.isfinite(one["acr"])
+
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from lightning.pytorch import Trainer
+from callbacks import Certification
+from tests.test_certification import TinyData, TinyModule
+
+callback = Certification(sigma=0.5, n0=20, n=int(sys.argv[2]), alpha=0.01, batch_size=64,
+                         output=sys.argv[1])
+trainer = Trainer(accelerator="cpu", callbacks=[callback], logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False)
+trainer.test(TinyModule(), datamodule=TinyData(11), verbose=False)
+"""
+
+
+def test_kill_9_during_certification_then_the_same_command_resumes(tmp_path):
+    """A real SIGKILL while rows are being written; the rerun ends with an uninterrupted run's rows."""
+    import signal
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(KILL_SCRIPT.format(root=str(ROOT))))
+    n = "40000"
+    whole, killed = tmp_path / "whole.tsv", tmp_path / "killed.tsv"
+    subprocess.run([sys.executable, str(script), str(whole), n], check=True, timeout=600)
+    process = subprocess.Popen([sys.executable, str(script), str(killed), n])
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if killed.is_file() and len(killed.read_text().splitlines()) >= 3:  # header + 2 rows
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    written = len(read_tsv(killed)[0])
+    assert 2 <= written < 11
+    subprocess.run([sys.executable, str(script), str(killed), n], check=True, timeout=600)
+    assert certificates_only(killed) == certificates_only(whole)
