@@ -3,17 +3,15 @@
 CERTIFY (Cohen, Rosenfeld & Kolter 2019, Algorithm 1, :class:`robust.smoothing.Smooth`) of the
 module's pixel-space classifier at the end of ``trainer.test`` (and, optionally, on validation
 with a smaller n). Test rows go to a TSV in locuslab/smoothing's format (:mod:`robust.certificates`)
-as they come, with their settings in ``<tsv>.json``. Exact on N processes (see
-:mod:`callbacks.evaluation`); resumable: run again with the same ``output`` and the rows already
-there are kept, a torn last line is redone, and a file of other settings, model or images is
-refused.
+as they come, settings in ``<tsv>.json``. Exact on N processes (:mod:`callbacks.evaluation`).
+Resumable: run again with the same ``output`` and its rows are kept, a torn last line is redone,
+and a file of other settings, model or images is refused.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,25 +30,22 @@ from robust.certificates import (
     HEADER,
     CertificateFile,
     CertifiedImage,
-    images_fingerprint,
+    dataset_fingerprint,
     model_fingerprint,
     summarize,
 )
-from robust.checks import SettingError, check_choice, check_int, check_radii, check_real
+from robust.checks import check_choice, check_int, check_radii, check_real
 from robust.report import certification_figure
 from robust.sharding import evaluation_dataset
-from robust.smoothing import DEFAULT_NOISE_BLOCK, NOISE_SCHEME, Smooth
-from robust.statistics import smallest_useful_n
+from robust.smoothing import DEFAULT_NOISE_BLOCK, DETERMINING_SETTINGS, Smooth
+from robust.statistics import warn_if_useless_n
 
 __all__ = ["Certification"]
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings a resumed TSV must share with the run that wrote it: they determine every row.
-CHECKED_SETTINGS = (
-    *("sigma", "n0", "n", "alpha", "seed", "noise_block", "autocast", "tf32", "noise_scheme"),
-    *("device_type", "gpu", "model_sha256", "dataset_sha256"),
-)
+CHECKED_SETTINGS = (*DETERMINING_SETTINGS, "n0", "n", "alpha", "model_sha256", "dataset_sha256")
 FAST_DEV_N0, FAST_DEV_N = 16, 64  # at most these under ``fast_dev_run``
 # A round (rows are written after each) ~ this many forward batches; a GPU batch takes milliseconds.
 ROUND_FORWARDS = {"cpu": 4, "cuda": 50}
@@ -70,8 +65,7 @@ class Certification(EvaluationCallback):
     Attributes:
         results: Rows of the last test certification (selected images, dataset-index order).
         summary: Their summary (:func:`robust.certificates.summarize`).
-        val_results: Rows of the last validation certification.
-        val_summary: Their summary.
+        val_results, val_summary: The same for the last validation certification.
         output_path: The TSV of the last test certification (``None`` under ``fast_dev_run``).
 
     Args:
@@ -89,13 +83,11 @@ class Certification(EvaluationCallback):
         val_n: n of validation certification.
         output: TSV path; default ``<trainer.log_dir>/certify_test.tsv``. The same path resumes.
         radii: Radii (>= 0) at which certified accuracy is logged.
-        autocast: ``None``, ``"bf16"`` or ``"fp16"``: the classifier under autocast (the
-            certificate is for the classifier as evaluated).
+        autocast: ``None``, ``"bf16"`` or ``"fp16"``: certify the classifier under autocast.
         channels_last: Channels-last forward passes (the same classifier up to rounding, about
             twice as fast on CPUs); ``None``: on for CPUs only.
         compile: ``torch.compile`` the forward pass (static shapes; padding is not counted).
-        cuda_graph: Replay the forward pass as a CUDA graph (CUDA only; off by default: 5%
-            slower than eager for LeNet on an H200).
+        cuda_graph: Replay the forward as a CUDA graph (CUDA only; 5% slower than eager, H200).
         tf32: Allow TF32 on CUDA (off: the IEEE float32 classifier is certified).
         stop_after: Stop after this many newly certified test images, as if interrupted.
         noise_block: Samples per independently seeded noise block (see ``Smooth``).
@@ -134,46 +126,34 @@ class Certification(EvaluationCallback):
         noise_block: int = DEFAULT_NOISE_BLOCK,
     ) -> None:
         owner = "Certification"
+        batch = 1 if batch_size is None else batch_size  # images per evaluate_batch call
         super().__init__(
             every_n_val_epochs=every_n_val_epochs,
-            batch_size=1 if batch_size is None else batch_size,
+            batch_size=batch,
             max_images=max_images,
             skip=skip,
         )
         self.forward_batch = None if batch_size is None else self.batch_size
         self.sigma = None if sigma is None else check_real("sigma", sigma, low=0, owner=owner)
         self.alpha = check_real("alpha", alpha, low=0, high=1, owner=owner)
-        self.n0, self.n, self.val_n, self.seed, self.noise_block = (
-            check_int(name, value, minimum=minimum, owner=owner)
-            for name, value, minimum in (
-                ("n0", n0, 1),
-                ("n", n, 1),
-                ("val_n", val_n, 1),
-                ("seed", seed, 0),
-                ("noise_block", noise_block, 1),
-            )
-        )
-        self.stop_after = stop_after
+        counts = {"n0": (n0, 1), "n": (n, 1), "val_n": (val_n, 1), "seed": (seed, 0)}
+        for name, (value, minimum) in {**counts, "noise_block": (noise_block, 1)}.items():
+            setattr(self, name, check_int(name, value, minimum=minimum, owner=owner))
         if stop_after is not None:
             check_int("stop_after", stop_after, minimum=0, owner=owner)
+        self.stop_after = stop_after
         self.radii = check_radii("radii", radii, owner=owner)
-        self.autocast = check_choice("autocast", autocast, [None, *AUTOCAST], owner=owner)
-        self.channels_last = check_choice(
-            "channels_last", channels_last, [None, True, False], owner=owner
-        )
-        self.compile, self.cuda_graph, self.tf32 = (
-            check_choice(name, value, [True, False], owner=owner)
-            for name, value in (("compile", compile), ("cuda_graph", cuda_graph), ("tf32", tf32))
-        )
-        useful = smallest_useful_n(self.alpha)
-        for name, value, used in (("n", n, True), ("val_n", val_n, every_n_val_epochs > 0)):
-            if used and value < useful:
-                warnings.warn(
-                    f"{owner} {name}={value} can never certify a radius at alpha={alpha}: every "
-                    f"image will abstain; the smallest useful {name} is {useful}",
-                    UserWarning,
-                    stacklevel=2,
-                )
+        choices = {
+            "autocast": (autocast, [None, *AUTOCAST]),
+            "channels_last": (channels_last, [None, True, False]),
+            "compile": (compile, [True, False]),
+            "cuda_graph": (cuda_graph, [True, False]),
+            "tf32": (tf32, [True, False]),
+        }
+        for name, (value, allowed) in choices.items():
+            setattr(self, name, check_choice(name, value, allowed, owner=owner))
+        for name, value in (("n", n), ("val_n", val_n if every_n_val_epochs else None)):
+            warn_if_useless_n(name, value, self.alpha, owner)
         self.output = output
         self.results: list[CertifiedImage] = []
         self.summary: dict[str, float] = {}
@@ -196,11 +176,13 @@ class Certification(EvaluationCallback):
         self.output_path = output
 
         def open_file() -> CertificateFile:
-            settings = self._settings(trainer, pl_module)
-            size = len(evaluation_dataset(trainer, "test"))  # type: ignore[arg-type]
-            num_classes = settings["num_classes"]
+            settings, labels = self._settings(trainer, pl_module)
             return CertificateFile(
-                output, settings, CHECKED_SETTINGS, num_classes=num_classes, size=size
+                output,
+                settings,
+                CHECKED_SETTINGS,
+                num_classes=settings["num_classes"],
+                labels=labels,
             )
 
         file = self.on_rank_zero(trainer, open_file, f"Certification output {output}")
@@ -208,53 +190,35 @@ class Certification(EvaluationCallback):
         self._existing = {row.idx: row for row in trainer.strategy.broadcast(rows, src=0)}
         self._file = file if trainer.is_global_zero else None
 
-    def _settings(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        """What determines the rows (checked on resume), then what is kept for the record."""
-        dataset = evaluation_dataset(trainer, "test")
+    def _settings(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> tuple[dict[str, Any], list[int]]:
+        """The settings (what determines the rows first, then the record) and the test labels."""
         identity = getattr(getattr(trainer, "datamodule", None), "identity", None)
-        smooth = self._make_smooth(pl_module)
-        device = pl_module.device
-        images = (
-            (i, torch.as_tensor(dataset[i][0]), int(dataset[i][1])) for i in range(len(dataset))
-        )  # type: ignore[arg-type]
-        return {
-            "sigma": smooth.sigma,
-            **{
-                k: getattr(self, k)
-                for k in ("n0", "n", "alpha", "seed", "noise_block", "autocast", "tf32")
-            },
-            "noise_scheme": NOISE_SCHEME,
-            "device_type": device.type,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        dataset_sha256, labels = dataset_fingerprint(evaluation_dataset(trainer, "test"))
+        settings = {
+            **self._make_smooth(pl_module).settings,
+            **{k: getattr(self, k) for k in ("n0", "n", "alpha", "skip", "max_images")},
             "model_sha256": model_fingerprint(base_classifier(pl_module)),
-            "dataset_sha256": images_fingerprint(images),
+            "dataset_sha256": dataset_sha256,
             "data": identity() if callable(identity) else None,
-            "num_classes": smooth.num_classes,
-            **{
-                k: getattr(smooth, k)
-                for k in ("channels_last", "compile", "cuda_graph", "batch_size")
-            },
-            **{k: getattr(self, k) for k in ("skip", "max_images")},
             "model": type(pl_module).__name__,
         }
+        return settings, labels
 
     def _make_smooth(self, pl_module: LightningModule) -> Smooth:
         """The smoothed classifier, with this device's defaults for unset speed options."""
         device = pl_module.device
+        on_cpu, on_cuda = device.type == "cpu", device.type == "cuda"
         return Smooth(
             base_classifier(pl_module),
             module_num_classes(pl_module, "Certification"),
             module_sigma(pl_module, self.sigma, "Certification"),
             batch_size=self.forward_batch or DEFAULT_BATCH_SIZE.get(device.type, 1000),
-            seed=self.seed,
-            noise_block=self.noise_block,
             autocast_dtype=AUTOCAST.get(self.autocast or ""),
-            channels_last=device.type == "cpu"
-            if self.channels_last is None
-            else self.channels_last,
-            compile=self.compile,
-            cuda_graph=self.cuda_graph and device.type == "cuda",
-            tf32=self.tf32,
+            channels_last=on_cpu if self.channels_last is None else self.channels_last,
+            cuda_graph=self.cuda_graph and on_cuda,
+            **{k: getattr(self, k) for k in ("seed", "noise_block", "compile", "tf32")},
             device=device,
         )
 
@@ -279,14 +243,6 @@ class Certification(EvaluationCallback):
         self._started, self._samples, self._world_size = time.perf_counter(), 0, trainer.world_size
         if stage != "test":
             return selected
-        dataset = evaluation_dataset(trainer, stage)
-        for idx in (i for i in selected if i in self._existing):
-            if self._existing[idx].label != int(dataset[idx][1]):
-                raise SettingError(
-                    f"Certification output {self.output_path}: row {idx} has label "
-                    f"{self._existing[idx].label} but the dataset's image {idx} has label "
-                    f"{int(dataset[idx][1])}; the file was written for other data"
-                )
         return [i for i in selected if i not in self._existing][: self.stop_after]
 
     def evaluate_batch(  # noqa: D102
@@ -324,7 +280,6 @@ class Certification(EvaluationCallback):
         selected = self.select(trainer, stage, len(dataset))  # type: ignore[arg-type]
         results = [done[i] for i in selected if i in done]
         summary = summarize(results, self.radii)
-        path = self.output_path if testing and trainer.is_global_zero else None
         if testing and self._file is not None:
             self._file.close()  # in dataset-index order
         if testing:
@@ -333,16 +288,12 @@ class Certification(EvaluationCallback):
             self.val_results, self.val_summary = results, summary
         if trainer.is_global_zero and results:
             n0, n = self._n(trainer, stage)
+            sigma = module_sigma(pl_module, self.sigma, "Certification")
+            radius, correct = zip(*((r.radius, r.correct) for r in results), strict=True)
             figure = certification_figure(
-                [r.radius for r in results],
-                [r.correct for r in results],
-                self.radii,
-                sigma=module_sigma(pl_module, self.sigma, "Certification"),
-                n0=n0,
-                n=n,
-                alpha=self.alpha,
+                radius, correct, self.radii, sigma=sigma, n0=n0, n=n, alpha=self.alpha
             )
-            if path is not None:
-                figure.savefig(path.with_suffix(".png"), dpi=120)
+            if testing and self.output_path is not None:
+                figure.savefig(self.output_path.with_suffix(".png"), dpi=120)
             self.add_figure(trainer, f"{self.metric_prefix(stage)}/certified_accuracy", figure)
         return summary

@@ -49,7 +49,8 @@ class PerturbedAccuracy(EvaluationCallback):
     Logged on every process (same values): ``{stage}/perturbed_acc/<key>``, the fraction of images
     classified correctly both clean and after the attack (an attack that happens to move a
     misclassified image onto its label does not make it robust), and
-    ``{stage}/perturbation_norm/<key>``, the mean norm of ``x_adv - x`` in the attack's norm. The
+    ``{stage}/perturbation_norm/<key>``, the mean norm of ``x_adv - x`` in the attack's norm, and
+    ``{stage}/perturbed_num_images/<key>``, the number of images attacked. The
     model runs in eval mode under the trainer's precision; the attacks leave inference mode
     themselves, so this works inside ``trainer.test`` with the default ``inference_mode=True``.
 
@@ -217,6 +218,7 @@ class PerturbedAccuracy(EvaluationCallback):
         for key, result in results.items():
             metrics[f"perturbed_acc/{key}"] = result["accuracy"]
             metrics[f"perturbation_norm/{key}"] = result["norm"]
+            metrics[f"perturbed_num_images/{key}"] = float(result["num_images"])
             for stage, accuracy in result.get("stages", {}).items():
                 metrics[f"perturbed_acc/{key}/after_{stage}"] = accuracy
         return metrics

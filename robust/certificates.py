@@ -46,7 +46,7 @@ __all__ = [
     "atomic_write",
     "certified_accuracy",
     "check_settings",
-    "images_fingerprint",
+    "dataset_fingerprint",
     "model_fingerprint",
     "open_resumable",
     "read_settings",
@@ -310,20 +310,26 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def images_fingerprint(images: Iterable[tuple[int, torch.Tensor, int]]) -> str:
-    """SHA-256 of ``(index, image, label)`` triples: which images a file's rows are about.
+def dataset_fingerprint(dataset: Any) -> tuple[str, list[int]]:
+    """SHA-256 of a map-style dataset of ``(image, label)`` items, and its labels, in one pass.
+
+    The hash covers every index, label, shape and pixel: which images a file's rows are about.
 
     Examples:
-        >>> one = images_fingerprint([(0, torch.zeros(1, 2, 2), 3)])
-        >>> one == images_fingerprint([(0, torch.zeros(1, 2, 2), 4)])
-        False
+        >>> images = [(torch.zeros(1, 2, 2), 3), (torch.ones(1, 2, 2), 4)]
+        >>> digest, labels = dataset_fingerprint(images)
+        >>> labels, digest == dataset_fingerprint([images[0], (torch.ones(1, 2, 2), 5)])[0]
+        ([3, 4], False)
     """
-    digest = hashlib.sha256()
-    for index, image, label in images:
-        data = torch.as_tensor(image).detach().cpu().to(torch.float32).contiguous().reshape(-1)
-        digest.update(f"{int(index)}:{int(label)}:{tuple(image.shape)};".encode())
+    digest, labels = hashlib.sha256(), []
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        image = torch.as_tensor(image)
+        data = image.detach().cpu().to(torch.float32).contiguous().reshape(-1)
+        digest.update(f"{index}:{int(label)}:{tuple(image.shape)};".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+        labels.append(int(label))
+    return digest.hexdigest(), labels
 
 
 def read_settings(path: Path) -> dict[str, Any]:
@@ -372,20 +378,21 @@ def open_resumable(
     checked: Iterable[str],
     *,
     num_classes: int,
-    size: int,
+    labels: Sequence[int],
     owner: str = "Certification",
 ) -> list[CertifiedImage]:
     """The rows of a TSV to resume, checked against ``settings``; or a new file with its sidecar.
 
-    A file written with other values of the ``checked`` settings, without its sidecar, or with a
-    bad row is refused; a torn last line is dropped (its image is certified again).
+    A file written with other values of the ``checked`` settings, without its sidecar, with a bad
+    row, or with a row whose label is not the dataset's is refused; a torn last line is dropped
+    (its image is certified again).
 
     Args:
         path: The TSV; its settings are in ``<path>.json``.
         settings: The settings of this run (written to the sidecar of a new file).
         checked: The settings that must match the sidecar's.
         num_classes: Classes of the dataset (labels and predictions are checked against it).
-        size: Number of images in the dataset (indices must be below it).
+        labels: The dataset's labels, by index (each row's index and label are checked).
         owner: Named in messages.
 
     Raises:
@@ -399,7 +406,14 @@ def open_resumable(
                 "be resumed safely; move it away or give another output path"
             )
         check_settings(read_settings(sidecar), settings, checked, f"{owner} output {path}")
-        rows, torn = read_tsv(path, num_classes=num_classes, indices=range(size))
+        rows, torn = read_tsv(path, num_classes=num_classes, indices=range(len(labels)))
+        for row in rows:
+            if row.label != int(labels[row.idx]):
+                raise SettingError(
+                    f"{owner} output {path}: row {row.idx} has label {row.label} but the "
+                    f"dataset's image {row.idx} has label {int(labels[row.idx])}; the file was "
+                    "written for other data: give another output path"
+                )
         if torn:
             write_tsv(path, rows)
         return rows
@@ -417,7 +431,7 @@ class CertificateFile:
         settings: This run's settings; ``checked`` of them must equal those of a file resumed.
         checked: The settings that determine the rows.
         num_classes: Classes of the dataset.
-        size: Number of images in the dataset.
+        labels: The dataset's labels, by index.
         owner: Named in messages.
 
     Raises:
@@ -426,7 +440,7 @@ class CertificateFile:
     Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "c.tsv"
-        >>> file = CertificateFile(path, {"n": 10}, ["n"], num_classes=3, size=5)
+        >>> file = CertificateFile(path, {"n": 10}, ["n"], num_classes=3, labels=[2, 0, 0, 0, 1])
         >>> file.append([CertifiedImage(4, 1, 1, 0.2, 1, 0.0), CertifiedImage(0, 2, -1, 0.0, 0, 0.0)])
         >>> file.close()
         >>> [row.idx for row in read_tsv(path)[0]]
@@ -440,12 +454,12 @@ class CertificateFile:
         checked: Iterable[str],
         *,
         num_classes: int,
-        size: int,
+        labels: Sequence[int],
         owner: str = "Certification",
     ) -> None:
         self.path = path
         rows = open_resumable(
-            path, settings, checked, num_classes=num_classes, size=size, owner=owner
+            path, settings, checked, num_classes=num_classes, labels=labels, owner=owner
         )
         self.rows = {row.idx: row for row in rows}
         self._order = [row.idx for row in rows]

@@ -6,12 +6,14 @@ evaluation callbacks logged and the per-image certification TSVs (locuslab/smoot
 """
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from robust.autoattack import STAGES as AUTOATTACK_STAGES
 from robust.certificates import certified_accuracy
 
 
@@ -213,6 +215,53 @@ def _fraction(count: float, total: int) -> str:
     return f"{count:.0f} of {total} ({100 * count / total:.1f}%)" if total else "n/a"
 
 
+# Attack columns, strongest first: AutoAttack is the headline, one-step attacks come last.
+ATTACK_ORDER = ("autoattack", "square", "apgd-t", "apgd-ce", "pgd", "fgm")
+ATTACK_KEY = re.compile(r"(?P<method>[a-z-]+?)\d*_(?P<ball>(?:l2|linf)_eps.+)")
+MASKING_GAP = 0.3  # as PerturbedAccuracy's default masking_gap
+
+
+def _attack_rank(key: str) -> tuple[int, str]:
+    match = ATTACK_KEY.fullmatch(key)
+    method = match["method"] if match else ""
+    return (ATTACK_ORDER.index(method) if method in ATTACK_ORDER else len(ATTACK_ORDER), key)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+def masking_findings(accuracies: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Sentences naming each model whose one-step (FGM) accuracy exceeds an iterative attack's.
+
+    A one-step attack far weaker than PGD or AutoAttack at the same ball is the signature of
+    gradient masking (Athalye, Carlini and Wagner 2018): the one-step number is not robustness.
+
+    Examples:
+        >>> masking_findings({"m": {"fgm_l2_eps5": 0.78, "pgd40_l2_eps5": 0.0}})[0][:44]
+        'm: 78.0% under fgm_l2_eps5 but 0.0% under pg'
+    """
+    findings = []
+    for model, accuracy in accuracies.items():
+        for weak, weak_acc in accuracy.items():
+            match = ATTACK_KEY.fullmatch(weak)
+            if not match or match["method"] != "fgm":
+                continue
+            stronger = {
+                key: acc
+                for key, acc in accuracy.items()
+                if (m := ATTACK_KEY.fullmatch(key)) and m["method"] != "fgm"
+                if m["ball"] == match["ball"] and not np.isnan(acc)
+            }
+            if stronger and weak_acc - min(stronger.values()) > MASKING_GAP:
+                best = min(stronger, key=stronger.__getitem__)
+                findings.append(
+                    f"{model}: {100 * weak_acc:.1f}% under {weak} but {100 * stronger[best]:.1f}%"
+                    f" under {best}; the one-step number is gradient masking, not robustness"
+                )
+    return findings
+
+
 def write_report(
     out: Path, results: Mapping[str, Mapping], settings: Mapping, reference: str = "embedded"
 ) -> Path:
@@ -235,14 +284,26 @@ def write_report(
     from robust.certificates import read_tsv, summarize
 
     metrics_of = {name: r["metrics"] for name, r in results.items()}
-    attack_keys = sorted(
-        {
-            k.split("/", 2)[2]
-            for m in metrics_of.values()
-            for k in m
-            if k.startswith("test/perturbed_acc/")
-        }
-    )
+    logged = {
+        k.split("/", 2)[2]
+        for m in metrics_of.values()
+        for k in m
+        if k.startswith("test/perturbed_acc/")
+    }
+    attack_keys = sorted((k for k in logged if "/after_" not in k), key=_attack_rank)
+    staged = sorted({k.split("/after_")[0] for k in logged if "/after_" in k}, key=_attack_rank)
+    counts: dict[int, list[str]] = {}
+    for key in attack_keys:
+        number = next(
+            (
+                m[f"test/perturbed_num_images/{key}"]
+                for m in metrics_of.values()
+                if f"test/perturbed_num_images/{key}" in m
+            ),
+            None,
+        )
+        if number is not None:
+            counts.setdefault(int(number), []).append(key)
     smoothed_keys = sorted(
         {
             k.split("/", 1)[1]
@@ -273,6 +334,21 @@ def write_report(
                 f"{result.get('train_time_s', float('nan')):.0f}",
             ]
         )
+    stage_rows = [
+        [
+            name,
+            *(
+                metrics_of[name].get(f"test/perturbed_acc/{k}/after_{stage}", float("nan"))
+                for k in staged
+                for stage in AUTOATTACK_STAGES[1:]
+            ),
+        ]
+        for name in results
+    ]
+    stage_header = [
+        "model",
+        *(f"{k} after {stage}" for k in staged for stage in AUTOATTACK_STAGES[1:]),
+    ]
     header = ["model", "clean acc", *(f"acc {k}" for k in attack_keys)]
     header += [f"g under SmoothAdv {k.split('@')[1]}" for k in smoothed_keys]
     header += [
@@ -295,7 +371,7 @@ def write_report(
         predictions = {
             k.split("/", 1)[1]: data[k].tolist() for k in data.files if k.startswith("pred/")
         }
-        figures[f"examples_{name}.png"] = plot_example_grid(
+        figures[f"examples_{_slug(name)}.png"] = plot_example_grid(
             data["clean"], adversarial, data["labels"].tolist(), predictions, title=name
         )
     writer = SummaryWriter(str(out / "tensorboard" / "comparison"))
@@ -318,11 +394,29 @@ def write_report(
         ]
         for name, numbers in SEED_NUMBERS.items()
     ]
+    evaluated = "; ".join(f"{', '.join(keys)} on {n}" for n, keys in sorted(counts.items()))
+    masking = masking_findings(
+        {name: {k: v for k, v in acc.items() if k != "clean"} for name, acc in accuracies.items()}
+    )
     lines = [
         "# Robustness comparison",
         "",
         markdown_table(header, table),
         "",
+        *([f"Test images per attack: {evaluated}.", ""] if evaluated else []),
+        *(["**Gradient masking.**", "", *(f"- {line}" for line in masking), ""] if masking else []),
+        *(
+            [
+                "## AutoAttack, stage by stage",
+                "",
+                "Robust accuracy after each of its attacks.",
+                "",
+                markdown_table(stage_header, stage_rows),
+                "",
+            ]
+            if staged
+            else []
+        ),
         "Accuracies are fractions of the evaluated test images; under an attack, an image counts as"
         " robust only when it is classified correctly both clean and attacked. `g under SmoothAdv r`"
         " is the smoothed classifier's PREDICT after SmoothAdv's L2 attack at radius r (abstaining"
@@ -336,9 +430,9 @@ def write_report(
         "![accuracy under attack](attack_accuracy.png)",
         "",
         *(
-            f"![{name} examples](examples_{name}.png)"
+            f"![{name} examples](examples_{_slug(name)}.png)"
             for name in results
-            if f"examples_{name}.png" in figures
+            if f"examples_{_slug(name)}.png" in figures
         ),
         "",
         "## The seed experiment's table, for reference",

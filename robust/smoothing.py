@@ -25,6 +25,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from robust.statistics import binomial_pvalue, clopper_pearson_lower, smallest_u
 __all__ = [
     "ABSTAIN",
     "DEFAULT_NOISE_BLOCK",
+    "DETERMINING_SETTINGS",
     "MAX_BLOCKS",
     "MAX_INDEX",
     "NOISE_SCHEME",
@@ -68,6 +70,10 @@ MAX_INDEX = 2**32 // (NUM_STREAMS * MAX_BLOCKS) - 1
 """Largest dataset index whose block seeds stay distinct (1,398,100; ImageNet's train set fits)."""
 
 NOISE_SCHEME = "block-seeds-fmix32/nchw/float32"
+# The keys of ``Smooth.settings`` that determine its certificates (beyond n0, n, alpha, model).
+DETERMINING_SETTINGS = (
+    *("sigma", "seed", "noise_block", "autocast", "tf32", "noise_scheme", "device_type", "gpu"),
+)
 """Names how the noise is made (seeds, order, precision); record it next to saved certificates."""
 
 _MASK32 = 0xFFFFFFFF
@@ -380,6 +386,28 @@ class Smooth:
             True
         """
         return self.compile or self._use_graph
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What determines this classifier's certificates, then its speed options (JSON-able).
+
+        The keys in ``DETERMINING_SETTINGS`` fix every certificate up to float rounding (for given
+        n0, n, alpha and model); the speed options (``channels_last`` to ``batch_size``) do not
+        and are kept for the record. A resumed TSV is checked against the first group.
+
+        Examples:
+            >>> Smooth(nn.Linear(4, 2), 2, 0.5).settings["noise_scheme"] == NOISE_SCHEME
+            True
+        """
+        autocast = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.autocast_dtype)
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        return {
+            **{k: getattr(self, k) for k in ("sigma", "num_classes", "seed", "noise_block")},
+            **{"autocast": autocast, "tf32": self.tf32, "noise_scheme": NOISE_SCHEME},
+            **{"device_type": self.device.type, "gpu": gpu},
+            **{k: getattr(self, k) for k in ("channels_last", "compile", "cuda_graph")},
+            "batch_size": self.batch_size,
+        }
 
     @property
     def _use_graph(self) -> bool:

@@ -8,6 +8,7 @@ Cohen, Rosenfeld & Kolter (2019), "Certified Adversarial Robustness via Randomiz
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -15,7 +16,7 @@ from scipy.stats import beta, binomtest
 
 from robust.checks import SettingError, check_real
 
-__all__ = ["binomial_pvalue", "clopper_pearson_lower", "smallest_useful_n"]
+__all__ = ["binomial_pvalue", "clopper_pearson_lower", "smallest_useful_n", "warn_if_useless_n"]
 
 
 def clopper_pearson_lower(k: ArrayLike, n: ArrayLike, alpha: float) -> float | np.ndarray:
@@ -114,3 +115,24 @@ def smallest_useful_n(alpha: float) -> int:
     while n > 1 and alpha ** (1.0 / (n - 1)) > 0.5:
         n -= 1
     return n
+
+
+def warn_if_useless_n(name: str, n: int | None, alpha: float, owner: str) -> None:
+    """Warn (``UserWarning``) when ``n`` estimation samples can never certify at ``alpha``.
+
+    Examples:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_if_useless_n("n", 9, 0.001, "Certification")
+        >>> str(caught[0].message)[:45]
+        'Certification n=9 can never certify a radius '
+    """
+    useful = smallest_useful_n(alpha)
+    if n is not None and n < useful:
+        warnings.warn(
+            f"{owner} {name}={n} can never certify a radius at alpha={alpha}: every image will "
+            f"abstain; the smallest useful {name} is {useful}",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -12,39 +12,7 @@ from torch import nn
 
 from robust.apgd import apgd, apgd_checkpoints, apgd_t
 from robust.checks import SettingError
-
-
-def linear(d: int, classes: int, seed: int = 0, dtype=torch.float64) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(d, classes)).to(dtype)
-
-
-def small_cnn(classes: int = 5, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4 * 4 * 4, 16),
-        nn.ReLU(),
-        nn.Linear(16, classes),
-    )
-
-
-def batch(n: int, classes: int, seed: int = 1, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 8, 8, generator=g, dtype=dtype)
-    return x, torch.randint(0, classes, (n,), generator=g)
-
-
-def gens(seeds):
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def dist(d: torch.Tensor, norm: str) -> torch.Tensor:
-    return d.flatten(1).norm(p=math.inf if norm == "inf" else 2, dim=1)
-
+from tests.tiny_models import batch, distance, generators, linear, small_cnn
 
 # ----------------------------------------------------------------------- schedule
 
@@ -96,7 +64,7 @@ def test_apgd_ce_reaches_analytic_minimal_margin(two_class, norm):
     adv = apgd(model, x, y, eps, norm, generator=torch.Generator().manual_seed(0))
     optimum = margin - eps * dual
     torch.testing.assert_close(_margin(model, adv, y), optimum, atol=1e-6 * eps, rtol=0)
-    assert (dist(adv - x, norm) <= eps * (1 + 1e-9)).all()
+    assert (distance(adv - x, norm) <= eps * (1 + 1e-9)).all()
 
 
 def _linear_gaps(model, x, y, norm):
@@ -137,7 +105,7 @@ def test_apgd_t_finds_exactly_the_non_robust_images_of_a_linear_classifier(norm)
     with torch.no_grad():
         robust = model(adv).argmax(1) == y
     assert torch.equal(robust[clear], (critical > eps)[clear])
-    assert (dist(adv - x, norm) <= eps * (1 + 1e-9)).all()
+    assert (distance(adv - x, norm) <= eps * (1 + 1e-9)).all()
 
 
 def test_apgd_t_needs_four_classes():
@@ -183,7 +151,7 @@ def test_bounds_and_output(fn, norm):
     adv = fn(model, x, y, eps, norm, steps=10, generator=torch.Generator().manual_seed(0), **kwargs)
     assert adv.shape == x.shape and adv.dtype == x.dtype and not adv.requires_grad
     assert adv.min() >= 0 and adv.max() <= 1
-    d = dist(adv - x, norm)
+    d = distance(adv - x, norm)
     assert (d <= eps * (1 + 1e-5)).all() and (d > 0.5 * eps).all()
     assert (
         F.cross_entropy(model(adv), y, reduction="none")
@@ -208,7 +176,7 @@ def test_one_generator_per_sample_makes_results_batch_independent(fn):
     with torch.no_grad():
         y = model(x).argmax(1)
     kwargs = {"n_target_classes": 2} if fn is apgd_t else {}
-    together = fn(model, x, y, 0.2, "inf", steps=5, generator=gens(range(6)), **kwargs)
+    together = fn(model, x, y, 0.2, "inf", steps=5, generator=generators(range(6)), **kwargs)
     alone = torch.cat(
         [
             fn(
@@ -218,7 +186,7 @@ def test_one_generator_per_sample_makes_results_batch_independent(fn):
                 0.2,
                 "inf",
                 steps=5,
-                generator=gens([i]),
+                generator=generators([i]),
                 **kwargs,
             )
             for i in range(6)
@@ -226,7 +194,7 @@ def test_one_generator_per_sample_makes_results_batch_independent(fn):
     )
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="generator"):
-        fn(model, x, y, 0.2, "inf", steps=5, generator=gens(range(5)), **kwargs)
+        fn(model, x, y, 0.2, "inf", steps=5, generator=generators(range(5)), **kwargs)
 
 
 def test_restarts_never_weaker():
@@ -235,7 +203,7 @@ def test_restarts_never_weaker():
     with torch.no_grad():
         y = model(x).argmax(1)
     runs = {
-        r: apgd(model, x, y, 0.04, "inf", steps=5, restarts=r, generator=gens(range(64)))
+        r: apgd(model, x, y, 0.04, "inf", steps=5, restarts=r, generator=generators(range(64)))
         for r in (1, 4)
     }
     fooled = {r: model(v).argmax(1) != y for r, v in runs.items()}
@@ -249,7 +217,7 @@ def test_inside_inference_mode_matches_outside_and_parameters_untouched():
     params = list(model.parameters())
     params[0].grad = torch.full_like(params[0], 3.0)
     x, y = batch(8, 5)
-    ref = apgd_t(model, x, y, 0.1, "2", steps=4, n_target_classes=2, generator=gens(range(8)))
+    ref = apgd_t(model, x, y, 0.1, "2", steps=4, n_target_classes=2, generator=generators(range(8)))
     with torch.inference_mode():
         got = apgd_t(
             model,
@@ -259,7 +227,7 @@ def test_inside_inference_mode_matches_outside_and_parameters_untouched():
             "2",
             steps=4,
             n_target_classes=2,
-            generator=gens(range(8)),
+            generator=generators(range(8)),
         )
     assert torch.equal(got, ref)
     assert torch.equal(params[0].grad, torch.full_like(params[0], 3.0))
@@ -296,7 +264,7 @@ def test_random_start_is_at_distance_eps():
     for norm, eps in (("inf", 0.1), ("2", 0.3)):
         start = apgd(model, x, y, eps, norm, steps=1, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(
-            dist(start - x, norm), torch.full((50,), eps, dtype=torch.float64)
+            distance(start - x, norm), torch.full((50,), eps, dtype=torch.float64)
         )
         assert not torch.equal(start[0], start[1])
     assert torch.equal(apgd(model, x, y, 0.1, "inf", steps=1, random_start=False), x)
@@ -326,8 +294,10 @@ def test_fast_cpu_layout_is_the_same_attack(fn):
     with torch.no_grad():
         y = model(x).argmax(1)
     kwargs = {"steps": 5, "n_target_classes": 2} if fn is apgd_t else {"steps": 5}
-    fast = fn(model, x, y, 0.1, "inf", generator=gens(range(150)), **kwargs)
-    plain = fn(model, x, y, 0.1, "inf", generator=gens(range(150)), channels_last=False, **kwargs)
+    fast = fn(model, x, y, 0.1, "inf", generator=generators(range(150)), **kwargs)
+    plain = fn(
+        model, x, y, 0.1, "inf", generator=generators(range(150)), channels_last=False, **kwargs
+    )
     same = (fast - plain).flatten(1).abs().amax(1) < 1e-5
     assert same.float().mean() > 0.9
     assert [p.is_contiguous() for p in model.parameters()] == [True] * len(list(model.parameters()))

@@ -15,7 +15,6 @@ from torch import nn
 
 from robust.attacks import (
     AttackSpec,
-    _random_start,
     apgd,
     apgd_t,
     attack,
@@ -25,33 +24,9 @@ from robust.attacks import (
     square,
 )
 from robust.checks import SettingError
+from tests.tiny_models import batch, distance, generators, linear, small_cnn
 
 EPS = {"inf": 0.1, "2": 1.0}
-
-
-def small_cnn(classes: int = 3, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4 * 4 * 4, 16),
-        nn.ReLU(),
-        nn.Linear(16, classes),
-    )
-
-
-def linear(d: int, classes: int, seed: int = 0, dtype=torch.float64) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(d, classes)).to(dtype)
-
-
-def batch(n: int = 8, classes: int = 3, seed: int = 1, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 8, 8, generator=g, dtype=dtype)
-    y = torch.randint(0, classes, (n,), generator=g)
-    return x, y
 
 
 def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -79,7 +54,7 @@ def trained():
     patterns = torch.randn(3, 1, 8, 8, generator=g).sign()
     y = torch.arange(300) % 3
     x = (0.5 + 0.15 * patterns[y] + 0.1 * torch.randn(300, 1, 8, 8, generator=g)).clamp(0, 1)
-    model = small_cnn()
+    model = small_cnn(3)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(60):
         opt.zero_grad()
@@ -98,8 +73,8 @@ def trained():
     "kind", ["fgm", "fgm_rand", "fgm_bigstep", "pgd", "pgd_norand", "pgd_restarts", "pgd_targeted"]
 )
 def test_bounds_and_output(kind, norm):
-    model = small_cnn()
-    x, y = batch(16)
+    model = small_cnn(3)
+    x, y = batch(16, 3)
     eps = EPS[norm]
     g = torch.Generator().manual_seed(0)
     if kind.startswith("fgm"):
@@ -131,7 +106,7 @@ def test_loss_increases_per_sample_on_linear_model():
     # CE of a linear model is convex in x and a clipped FGM step has a non-negative inner product
     # with the gradient, so every sample's loss must not decrease.
     model = linear(64, 3, dtype=torch.float32)
-    x, y = batch(64)
+    x, y = batch(64, 3)
     before = per_sample_loss(model, x, y)
     for norm in ("inf", "2"):
         after = per_sample_loss(model, fgm(model, x, y, EPS[norm], norm), y)
@@ -151,14 +126,22 @@ def test_attacks_increase_loss_and_pgd_beats_fgm(trained):
         assert acc_pgd < acc_fgm < acc_clean
 
 
+class Flat(nn.Module):
+    """Three constant logits with a zero input gradient: PGD's steps are zero, only its start moves."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.0 * x.flatten(1)[:, :3]
+
+
 def test_random_start_uniform_in_ball():
     g = torch.Generator().manual_seed(0)
     x = torch.full((4000, 1, 1, 3), 0.5)
-    d = _random_start(x, 0.2, "inf", g) - x
+    y = torch.zeros(4000, dtype=torch.long)
+    d = pgd(Flat(), x, y, 0.2, "inf", steps=1, generator=g) - x
     assert d.abs().max() <= 0.2 + 1e-7
     # Each coordinate ~ U[-eps, eps].
     assert stats.kstest(d.flatten().numpy(), stats.uniform(-0.2, 0.4).cdf).pvalue > 1e-3
-    d = _random_start(x, 0.2, "2", g) - x
+    d = pgd(Flat(), x, y, 0.2, "2", steps=1, generator=g) - x
     r = l2(d).double()
     assert r.max() <= 0.2 * (1 + 1e-6)
     # Uniform in the ball <=> (r / eps)^d ~ U[0, 1] and the direction is isotropic.
@@ -240,9 +223,9 @@ def test_targeted_reaches_target_more_often(trained):
 
 def test_independent_of_batch_and_train_mode_batchnorm():
     # Eval mode during the attack: BatchNorm uses running stats, so samples do not interact.
-    model = nn.Sequential(small_cnn(), nn.BatchNorm1d(3))
+    model = nn.Sequential(small_cnn(3), nn.BatchNorm1d(3))
     model.train()
-    x, y = batch(16)
+    x, y = batch(16, 3)
     full = pgd(model, x, y, 0.1, "inf", steps=3, random_start=False)
     part = pgd(model, x[:5], y[:5], 0.1, "inf", steps=3, random_start=False)
     torch.testing.assert_close(full[:5], part, atol=1e-6, rtol=0)
@@ -309,7 +292,7 @@ def test_pgd_reaches_analytic_minimal_margin(two_class):
 def test_zero_gradient_gives_zero_step_without_nan():
     model = linear(64, 3)
     nn.init.zeros_(model[1].weight)
-    x, y = batch(4, dtype=torch.float64)
+    x, y = batch(4, 3, dtype=torch.float64)
     for norm in ("2", "inf"):
         assert torch.equal(fgm(model, x, y, 0.5, norm), x)
         start = pgd(model, x, y, 0.5, norm, steps=3, generator=torch.Generator().manual_seed(0))
@@ -332,8 +315,8 @@ def test_tiny_gradient_keeps_exact_l2_step_length():
 
 @pytest.fixture
 def peer_setup():
-    model = small_cnn().double().eval()
-    x, y = batch(8, dtype=torch.float64)  # power-of-two batch: mean == sum / 8 exactly
+    model = small_cnn(3).double().eval()
+    x, y = batch(8, 3, dtype=torch.float64)  # power-of-two batch: mean == sum / 8 exactly
     return model, x, y
 
 
@@ -398,8 +381,8 @@ def test_matches_art(peer_setup):
 
 
 def test_inside_inference_mode_matches_outside():
-    model = small_cnn()
-    x, y = batch(8)
+    model = small_cnn(3)
+    x, y = batch(8, 3)
     ref = pgd(model, x, y, 0.1, "inf", steps=3, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         xi, yi = x.clone(), y.clone()
@@ -414,8 +397,8 @@ def test_inside_inference_mode_matches_outside():
 
 
 def test_bf16_autocast_gradients_nonzero_and_bounds():
-    model = small_cnn()
-    x, y = batch(16)
+    model = small_cnn(3)
+    x, y = batch(16, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         adv = {norm: pgd(model, x, y, EPS[norm], norm, steps=3, random_start=False) for norm in EPS}
     for norm, a in adv.items():
@@ -427,10 +410,10 @@ def test_bf16_autocast_gradients_nonzero_and_bounds():
 
 
 def test_parameter_grads_untouched():
-    model = small_cnn()
+    model = small_cnn(3)
     params = list(model.parameters())
     params[0].grad = torch.full_like(params[0], 3.0)
-    x, y = batch(8)
+    x, y = batch(8, 3)
     pgd(model, x, y, 0.1, "2", steps=2)
     fgm(model, x, y, 0.1, "inf")
     assert torch.equal(params[0].grad, torch.full_like(params[0], 3.0))
@@ -449,11 +432,11 @@ class _RecordMode(nn.Module):
 
 def test_eval_during_attack_and_modes_restored():
     recorder = _RecordMode()
-    model = nn.Sequential(recorder, small_cnn(), nn.Dropout(0.5))
+    model = nn.Sequential(recorder, small_cnn(3), nn.Dropout(0.5))
     model.train()
     model[1][0].eval()  # mixed modes must survive exactly
     before = [m.training for m in model.modules()]
-    x, y = batch(8)
+    x, y = batch(8, 3)
     pgd(model, x, y, 0.1, "inf", steps=2, restarts=2)
     assert recorder.seen and not any(recorder.seen)
     assert [m.training for m in model.modules()] == before
@@ -570,8 +553,8 @@ def test_spec_validation_names_allowed_values():
 
 
 def test_function_validation():
-    model = small_cnn()
-    x, y = batch(2)
+    model = small_cnn(3)
+    x, y = batch(2, 3)
     with pytest.raises(SettingError, match="fgm norm must be one of"):
         fgm(model, x, y, 0.1, "1")
     with pytest.raises(SettingError, match="pgd steps must be an integer >= 1"):
@@ -619,8 +602,8 @@ def test_eps_zero_functions_return_x():
 
 
 def test_attack_dispatch_matches_functions():
-    model = small_cnn()
-    x, y = batch(8)
+    model = small_cnn(3)
+    x, y = batch(8, 3)
     spec = AttackSpec(method="pgd", norm="inf", eps=0.1, steps=5)
     got = attack(model, x, y, spec, generator=torch.Generator().manual_seed(1))
     ref = pgd(model, x, y, 0.1, "inf", steps=5, generator=torch.Generator().manual_seed(1))
@@ -667,45 +650,52 @@ def test_spec_from_yaml_via_jsonargparse():
 
 @pytest.mark.parametrize("norm", ["inf", "2"])
 def test_one_generator_per_sample_makes_starts_batch_independent(norm):
-    model = small_cnn()
-    x, y = batch(6)
+    model = small_cnn(3)
+    x, y = batch(6, 3)
     spec = AttackSpec(method="pgd", norm=norm, eps=0.3 if norm == "inf" else 1.0, steps=3)
 
-    def gens(seeds):
-        return [torch.Generator().manual_seed(s) for s in seeds]
-
-    together = attack(model, x, y, spec, generator=gens(range(6)))
+    together = attack(model, x, y, spec, generator=generators(range(6)))
     alone = torch.cat(
-        [attack(model, x[i : i + 1], y[i : i + 1], spec, generator=gens([i])) for i in range(6)]
+        [
+            attack(model, x[i : i + 1], y[i : i + 1], spec, generator=generators([i]))
+            for i in range(6)
+        ]
     )
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-6)
     # a single generator for the batch gives other starts (the per-sample path is really taken)
     shared = attack(model, x, y, spec, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(shared, together)
     with pytest.raises(ValueError, match="generator"):
-        attack(model, x, y, spec, generator=gens(range(5)))
+        attack(model, x, y, spec, generator=generators(range(5)))
 
 
-def test_step_loss_gives_each_sample_an_o1_logit_gradient_in_the_ce_direction():
-    from robust.attacks import _step_loss
+def logit_model(scale: float) -> nn.Module:
+    """Logits ``scale * (x - 1/2)`` of a 3-pixel image: any logits by the choice of x."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(scale * torch.eye(3))
+        model[1].bias.fill_(-scale / 2)
+    return model
 
-    # the third sample is so confident that p_y rounds to 1 in float32
-    logits = torch.tensor([[9.0, 0.0, -3.0], [0.1, 0.2, 0.3], [30.0, 0.0, 0.0]], requires_grad=True)
+
+def test_fgm_steps_along_the_cross_entropy_gradient_even_when_p_y_rounds_to_1():
+    model = logit_model(40.0)
+    # logits [9, 0, -3], [0.1, 0.2, 0.3] and [20, -10, -10]: p_y of the last rounds to 1 in float32
+    x = torch.tensor([[29, 20, 17], [20.1, 20.2, 20.3], [40, 10, 10]]).div(40).view(3, 1, 1, 3)
     y = torch.tensor([0, 2, 0])
-    (grad,) = torch.autograd.grad(_step_loss(lambda x: x, logits, y), logits)
-    others = grad.scatter(1, y.unsqueeze(1), 0.0)
-    # the entries of the other classes are q_j / 2: they sum to exactly 1/2, the true class -1/2
-    torch.testing.assert_close(others.sum(1), torch.full((3,), 0.5))
-    torch.testing.assert_close(grad.gather(1, y[:, None])[:, 0], torch.full((3,), -0.5))
-    # the direction of the cross-entropy's gradient, computed in float64 (where p_y < 1 is exact)
-    wide = logits.detach().double()
-    expected = wide.softmax(1) - F.one_hot(y, 3)
-    unit = expected / expected.norm(dim=1, keepdim=True)  # (cosine_similarity clamps tiny norms)
-    cosine = (grad.double() / grad.double().norm(dim=1, keepdim=True) * unit).sum(1)
-    torch.testing.assert_close(cosine, torch.ones(3, dtype=torch.float64))
-    # float32 autograd of the plain cross-entropy loses the third sample's y entry to cancellation
-    plain = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), logits)[0]
-    assert plain[2, 0] == 0 and expected[2, 0] < 0
+    step = (fgm(model, x, y, 0.01, "2") - x).flatten(1).double()
+    # every image moves the full eps, in the direction of the cross-entropy's gradient (float64)
+    torch.testing.assert_close(step.norm(dim=1), torch.full((3,), 0.01, dtype=torch.float64))
+    with torch.no_grad():
+        logits = copy.deepcopy(model).double()(x.double())
+    expected = logits.softmax(1) - F.one_hot(y, 3)  # W = 40 I: the input gradient's direction
+    unit = expected / expected.norm(dim=1, keepdim=True)
+    cosine = (step / 0.01 * unit).sum(1)  # float32 steps: 1 up to ~1e-6 (plain CE: 0.71)
+    torch.testing.assert_close(cosine, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-5)
+    # float32 autograd of the plain cross-entropy loses the last image's y entry to cancellation
+    x32 = x.clone().requires_grad_(True)
+    plain = torch.autograd.grad(F.cross_entropy(model(x32), y, reduction="sum"), x32)[0]
+    assert plain.flatten(1)[2, 0] == 0 and expected[2, 0] < 0
 
 
 def test_fgsm_signs_match_float64_gradient_for_confident_samples(trained):
@@ -732,11 +722,11 @@ def test_fgsm_signs_match_float64_gradient_for_confident_samples(trained):
     assert ((g32.sign() != g64.sign()) & clear).sum() > 0.05 * clear.sum()
 
 
-def test_step_loss_stays_finite_when_the_other_classes_underflow():
-    from robust.attacks import _step_loss
-
-    logits = torch.tensor([[200.0, 0.0, 0.0], [1.0, 0.0, 0.0]], requires_grad=True)
+def test_attacks_stay_finite_when_the_other_classes_underflow():
+    model = logit_model(400.0)  # logits [200, 0, 0] and [1, 0, 0] (exp(-200) is 0 in float32)
+    x = torch.tensor([[1.0, 0.5, 0.5], [0.5025, 0.5, 0.5]]).view(2, 1, 1, 3)
     y = torch.tensor([0, 0])
-    loss = _step_loss(lambda x: x, logits, y)
-    (grad,) = torch.autograd.grad(loss, logits)
-    assert loss.isfinite() and grad.isfinite().all()
+    for norm in ("inf", "2"):
+        for adversarial in (fgm(model, x, y, 0.01, norm), pgd(model, x, y, 0.01, norm, steps=5)):
+            assert adversarial.isfinite().all()
+            assert distance(adversarial - x, norm).max() <= 0.01 * (1 + 1e-5)

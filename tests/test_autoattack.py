@@ -22,6 +22,7 @@ from datamodules import EmbeddedMNISTDataModule
 from lightning_modules.backbones import LeNet, Normalize
 from robust.attacks import AttackSpec, apgd, apgd_t, attack, autoattack, square
 from robust.autoattack import STAGES
+from tests.tiny_models import distance
 
 N_IMAGES = 100
 
@@ -118,7 +119,7 @@ def test_square_matches_torchattacks(lenet, norm):
     a, b = accuracy(model, ours, y), accuracy(model, ref(x, y), y)
     assert 0.05 < a < accuracy(model, x, y) - 0.2
     assert agree(a, b), (a, b)
-    assert (dist(ours - x, norm) <= eps * (1 + 1e-5)).all()
+    assert (distance(ours - x, norm) <= eps * (1 + 1e-5)).all()
 
 
 def test_autoattack_matches_torchattacks_composition(lenet):
@@ -159,7 +160,7 @@ def test_autoattack_matches_torchattacks_composition(lenet):
     # each stage is at least as strong as the same attack alone on the same images
     alone = apgd(model, x, y, eps, "inf", steps=30, generator=torch.Generator().manual_seed(0))
     assert torch.equal(stages["apgd-ce"], (model(alone).argmax(1) == y) & clean)
-    assert (dist(ours - x, "inf") <= eps + 1e-6).all()
+    assert (distance(ours - x, "inf") <= eps + 1e-6).all()
     assert a < stages["apgd-ce"].float().mean().item() + 1e-9
 
 
@@ -176,10 +177,6 @@ def test_autoattack_at_least_as_strong_as_torchattacks_autoattack(lenet):
 
 
 # ------------------------------------------------------------------ attack() and specs
-
-
-def dist(d: torch.Tensor, norm: str) -> torch.Tensor:
-    return d.flatten(1).norm(p=math.inf if norm == "inf" else 2, dim=1)
 
 
 def test_attack_with_per_image_generators_is_batch_independent(lenet):
@@ -236,7 +233,7 @@ def test_channels_last_gives_the_same_images_and_leaves_the_model_alone(lenet):
     kwargs["generator"] = torch.Generator().manual_seed(0)
     plain = apgd(model, x, y, 1.5, "2", channels_last=False, **kwargs)
     # the same attack up to float rounding: trajectories agree closely for almost all images
-    close = dist(fast - plain, "2") < 1e-3
+    close = distance(fast - plain, "2") < 1e-3
     assert close.float().mean() > 0.9
     assert {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()} == before
 

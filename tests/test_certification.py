@@ -248,6 +248,19 @@ def test_forged_rows_are_refused_naming_the_line(tmp_path, edit, message):
         read_tsv(output, num_classes=3, indices=range(11))
 
 
+def test_row_labelled_other_than_the_dataset_is_refused(tmp_path):
+    output = tmp_path / "relabelled.tsv"
+    certify(tmp_path / "a", sigma=SIGMA, output=str(output), stop_after=4)
+    text = output.read_text().splitlines(keepends=True)
+    fields = text[2].rstrip("\n").split("\t")
+    label = (int(fields[1]) + 1) % 3  # another class, with a consistent `correct`
+    fields[1], fields[4] = str(label), str(int(int(fields[2]) == label))
+    text[2] = "\t".join(fields) + "\n"
+    output.write_text("".join(text))
+    with pytest.raises(SettingError, match=rf"row {fields[0]} has label {label} but the dataset's"):
+        certify(tmp_path / "b", sigma=SIGMA, output=str(output))
+
+
 def test_unwritable_output_is_one_clear_error(tmp_path):
     folder = tmp_path / "a_folder.tsv"
     folder.mkdir()

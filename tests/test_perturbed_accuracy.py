@@ -107,6 +107,7 @@ def test_logs_attacked_accuracy_inside_trainer_test_in_inference_mode(mnist, cla
         accuracy, norm = direct(model, x, y, spec)
         assert logged[f"test/perturbed_acc/{spec.key}"] == pytest.approx(accuracy, abs=1e-6)
         assert logged[f"test/perturbation_norm/{spec.key}"] == pytest.approx(norm, rel=1e-5)
+        assert logged[f"test/perturbed_num_images/{spec.key}"] == len(x)
         assert 0 < norm <= spec.eps * (1 + 1e-5)
         result = callback.results["test"][spec.key]
         assert result["accuracy"] == pytest.approx(accuracy, abs=1e-12)

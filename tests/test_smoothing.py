@@ -20,6 +20,7 @@ from torch import nn
 from robust import smoothing
 from robust.smoothing import ABSTAIN, Certificate, Smooth
 from robust.statistics import binomial_pvalue, clopper_pearson_lower, smallest_useful_n
+from tests.tiny_models import small_cnn
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -61,16 +62,6 @@ class NearestCenter(nn.Module):
         level = x.flatten(1).mean(1, keepdim=True)
         centers = torch.linspace(0, 1, self.num_classes, device=x.device)
         return -((level - centers) ** 2)
-
-
-def small_cnn(in_channels: int = 1, num_classes: int = 5) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 4, 3),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 6 * 6, num_classes),  # for 8x8 inputs
-    )
 
 
 def linear_setup(margin_sigmas: float, sigma: float = 0.5, dim: int = 16):
@@ -256,7 +247,7 @@ def _random_images(count: int, channels: int = 1, size: int = 8) -> torch.Tensor
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_reproducible_across_batch_size_order_and_packing(device: str) -> None:
-    model = small_cnn().to(device)
+    model = small_cnn(seed=3).to(device)
     images = _random_images(6)
     indices = [3, 17, 5, 0, 42, 8]
     n0, n, alpha = 30, 170, 0.01
@@ -285,7 +276,7 @@ def test_reproducible_across_batch_size_order_and_packing(device: str) -> None:
 
 
 def test_predict_reproducible_across_batch_size() -> None:
-    model = small_cnn()
+    model = small_cnn(seed=3)
     images = _random_images(5)
     a = Smooth(model, 5, 0.5, batch_size=13, noise_block=20).predict_batch(
         images, range(5), 90, 0.1
@@ -300,12 +291,12 @@ def test_channels_last_draws_the_same_noise() -> None:
     """The noise is drawn in NCHW order whatever the layout: channels_last changes only rounding."""
     for channels in (1, 3):
         images = _random_images(3, channels=channels)
-        plain = Smooth(small_cnn(channels), 5, 0.5, noise_block=40).certify_batch(
+        plain = Smooth(small_cnn(seed=3, channels=channels), 5, 0.5, noise_block=40).certify_batch(
             images, [0, 1, 2], 20, 100, 0.01
         )
         for batch_size in (33, 500):
             cl = Smooth(
-                small_cnn(channels),
+                small_cnn(seed=3, channels=channels),
                 5,
                 0.5,
                 batch_size=batch_size,

@@ -10,32 +10,7 @@ from torch import nn
 
 from robust.checks import SettingError
 from robust.square import _eta_cpu, square, square_p
-
-
-def linear(d: int, classes: int, seed: int = 0, dtype=torch.float64) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(d, classes)).to(dtype)
-
-
-def small_cnn(classes: int = 5, seed: int = 0, channels: int = 1) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(channels, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4 * 5 * 5, 16),
-        nn.ReLU(),
-        nn.Linear(16, classes),
-    )
-
-
-def gens(seeds):
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def dist(d: torch.Tensor, norm: str) -> torch.Tensor:
-    return d.flatten(1).norm(p=math.inf if norm == "inf" else 2, dim=1)
+from tests.tiny_models import distance, generators, linear, small_cnn
 
 
 def margins(model, x, y):
@@ -74,7 +49,7 @@ def test_window_profile_matches_torchattacks():
 @pytest.mark.parametrize("norm", ["inf", "2"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_bounds_pixels_and_progress(norm, channels):
-    model = small_cnn(channels=channels)
+    model = small_cnn(channels=channels, size=10)
     g = torch.Generator().manual_seed(1)
     x = torch.rand(24, channels, 10, 10, generator=g)
     x[:, :, :3] = 0.0  # saturated pixels: clipping must act
@@ -84,7 +59,7 @@ def test_bounds_pixels_and_progress(norm, channels):
     adv = square(model, x, y, eps, norm, n_queries=200, generator=torch.Generator().manual_seed(0))
     assert adv.shape == x.shape and adv.dtype == x.dtype
     assert adv.min() >= 0 and adv.max() <= 1
-    assert (dist(adv - x, norm) <= eps * (1 + 1e-5)).all()
+    assert (distance(adv - x, norm) <= eps * (1 + 1e-5)).all()
     assert (margins(model, adv, y) < margins(model, x, y)).all()  # the search made progress
 
 
@@ -142,7 +117,7 @@ class Counting(nn.Module):
 def test_query_budget_per_image_includes_the_start():
     # eps far too small to fool anyone: every image spends exactly n_queries forward passes,
     # plus one clean pass for the batch.
-    model = Counting(small_cnn())
+    model = Counting(small_cnn(size=10))
     x = torch.rand(7, 1, 10, 10, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y = model.inner(x).argmax(1)
@@ -157,7 +132,7 @@ def test_fooled_images_stop_and_stay_adversarial():
     x = torch.rand(32, 1, 10, 10, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y = model.inner(x).argmax(1)
-    adv = square(model, x, y, 0.2, "inf", n_queries=300, generator=gens(range(32)))
+    adv = square(model, x, y, 0.2, "inf", n_queries=300, generator=generators(range(32)))
     fooled = margins(model.inner, adv, y) <= 0
     assert 0.5 < fooled.float().mean() < 1
     assert model.rows < 32 * 300 * 0.8  # finished images left the batch
@@ -167,15 +142,23 @@ def test_fooled_images_stop_and_stay_adversarial():
 
 @pytest.mark.parametrize("norm", ["inf", "2"])
 def test_one_generator_per_sample_makes_results_batch_independent(norm):
-    model = small_cnn(channels=3).double()
+    model = small_cnn(channels=3, size=10).double()
     x = torch.rand(6, 3, 10, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
         y = model(x).argmax(1)
     eps = 0.05 if norm == "inf" else 0.5
-    together = square(model, x, y, eps, norm, n_queries=60, generator=gens(range(6)))
+    together = square(model, x, y, eps, norm, n_queries=60, generator=generators(range(6)))
     alone = torch.cat(
         [
-            square(model, x[i : i + 1], y[i : i + 1], eps, norm, n_queries=60, generator=gens([i]))
+            square(
+                model,
+                x[i : i + 1],
+                y[i : i + 1],
+                eps,
+                norm,
+                n_queries=60,
+                generator=generators([i]),
+            )
             for i in range(6)
         ]
     )
@@ -187,12 +170,14 @@ def test_one_generator_per_sample_makes_results_batch_independent(norm):
 
 
 def test_restarts_never_weaker():
-    model = small_cnn(seed=4)
+    model = small_cnn(seed=4, size=10)
     x = torch.rand(48, 1, 10, 10, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         y = model(x).argmax(1)
     runs = {
-        r: square(model, x, y, 0.05, "inf", n_queries=30, restarts=r, generator=gens(range(48)))
+        r: square(
+            model, x, y, 0.05, "inf", n_queries=30, restarts=r, generator=generators(range(48))
+        )
         for r in (1, 3)
     }
     m = {r: margins(model, v, y) for r, v in runs.items()}
@@ -200,21 +185,23 @@ def test_restarts_never_weaker():
 
 
 def test_inside_inference_mode_matches_outside_and_modes_restored():
-    model = nn.Sequential(small_cnn(), nn.Dropout(0.5))
+    model = nn.Sequential(small_cnn(size=10), nn.Dropout(0.5))
     model.train()
     model[0][0].eval()
     before = [m.training for m in model.modules()]
     x = torch.rand(8, 1, 10, 10, generator=torch.Generator().manual_seed(0))
     y = torch.arange(8) % 5
-    ref = square(model, x, y, 0.1, "2", n_queries=20, generator=gens(range(8)))
+    ref = square(model, x, y, 0.1, "2", n_queries=20, generator=generators(range(8)))
     assert [m.training for m in model.modules()] == before
     with torch.inference_mode():
-        got = square(model, x.clone(), y.clone(), 0.1, "2", n_queries=20, generator=gens(range(8)))
+        got = square(
+            model, x.clone(), y.clone(), 0.1, "2", n_queries=20, generator=generators(range(8))
+        )
     assert torch.equal(got, ref)
 
 
 def test_validation():
-    model = small_cnn()
+    model = small_cnn(size=10)
     x, y = torch.rand(2, 1, 10, 10), torch.tensor([0, 1])
     for kwargs, setting in (
         ({"n_queries": 0}, "square n_queries must be an integer >= 1"),
