@@ -254,13 +254,30 @@ class EvaluationCallback(Callback):
 
 
 def base_classifier(pl_module: LightningModule) -> nn.Module:
-    """The pixel-space classifier: ``pl_module.model`` when there is one, else the module."""
+    """The pixel-space classifier: ``pl_module.model`` when there is one, else the module.
+
+    Examples:
+        >>> from lightning.pytorch import LightningModule
+        >>> from torch import nn
+        >>> module = LightningModule()
+        >>> module.model = nn.Linear(2, 2)
+        >>> base_classifier(module) is module.model
+        True
+    """
     model = getattr(pl_module, "model", None)
     return model if isinstance(model, nn.Module) else pl_module
 
 
 def module_num_classes(pl_module: LightningModule, owner: str) -> int:
-    """The module's ``num_classes``; ``SettingError`` naming ``owner`` when it has none."""
+    """The module's ``num_classes``; ``SettingError`` naming ``owner`` when it has none.
+
+    Examples:
+        >>> from lightning.pytorch import LightningModule
+        >>> module = LightningModule()
+        >>> module.num_classes = 10
+        >>> module_num_classes(module, "Certification")
+        10
+    """
     num_classes = getattr(pl_module, "num_classes", None)
     if isinstance(num_classes, int) and num_classes >= 2:
         return num_classes
@@ -271,7 +288,15 @@ def module_num_classes(pl_module: LightningModule, owner: str) -> int:
 
 
 def module_sigma(pl_module: LightningModule, sigma: float | None, owner: str) -> float:
-    """``sigma`` when given, else the module's positive ``sigma`` (a noise-trained model's)."""
+    """``sigma`` when given, else the module's positive ``sigma`` (a noise-trained model's).
+
+    Examples:
+        >>> from lightning.pytorch import LightningModule
+        >>> module = LightningModule()
+        >>> module.sigma = 0.25
+        >>> module_sigma(module, None, "Certification"), module_sigma(module, 0.5, "Certification")
+        (0.25, 0.5)
+    """
     if sigma is not None:
         return sigma
     value = getattr(pl_module, "sigma", None)

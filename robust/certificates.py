@@ -235,12 +235,28 @@ def read_tsv(
 
 
 def write_tsv(path: str | Path, rows: Iterable[CertifiedImage]) -> None:
-    """Write a whole TSV (header and rows) atomically: a reader sees the old file or the new one."""
+    """Write a whole TSV (header and rows) atomically: a reader sees the old file or the new one.
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "c.tsv"
+        >>> write_tsv(path, [CertifiedImage(0, 1, 1, 0.5, 1, 0.1)])
+        >>> path.read_text().split()[:6]
+        ['idx', 'label', 'predict', 'radius', 'correct', 'time']
+    """
     atomic_write(Path(path), "\t".join(HEADER) + "\n" + "".join(row.to_line() for row in rows))
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half a file)."""
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half a file).
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "notes.txt"
+        >>> atomic_write(path, "done")
+        >>> path.read_text()
+        'done'
+    """
     temporary = path.with_name(path.name + ".tmp")
     with temporary.open("w") as handle:
         handle.write(text)
@@ -333,7 +349,15 @@ def dataset_fingerprint(dataset: Any) -> tuple[str, list[int]]:
 
 
 def read_settings(path: Path) -> dict[str, Any]:
-    """The settings sidecar of a TSV (``<tsv>.json``); ``SettingError`` if missing or not JSON."""
+    """The settings sidecar of a TSV (``<tsv>.json``); ``SettingError`` if missing or not JSON.
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "c.tsv.json"
+        >>> _ = path.write_text(json.dumps({"n": 100}))
+        >>> read_settings(path)
+        {'n': 100}
+    """
     if not path.is_file():
         raise SettingError(
             f"settings file {path} is missing, so the rows beside it cannot be resumed safely; "
@@ -397,6 +421,15 @@ def open_resumable(
 
     Raises:
         SettingError: For any refusal, naming the file and the reason.
+
+    Examples:
+        >>> import tempfile
+        >>> path, settings = Path(tempfile.mkdtemp()) / "c.tsv", {"n": 10}
+        >>> open_resumable(path, settings, ["n"], num_classes=3, labels=[0, 1])  # a new file
+        []
+        >>> write_tsv(path, [CertifiedImage(1, 1, 1, 0.3, 1, 0.0)])
+        >>> [row.idx for row in open_resumable(path, settings, ["n"], num_classes=3, labels=[0, 1])]
+        [1]
     """
     sidecar = path.with_name(path.name + ".json")
     if path.is_file() and path.stat().st_size > 0:

@@ -28,6 +28,13 @@ class SettingError(ValueError):
 
     A ``ValueError``, so callers that catch those keep working; the command line reports it as one
     ``error:`` line with exit status 2 instead of a traceback.
+
+    Examples:
+        >>> try:
+        ...     check_int("n", 0, minimum=1, owner="Smooth")
+        ... except SettingError as err:
+        ...     print(err)
+        Smooth n must be an integer >= 1; got 0
     """
 
 

@@ -12,6 +12,16 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
     ``model.train(previous)`` would not do: it sets every submodule alike, losing e.g. a frozen
     batch-norm layer kept in eval mode inside a model that is training.
+
+    Examples:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = model[1].eval()  # a frozen batch-norm layer inside a training model
+        >>> with eval_mode(model):
+        ...     print(model.training, model[1].training)
+        False False
+        >>> model.training, model[0].training, model[1].training
+        (True, True, False)
     """
     modes = [(module, module.training) for module in model.modules()]
     model.eval()

@@ -98,7 +98,13 @@ def certification_figure(
 
 
 def plot_attack_bars(accuracies: Mapping[str, Mapping[str, float]]) -> Figure:
-    """Grouped bars: accuracy (clean and under each attack) for each model."""
+    """Grouped bars: accuracy (clean and under each attack) for each model.
+
+    Examples:
+        >>> figure = plot_attack_bars({"lenet": {"clean": 0.99, "pgd40_linf_eps0.3": 0.9}})
+        >>> [label.get_text() for label in figure.axes[0].get_xticklabels()]
+        ['clean', 'pgd40_linf_eps0.3']
+    """
     models = list(accuracies)
     columns = list(dict.fromkeys(k for acc in accuracies.values() for k in acc))
     fig = Figure(figsize=(max(6, 1.3 * len(columns) * len(models) / 2), 4))
@@ -163,7 +169,15 @@ def plot_example_grid(
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub Markdown table; floats shown with 4 decimals."""
+    """A GitHub Markdown table; floats shown with 4 decimals.
+
+    Examples:
+        >>> print(markdown_table(["model", "acc"], [["lenet", 0.99], ["cnn", float("nan")]]))
+        | model | acc |
+        | --- | --- |
+        | lenet | 0.9900 |
+        | cnn | n/a |
+    """
 
     def cell(value: object) -> str:
         if isinstance(value, float):
@@ -232,7 +246,7 @@ def _slug(name: str) -> str:
 
 
 def masking_findings(accuracies: Mapping[str, Mapping[str, float]]) -> list[str]:
-    """Sentences naming each model whose one-step (FGM) accuracy exceeds an iterative attack's.
+    """Sentences naming each model whose one-step (FGM) accuracy exceeds a stronger attack's by far.
 
     A one-step attack far weaker than PGD or AutoAttack at the same ball is the signature of
     gradient masking (Athalye, Carlini and Wagner 2018): the one-step number is not robustness.
@@ -240,6 +254,8 @@ def masking_findings(accuracies: Mapping[str, Mapping[str, float]]) -> list[str]
     Examples:
         >>> masking_findings({"m": {"fgm_l2_eps5": 0.78, "pgd40_l2_eps5": 0.0}})[0][:44]
         'm: 78.0% under fgm_l2_eps5 but 0.0% under pg'
+        >>> masking_findings({"m": {"fgm_l2_eps5": 0.5, "pgd40_l2_eps5": 0.4, "pgd_linf_eps0.3": 0}})
+        []
     """
     findings = []
     for model, accuracy in accuracies.items():
@@ -257,7 +273,7 @@ def masking_findings(accuracies: Mapping[str, Mapping[str, float]]) -> list[str]
                 best = min(stronger, key=stronger.__getitem__)
                 findings.append(
                     f"{model}: {100 * weak_acc:.1f}% under {weak} but {100 * stronger[best]:.1f}%"
-                    f" under {best}; the one-step number is gradient masking, not robustness"
+                    f" under {best}: the one-step attack overstates robustness (gradient masking)"
                 )
     return findings
 
@@ -278,6 +294,13 @@ def write_report(
 
     Returns:
         The path of ``report.md``.
+
+    Examples:
+        >>> import tempfile
+        >>> metrics = {"test/acc": 0.98, "test/perturbed_acc/pgd40_linf_eps0.3": 0.9}
+        >>> report = write_report(Path(tempfile.mkdtemp()), {"lenet": {"metrics": metrics}}, {})
+        >>> report.read_text().splitlines()[2].split(" | ")[:3]
+        ['| model', 'clean acc', 'acc pgd40_linf_eps0.3']
     """
     from torch.utils.tensorboard import SummaryWriter
 
@@ -404,7 +427,17 @@ def write_report(
         markdown_table(header, table),
         "",
         *([f"Test images per attack: {evaluated}.", ""] if evaluated else []),
-        *(["**Gradient masking.**", "", *(f"- {line}" for line in masking), ""] if masking else []),
+        *(
+            [
+                "**Gradient masking** (one-step attacks far weaker than iterative ones at the same"
+                " ball):",
+                "",
+                *(f"- {line}" for line in masking),
+                "",
+            ]
+            if masking
+            else []
+        ),
         *(
             [
                 "## AutoAttack, stage by stage",

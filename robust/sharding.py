@@ -61,6 +61,12 @@ def evaluation_dataset(trainer: Any, stage: str) -> Dataset:
 
     Taken from the running stage's first data loader (what ``trainer.test(dataloaders=...)`` or the
     data module supplied this time), else from the data module's ``test_set``/``val_set``.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> loader = DataLoader([(torch.zeros(1), 0)])
+        >>> evaluation_dataset(SimpleNamespace(test_dataloaders=loader), "test") is loader.dataset
+        True
     """
     loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
     if isinstance(loaders, Sequence) and loaders:
@@ -100,6 +106,11 @@ def batches(
     """Yield ``num_rounds`` batches ``(indices, images, labels)``; the last ones may be empty.
 
     Images are stacked from ``dataset[i]`` (image, label, ...) on the CPU.
+
+    Examples:
+        >>> data = [(torch.zeros(1, 2, 2), 7), (torch.ones(1, 2, 2), 3)]
+        >>> [(i, x.shape[0], y.tolist()) for i, x, y in batches(data, [1, 0], batch_size=1, num_rounds=3)]
+        [([1], 1, [3]), ([0], 1, [7]), ([], 0, [])]
     """
     for r in range(num_rounds):
         chunk = list(indices[r * batch_size : (r + 1) * batch_size])
@@ -123,6 +134,12 @@ def gather_rows(trainer: Any, rows: Tensor, device: torch.device | str = "cpu") 
 
     Returns:
         ``(sum of k, m)`` float64 rows on the CPU, sorted by dataset index.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> rows = torch.tensor([[3.0, 1.0], [0.0, 2.0]])
+        >>> gather_rows(SimpleNamespace(world_size=1), rows)[:, 0].tolist()
+        [0.0, 3.0]
     """
     rows = rows.to(torch.float64)
     if trainer.world_size == 1:
