@@ -180,7 +180,7 @@ def compare(argv: list[str]) -> Path:
     for training in settings.trainings:
         trained = fit(settings, training, out)
         evaluated = evaluate(settings, training, out, trained)
-        results[training.label or training.name] = {**evaluated, **trained}
+        results[training.label or training.name] = {**evaluated, **trained, "name": training.name}
     recorded = {
         "trainings": [vars(t) for t in settings.trainings],
         "common_args": settings.common_args,

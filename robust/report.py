@@ -278,6 +278,54 @@ def masking_findings(accuracies: Mapping[str, Mapping[str, float]]) -> list[str]
     return findings
 
 
+def _seed_beside_ours(
+    results: Mapping[str, Mapping],
+    accuracies: Mapping[str, Mapping[str, float]],
+    certified: Mapping[str, tuple[Mapping[str, float], int]],
+) -> str:
+    """The seed's table with our model of the same training name beside each of its numbers."""
+    columns = {"clean": "clean", "fgm_l2_eps5": "FGM L2 5", "fgm_linf_eps0.3": "FGM L-inf 0.3"}
+    header = ["model"]
+    for title in [*columns.values(), "correct_certified", "ACR"]:
+        header += [f"{title}: seed", f"{title}: ours"]
+    rows = []
+    for seed_name, numbers in SEED_NUMBERS.items():
+        ours = next((k for k, r in results.items() if r.get("name", k) == seed_name), None)
+        row: list[object] = [ours or seed_name]
+        for key in columns:
+            mine = accuracies.get(ours, {}).get(key, float("nan")) if ours else float("nan")
+            row += [numbers.get(key, float("nan")), mine]
+        summary, count = certified.get(ours, ({}, 0)) if ours else ({}, 0)
+        seed_count = numbers.get("correct_certified")
+        row += [_fraction(seed_count, 10000) if seed_count is not None else "n/a"]
+        row += [_fraction(summary.get("correct_certified", 0), count)]
+        row += [numbers.get("acr", float("nan")), summary.get("acr", float("nan"))]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def _ordinal(k: int) -> str:
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def _certification_sentence(
+    settings: Mapping[str, Mapping], certified: Mapping[str, tuple[Mapping[str, float], int]]
+) -> str:
+    """Which certification each model's numbers come from (its TSV's settings)."""
+    described: dict[str, list[str]] = {}
+    for name, stored in settings.items():
+        skip = int(stored.get("skip") or 1)
+        subset = f"every {_ordinal(skip)} test image, " if skip > 1 else ""
+        text = (
+            f"sigma {stored.get('sigma')}, n0 {stored.get('n0')}, n {stored.get('n'):,}, alpha"
+            f" {stored.get('alpha')}, on {subset}{certified[name][1]} images"
+        )
+        described.setdefault(text, []).append(name)
+    parts = [f"{text} ({', '.join(names)})" for text, names in described.items()]
+    return "Certification: " + "; ".join(parts) + "."
+
+
 def write_report(
     out: Path, results: Mapping[str, Mapping], settings: Mapping, reference: str = "embedded"
 ) -> Path:
@@ -285,9 +333,9 @@ def write_report(
 
     Args:
         out: The comparison's folder.
-        results: Model name to ``{"metrics": logged test metrics, "log_dir": the test run's log
+        results: Model label to ``{"metrics": logged test metrics, "log_dir": the test run's log
             directory (holding ``certify_test.tsv`` and ``adversarial_examples.npz``),
-            "train_time_s": ...}``.
+            "train_time_s": ..., "name": the training's name (matched with the seed's rows)}``.
         settings: The comparison's settings, written at the end of the report.
         reference: ``"embedded"`` (5,000 digits) or ``"full"`` (official MNIST): which reference
             rows to show.
@@ -304,7 +352,7 @@ def write_report(
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from robust.certificates import read_tsv, summarize
+    from robust.certificates import read_settings, read_tsv, summarize
 
     metrics_of = {name: r["metrics"] for name, r in results.items()}
     logged = {
@@ -336,11 +384,17 @@ def write_report(
         }
     )
     curves, accuracies, table = {}, {}, []
+    certified: dict[str, tuple[dict[str, float], int]] = {}
+    certify_settings: dict[str, dict] = {}
     for name, result in results.items():
         metrics = result["metrics"]
         tsv = Path(result.get("log_dir") or "") / "certify_test.tsv"
         rows = read_tsv(tsv)[0] if tsv.is_file() else []
         summary = summarize(rows, REPORT_RADII)
+        certified[name] = (summary, len(rows))
+        sidecar = tsv.with_name(tsv.name + ".json")
+        if rows and sidecar.is_file():
+            certify_settings[name] = read_settings(sidecar)
         curves[name] = ([r.radius for r in rows], [r.correct for r in rows])
         accuracies[name] = {"clean": metrics.get("test/acc", float("nan"))}
         accuracies[name] |= {
@@ -407,16 +461,6 @@ def write_report(
                 writer.add_scalar(f"comparison/{column}/{row[0]}", value)
     writer.close()
 
-    seed_columns = ["clean", "fgm_l2_eps5", "fgm_linf_eps0.3"]
-    seed_rows = [
-        [
-            name,
-            *(numbers.get(k, float("nan")) for k in seed_columns),
-            f"{numbers['correct_certified']} of 10000" if "correct_certified" in numbers else "n/a",
-            numbers.get("acr", float("nan")),
-        ]
-        for name, numbers in SEED_NUMBERS.items()
-    ]
     evaluated = "; ".join(f"{', '.join(keys)} on {n}" for n, keys in sorted(counts.items()))
     masking = masking_findings(
         {name: {k: v for k, v in acc.items() if k != "clean"} for name, acc in accuracies.items()}
@@ -426,7 +470,16 @@ def write_report(
         "",
         markdown_table(header, table),
         "",
+        "Accuracies are fractions of the evaluated test images; under an attack, an image counts as"
+        " robust only when it is classified correctly both clean and attacked. `g under SmoothAdv r`"
+        " is the smoothed classifier's PREDICT after SmoothAdv's L2 attack at radius r (abstaining"
+        " counts as wrong); certified accuracy at r can never exceed it beyond the certificates'"
+        " failure probability. `correct_certified` counts the certified images that randomized"
+        " smoothing certifies with the correct class; ACR is the average certified L2 radius (0 for"
+        " wrong or abstained images); `cert acc @r` is the fraction certified correct at radius r.",
+        "",
         *([f"Test images per attack: {evaluated}.", ""] if evaluated else []),
+        *([_certification_sentence(certify_settings, certified), ""] if certify_settings else []),
         *(
             [
                 "**Gradient masking** (one-step attacks far weaker than iterative ones at the same"
@@ -450,14 +503,6 @@ def write_report(
             if staged
             else []
         ),
-        "Accuracies are fractions of the evaluated test images; under an attack, an image counts as"
-        " robust only when it is classified correctly both clean and attacked. `g under SmoothAdv r`"
-        " is the smoothed classifier's PREDICT after SmoothAdv's L2 attack at radius r (abstaining"
-        " counts as wrong); certified accuracy at r can never exceed it beyond the certificates'"
-        " failure probability. `correct_certified` counts the certified images that randomized"
-        " smoothing certifies with the correct class; ACR is the average certified L2 radius (0 for"
-        " wrong or abstained images); `cert acc @r` is the fraction certified correct at radius r.",
-        "",
         "![certified accuracy](certified_accuracy.png)",
         "",
         "![accuracy under attack](attack_accuracy.png)",
@@ -468,11 +513,13 @@ def write_report(
             if f"examples_{_slug(name)}.png" in figures
         ),
         "",
-        "## The seed experiment's table, for reference",
+        "## The seed experiment's table beside ours",
         "",
-        "The seed trained on the official 60,000 digits and certified all 10,000 test images.",
+        "The seed trained on the official 60,000 digits and certified all 10,000 test images"
+        " (its noise model with its own settings); ours are the rows above with the same training"
+        " name.",
         "",
-        markdown_table(["model", *seed_columns, "correct_certified", "ACR"], seed_rows),
+        _seed_beside_ours(results, accuracies, certified),
         "",
     ]
     if reference == "full":
