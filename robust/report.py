@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from scipy.stats import norm
 
 from robust.autoattack import STAGES as AUTOATTACK_STAGES
 from robust.certificates import certified_accuracy
@@ -85,8 +86,6 @@ def certification_figure(
         >>> figure.axes[0].get_title()
         'sigma=0.25, n0=100, n=1000, alpha=0.001, 1 images, ACR=0.300'
     """
-    from scipy.stats import norm
-
     acr = (
         float(np.mean(np.where(np.asarray(correct, dtype=bool), radius, 0.0))) if len(radius) else 0
     )
@@ -317,9 +316,11 @@ def _certification_sentence(
     for name, stored in settings.items():
         skip = int(stored.get("skip") or 1)
         subset = f"every {_ordinal(skip)} test image, " if skip > 1 else ""
+        sigma, n, alpha = stored.get("sigma"), stored.get("n"), stored.get("alpha")
+        cap = sigma * float(norm.ppf(alpha ** (1.0 / n))) if sigma and n and alpha else float("nan")
         text = (
-            f"sigma {stored.get('sigma')}, n0 {stored.get('n0')}, n {stored.get('n'):,}, alpha"
-            f" {stored.get('alpha')}, on {subset}{certified[name][1]} images"
+            f"sigma {sigma}, n0 {stored.get('n0')}, n {n:,}, alpha {alpha} (no radius above"
+            f" {cap:.3g} can be certified), on {subset}{certified[name][1]} images"
         )
         described.setdefault(text, []).append(name)
     parts = [f"{text} ({', '.join(names)})" for text, names in described.items()]
@@ -530,8 +531,10 @@ def write_report(
                 ["model", "measure", "published", "source"], [list(p) for p in PUBLISHED]
             ),
             "",
-            "They differ from ours in training length (the published LeNets train for 90 epochs),"
-            " and where fewer images or a smaller n were certified here, the table above says so.",
+            "They differ from ours in training length (the published LeNets train for 90 epochs;"
+            " ours for the epochs in the settings below) and, where the certification line above"
+            " names a subset or n < 100,000, in the images certified and the largest certifiable"
+            " radius.",
             "",
         ]
     lines += ["## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
