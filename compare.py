@@ -18,6 +18,7 @@ A stage that already finished is reused when the command runs again.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 import time
@@ -96,9 +97,27 @@ def stage_key(*parts: str) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
+def with_config_contents(args: list[str]) -> list[str]:
+    """``args`` followed by the content of each ``--config`` file they name.
+
+    So a stage whose arguments name a config file is redone when that file changes.
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "extra.yaml"
+        >>> _ = path.write_text("model: {init_args: {sigma: 0.5}}")
+        >>> with_config_contents(["--seed_everything=0", f"--config={path}"])[2]
+        'model: {init_args: {sigma: 0.5}}'
+    """
+    named = [a.removeprefix("--config=") for a in args if a.startswith("--config=")]
+    named += [b for a, b in itertools.pairwise(args) if a == "--config"]
+    return [*args, *(Path(path).read_text() for path in named if Path(path).is_file())]
+
+
 def fit(settings, training: Training, out: Path) -> dict:
     """Train one model, or reuse the finished training of the same config and arguments."""
-    key = stage_key(Path(training.config).read_text(), *settings.common_args, *training.args)
+    arguments = with_config_contents([*settings.common_args, *training.args])
+    key = stage_key(Path(training.config).read_text(), *arguments)
     marker = out / training.name / "fit.json"
     if marker.is_file():
         done = json.loads(marker.read_text())
@@ -135,7 +154,8 @@ def evaluate(settings, training: Training, out: Path, trained: dict) -> dict:
     """Test one model with the evaluation callbacks, or reuse a finished identical evaluation."""
     marker = out / training.name / "metrics.json"
     texts = [Path(path).read_text() for path in settings.evaluation]
-    key = stage_key(trained["key"], trained["ckpt_path"], *texts, *settings.eval_args)
+    arguments = with_config_contents(settings.eval_args)
+    key = stage_key(trained["key"], trained["ckpt_path"], *texts, *arguments)
     if marker.is_file():
         done = json.loads(marker.read_text())
         if done.get("key") == key:

@@ -157,3 +157,14 @@ def test_compare_reports_a_refusal_as_one_error_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "batch_size" in err[-1]
+
+
+def test_a_changed_config_named_in_the_arguments_changes_the_stage_key(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model: {init_args: {sigma: 0.5}}")
+    for args in (["--seed_everything=0", f"--config={extra}"], ["--config", str(extra)]):
+        before = compare.stage_key(*compare.with_config_contents(args))
+        extra.write_text("model: {init_args: {sigma: 1.0}}")
+        assert compare.stage_key(*compare.with_config_contents(args)) != before
+        extra.write_text("model: {init_args: {sigma: 0.5}}")
+        assert compare.stage_key(*compare.with_config_contents(args)) == before
