@@ -154,3 +154,23 @@ def test_console_script_runs_and_exits_zero(in_tmp):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "test/acc" in result.stdout
+
+
+OVERRIDES = sorted(
+    str(p.relative_to(ROOT))
+    for folder in ("configs/callbacks", "configs/compare", "configs/mnist")
+    for p in (ROOT / folder).glob("*.yaml")
+    if not is_training_config(p) and "trainings" not in (yaml.safe_load(p.read_text()) or {})
+)
+
+
+@pytest.mark.parametrize("override", OVERRIDES)
+def test_every_override_config_composes_with_a_noise_model(override, in_tmp):
+    """Callback, certification and model overrides stack on a training config and run."""
+    base = str(ROOT / "configs/mnist/smoothing.yaml")
+    tested = run_cli("test", "--config", base, "--config", str(ROOT / override), *FAST)
+    assert "test/acc" in tested.trainer.callback_metrics
+    callbacks = {type(c).__name__ for c in tested.trainer.callbacks}
+    text = (ROOT / override).read_text()
+    for name in ("PerturbedAccuracy", "Certification", "SmoothedAttack"):
+        assert (f"callbacks.{name}" in text) == (name in callbacks)
