@@ -16,6 +16,7 @@ from scipy.stats import norm
 
 from robust.autoattack import STAGES as AUTOATTACK_STAGES
 from robust.certificates import certified_accuracy
+from robust.checks import SettingError, check_int, check_real
 
 
 def plot_certified_curves(
@@ -314,12 +315,18 @@ def _certification_sentence(
     """Which certification each model's numbers come from (its TSV's settings)."""
     described: dict[str, list[str]] = {}
     for name, stored in settings.items():
-        skip = int(stored.get("skip") or 1)
+        try:  # the sidecar is a file we read: checked before use
+            sigma = check_real("sigma", stored.get("sigma"), low=0)
+            n = check_int("n", stored.get("n"), minimum=1)
+            alpha = check_real("alpha", stored.get("alpha"), low=0, high=1)
+            skip = check_int("skip", stored.get("skip", 1), minimum=1)
+        except SettingError as err:
+            described.setdefault(f"unknown settings ({err})", []).append(name)
+            continue
         subset = f"every {_ordinal(skip)} test image, " if skip > 1 else ""
-        sigma, n, alpha = stored.get("sigma"), stored.get("n"), stored.get("alpha")
-        cap = sigma * float(norm.ppf(alpha ** (1.0 / n))) if sigma and n and alpha else float("nan")
+        cap = sigma * float(norm.ppf(alpha ** (1.0 / n)))
         text = (
-            f"sigma {sigma}, n0 {stored.get('n0')}, n {n:,}, alpha {alpha} (no radius above"
+            f"sigma {sigma:g}, n0 {stored.get('n0')}, n {n:,}, alpha {alpha:g} (no radius above"
             f" {cap:.3g} can be certified), on {subset}{certified[name][1]} images"
         )
         described.setdefault(text, []).append(name)
@@ -395,7 +402,10 @@ def write_report(
         certified[name] = (summary, len(rows))
         sidecar = tsv.with_name(tsv.name + ".json")
         if rows and sidecar.is_file():
-            certify_settings[name] = read_settings(sidecar)
+            try:
+                certify_settings[name] = read_settings(sidecar)
+            except SettingError as err:
+                certify_settings[name] = {"error": str(err)}
         curves[name] = ([r.radius for r in rows], [r.correct for r in rows])
         accuracies[name] = {"clean": metrics.get("test/acc", float("nan"))}
         accuracies[name] |= {

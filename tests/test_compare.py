@@ -168,3 +168,19 @@ def test_a_changed_config_named_in_the_arguments_changes_the_stage_key(tmp_path)
         assert compare.stage_key(*compare.with_config_contents(args)) != before
         extra.write_text("model: {init_args: {sigma: 0.5}}")
         assert compare.stage_key(*compare.with_config_contents(args)) == before
+
+
+@pytest.mark.parametrize("sidecar", ["not json", '{"sigma": "x", "n": null}', "[1, 2]"])
+def test_report_states_a_bad_certification_settings_file_instead_of_failing(tmp_path, sidecar):
+    from robust.certificates import CertifiedImage, write_tsv
+    from robust.report import write_report
+
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    write_tsv(log_dir / "certify_test.tsv", [CertifiedImage(0, 1, 1, 0.4, 1, 0.0)])
+    (log_dir / "certify_test.tsv.json").write_text(sidecar)
+    metrics = {"test/acc": 0.9}
+    report = write_report(tmp_path, {"m": {"metrics": metrics, "log_dir": str(log_dir)}}, {})
+    line = next(x for x in report.read_text().splitlines() if x.startswith("Certification:"))
+    assert "unknown settings" in line and "(m)" in line
+    assert table_rows(report.read_text())["m"]["correct_certified"] == "1 of 1 (100.0%)"
