@@ -24,6 +24,7 @@ torchattacks installed only our numbers are printed.
     python benchmarks/attacks.py                               # CPU, batch 256
     python benchmarks/attacks.py --device cuda --reps 10
     python benchmarks/attacks.py --crosscheck --images 500 --attacks apgd-ce,square
+    python benchmarks/attacks.py --crosscheck --attacks square --norms 2 --seeds 5
 """
 
 from __future__ import annotations
@@ -230,23 +231,29 @@ def speed(args: argparse.Namespace, model: nn.Module, x: Tensor, y: Tensor) -> N
 
 
 def cross_cases(
-    args: argparse.Namespace, model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float
+    args: argparse.Namespace,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    norm: str,
+    eps: float,
+    seed: int,
 ) -> list[tuple[str, Callable[[], Tensor], Callable[[], Tensor] | None]]:
-    """(label, ours, torchattacks or None) for one norm at the same settings."""
+    """(label, ours, torchattacks or None) for one norm at the same settings and ``seed``."""
     q, tn = args.cross_queries, ta_norm(norm)
 
     def gen() -> torch.Generator:
-        return torch.Generator(device=x.device).manual_seed(args.seed)
+        return torch.Generator(device=x.device).manual_seed(seed)
 
     def ta_apgd():
-        return torchattacks.APGD(model, norm=tn, eps=eps, steps=100, seed=0)
+        return torchattacks.APGD(model, norm=tn, eps=eps, steps=100, seed=seed)
 
     def ta_apgdt():
-        return torchattacks.APGDT(model, norm=tn, eps=eps, steps=100, n_classes=10, seed=0)
+        return torchattacks.APGDT(model, norm=tn, eps=eps, steps=100, n_classes=10, seed=seed)
 
     def ta_square():
         return torchattacks.Square(
-            model, norm=tn, eps=eps, n_queries=q, seed=0, resc_schedule=False
+            model, norm=tn, eps=eps, n_queries=q, seed=seed, resc_schedule=False
         )
 
     def ours_autoattack() -> Tensor:
@@ -276,46 +283,70 @@ def cross_cases(
         ),
     ]
     if args.with_fab and have:
-        ta_aa = torchattacks.AutoAttack(model, norm=tn, eps=eps, n_classes=10, seed=0)
+        ta_aa = torchattacks.AutoAttack(model, norm=tn, eps=eps, n_classes=10, seed=seed)
         cases.append(("autoattack vs AutoAttack", ours_autoattack, lambda: ta_aa(x, y)))
     return [(label, ours, theirs or None) for label, ours, theirs in cases]
 
 
 def crosscheck(args: argparse.Namespace, model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Robust accuracy of ours and torchattacks, per seed, and the gap of their means.
+
+    Random attacks (Square above all) vary from seed to seed, so with ``--seeds K`` each side runs
+    with seeds ``--seed`` .. ``--seed + K - 1``; the gap is then given with its standard error
+    (the two sides' seeds are independent), so agreement is judged against the seed-to-seed spread.
+    """
     wanted = [w.strip().lower() for w in args.attacks.split(",")] if args.attacks else None
+    seeds = range(args.seed, args.seed + args.seeds)
     print(
-        f"cross-check on {len(x)} test digits, clean accuracy {accuracy(model, x, y):.4f}; "
-        "robust accuracy (time in s):"
+        f"cross-check on {len(x)} test digits, clean accuracy {accuracy(model, x, y):.4f}, "
+        f"seeds {seeds.start}..{seeds.stop - 1}; robust accuracy (time in s):"
     )
     print(
-        f"{'attack':30s} {'ours':>8s} {'torchattacks':>13s} {'diff (pp)':>10s} "
+        f"{'attack':30s} {'seed':>4s} {'ours':>8s} {'torchattacks':>13s} {'diff (pp)':>10s} "
         f"{'ours s':>8s} {'theirs s':>9s}"
     )
     for norm in args.norms.split(","):
         eps = args.eps_inf if norm == "inf" else args.eps_2
-        for label, ours, theirs in cross_cases(args, model, x, y, norm, eps):
+        labels = [c[0] for c in cross_cases(args, model, x, y, norm, eps, args.seed)]
+        for i, label in enumerate(labels):
             if wanted and not any(label.startswith(w) for w in wanted):
                 continue
             name = f"{label} L{norm} eps={eps:g}"
-            a = b = t_ours = t_theirs = math.nan
-            if args.side in ("both", "ours"):
-                start = time.perf_counter()
-                x_ours = ours()
-                t_ours = time.perf_counter() - start
-                order = math.inf if norm == "inf" else 2
-                bound = torch.linalg.vector_norm((x_ours - x).flatten(1), ord=order, dim=1)
-                assert bound.max().item() <= eps * (1 + 1e-5), "perturbation outside the ball"
-                assert 0 <= x_ours.min() and x_ours.max() <= 1, "pixels outside [0, 1]"
-                a = accuracy(model, x_ours, y)
-            if theirs is not None and args.side in ("both", "theirs"):
-                start = time.perf_counter()
-                b = accuracy(model, theirs(), y)
-                t_theirs = time.perf_counter() - start
-            print(
-                f"{name:30s} {a:8.4f} {b:13.4f} {100 * (a - b):+10.2f} {t_ours:8.1f} "
-                f"{t_theirs:9.1f}",
-                flush=True,
-            )
+            results: dict[str, list[float]] = {"ours": [], "theirs": []}
+            for seed in seeds:
+                _, ours, theirs = cross_cases(args, model, x, y, norm, eps, seed)[i]
+                a = b = t_ours = t_theirs = math.nan
+                if args.side in ("both", "ours"):
+                    start = time.perf_counter()
+                    x_ours = ours()
+                    t_ours = time.perf_counter() - start
+                    order = math.inf if norm == "inf" else 2
+                    bound = torch.linalg.vector_norm((x_ours - x).flatten(1), ord=order, dim=1)
+                    assert bound.max().item() <= eps * (1 + 1e-5), "perturbation outside the ball"
+                    assert 0 <= x_ours.min() and x_ours.max() <= 1, "pixels outside [0, 1]"
+                    a = accuracy(model, x_ours, y)
+                    results["ours"].append(a)
+                if theirs is not None and args.side in ("both", "theirs"):
+                    start = time.perf_counter()
+                    b = accuracy(model, theirs(), y)
+                    t_theirs = time.perf_counter() - start
+                    results["theirs"].append(b)
+                print(
+                    f"{name:30s} {seed:4d} {a:8.4f} {b:13.4f} {100 * (a - b):+10.2f} "
+                    f"{t_ours:8.1f} {t_theirs:9.1f}",
+                    flush=True,
+                )
+            if len(seeds) > 1 and all(len(r) == len(seeds) for r in results.values()):
+                means = {k: statistics.mean(r) for k, r in results.items()}
+                se = math.sqrt(sum(statistics.variance(r) / len(r) for r in results.values()))
+                print(
+                    f"{name:30s} mean {means['ours']:8.4f} {means['theirs']:13.4f} "
+                    f"{100 * (means['ours'] - means['theirs']):+10.2f} pp "
+                    f"(standard error {100 * se:.2f} pp; seed-to-seed SD ours "
+                    f"{100 * statistics.stdev(results['ours']):.2f}, torchattacks "
+                    f"{100 * statistics.stdev(results['theirs']):.2f} pp)",
+                    flush=True,
+                )
 
 
 def main() -> None:
@@ -346,6 +377,9 @@ def main() -> None:
         "--side", default="both", choices=["both", "ours", "theirs"], help="cross-check: run one"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="cross-check: attack seeds per side (mean and SE)"
+    )
     args = parser.parse_args()
 
     if args.threads is not None:

@@ -446,10 +446,12 @@ def write_report(
         "train time (s)",
     ]
 
-    figures = {
-        "certified_accuracy.png": plot_certified_curves(curves, marks=REPORT_RADII),
-        "attack_accuracy.png": plot_attack_bars(accuracies),
-    }
+    # a figure only for what was evaluated: no empty curves, no bars of clean accuracy alone
+    figures = {}
+    if any(radius for radius, _ in curves.values()):
+        figures["certified_accuracy.png"] = plot_certified_curves(curves, marks=REPORT_RADII)
+    if attack_keys:
+        figures["attack_accuracy.png"] = plot_attack_bars(accuracies)
     for name, result in results.items():
         path = Path(result.get("log_dir") or "") / "adversarial_examples.npz"
         if not path.is_file():
@@ -514,10 +516,15 @@ def write_report(
             if staged
             else []
         ),
-        "![certified accuracy](certified_accuracy.png)",
-        "",
-        "![accuracy under attack](attack_accuracy.png)",
-        "",
+        *(
+            line
+            for filename, alt in (
+                ("certified_accuracy.png", "certified accuracy"),
+                ("attack_accuracy.png", "accuracy under attack"),
+            )
+            if filename in figures
+            for line in (f"![{alt}]({filename})", "")
+        ),
         *(
             f"![{name} examples](examples_{_slug(name)}.png)"
             for name in results

@@ -184,3 +184,23 @@ def test_report_states_a_bad_certification_settings_file_instead_of_failing(tmp_
     line = next(x for x in report.read_text().splitlines() if x.startswith("Certification:"))
     assert "unknown settings" in line and "(m)" in line
     assert table_rows(report.read_text())["m"]["correct_certified"] == "1 of 1 (100.0%)"
+
+
+def test_report_draws_and_links_only_the_figures_of_what_was_evaluated(tmp_path):
+    from robust.certificates import CertifiedImage, write_tsv
+    from robust.report import write_report
+
+    certified = tmp_path / "certified"
+    certified.mkdir()
+    write_tsv(certified / "certify_test.tsv", [CertifiedImage(0, 1, 1, 0.4, 1, 0.0)])
+    only_certified = {"m": {"metrics": {"test/acc": 0.9}, "log_dir": str(certified)}}
+    report = write_report(tmp_path / "a", only_certified, {}).read_text()
+    assert "(certified_accuracy.png)" in report and "attack_accuracy" not in report
+    assert (tmp_path / "a" / "certified_accuracy.png").is_file()
+    assert not (tmp_path / "a" / "attack_accuracy.png").exists()
+
+    attacked = {"test/acc": 0.9, "test/perturbed_acc/pgd40_linf_eps0.3": 0.5}
+    report = write_report(tmp_path / "b", {"m": {"metrics": attacked}}, {}).read_text()
+    assert "(attack_accuracy.png)" in report and "certified_accuracy" not in report
+    assert (tmp_path / "b" / "attack_accuracy.png").is_file()
+    assert not (tmp_path / "b" / "certified_accuracy.png").exists()
