@@ -39,6 +39,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from datamodules import DataNotFoundError, ImageDataModule
 from lightning_modules import StandardClassifier
 from robust.checks import SettingError
+from robust.cpu_memory import retain_freed_memory
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -767,6 +768,7 @@ def main(
     Raises:
         SettingError: Only with ``exit_on_refusal=False``.
     """
+    retain_freed_memory()  # CPU forward passes reuse their memory (robust.cpu_memory)
     try:
         return RobustCLI(
             StandardClassifier,

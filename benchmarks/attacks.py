@@ -43,6 +43,7 @@ import robust._attack_core as attack_core
 from datamodules import EmbeddedMNISTDataModule
 from lightning_modules.backbones import LeNet, Normalize, SmallCNN
 from robust.attacks import apgd, apgd_t, autoattack, fgm, pgd, square
+from robust.cpu_memory import retain_freed_memory
 
 try:
     import torchattacks
@@ -378,12 +379,20 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--malloc",
+        choices=["retain", "default"],
+        default="retain",
+        help="retain: robust.cpu_memory.retain_freed_memory() first, as the CLI does",
+    )
+    parser.add_argument(
         "--seeds", type=int, default=1, help="cross-check: attack seeds per side (mean and SE)"
     )
     args = parser.parse_args()
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.malloc == "retain":
+        retain_freed_memory()
     if args.cpu_chunk is not None:
         attack_core.CPU_CHUNK = args.cpu_chunk
     device = torch.device(args.device)
@@ -392,7 +401,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     version = torchattacks.__version__ if torchattacks is not None else "not installed"
     print(
-        f"device={name} threads={torch.get_num_threads()} torch={torch.__version__} "
+        f"device={name} threads={torch.get_num_threads()} malloc={args.malloc} "
+        f"torch={torch.__version__} "
         f"torchattacks={version} model={args.model} (trained {args.epochs} epochs in "
         f"{time.perf_counter() - start:.0f} s)"
     )

@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .` (GPU machines)
 
 from robust import smoothing  # noqa: E402
+from robust.cpu_memory import retain_freed_memory  # noqa: E402
 from robust.smoothing import Smooth  # noqa: E402
 
 NUM_CLASSES = 10
@@ -98,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--matmul-size", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=None, help="skip what would not fit")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    parser.add_argument(
+        "--malloc",
+        choices=["retain", "default"],
+        default="retain",
+        help="retain: robust.cpu_memory.retain_freed_memory() first, as the CLI does; default: "
+        "glibc's adaptive thresholds (the lever's effect: run both)",
+    )
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     defaults = {
@@ -486,7 +494,7 @@ def report(bench: Bench) -> str:
     env = r.get("environment", {})
     lines = [
         f"device={env.get('gpu', env.get('device'))} torch={env.get('torch')} "
-        f"threads={env.get('threads')} clock={args.clock} model={args.model} "
+        f"threads={env.get('threads')} clock={args.clock} malloc={args.malloc} model={args.model} "
         f"batch_size={args.batch_size} "
         f"n0={args.n0} n={args.n} images={args.images} noise_block={args.noise_block}",
     ]
@@ -567,6 +575,8 @@ def main(argv: list[str] | None = None) -> dict:
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "retain":
+        retain_freed_memory()
     bench = Bench(args)
     bench.guarded("environment", bench.environment, need_s=0)
     bench.guarded("matmul", bench.matmul)

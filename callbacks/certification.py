@@ -49,7 +49,7 @@ CHECKED_SETTINGS = (*DETERMINING_SETTINGS, "n0", "n", "alpha", "model_sha256", "
 FAST_DEV_N0, FAST_DEV_N = 16, 64  # at most these under ``fast_dev_run``
 # A round (rows are written after each) ~ this many forward batches; a GPU batch takes milliseconds.
 ROUND_FORWARDS = {"cpu": 4, "cuda": 50}
-# Forward batch per device (2 CPU cores, LeNet: 30k samples/s at 300-500, 16k at 700-1,000).
+# Forward batch per device (2 CPU cores, LeNet: 26k samples/s at 200-700, 16k at 1,000+; README).
 DEFAULT_BATCH_SIZE = {"cpu": 400, "cuda": 50_000}
 
 
