@@ -287,7 +287,7 @@ def test_validation():
 
 @pytest.mark.parametrize("fn", [apgd, apgd_t], ids=["apgd-ce", "apgd-t"])
 def test_fast_cpu_layout_is_the_same_attack(fn):
-    # On CPUs float32 images run through channels-last weights, in slices of 64 images: the same
+    # On CPUs float32 images run through channels-last weights, in slices of 128 images: the same
     # attack up to float rounding (which may flip a near-zero gradient sign, so not bit for bit).
     model = small_cnn(seed=1)
     x, _ = batch(150, 5, seed=7)
