@@ -47,7 +47,7 @@ consistency)  # issue 11's consistency targets: sigma 0.5 first (the larger publ
     stage 360 certify --training consistency --sigma "$sigma" ${CERT:-} || true
   done
   ;;
-smoothadv)  # issue 12's SmoothAdv target, then the L-inf robust training
+smoothadv)  # issue 12's SmoothAdv target (sigma 0.25)
   stage 200 train-noise --training smoothadv --sigma 0.25 --epochs 30 --seconds 180
   stage 360 certify --training smoothadv --sigma 0.25 ${CERT:-} || true
   ;;
