@@ -5,8 +5,9 @@ In one process, with one model (LeNet or SmallCNN on 28x28 MNIST-sized inputs) a
 * ``certify``: ``Smooth.certify_batch`` (n0 + n samples per image over ``--images`` images) for
   each variant of ``--variants``: a precision (``fp32`` = IEEE float32, ``tf32`` = TF32 allowed in
   cuDNN/matmuls, ``bf16`` = bfloat16 autocast) plus flags ``cl`` (channels_last), ``compile``
-  (``torch.compile``, static shapes), ``graph`` (CUDA graph) and ``nbN`` (noise_block N instead
-  of ``--noise-block``), e.g. ``bf16+compile+graph+nb10000``;
+  (``torch.compile``, static shapes), ``graph`` (CUDA graph), ``cb`` (cuDNN autotuning:
+  ``torch.backends.cudnn.benchmark``) and ``nbN`` (noise_block N instead of ``--noise-block``),
+  e.g. ``bf16+compile+graph+nb10000``;
 * ``forward``: the bare forward pass and argmax of the same model, variant and batch size on one
   pre-made noisy batch (the ceiling: no noise, no counting); the ratio certify/forward says how
   close certification comes to it, and certify/best is against the fastest forward of any
@@ -19,7 +20,9 @@ In one process, with one model (LeNet or SmallCNN on 28x28 MNIST-sized inputs) a
   ``PyTorchRandomizedSmoothing.certify`` where ART is installed (skipped otherwise);
 * ``--resnet``: seconds per image of CifarResNet18 certification at n = 100,000, extrapolated
   from a small n (default on GPUs);
-* ``--sweep``: the bare forward's rate over a range of batch sizes (default on GPUs).
+* ``--sweep``: the bare forward's rate over a range of batch sizes (default on GPUs);
+* ``--profile``: the forward's time per kernel (``torch.profiler``) for the first variant, to
+  show where a forward pass spends its time.
 
 Each timed thing runs once untimed (warm-up, compilation, graph capture), then ``--repeats``
 times interleaved; the table reports the median and the best. A time budget (``--budget-s``)
@@ -95,6 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--resnet", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--resnet-n", type=int, default=None, help="n of the ResNet timing")
+    parser.add_argument(
+        "--resnet-variants", default="fp32,fp32+cb,tf32+cb,bf16+cb", help="CUDA: precisions [+cb]"
+    )
+    parser.add_argument("--sweep-variants", default="fp32+cb,bf16+cb", help="variants of --sweep")
+    parser.add_argument("--profile", action="store_true", help="kernel times of one forward")
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--matmul-size", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=None, help="skip what would not fit")
@@ -113,8 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "images": 8 if gpu else 2,
         "batch_size": 50_000 if gpu else 1000,
         "variants": (
-            "fp32,fp32+graph,fp32+compile+graph,tf32+cl+graph,bf16,bf16+cl+graph,"
-            "bf16+compile+graph,bf16+compile+graph+nb10000"
+            "fp32,fp32+cb,tf32+cb,bf16,bf16+cb,fp32+graph+cb,fp32+compile+cb,bf16+compile+cb"
             if gpu
             else "fp32,fp32+cl,bf16+cl"
         ),
@@ -148,9 +155,9 @@ def parse_variant(name: str) -> dict:
     """
     precision, *flags = name.split("+")
     blocks = [int(f[2:]) for f in flags if f.startswith("nb") and f[2:].isdigit()]
-    unknown = {f for f in flags if not f.startswith("nb")} - {"cl", "compile", "graph"}
+    unknown = {f for f in flags if not f.startswith("nb")} - {"cl", "compile", "graph", "cb"}
     if precision not in ("fp32", "tf32", "bf16") or unknown or len(blocks) > 1:
-        raise SystemExit(f"unknown variant {name!r}: PRECISION[+cl][+compile][+graph][+nbN]")
+        raise SystemExit(f"unknown variant {name!r}: PRECISION[+cl][+compile][+graph][+cb][+nbN]")
     return {
         "precision": precision,
         "autocast_dtype": torch.bfloat16 if precision == "bf16" else None,
@@ -158,13 +165,20 @@ def parse_variant(name: str) -> dict:
         "channels_last": "cl" in flags,
         "compile": "compile" in flags,
         "cuda_graph": "graph" in flags,
+        "cudnn_benchmark": "cb" in flags,
         "noise_block": blocks[0] if blocks else None,
     }
 
 
 @contextlib.contextmanager
-def precision_flags(device: torch.device, tf32: bool) -> Iterator[None]:
-    with smoothing._tf32(tf32) if device.type == "cuda" else contextlib.nullcontext():
+def precision_flags(
+    device: torch.device, tf32: bool, cudnn_benchmark: bool = False
+) -> Iterator[None]:
+    """TF32 and cuDNN autotuning as a variant sets them (CUDA only; restored afterwards)."""
+    if device.type != "cuda":
+        yield
+        return
+    with smoothing._tf32(tf32), smoothing._cudnn_benchmark(cudnn_benchmark):
         yield
 
 
@@ -236,8 +250,9 @@ def bare_forward(
             return private(inputs).argmax(1)
 
     function = torch.compile(classify, dynamic=False) if options["compile"] else classify
+    flags = (device, options["tf32"], options["cudnn_benchmark"])
     if options["cuda_graph"] and device.type == "cuda":
-        with torch.inference_mode(), precision_flags(device, options["tf32"]):
+        with torch.inference_mode(), precision_flags(*flags):
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
@@ -255,7 +270,7 @@ def bare_forward(
         return run
 
     def run_eager() -> torch.Tensor:
-        with torch.inference_mode(), precision_flags(device, options["tf32"]):
+        with torch.inference_mode(), precision_flags(*flags):
             return function(x)
 
     return run_eager
@@ -345,6 +360,7 @@ class Bench:
             noise_block=options["noise_block"] or args.noise_block,
             cuda_graph=options["cuda_graph"],
             tf32=options["tf32"],
+            cudnn_benchmark=options["cudnn_benchmark"],
             device=self.device,
             **smooth_options,
         )
@@ -438,7 +454,7 @@ class Bench:
         image = torch.rand(1, 3, 32, 32, device=device)
         batch = 1000 if device.type == "cuda" else 100
         rows = {}
-        for name in ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32",):
+        for name in args.resnet_variants.split(",") if device.type == "cuda" else ("fp32",):
             if self.left() < 5:
                 self.skipped.append(f"resnet18 {name} (time budget)")
                 continue
@@ -450,6 +466,7 @@ class Bench:
                 batch_size=batch,
                 autocast_dtype=options["autocast_dtype"],
                 tf32=options["tf32"],
+                cudnn_benchmark=options["cudnn_benchmark"],
                 device=device,
             )
             n0 = min(args.n0, args.resnet_n)
@@ -467,7 +484,7 @@ class Bench:
         args, device = self.args, self.device
         sizes = [args.batch_size // 4, args.batch_size // 2, args.batch_size, 2 * args.batch_size]
         table: dict[str, dict[int, float]] = {}
-        for name in ("fp32", "bf16"):
+        for name in args.sweep_variants.split(","):
             table[name] = {}
             for size in (s for s in sizes if s > 0):
                 if self.left() < 5:
@@ -483,6 +500,44 @@ class Bench:
                 rate = time_interleaved({"f": (forwards, iterations * size)}, device, args.repeats)
                 table[name][size] = max(rate["f"])
         self.results["batch_size_sweep"] = table
+
+    def profile(self) -> None:
+        """Device time per kernel of the first variant's bare forward (``torch.profiler``).
+
+        Records the top kernels by total device time over a few forward passes, so that the
+        split between convolutions, pointwise ops and pooling can be read off one run.
+        """
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        name = self.args.variants.split(",")[0]
+        options = parse_variant(name)
+        forward = bare_forward(self.model, options, self.args.batch_size, self.shape, self.device)
+        forward()
+        synchronize(self.device)
+        activities = [ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        with torch_profile(activities=activities) as prof:
+            for _ in range(5):
+                forward()
+            synchronize(self.device)
+        attribute = "device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        events = sorted(
+            prof.key_averages(), key=lambda e: getattr(e, attribute, 0) or 0, reverse=True
+        )
+        total = sum(getattr(e, attribute, 0) or 0 for e in events if e.device_type.name != "CPU")
+        if self.device.type != "cuda":
+            total = sum(e.self_cpu_time_total for e in events)
+        rows = [
+            {
+                "name": e.key[:90],
+                "us_per_forward": (getattr(e, attribute, 0) or 0) / 5,
+                "calls": e.count,
+            }
+            for e in events[:15]
+        ]
+        self.results["profile"] = {"variant": name, "total_us_per_forward": total / 5, "top": rows}
 
 
 # ----------------------------------------------------------------------------- report
@@ -561,8 +616,16 @@ def report(bench: Bench) -> str:
         for name, row in r["batch_size_sweep"].items():
             text = ", ".join(f"{size}: {rate:,.0f}" for size, rate in row.items())
             lines.append(f"forward sweep {name} (batch: samples/s): {text}")
+    if "profile" in r:
+        prof = r["profile"]
+        lines.append(
+            f"profile of the {prof['variant']} forward: {prof['total_us_per_forward']:,.0f} us "
+            "per forward pass in all; top kernels (us per forward, calls):"
+        )
+        for row in prof["top"]:
+            lines.append(f"  {row['us_per_forward']:10,.0f}  {row['calls']:5d}  {row['name']}")
     for name, error in r.get("errors", {}).items():
-        lines.append(f"ERROR {name}: {error}")
+        lines.append(f"ERROR {name}: {error.splitlines()[0] if error else error}")
     if bench.skipped:
         lines.append("skipped: " + ", ".join(bench.skipped))
     lines.append(f"total time {time.perf_counter() - bench.started:.0f} s")
@@ -593,6 +656,8 @@ def main(argv: list[str] | None = None) -> dict:
         bench.guarded("peers", bench.peers, need_s=10)
     if args.sweep:
         bench.guarded("sweep", bench.sweep, need_s=10)
+    if args.profile:
+        bench.guarded("profile", bench.profile, need_s=5)
     text = report(bench)
     print(text)
     bench.results["skipped"] = bench.skipped

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The full-scale run on one GPU in about 9 minutes (see benchmarks/gpu_session.py for the stages):
 #   OUT=results/gpu_session bash benchmarks/gpu_session.sh
-# PLAN=consistency (about 15 minutes: two trainings, two certifications of all 10,000 test images
-# at n = 100,000) or PLAN=smoothadv (about 9 minutes) run the targets still open; a stage cut
-# short by its limit resumes from its TSV when run again with the same OUT.
+# PLAN=consistency (about 13 minutes: two trainings at once, the certification levers, two
+# certifications of all 10,000 test images at n = 100,000) or PLAN=smoothadv (about 9 minutes)
+# run the targets still open; a stage cut short by its limit resumes from its TSV when run again
+# with the same OUT. BUDGET_S=S ends every stage within S seconds of the start.
 # Each stage runs under its own time limit; a stage cut short keeps what it wrote (the
 # certification TSV resumes). Full MNIST is read from data/MNIST/raw, or unpacked from the .gz
 # copies in .gpu_data/MNIST/raw when the machine has no package index to fetch it from.
 set -u
 OUT=${OUT:-results/gpu_session}
 TINY=${TINY:-}      # TINY=--tiny: every stage at a toy size on the CPU, to check this script
+TINY_BENCH=""
+[ -n "$TINY" ] && TINY_BENCH="--images 1 --n 2000 --batch-size 500 --no-resnet"
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT" data/MNIST/raw
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -20,8 +23,12 @@ done
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee -a "$log"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
 quiet='LeafSpec|litlogger|UserWarning|warnings.warn|check_worker_number|GPU available|TPU available|LOCAL_RANK'
+END=$(( $(date +%s) + ${BUDGET_S:-100000} ))  # BUDGET_S: every stage's limit ends by then
 stage() {
   limit=$1; shift
+  left=$(( END - $(date +%s) - 10 ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then echo "== skipped (session budget): $*" | tee -a "$log"; return 1; fi
   echo "== $* (limit ${limit}s) $(date +%T)" | tee -a "$log"
   timeout --signal=INT --kill-after=15 "$limit" python3 benchmarks/gpu_session.py "$@" --out "$OUT" $TINY 2>&1 \
     | grep -vE "$quiet" | tee -a "$log"
@@ -39,12 +46,27 @@ first)  # the first GPU session's run (README "Full scale")
   stage 45 attack
   stage 25 smoothed-attack
   ;;
-consistency)  # issue 11's consistency targets: sigma 0.5 first (the larger published gain)
-  # fp32 certification of 10^9 samples took 318 s on an H200; CERT="--tf32" trades the fp32
-  # classifier's certificate for about 1.3x speed (stated in the TSV's settings)
-  for sigma in 0.5 0.25; do
-    stage 100 train-noise --training consistency --sigma "$sigma" --epochs 30 --seconds 80
-    stage 360 certify --training consistency --sigma "$sigma" ${CERT:-} || true
+consistency)  # issue 11's consistency targets at sigma 0.25 and 0.5; run again to resume
+  # both trainings at once (each uses a small part of the GPU), unless their weights exist
+  for sigma in 0.25 0.5; do
+    [ -f "$OUT/consistency_${sigma}_state.pt" ] \
+      || stage 120 train-noise --training consistency --sigma "$sigma" --epochs 30 --seconds 95 &
+  done
+  wait
+  # the certification levers, measured alone (skipped once bench.json exists)
+  if [ ! -f "$OUT/bench.json" ]; then
+    echo "== certify benchmark $(date +%T)" | tee -a "$log"
+    timeout --signal=INT --kill-after=10 75 python3 benchmarks/certify.py --device "$DEVICE" \
+      --variants fp32,fp32+cb,tf32+cb,bf16,bf16+cb --repeats 2 --budget-s 55 --no-sweep --profile \
+      $TINY_BENCH --json "$OUT/bench.json" 2>&1 | grep -vE "$quiet" | tee -a "$log"
+  fi
+  # the fp32 classifier (cuDNN autotuning where it measured faster) if it certifies both models'
+  # 20,000 images in CERT_S seconds, else TF32
+  cert=$(python3 benchmarks/gpu_session.py certify-options --out "$OUT" --seconds "${CERT_S:-560}" \
+    2>/dev/null)
+  echo "== certify options: ${cert:-none (IEEE float32)}" | tee -a "$log"
+  for sigma in 0.25 0.5; do
+    stage 420 certify --training consistency --sigma "$sigma" ${CERT:-$cert} || true
   done
   ;;
 smoothadv)  # issue 12's SmoothAdv target (sigma 0.25)
@@ -54,5 +76,7 @@ smoothadv)  # issue 12's SmoothAdv target (sigma 0.25)
 *) echo "unknown PLAN=$PLAN: first, consistency or smoothadv" >&2; exit 2 ;;
 esac
 echo "== done $(date +%T)" | tee -a "$log"
-cd "$OUT" && tar czf extra.tgz tb ./*.pt ./*.png 2>/dev/null; rm -rf tb ./*.pt ./*.png
-ls -la
+# PACK=0 keeps the weights and TensorBoard runs in place (to resume in the same OUT)
+[ "${PACK:-1}" = 1 ] && cd "$OUT" && tar czf extra.tgz tb ./*.pt ./*.png 2>/dev/null \
+  && rm -rf tb ./*.pt ./*.png
+ls -la "$OUT"

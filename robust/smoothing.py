@@ -290,7 +290,9 @@ class Smooth:
     from the caller's weights at each call, so the caller's module is never converted),
     ``compile`` (``torch.compile`` of the per-batch step with static shapes: the last batch is
     padded to ``batch_size`` and its padded rows are not counted) and ``cuda_graph`` (one CUDA
-    graph of the per-batch step, replayed; CUDA only, ignored elsewhere). Rule for the batch
+    graph of the per-batch step, replayed; CUDA only, ignored elsewhere) and ``cudnn_benchmark``
+    (cuDNN times its convolution algorithms once per batch shape and keeps the fastest; CUDA only;
+    on an H200 it gave LeNet's forward no gain over cuDNN's own choice). Rule for the batch
     size on a GPU: the largest that fits in memory, a multiple of ``noise_block``, so that one
     forward pass takes milliseconds (e.g. 50,000 for LeNet, 1,000 for a CIFAR ResNet-18) and the
     per-block host work (about 10-20 us per block) stays small; ``benchmarks/certify.py --sweep``
@@ -311,6 +313,8 @@ class Smooth:
         compile: ``torch.compile`` the per-batch step (static shapes).
         cuda_graph: Capture the per-batch step in a CUDA graph (CUDA devices only).
         tf32: Allow TF32 in cuDNN convolutions and CUDA matmuls during certification.
+        cudnn_benchmark: Let cuDNN pick its fastest convolution algorithms by timing them
+            (``torch.backends.cudnn.benchmark`` during certification; static shapes; CUDA only).
         device: Device of the forward passes; default: that of the base classifier's parameters.
 
     Raises:
@@ -340,6 +344,7 @@ class Smooth:
         compile: bool = False,
         cuda_graph: bool = False,
         tf32: bool = False,
+        cudnn_benchmark: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(base_classifier, nn.Module):
@@ -358,10 +363,10 @@ class Smooth:
             "autocast_dtype", autocast_dtype, [None, torch.bfloat16, torch.float16], owner=owner
         )
         flags = {"channels_last": channels_last, "compile": compile, "cuda_graph": cuda_graph}
-        for name, value in (*flags.items(), ("tf32", tf32)):
+        for name, value in (*flags.items(), ("tf32", tf32), ("cudnn_benchmark", cudnn_benchmark)):
             check_choice(name, value, [False, True], owner=owner)
         self.channels_last, self.compile, self.cuda_graph = channels_last, compile, cuda_graph
-        self.tf32 = tf32
+        self.tf32, self.cudnn_benchmark = tf32, cudnn_benchmark
         inferred_device, self.model_dtype = _infer_device_dtype(base_classifier)
         self.device = torch.device(device) if device is not None else inferred_device
         if channels_last and cuda_graph and self.device.type == "cuda":
@@ -407,6 +412,7 @@ class Smooth:
             **{"autocast": autocast, "tf32": self.tf32, "noise_scheme": NOISE_SCHEME},
             **{"device_type": self.device.type, "gpu": gpu},
             **{k: getattr(self, k) for k in ("channels_last", "compile", "cuda_graph")},
+            "cudnn_benchmark": self.cudnn_benchmark,
             "batch_size": self.batch_size,
         }
 
@@ -828,7 +834,7 @@ class Smooth:
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
-        """Eval mode (the caller's modes restored), refreshed private copy, TF32 as set."""
+        """Eval mode (caller's modes restored), refreshed private copy, TF32 and cuDNN flags as set."""
         with contextlib.ExitStack() as stack:
             if self._model is self.base_classifier:
                 stack.enter_context(eval_mode(self.base_classifier))
@@ -836,6 +842,7 @@ class Smooth:
                 self._refresh_copy()
             if self.device.type == "cuda":
                 stack.enter_context(_tf32(self.tf32))
+                stack.enter_context(_cudnn_benchmark(self.cudnn_benchmark))
             yield
 
     def _refresh_copy(self) -> None:
@@ -862,3 +869,14 @@ def _tf32(allow: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """Set ``torch.backends.cudnn.benchmark``; restore the previous value."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

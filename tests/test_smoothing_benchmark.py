@@ -43,7 +43,8 @@ def test_gpu_defaults_parse(bench) -> None:
     )
     options = [bench.parse_variant(v) for v in args.variants.split(",")]
     assert {o["precision"] for o in options} == {"fp32", "tf32", "bf16"}
-    assert any(o["compile"] and o["cuda_graph"] for o in options)
+    assert any(o["compile"] for o in options) and any(o["cuda_graph"] for o in options)
+    assert any(o["cudnn_benchmark"] for o in options)
     with pytest.raises(SystemExit):
         bench.parse_variant("fp64+cl")
 
@@ -60,11 +61,11 @@ def test_tiny_cpu_run_without_art(bench, tmp_path, monkeypatch, capsys) -> None:
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--images", "1", "--n", "300", "--batch-size", "200"]
     argv += ["--noise-block", "128", "--repeats", "1", "--matmul-size", "128", "--peers"]
-    argv += ["--variants", "fp32,fp32+cl+graph+nb64", "--json", str(out)]
+    argv += ["--variants", "fp32,fp32+cl+graph+nb64,fp32+cb", "--json", str(out), "--profile"]
     results = bench.main(argv)
     printed = capsys.readouterr().out
     assert "errors" not in results
-    for name in ("fp32", "fp32+cl+graph+nb64"):
+    for name in ("fp32", "fp32+cl+graph+nb64", "fp32+cb"):
         row = results["variants"][name]
         assert row["certify"]["best"] > 0 and row["forward"]["best"] > 0
         assert row["ratio"] == pytest.approx(row["certify"]["best"] / row["forward"]["best"])
@@ -73,6 +74,11 @@ def test_tiny_cpu_run_without_art(bench, tmp_path, monkeypatch, capsys) -> None:
     assert "ART (not installed)" in results["skipped"]
     assert json.loads(out.read_text())["flops_per_sample"] == 4_586_000
     assert "%matmul" in printed and "noise blocks alone" in printed
+    # the profile names where the first variant's forward spends its time: the convolutions
+    profile = results["profile"]
+    assert profile["variant"] == "fp32" and profile["total_us_per_forward"] > 0
+    assert any("conv" in row["name"] for row in profile["top"][:5])
+    assert "profile of the fp32 forward" in printed
 
 
 def test_budget_skips_instead_of_overrunning(bench, capsys) -> None:

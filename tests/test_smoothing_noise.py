@@ -194,6 +194,21 @@ def test_tf32_flags_are_set_and_restored() -> None:
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
 
 
+def test_cudnn_benchmark_flag_is_set_restored_and_checked() -> None:
+    before = torch.backends.cudnn.benchmark
+    for enabled in (False, True):
+        with smoothing._cudnn_benchmark(enabled):
+            assert torch.backends.cudnn.benchmark is enabled
+        assert torch.backends.cudnn.benchmark is before
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    assert Smooth(model, 2, 0.5, cudnn_benchmark=True).settings["cudnn_benchmark"] is True
+    # a speed option: it pads nothing (the last batch keeps its size) and is no certificate setting
+    assert not Smooth(model, 2, 0.5, cudnn_benchmark=True).static_shapes
+    assert "cudnn_benchmark" not in smoothing.DETERMINING_SETTINGS
+    with pytest.raises(SettingError, match="cudnn_benchmark"):
+        Smooth(model, 2, 0.5, cudnn_benchmark="yes")
+
+
 # ----------------------------------------------------------------------------- static shapes
 
 
