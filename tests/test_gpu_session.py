@@ -41,8 +41,11 @@ def options(session, tmp_path, capsys, rates: dict[str, float], seconds: float) 
         ({"fp32": 4.0e6, "fp32+cb": 4.1e6, "tf32": 5e6}, 500, "--cudnn-benchmark"),
         ({"fp32": 3.2e6, "fp32+cb": 3.0e6, "tf32+cb": 3.8e6}, 500, "--tf32 --cudnn-benchmark"),
         ({"fp32": 3.2e6, "tf32": 3.9e6, "tf32+cb": 3.8e6}, 500, "--tf32"),
+        ({"fp32": 3.2e6, "fp32+compile": 4.1e6, "tf32": 5e6}, 500, "--compile"),
+        ({"fp32+compile": 3.6e6, "tf32": 3.9e6, "tf32+compile": 4.6e6}, 500, "--tf32 --compile"),
         # nothing fits: TF32, the fastest mode that is still a float32 model
         ({"fp32": 3.2e6, "tf32": 3.9e6}, 100, "--tf32"),
+        ({"fp32": 3.2e6}, 100, "--tf32"),
     ],
 )
 def test_certify_options_pick_float32_when_it_fits(
