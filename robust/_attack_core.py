@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from robust.checks import SettingError, check_choice, check_real
 from robust.modes import eval_mode
+from robust.pool_first import pool_before_relu
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 """One RNG for the batch, one per sample (batch-size independent results), or the global RNG."""
@@ -198,13 +199,17 @@ class Forward:
     detached channels-last copies (:func:`torch.func.functional_call`; the caller's parameters are
     never changed, and no parameter gradient is built). With ``chunk``, batches are evaluated in
     slices of that many images (each sample's result does not depend on its batch, up to float
-    rounding). Compiled (``_orig_mod``) and non-module callables are called as they are.
+    rounding). Modules run with ReLU after max-pooling (:mod:`robust.pool_first`; the same
+    function). Compiled (``_orig_mod``) and non-module callables are called as they are.
     """
 
     def __init__(
         self, model: Callable[[Tensor], Tensor], channels_last: bool, chunk: int | None
     ) -> None:
         self.model, self.chunk = model, chunk
+        if isinstance(model, nn.Module) and not hasattr(model, "_orig_mod"):
+            # ReLU after max-pooling: the same logits, and gradients up to ties at zero
+            self.model = pool_before_relu(model)
         self.weights: dict[str, Tensor] = {}
         if channels_last and isinstance(model, nn.Module) and not hasattr(model, "_orig_mod"):
             # clone, not contiguous(): a weight with one input channel counts as contiguous in

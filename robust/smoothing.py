@@ -34,6 +34,7 @@ from torch import nn
 
 from robust.checks import SettingError, check_choice, check_int, check_real
 from robust.modes import eval_mode
+from robust.pool_first import pool_before_relu
 from robust.statistics import binomial_pvalue, clopper_pearson_lower, smallest_useful_n
 
 __all__ = [
@@ -246,6 +247,11 @@ def _channels_last_copy(model: nn.Module) -> nn.Module:
     return private.eval().requires_grad_(False)
 
 
+def _structure(model: nn.Module) -> tuple[int, ...]:
+    """Identity of every submodule, in order: changes when the caller swaps a module."""
+    return tuple(id(m) for m in model.modules())
+
+
 def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(), *model.named_buffers()]
 
@@ -378,7 +384,11 @@ class Smooth:
             )
         # Noise in float32 (float64 for float64 models), never in the model's bf16/fp16.
         self.noise_dtype = torch.promote_types(torch.float32, self.model_dtype)
-        self._model = _channels_last_copy(base_classifier) if channels_last else base_classifier
+        # the module evaluated: a private channels-last copy or the caller's, with ReLU after
+        # max-pooling (robust.pool_first: the same function, faster)
+        self._copy = _channels_last_copy(base_classifier) if channels_last else None
+        self._model = pool_before_relu(self._copy or base_classifier)
+        self._structure = _structure(base_classifier)
         self._buffers: _Buffers | None = None
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._graph: tuple[tuple, torch.cuda.CUDAGraph, torch.Tensor] | None = None
@@ -836,8 +846,11 @@ class Smooth:
     def _evaluating(self) -> Iterator[None]:
         """Eval mode (caller's modes restored), refreshed private copy, TF32 and cuDNN flags as set."""
         with contextlib.ExitStack() as stack:
-            if self._model is self.base_classifier:
+            if self._copy is None:
                 stack.enter_context(eval_mode(self.base_classifier))
+                if _structure(self.base_classifier) != self._structure:  # the caller changed it
+                    self._model = pool_before_relu(self.base_classifier)
+                    self._structure, self._graph = _structure(self.base_classifier), None
             else:
                 self._refresh_copy()
             if self.device.type == "cuda":
@@ -847,13 +860,14 @@ class Smooth:
 
     def _refresh_copy(self) -> None:
         """Copy the caller's current weights into the private channels-last copy (in place)."""
-        mine, theirs = _tensors(self._model), _tensors(self.base_classifier)
+        mine, theirs = _tensors(self._copy), _tensors(self.base_classifier)
         same = len(mine) == len(theirs) and all(
             a == b and x.shape == y.shape and x.dtype == y.dtype
             for (a, x), (b, y) in zip(mine, theirs, strict=True)
         )
         if not same:  # the caller changed the module's structure: copy it again
-            self._model = _channels_last_copy(self.base_classifier)
+            self._copy = _channels_last_copy(self.base_classifier)
+            self._model = pool_before_relu(self._copy)
             self._graph = None
             return
         for (_, dst), (_, src) in zip(mine, theirs, strict=True):

@@ -68,6 +68,7 @@ def test_tiny_cpu_run_without_art(bench, tmp_path, monkeypatch, capsys) -> None:
     for name in ("fp32", "fp32+cl+graph+nb64", "fp32+cb"):
         row = results["variants"][name]
         assert row["certify"]["best"] > 0 and row["forward"]["best"] > 0
+        assert row["forward_relu_first"]["best"] > 0  # the model as written: the lever's effect
         assert row["ratio"] == pytest.approx(row["certify"]["best"] / row["forward"]["best"])
         assert name in printed
     assert set(results["peers"]) == {"loop", "ours_fp32"}

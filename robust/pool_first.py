@@ -1,0 +1,81 @@
+"""ReLU after max-pooling instead of before: the same function, on a quarter of the values.
+
+``maxpool(relu(x)) == relu(maxpool(x))`` holds exactly, also in floating point: ReLU is monotone
+non-decreasing, so the largest of a window's rectified values is the rectified largest value
+(max-pooling only selects one of its inputs, and NaN propagates through both orders). A 2x2 pool
+leaves a quarter of the values, so the ReLU (and, in training-free uses such as attacks and
+certification, its backward) touches four times fewer elements. On LeNet, whose first ReLU runs on
+its largest activation, this is where a CPU forward pass spent a fifth of its time.
+
+The rewrite only reorders modules of ``nn.Sequential`` containers whose ``forward`` is
+``nn.Sequential``'s own and that have no forward hooks of their own; other modules are left as
+they are. Parameters and buffers are shared,
+not copied, and keep their names, so ``torch.func.functional_call`` and state dicts work unchanged.
+Gradients agree except at exact ties at zero, where both orders pick a valid subgradient.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+from torch.nn.modules.pooling import _AdaptiveMaxPoolNd, _MaxPoolNd
+
+__all__ = ["pool_before_relu"]
+
+
+def _is_pool(module: nn.Module) -> bool:
+    """A max-pool that returns only its values (indices would change the output)."""
+    return isinstance(module, _MaxPoolNd | _AdaptiveMaxPoolNd) and not module.return_indices
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` running its modules in order: its own forward, no hooks of its own."""
+    hooks = module._forward_hooks or module._forward_pre_hooks
+    return (
+        isinstance(module, nn.Sequential)
+        and type(module).forward is nn.Sequential.forward
+        and not hooks
+    )
+
+
+def pool_before_relu(model: nn.Module) -> nn.Module:
+    """``model`` with every ReLU -> max-pool pair of its sequential containers swapped.
+
+    Args:
+        model: Any module; only plain ``nn.Sequential`` containers (nested ones included) change.
+
+    Returns:
+        ``model`` itself when nothing is swapped; else a new ``nn.Sequential`` holding the same
+        submodules (shared parameters, the same parameter names) that computes exactly
+        ``model(x)``.
+
+    Examples:
+        >>> import torch
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        >>> fast = pool_before_relu(net)
+        >>> [type(m).__name__ for m in fast]
+        ['Conv2d', 'MaxPool2d', 'ReLU', 'Flatten']
+        >>> x = torch.randn(4, 1, 8, 8)
+        >>> torch.equal(fast(x), net(x)), fast[0] is net[0]
+        (True, True)
+        >>> pool_before_relu(nn.Linear(2, 2)).__class__.__name__
+        'Linear'
+    """
+    if not _plain_sequential(model):
+        return model
+    names = list(model._modules)
+    modules = [pool_before_relu(m) if m is not None else m for m in model._modules.values()]
+    changed = any(new is not old for new, old in zip(modules, model._modules.values(), strict=True))
+    i = 0
+    while i + 1 < len(modules):
+        if isinstance(modules[i], nn.ReLU) and _is_pool(modules[i + 1]):
+            modules[i], modules[i + 1] = modules[i + 1], modules[i]
+            changed, i = True, i + 2
+        else:
+            i += 1
+    if not changed:
+        return model
+    rewritten = nn.Sequential(OrderedDict(zip(names, modules, strict=True)))
+    rewritten.training = model.training  # the container's flag only: the shared modules keep theirs
+    return rewritten

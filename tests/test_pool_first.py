@@ -1,0 +1,130 @@
+"""ReLU after max-pooling computes the same function (robust.pool_first), and its users agree.
+
+Oracles: the unrewritten module itself (bitwise-equal logits, including NaN and infinities),
+its input gradients, its parameters (shared, same names), the modules that must not be reordered
+(average pooling, pooling with indices, a custom forward, a container with hooks), and the
+certificates and PGD images of Smooth and the attacks against a wrapper the rewrite cannot see
+into.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_modules.backbones import LeNet, Normalize, SmallCNN
+from robust.attacks import pgd
+from robust.pool_first import pool_before_relu
+from robust.smoothing import Smooth
+
+
+class Opaque(nn.Module):
+    """Calls its module in its own forward: the rewrite leaves it (and so the ReLU order) alone."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def classifier(backbone: type[nn.Module]) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(Normalize([0.1307], [0.3081]), backbone(1, 10)).eval()
+
+
+@pytest.mark.parametrize("backbone", [LeNet, SmallCNN])
+def test_same_logits_bitwise_and_same_input_gradients(backbone) -> None:
+    model = classifier(backbone)
+    fast = pool_before_relu(model)
+    kinds = [type(m).__name__ for m in fast.modules() if not list(m.children())]
+    relu_then_pool = [type(m).__name__ for m in model.modules() if not list(m.children())]
+    assert kinds != relu_then_pool and sorted(kinds) == sorted(relu_then_pool)
+    x = torch.rand(64, 1, 28, 28) * 3 - 1
+    x[0, 0, 3, 3], x[1, 0, 5, 5], x[2, 0, 7, 7] = float("nan"), float("inf"), -float("inf")
+    with torch.no_grad():
+        assert torch.equal(fast(x).nan_to_num(), model(x).nan_to_num())
+        assert torch.equal(fast(x).isnan(), model(x).isnan())
+    x = torch.rand(16, 1, 28, 28, requires_grad=True)
+    (g_fast,) = torch.autograd.grad(fast(x).logsumexp(1).sum(), x)
+    (g_model,) = torch.autograd.grad(model(x).logsumexp(1).sum(), x)
+    torch.testing.assert_close(g_fast, g_model, rtol=1e-5, atol=1e-7)
+
+
+def test_parameters_are_shared_under_the_same_names_and_modes_untouched() -> None:
+    model = classifier(LeNet).train()
+    model[1][7].eval()  # a mixed-mode module: the rewrite must not reset it
+    fast = pool_before_relu(model)
+    assert fast is not model and fast.training
+    theirs, mine = dict(model.named_parameters()), dict(fast.named_parameters())
+    assert mine.keys() == theirs.keys()
+    assert all(mine[k] is theirs[k] for k in mine)
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    assert not model[1][7].training and model[1][0].training
+    assert isinstance(model[1][1], nn.ReLU) and isinstance(model[1][2], nn.MaxPool2d)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(
+            nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AvgPool2d(2)
+        ),  # ReLU and mean don't commute
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2, return_indices=True)),
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.ReLU()),  # already pool first
+        Opaque(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2))),
+    ],
+)
+def test_what_must_not_be_reordered_is_returned_as_is(model) -> None:
+    assert pool_before_relu(model) is model
+
+
+def test_custom_forward_and_hooks_are_respected() -> None:
+    class Reversed(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * -1
+
+    custom = Reversed(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2))
+    assert pool_before_relu(custom) is custom
+    hooked = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2))
+    hooked.register_forward_hook(lambda module, inputs, output: output + 1)
+    assert pool_before_relu(hooked) is hooked
+
+
+def test_smooth_certificates_equal_those_of_the_relu_first_model() -> None:
+    model = classifier(LeNet)
+    images = torch.rand(3, 1, 28, 28)
+    ours = Smooth(model, 10, 0.25, batch_size=300).certify_batch(images, [0, 1, 2], 50, 600, 0.01)
+    plain = Smooth(Opaque(model), 10, 0.25, batch_size=300).certify_batch(
+        images, [0, 1, 2], 50, 600, 0.01
+    )
+    assert [(c.prediction, c.radius) for c in ours] == [(c.prediction, c.radius) for c in plain]
+
+
+def test_smooth_follows_a_module_swapped_after_construction() -> None:
+    model = classifier(LeNet)
+    smooth = Smooth(model, 10, 0.25, batch_size=200)
+    images = torch.rand(2, 1, 28, 28)
+    before = [c.prediction for c in smooth.certify_batch(images, [0, 1], 20, 200, 0.01)]
+    last = nn.Linear(500, 10)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.arange(10.0))  # always class 9
+    model[1][9] = last
+    after = [c.prediction for c in smooth.certify_batch(images, [0, 1], 20, 200, 0.01)]
+    assert after == [9, 9] and before != after
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pgd_images_equal_those_on_the_relu_first_model(channels_last) -> None:
+    model = classifier(LeNet)
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
+    generators = [torch.Generator().manual_seed(i) for i in range(8)]
+    ours = pgd(model, x, y, 0.3, "inf", steps=5, generator=generators, channels_last=channels_last)
+    generators = [torch.Generator().manual_seed(i) for i in range(8)]
+    plain = pgd(
+        Opaque(model), x, y, 0.3, "inf", steps=5, generator=generators, channels_last=channels_last
+    )
+    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)
