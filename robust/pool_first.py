@@ -2,14 +2,17 @@
 
 ``maxpool(relu(x)) == relu(maxpool(x))`` holds exactly, also in floating point: ReLU is monotone
 non-decreasing, so the largest of a window's rectified values is the rectified largest value
-(max-pooling only selects one of its inputs, and NaN propagates through both orders). A 2x2 pool
+(max-pooling only selects one of its inputs, and NaN propagates through both orders). The values
+are equal; only the sign of a zero may differ (a window of -1 and -0.0 gives +0 one way and -0
+the other), which no comparison, sum or argmax can tell apart. A 2x2 pool
 leaves a quarter of the values, so the ReLU (and, in training-free uses such as attacks and
 certification, its backward) touches four times fewer elements. On LeNet, whose first ReLU runs on
 its largest activation, this is where a CPU forward pass spent a fifth of its time.
 
-The rewrite only reorders modules of ``nn.Sequential`` containers whose ``forward`` is
-``nn.Sequential``'s own and that have no forward hooks of their own; other modules are left as
-they are. Parameters and buffers are shared,
+The rewrite only reorders exact ``nn.ReLU`` and max-pool modules (not subclasses) of
+``nn.Sequential`` containers whose ``forward`` is ``nn.Sequential``'s own, where none of them
+has hooks of its own; everything else is left as it is. An in-place ReLU then rectifies the
+pooled values in place instead of the tensor it was given. Parameters and buffers are shared,
 not copied, and keep their names, so ``torch.func.functional_call`` and state dicts work unchanged.
 Gradients agree except at exact ties at zero, where both orders pick a valid subgradient.
 """
@@ -19,23 +22,42 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from torch import nn
-from torch.nn.modules.pooling import _AdaptiveMaxPoolNd, _MaxPoolNd
 
-__all__ = ["pool_before_relu"]
+__all__ = ["has_hooks", "pool_before_relu"]
 
 
-def _is_pool(module: nn.Module) -> bool:
-    """A max-pool that returns only its values (indices would change the output)."""
-    return isinstance(module, _MaxPoolNd | _AdaptiveMaxPoolNd) and not module.return_indices
+_POOLS = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward, forward-pre, backward or backward-pre hooks of its own."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(module, name, None) for name in hooks)
+
+
+def _is_relu(module: nn.Module | None) -> bool:
+    """Exactly ``nn.ReLU`` (a subclass may compute something else), without hooks."""
+    return type(module) is nn.ReLU and not has_hooks(module)
+
+
+def _is_pool(module: nn.Module | None) -> bool:
+    """Exactly a max-pool returning only its values (indices would change the output), no hooks."""
+    return type(module) in _POOLS and not module.return_indices and not has_hooks(module)
 
 
 def _plain_sequential(module: nn.Module) -> bool:
     """An ``nn.Sequential`` running its modules in order: its own forward, no hooks of its own."""
-    hooks = module._forward_hooks or module._forward_pre_hooks
     return (
         isinstance(module, nn.Sequential)
         and type(module).forward is nn.Sequential.forward
-        and not hooks
+        and not has_hooks(module)
     )
 
 
@@ -69,7 +91,7 @@ def pool_before_relu(model: nn.Module) -> nn.Module:
     changed = any(new is not old for new, old in zip(modules, model._modules.values(), strict=True))
     i = 0
     while i + 1 < len(modules):
-        if isinstance(modules[i], nn.ReLU) and _is_pool(modules[i + 1]):
+        if _is_relu(modules[i]) and _is_pool(modules[i + 1]):
             modules[i], modules[i + 1] = modules[i + 1], modules[i]
             changed, i = True, i + 2
         else:

@@ -247,9 +247,10 @@ def _channels_last_copy(model: nn.Module) -> nn.Module:
     return private.eval().requires_grad_(False)
 
 
-def _structure(model: nn.Module) -> tuple[int, ...]:
-    """Identity of every submodule, in order: changes when the caller swaps a module."""
-    return tuple(id(m) for m in model.modules())
+def _structure(model: nn.Module) -> tuple:
+    """Every submodule and its hooks, in order: changes when the caller swaps a module or hooks one."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return tuple((id(m), *(tuple(getattr(m, h, ())) for h in hooks)) for m in model.modules())
 
 
 def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -387,7 +388,7 @@ class Smooth:
         # the module evaluated: a private channels-last copy or the caller's, with ReLU after
         # max-pooling (robust.pool_first: the same function, faster)
         self._copy = _channels_last_copy(base_classifier) if channels_last else None
-        self._model = pool_before_relu(self._copy or base_classifier)
+        self._model = pool_before_relu(base_classifier if self._copy is None else self._copy)
         self._structure = _structure(base_classifier)
         self._buffers: _Buffers | None = None
         self._compiled: Callable[..., torch.Tensor] | None = None
@@ -850,7 +851,8 @@ class Smooth:
                 stack.enter_context(eval_mode(self.base_classifier))
                 if _structure(self.base_classifier) != self._structure:  # the caller changed it
                     self._model = pool_before_relu(self.base_classifier)
-                    self._structure, self._graph = _structure(self.base_classifier), None
+                    self._structure = _structure(self.base_classifier)
+                    self._graph = self._compiled = None
             else:
                 self._refresh_copy()
             if self.device.type == "cuda":
@@ -865,10 +867,12 @@ class Smooth:
             a == b and x.shape == y.shape and x.dtype == y.dtype
             for (a, x), (b, y) in zip(mine, theirs, strict=True)
         )
-        if not same:  # the caller changed the module's structure: copy it again
+        if not same or _structure(self.base_classifier) != self._structure:
+            # the caller changed the module's structure (or its hooks): copy it again
             self._copy = _channels_last_copy(self.base_classifier)
             self._model = pool_before_relu(self._copy)
-            self._graph = None
+            self._structure = _structure(self.base_classifier)
+            self._graph = self._compiled = None
             return
         for (_, dst), (_, src) in zip(mine, theirs, strict=True):
             dst.copy_(src)
