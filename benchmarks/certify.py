@@ -6,7 +6,8 @@ In one process, with one model (LeNet or SmallCNN on 28x28 MNIST-sized inputs) a
   each variant of ``--variants``: a precision (``fp32`` = IEEE float32, ``tf32`` = TF32 allowed in
   cuDNN/matmuls, ``bf16`` = bfloat16 autocast) plus flags ``cl`` (channels_last), ``compile``
   (``torch.compile``, static shapes), ``graph`` (CUDA graph), ``cb`` (cuDNN autotuning:
-  ``torch.backends.cudnn.benchmark``) and ``nbN`` (noise_block N instead of ``--noise-block``),
+  ``torch.backends.cudnn.benchmark``), ``pf`` (ReLU after max-pooling, the default with ``cl``)
+  and ``nbN`` (noise_block N instead of ``--noise-block``),
   e.g. ``bf16+compile+graph+nb10000``;
 * ``forward``: the bare forward pass and argmax of the same model, variant and batch size on one
   pre-made noisy batch (the ceiling: no noise, no counting); the ratio certify/forward says how
@@ -156,9 +157,11 @@ def parse_variant(name: str) -> dict:
     """
     precision, *flags = name.split("+")
     blocks = [int(f[2:]) for f in flags if f.startswith("nb") and f[2:].isdigit()]
-    unknown = {f for f in flags if not f.startswith("nb")} - {"cl", "compile", "graph", "cb"}
+    unknown = {f for f in flags if not f.startswith("nb")} - {"cl", "compile", "graph", "cb", "pf"}
     if precision not in ("fp32", "tf32", "bf16") or unknown or len(blocks) > 1:
-        raise SystemExit(f"unknown variant {name!r}: PRECISION[+cl][+compile][+graph][+cb][+nbN]")
+        raise SystemExit(
+            f"unknown variant {name!r}: PRECISION[+cl][+compile][+graph][+cb][+pf][+nbN]"
+        )
     return {
         "precision": precision,
         "autocast_dtype": torch.bfloat16 if precision == "bf16" else None,
@@ -167,6 +170,8 @@ def parse_variant(name: str) -> dict:
         "compile": "compile" in flags,
         "cuda_graph": "graph" in flags,
         "cudnn_benchmark": "cb" in flags,
+        # ReLU after max-pooling: always with +pf, else as Smooth's default (with channels_last)
+        "pool_first": "pf" in flags or "cl" in flags,
         "noise_block": blocks[0] if blocks else None,
     }
 
@@ -244,13 +249,13 @@ def bare_forward(
 ) -> Callable[[], torch.Tensor]:
     """f(x).argmax on one pre-made noisy batch, with the variant's layout/precision/compile/graph.
 
-    ``pool_first``: ReLU after max-pooling, as ``Smooth`` evaluates f (robust.pool_first); False
-    times the model as written, which shows what that lever gains.
+    With the variant's ``pool_first``, ReLU after max-pooling, as ``Smooth`` then evaluates f
+    (robust.pool_first); ``pool_first=False`` times the model as written, which shows the lever.
     """
     private = copy.deepcopy(model).eval().requires_grad_(False)
     if options["channels_last"]:
         private = private.to(memory_format=torch.channels_last)
-    if pool_first:
+    if pool_first and options["pool_first"]:
         private = pool_before_relu(private)
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.rand(batch, *sample_shape, device=device, generator=generator)
@@ -373,6 +378,7 @@ class Bench:
             cuda_graph=options["cuda_graph"],
             tf32=options["tf32"],
             cudnn_benchmark=options["cudnn_benchmark"],
+            pool_first=options["pool_first"],
             device=self.device,
             **smooth_options,
         )
@@ -611,6 +617,7 @@ def report(bench: Bench) -> str:
             ceiling = matmul.get(name.split("+")[0])
             share = f" = {100 * achieved / ceiling:.1f}% of the matmul rate" if ceiling else ""
             written = row.get("forward_relu_first", {}).get("best")
+            written = written if row["options"].get("pool_first") == "True" else None
             gain = (
                 f"; x{row['forward']['best'] / written:.2f} over ReLU before pooling"
                 if written

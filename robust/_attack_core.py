@@ -199,16 +199,18 @@ class Forward:
     detached channels-last copies (:func:`torch.func.functional_call`; the caller's parameters are
     never changed, and no parameter gradient is built). With ``chunk``, batches are evaluated in
     slices of that many images (each sample's result does not depend on its batch, up to float
-    rounding). Modules run with ReLU after max-pooling (:mod:`robust.pool_first`; the same
-    function). Compiled (``_orig_mod``) and non-module callables are called as they are.
+    rounding). With ``channels_last``, modules also run with ReLU after max-pooling
+    (:mod:`robust.pool_first`: the same function; on 2 CPU cores 6-8% faster in that layout and
+    5-9% slower in the contiguous one, where max-pooling rectified values is the cheaper order).
+    Compiled (``_orig_mod``) and non-module callables are called as they are.
     """
 
     def __init__(
         self, model: Callable[[Tensor], Tensor], channels_last: bool, chunk: int | None
     ) -> None:
         self.model, self.chunk = model, chunk
-        if isinstance(model, nn.Module) and not hasattr(model, "_orig_mod"):
-            # ReLU after max-pooling: the same logits, and gradients up to ties at zero
+        if channels_last and isinstance(model, nn.Module) and not hasattr(model, "_orig_mod"):
+            # ReLU after max-pooling: the same function, faster in the channels-last layout
             self.model = pool_before_relu(model)
         self.weights: dict[str, Tensor] = {}
         if channels_last and isinstance(model, nn.Module) and not hasattr(model, "_orig_mod"):

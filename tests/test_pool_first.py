@@ -112,7 +112,9 @@ def test_custom_forward_subclasses_and_hooks_are_respected() -> None:
 def test_smooth_certificates_equal_those_of_the_relu_first_model() -> None:
     model = classifier(LeNet)
     images = torch.rand(3, 1, 28, 28)
-    ours = Smooth(model, 10, 0.25, batch_size=300).certify_batch(images, [0, 1, 2], 50, 600, 0.01)
+    smooth = Smooth(model, 10, 0.25, batch_size=300, pool_first=True)
+    assert smooth.settings["pool_first"] and not Smooth(model, 10, 0.25).pool_first
+    ours = smooth.certify_batch(images, [0, 1, 2], 50, 600, 0.01)
     plain = Smooth(Opaque(model), 10, 0.25, batch_size=300).certify_batch(
         images, [0, 1, 2], 50, 600, 0.01
     )
@@ -121,7 +123,7 @@ def test_smooth_certificates_equal_those_of_the_relu_first_model() -> None:
 
 def test_smooth_follows_a_module_swapped_after_construction() -> None:
     model = classifier(LeNet)
-    smooth = Smooth(model, 10, 0.25, batch_size=200)
+    smooth = Smooth(model, 10, 0.25, batch_size=200, pool_first=True)
     images = torch.rand(2, 1, 28, 28)
     before = [c.prediction for c in smooth.certify_batch(images, [0, 1], 20, 200, 0.01)]
     last = nn.Linear(500, 10)
@@ -136,7 +138,7 @@ def test_smooth_follows_a_module_swapped_after_construction() -> None:
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_smooth_follows_hooks_and_parameterless_modules_changed_later(channels_last) -> None:
     model = classifier(LeNet)
-    smooth = Smooth(model, 10, 0.25, batch_size=200, channels_last=channels_last)
+    smooth = Smooth(model, 10, 0.25, batch_size=200, channels_last=channels_last, pool_first=True)
     images = torch.rand(2, 1, 28, 28)
 
     def predictions() -> list[int]:

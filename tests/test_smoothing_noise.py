@@ -207,6 +207,9 @@ def test_cudnn_benchmark_flag_is_set_restored_and_checked() -> None:
     assert "cudnn_benchmark" not in smoothing.DETERMINING_SETTINGS
     with pytest.raises(SettingError, match="cudnn_benchmark"):
         Smooth(model, 2, 0.5, cudnn_benchmark="yes")
+    with pytest.raises(SettingError, match="pool_first"):
+        Smooth(model, 2, 0.5, pool_first="yes")
+    assert Smooth(model, 2, 0.5, channels_last=True).pool_first  # the default follows the layout
 
 
 # ----------------------------------------------------------------------------- static shapes
