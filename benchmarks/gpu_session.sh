@@ -84,6 +84,7 @@ smoothadv)  # issue 12's SmoothAdv target (sigma 0.25)
 *) echo "unknown PLAN=$PLAN: first, consistency or smoothadv" >&2; exit 2 ;;
 esac
 echo "== done $(date +%T)" | tee -a "$log"
+rm -f "$OUT/results.lock"
 # PACK=0 keeps the weights and TensorBoard runs in place (to resume in the same OUT)
 [ "${PACK:-1}" = 1 ] && cd "$OUT" && tar czf extra.tgz tb ./*.pt ./*.png 2>/dev/null \
   && rm -rf tb ./*.pt ./*.png
