@@ -553,9 +553,13 @@ class Bench:
         events = sorted(
             prof.key_averages(), key=lambda e: getattr(e, attribute, 0) or 0, reverse=True
         )
-        total = sum(getattr(e, attribute, 0) or 0 for e in events if e.device_type.name != "CPU")
-        if self.device.type != "cuda":
-            total = sum(e.self_cpu_time_total for e in events)
+        # device kernels on CUDA; on CPUs every op's own time (the two never count twice)
+        on_cuda = self.device.type == "cuda"
+        total = sum(
+            getattr(e, attribute, 0) or 0
+            for e in events
+            if not on_cuda or e.device_type.name != "CPU"
+        )
         rows = [
             {
                 "name": e.key[:90],

@@ -209,11 +209,10 @@ class Forward:
         self, model: Callable[[Tensor], Tensor], channels_last: bool, chunk: int | None
     ) -> None:
         self.model, self.chunk = model, chunk
+        self.weights: dict[str, Tensor] = {}
         if channels_last and isinstance(model, nn.Module) and not hasattr(model, "_orig_mod"):
             # ReLU after max-pooling: the same function, faster in the channels-last layout
             self.model = pool_before_relu(model)
-        self.weights: dict[str, Tensor] = {}
-        if channels_last and isinstance(model, nn.Module) and not hasattr(model, "_orig_mod"):
             # clone, not contiguous(): a weight with one input channel counts as contiguous in
             # both formats, yet only explicit channels-last strides make convolutions use it
             self.weights = {

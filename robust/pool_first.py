@@ -23,7 +23,10 @@ from collections import OrderedDict
 
 from torch import nn
 
-__all__ = ["has_hooks", "pool_before_relu"]
+__all__ = ["HOOK_ATTRIBUTES", "has_hooks", "pool_before_relu"]
+
+HOOK_ATTRIBUTES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+"""A module's own hook dictionaries (``nn.Module`` internals)."""
 
 
 _POOLS = (
@@ -38,8 +41,7 @@ _POOLS = (
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward, forward-pre, backward or backward-pre hooks of its own."""
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return any(getattr(module, name, None) for name in hooks)
+    return any(getattr(module, name, None) for name in HOOK_ATTRIBUTES)
 
 
 def _is_relu(module: nn.Module | None) -> bool:

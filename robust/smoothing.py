@@ -34,7 +34,7 @@ from torch import nn
 
 from robust.checks import SettingError, check_choice, check_int, check_real
 from robust.modes import eval_mode
-from robust.pool_first import pool_before_relu
+from robust.pool_first import HOOK_ATTRIBUTES, pool_before_relu
 from robust.statistics import binomial_pvalue, clopper_pearson_lower, smallest_useful_n
 
 __all__ = [
@@ -249,8 +249,9 @@ def _channels_last_copy(model: nn.Module) -> nn.Module:
 
 def _structure(model: nn.Module) -> tuple:
     """Every submodule and its hooks, in order: changes when the caller swaps a module or hooks one."""
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return tuple((id(m), *(tuple(getattr(m, h, ())) for h in hooks)) for m in model.modules())
+    return tuple(
+        (id(m), *(tuple(getattr(m, h, ())) for h in HOOK_ATTRIBUTES)) for m in model.modules()
+    )
 
 
 def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -856,9 +857,9 @@ class Smooth:
         with contextlib.ExitStack() as stack:
             if self._copy is None:
                 stack.enter_context(eval_mode(self.base_classifier))
-                if _structure(self.base_classifier) != self._structure:  # the caller changed it
-                    self._model = self._view(self.base_classifier)
-                    self._structure = _structure(self.base_classifier)
+                structure = _structure(self.base_classifier)
+                if structure != self._structure:  # the caller swapped a module or added a hook
+                    self._model, self._structure = self._view(self.base_classifier), structure
                     self._graph = self._compiled = None
             else:
                 self._refresh_copy()
@@ -878,11 +879,11 @@ class Smooth:
             a == b and x.shape == y.shape and x.dtype == y.dtype
             for (a, x), (b, y) in zip(mine, theirs, strict=True)
         )
-        if not same or _structure(self.base_classifier) != self._structure:
+        structure = _structure(self.base_classifier)
+        if not same or structure != self._structure:
             # the caller changed the module's structure (or its hooks): copy it again
             self._copy = _channels_last_copy(self.base_classifier)
-            self._model = self._view(self._copy)
-            self._structure = _structure(self.base_classifier)
+            self._model, self._structure = self._view(self._copy), structure
             self._graph = self._compiled = None
             return
         for (_, dst), (_, src) in zip(mine, theirs, strict=True):

@@ -8,21 +8,14 @@ file that keeps every attempt of a resumed stage.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def session():
-    spec = importlib.util.spec_from_file_location("gpu_session", ROOT / "benchmarks/gpu_session.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def session(load_script):
+    return load_script("benchmarks/gpu_session.py")
 
 
 def options(session, tmp_path, capsys, rates: dict[str, float], seconds: float) -> str:

@@ -7,22 +7,15 @@ must parse (the GPU machine has no ART, so the peers must be skipped there, not 
 from __future__ import annotations
 
 import builtins
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_certify", ROOT / "benchmarks/certify.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_script):
+    return load_script("benchmarks/certify.py")
 
 
 def test_lenet_flops_per_sample(bench) -> None:
