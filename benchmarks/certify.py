@@ -6,9 +6,10 @@ In one process, with one model (LeNet or SmallCNN on 28x28 MNIST-sized inputs) a
   each variant of ``--variants``: a precision (``fp32`` = IEEE float32, ``tf32`` = TF32 allowed in
   cuDNN/matmuls, ``bf16`` = bfloat16 autocast) plus flags ``cl`` (channels_last), ``compile``
   (``torch.compile``, static shapes), ``graph`` (CUDA graph), ``cb`` (cuDNN autotuning:
-  ``torch.backends.cudnn.benchmark``), ``pf`` (ReLU after max-pooling, the default with ``cl``)
-  and ``nbN`` (noise_block N instead of ``--noise-block``),
-  e.g. ``bf16+compile+graph+nb10000``;
+  ``torch.backends.cudnn.benchmark``), ``pf`` (ReLU after max-pooling, the default with ``cl``),
+  ``pp`` / ``mp`` (2x2 max-pools as two elementwise maxima, the CPU default / as written),
+  ``nbN`` (noise_block N instead of ``--noise-block``) and ``ntN`` (N noise threads instead of
+  Smooth's default), e.g. ``bf16+compile+graph+nb10000``;
 * ``forward``: the bare forward pass and argmax of the same model, variant and batch size on one
   pre-made noisy batch (the ceiling: no noise, no counting); the ratio certify/forward says how
   close certification comes to it, and certify/best is against the fastest forward of any
@@ -60,6 +61,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .`
 
 from robust import smoothing  # noqa: E402
 from robust.cpu_memory import retain_freed_memory  # noqa: E402
+from robust.pairwise_pool import pairwise_max_pool  # noqa: E402
 from robust.pool_first import pool_before_relu  # noqa: E402
 from robust.smoothing import Smooth  # noqa: E402
 
@@ -149,18 +151,33 @@ def synchronize(device: torch.device) -> None:
 
 
 def parse_variant(name: str) -> dict:
-    """``bf16+cl+compile+graph+nb10000`` -> Smooth options (nbN: noise_block N, else --noise-block).
+    """``bf16+cl+compile+graph+nb10000`` -> Smooth options.
+
+    Flags: nbN (noise_block N, else --noise-block), ntN (noise_threads N, else Smooth's default),
+    pp / mp (2x2 max-pools as pairwise maxima / as written; else Smooth's default: pp on CPUs).
 
     Examples:
         >>> parse_variant("bf16+graph+nb10000")["noise_block"]
         10000
+        >>> parse_variant("fp32+cl+mp+nt1")["pairwise_pool"], parse_variant("fp32")["noise_threads"]
+        (False, None)
     """
     precision, *flags = name.split("+")
-    blocks = [int(f[2:]) for f in flags if f.startswith("nb") and f[2:].isdigit()]
-    unknown = {f for f in flags if not f.startswith("nb")} - {"cl", "compile", "graph", "cb", "pf"}
-    if precision not in ("fp32", "tf32", "bf16") or unknown or len(blocks) > 1:
+    numbers = {
+        prefix: [int(f[2:]) for f in flags if f[:2] == prefix and f[2:].isdigit()]
+        for prefix in ("nb", "nt")
+    }
+    plain = {"cl", "compile", "graph", "cb", "pf", "pp", "mp"}
+    unknown = {f for f in flags if f[:2] not in numbers} - plain
+    if (
+        precision not in ("fp32", "tf32", "bf16")
+        or unknown
+        or any(len(values) > 1 for values in numbers.values())
+        or {"pp", "mp"} <= set(flags)
+    ):
         raise SystemExit(
-            f"unknown variant {name!r}: PRECISION[+cl][+compile][+graph][+cb][+pf][+nbN]"
+            f"unknown variant {name!r}: "
+            "PRECISION[+cl][+compile][+graph][+cb][+pf][+pp|+mp][+nbN][+ntN]"
         )
     return {
         "precision": precision,
@@ -172,7 +189,9 @@ def parse_variant(name: str) -> dict:
         "cudnn_benchmark": "cb" in flags,
         # ReLU after max-pooling: always with +pf, else as Smooth's default (with channels_last)
         "pool_first": "pf" in flags or "cl" in flags,
-        "noise_block": blocks[0] if blocks else None,
+        "pairwise_pool": True if "pp" in flags else False if "mp" in flags else None,
+        "noise_block": numbers["nb"][0] if numbers["nb"] else None,
+        "noise_threads": numbers["nt"][0] if numbers["nt"] else None,
     }
 
 
@@ -257,6 +276,9 @@ def bare_forward(
         private = private.to(memory_format=torch.channels_last)
     if pool_first and options["pool_first"]:
         private = pool_before_relu(private)
+    pairwise = options["pairwise_pool"]
+    if pairwise or (pairwise is None and device.type == "cpu"):  # as Smooth evaluates f
+        private = pairwise_max_pool(private)
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.rand(batch, *sample_shape, device=device, generator=generator)
     x = x + 0.25 * torch.randn(x.shape, device=device, generator=generator)
@@ -379,6 +401,8 @@ class Bench:
             tf32=options["tf32"],
             cudnn_benchmark=options["cudnn_benchmark"],
             pool_first=options["pool_first"],
+            pairwise_pool=options["pairwise_pool"],
+            noise_threads=options["noise_threads"],
             device=self.device,
             **smooth_options,
         )

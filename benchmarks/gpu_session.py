@@ -103,10 +103,9 @@ class KeepBest(Callback):
         torch.save(pl_module.state_dict(), self.path)
 
 
-def trainer(out: Path, name: str, tiny: bool, **kwargs) -> Trainer:
+def trainer(out: Path, name: str, accelerator: str, **kwargs) -> Trainer:
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    accelerator = "cpu" if tiny else "gpu"
     return Trainer(
         accelerator=accelerator,
         devices=1,
@@ -185,7 +184,9 @@ def train_noise(args) -> None:
     EPOCHS["value"] = epochs = 2 if args.tiny else args.epochs
     seed_everything(0)
     model, name = noise_model(args), noise_name(args)
-    run = trainer(args.out, name, args.tiny, max_epochs=epochs, max_time={"seconds": args.seconds})
+    run = trainer(
+        args.out, name, args.accelerator, max_epochs=epochs, max_time={"seconds": args.seconds}
+    )
     start = time.perf_counter()
     data = FastMNIST(args.data, 256, args.tiny)
     run.fit(model, datamodule=data)
@@ -213,13 +214,14 @@ def certify(args) -> None:
         batch_size=args.certify_batch,
         cuda_graph=bool(args.cuda_graph),  # off unless --cuda-graph (5% slower on the H200)
         max_images=20 if args.tiny else None,
+        skip=args.skip,
         output=str(args.out / f"certify_{name}{suffix}.tsv"),
         autocast=args.autocast,
         tf32=args.tf32,
         cudnn_benchmark=args.cudnn_benchmark,
         compile=args.compile,
     )
-    run = trainer(args.out, f"certify_{name}", args.tiny, callbacks=[callback])
+    run = trainer(args.out, f"certify_{name}", args.accelerator, callbacks=[callback])
     start = time.perf_counter()
     run.test(model, datamodule=FastMNIST(args.data, 256, args.tiny), verbose=False)
     seconds = time.perf_counter() - start
@@ -245,7 +247,7 @@ def train_robust(args) -> None:
     run = trainer(
         args.out,
         "robust",
-        args.tiny,
+        args.accelerator,
         max_epochs=epochs,
         max_time={"seconds": args.seconds},
         callbacks=[keep],
@@ -275,7 +277,7 @@ def attack(args) -> None:
         max_images=64 if args.tiny else None,
         num_image_grid=8,
     )
-    run = trainer(args.out, "attack", args.tiny, callbacks=[callback])
+    run = trainer(args.out, "attack", args.accelerator, callbacks=[callback])
     start = time.perf_counter()
     tested = run.test(model, datamodule=FastMNIST(args.data, 256, args.tiny), verbose=False)[0]
     record(args.out, "attack", {"seconds": time.perf_counter() - start, **tested})
@@ -294,7 +296,7 @@ def smoothed_attack(args) -> None:
         skip=1 if args.tiny else 10,
         predict_batch_size=20_000,
     )
-    run = trainer(args.out, "smoothed_attack", args.tiny, callbacks=[callback])
+    run = trainer(args.out, "smoothed_attack", args.accelerator, callbacks=[callback])
     start = time.perf_counter()
     tested = run.test(model, datamodule=FastMNIST(args.data, 256, args.tiny), verbose=False)[0]
     record(args.out, "smoothed-attack", {"seconds": time.perf_counter() - start, **tested})
@@ -363,7 +365,15 @@ def main() -> None:
     )
     parser.add_argument("--sigma", type=float, default=0.25, help="noise stages")
     parser.add_argument("--certify-images", type=int, default=20_000, help="certify-options")
+    parser.add_argument(
+        "--skip", type=int, default=1, help="certify every skip-th test image (CPU: a subset)"
+    )
+    parser.add_argument(
+        "--accelerator", default="gpu", choices=["gpu", "cpu"], help="--tiny runs on the CPU"
+    )
     args = parser.parse_args()
+    if args.tiny:
+        args.accelerator = "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("highest")
     STAGES[args.stage](args)

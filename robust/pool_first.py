@@ -20,10 +20,11 @@ Gradients agree except at exact ties at zero, where both orders pick a valid sub
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["HOOK_ATTRIBUTES", "has_hooks", "pool_before_relu"]
+__all__ = ["HOOK_ATTRIBUTES", "has_hooks", "pool_before_relu", "rewrite_sequentials"]
 
 HOOK_ATTRIBUTES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 """A module's own hook dictionaries (``nn.Module`` internals)."""
@@ -63,6 +64,51 @@ def _plain_sequential(module: nn.Module) -> bool:
     )
 
 
+def rewrite_sequentials(
+    model: nn.Module, rewrite: Callable[[list[nn.Module | None]], list[nn.Module | None]]
+) -> nn.Module:
+    """``model`` with ``rewrite`` applied to the module list of each plain ``nn.Sequential``.
+
+    Nested containers are rewritten first. A container whose modules all stay the same objects is
+    returned as it is; else a new ``nn.Sequential`` with the same names holds the new list
+    (parameters shared, not copied), with the container's own training flag.
+
+    Args:
+        model: Any module; only plain ``nn.Sequential`` containers (nested ones included) change.
+        rewrite: Maps a container's modules to a list of the same length.
+
+    Returns:
+        ``model`` itself or its rewritten copy.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Identity(), nn.Sequential(nn.Identity(), nn.ReLU()))
+        >>> flip = rewrite_sequentials(net, lambda modules: modules[::-1])
+        >>> [type(m).__name__ for m in flip], [type(m).__name__ for m in flip[0]]
+        (['Sequential', 'Identity'], ['ReLU', 'Identity'])
+    """
+    if not _plain_sequential(model):
+        return model
+    names, old = list(model._modules), list(model._modules.values())
+    modules = rewrite([rewrite_sequentials(m, rewrite) if m is not None else m for m in old])
+    if all(new is before for new, before in zip(modules, old, strict=True)):
+        return model
+    rewritten = nn.Sequential(OrderedDict(zip(names, modules, strict=True)))
+    rewritten.training = model.training  # the container's flag only: the shared modules keep theirs
+    return rewritten
+
+
+def _swap_relu_pool(modules: list[nn.Module | None]) -> list[nn.Module | None]:
+    """The list with every ReLU -> max-pool pair swapped (left to right, pairs not overlapping)."""
+    modules, i = list(modules), 0
+    while i + 1 < len(modules):
+        if _is_relu(modules[i]) and _is_pool(modules[i + 1]):
+            modules[i], modules[i + 1] = modules[i + 1], modules[i]
+            i += 2
+        else:
+            i += 1
+    return modules
+
+
 def pool_before_relu(model: nn.Module) -> nn.Module:
     """``model`` with every ReLU -> max-pool pair of its sequential containers swapped.
 
@@ -86,20 +132,4 @@ def pool_before_relu(model: nn.Module) -> nn.Module:
         >>> pool_before_relu(nn.Linear(2, 2)).__class__.__name__
         'Linear'
     """
-    if not _plain_sequential(model):
-        return model
-    names = list(model._modules)
-    modules = [pool_before_relu(m) if m is not None else m for m in model._modules.values()]
-    changed = any(new is not old for new, old in zip(modules, model._modules.values(), strict=True))
-    i = 0
-    while i + 1 < len(modules):
-        if _is_relu(modules[i]) and _is_pool(modules[i + 1]):
-            modules[i], modules[i + 1] = modules[i + 1], modules[i]
-            changed, i = True, i + 2
-        else:
-            i += 1
-    if not changed:
-        return model
-    rewritten = nn.Sequential(OrderedDict(zip(names, modules, strict=True)))
-    rewritten.training = model.training  # the container's flag only: the shared modules keep theirs
-    return rewritten
+    return rewrite_sequentials(model, _swap_relu_pool)

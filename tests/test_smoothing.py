@@ -252,8 +252,10 @@ def test_reproducible_across_batch_size_order_and_packing(device: str) -> None:
     indices = [3, 17, 5, 0, 42, 8]
     n0, n, alpha = 30, 170, 0.01
 
-    def run(batch_size: int, order: list[int]) -> dict[int, Certificate]:
-        smooth = Smooth(model, 5, 0.5, batch_size=batch_size, noise_block=50)
+    def run(
+        batch_size: int, order: list[int], threads: int | None = None
+    ) -> dict[int, Certificate]:
+        smooth = Smooth(model, 5, 0.5, batch_size=batch_size, noise_block=50, noise_threads=threads)
         certs = smooth.certify_batch(images[order], [indices[i] for i in order], n0, n, alpha)
         return {c.index: c for c in certs}
 
@@ -262,6 +264,9 @@ def test_reproducible_across_batch_size_order_and_packing(device: str) -> None:
     assert run(50, list(range(6))) == reference  # blocks align with forward batches
     assert run(37, [5, 2, 0, 4, 1, 3]) == reference  # another order
     assert run(7, [4, 1]) | run(1000, [0, 2, 3, 5]) == reference  # other packing
+    for threads in (1, 2, 3):  # blocks drawn one at a time or in waves of 2 or 3 threads
+        assert run(37, list(range(6)), threads) == reference
+        assert run(120, list(range(6)), threads) == reference  # several batches per wave
     single = Smooth(model, 5, 0.5, batch_size=64, noise_block=50)
     for i, index in enumerate(indices):
         cert = reference[index]
@@ -375,6 +380,8 @@ def test_predict_returns_class_of_constant_classifier() -> None:
         ({"noise_block": 0}, "noise_block"),
         ({"seed": -1}, "seed"),
         ({"autocast_dtype": torch.float64}, "autocast_dtype"),
+        ({"noise_threads": 0}, "noise_threads"),
+        ({"pairwise_pool": "yes"}, "pairwise_pool"),
     ],
 )
 def test_construction_validation(kwargs: dict, name: str) -> None:
