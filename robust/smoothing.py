@@ -330,11 +330,14 @@ class Smooth:
         pool_first: Evaluate f with ReLU after max-pooling (``robust.pool_first``: the same
             function); ``None``: with ``channels_last``, where it measured faster (1.06-1.07x
             for LeNet's forward on 2 CPU cores; 0.91-0.95x in the contiguous layout there).
-        pairwise_pool: Evaluate f with its plain 2x2 max-pools as two elementwise maxima
-            (``robust.pairwise_pool``: the same values, without the CPU pooling kernel's
-            indices); ``None``: on CPUs, where it measured faster.
+        pairwise_pool: Evaluate f with its plain 2x2 (and adaptive) max-pools as two
+            elementwise maxima (``robust.pairwise_pool``: the same values, without the CPU
+            pooling kernel's indices); ``None``: on CPUs, where LeNet certified 1.09-1.13x
+            faster channels-last on 2 cores (1.6-1.7x contiguous).
         noise_threads: Noise blocks drawn at once, each by its own thread (>= 1; the noise is
-            the same); ``None``: ``min(torch.get_num_threads(), 8)`` on CPUs, 1 on CUDA.
+            the same); ``None``: ``min(torch.get_num_threads(), 8)`` on CPUs, 1 on CUDA. One
+            thread draws about 540k samples/s, which would cap certification on many cores;
+            on 2 cores two threads measured 0.96-1.03x (the forward keeps both cores busy).
         device: Device of the forward passes; default: that of the base classifier's parameters.
 
     Raises:
