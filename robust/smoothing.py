@@ -226,7 +226,7 @@ class _Buffers:
     """Device buffers of the forward batches, reused across calls (static for compile/graphs).
 
     noise: ``batch_size + threads * noise_block`` rows of N(0, I) noise (``Smooth.noise_threads``);
-        batches are always ``noise[:B]``.
+        a forward batch is B rows starting at a multiple of B (a CUDA graph's are ``noise[:B]``).
     images: The call's images, padded with zeros to a power-of-two capacity.
     rows: Global row number of each row of the current forward batch.
     layout: [rows per image, first row of the second stream within an image, streams * classes].
