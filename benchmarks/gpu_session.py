@@ -214,7 +214,7 @@ def certify(args) -> None:
         batch_size=args.certify_batch,
         cuda_graph=bool(args.cuda_graph),  # off unless --cuda-graph (5% slower on the H200)
         max_images=20 if args.tiny else None,
-        skip=args.skip,
+        skip=args.skip or 1,
         output=str(args.out / f"certify_{name}{suffix}.tsv"),
         autocast=args.autocast,
         tf32=args.tf32,
@@ -292,9 +292,9 @@ def smoothed_attack(args) -> None:
         n=500 if args.tiny else 10_000,
         alpha=0.001,
         batch_size=250,
-        max_images=4 if args.tiny else 1000,
-        skip=1 if args.tiny else 10,
-        predict_batch_size=20_000,
+        max_images=4 if args.tiny else 10_000 // (args.skip or 10),
+        skip=1 if args.tiny else args.skip or 10,
+        predict_batch_size=20_000 if args.accelerator == "gpu" else 400,
     )
     run = trainer(args.out, "smoothed_attack", args.accelerator, callbacks=[callback])
     start = time.perf_counter()
@@ -366,7 +366,10 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.25, help="noise stages")
     parser.add_argument("--certify-images", type=int, default=20_000, help="certify-options")
     parser.add_argument(
-        "--skip", type=int, default=1, help="certify every skip-th test image (CPU: a subset)"
+        "--skip",
+        type=int,
+        default=None,
+        help="every skip-th test image (default: all for certify, every 10th for smoothed-attack)",
     )
     parser.add_argument(
         "--accelerator", default="gpu", choices=["gpu", "cpu"], help="--tiny runs on the CPU"
