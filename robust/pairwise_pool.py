@@ -34,34 +34,40 @@ __all__ = ["PairwiseMaxPool2d", "pairwise_max_pool"]
 class PairwiseMaxPool2d(nn.Module):
     """``nn.MaxPool2d(2)``'s values as two elementwise maxima (a last odd row or column is dropped).
 
-    With ``output_size``, ``nn.AdaptiveMaxPool2d(output_size)``'s values instead: its windows are
-    2x2 with stride 2 exactly when the input is twice the output size; other inputs go to
-    ``F.adaptive_max_pool2d``.
+    With a ``source`` pool, that pool's values as it is set at each call: an
+    ``nn.AdaptiveMaxPool2d`` is pairwise where the input is twice its output size (its windows
+    are then 2x2 with stride 2), and a pool whose settings no longer allow it (changed in place
+    after the rewrite) runs itself. The source is referenced, not registered as a submodule.
 
     Shapes: (..., H, W) -> (..., H // 2, W // 2), in the input's memory layout. An input with
     H or W below 2 gives an empty output where ``nn.MaxPool2d`` raises.
 
     Args:
-        output_size: ``None`` (``nn.MaxPool2d(2)``) or an adaptive pool's output size.
+        source: The ``nn.MaxPool2d`` or ``nn.AdaptiveMaxPool2d`` replaced; ``None``: a 2x2 pool.
 
     Examples:
         >>> x = torch.randn(3, 4, 7, 6)
         >>> torch.equal(PairwiseMaxPool2d()(x), nn.MaxPool2d(2)(x))
         True
-        >>> torch.equal(PairwiseMaxPool2d(3)(x[..., :6]), nn.AdaptiveMaxPool2d(3)(x[..., :6]))
+        >>> adaptive = nn.AdaptiveMaxPool2d(3)
+        >>> torch.equal(PairwiseMaxPool2d(adaptive)(x[..., :6]), adaptive(x[..., :6]))
         True
     """
 
-    def __init__(self, output_size: int | tuple[int | None, int | None] | None = None) -> None:
+    def __init__(self, source: nn.MaxPool2d | nn.AdaptiveMaxPool2d | None = None) -> None:
         super().__init__()
-        self.output_size = output_size
+        self._source = (source,) if source is not None else ()  # a tuple: not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The maximum of each 2x2 window of the last two dimensions."""
-        if self.output_size is not None:
-            height, width = _pair(self.output_size)
-            if (2 * (height or 0), 2 * (width or 0)) != tuple(x.shape[-2:]):
-                return F.adaptive_max_pool2d(x, self.output_size)
+        """The maximum of each 2x2 window of the last two dimensions (or the source's result)."""
+        if self._source:
+            (source,) = self._source
+            if not _replaceable(source):  # changed in place since the rewrite
+                return source(x)
+            if isinstance(source, nn.AdaptiveMaxPool2d):
+                height, width = _pair(source.output_size)
+                if (2 * (height or 0), 2 * (width or 0)) != tuple(x.shape[-2:]):
+                    return F.adaptive_max_pool2d(x, source.output_size)
         x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]  # floor mode
         rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])  # each window's two rows
         return torch.maximum(rows[..., 0::2], rows[..., 1::2])  # ... then its two columns
@@ -71,17 +77,12 @@ def _pair(value: int | tuple | None) -> tuple:
     return tuple(value) if isinstance(value, tuple | list) else (value, value)
 
 
-def _replacement(module: nn.Module | None) -> nn.Module | None:
-    """The pairwise pool computing ``module``'s values, or ``module`` itself."""
-    if _is_plain_2x2(module):
-        return PairwiseMaxPool2d()
-    if type(module) is nn.AdaptiveMaxPool2d and not module.return_indices:
-        return module if has_hooks(module) else PairwiseMaxPool2d(module.output_size)
-    return module
-
-
-def _is_plain_2x2(module: nn.Module | None) -> bool:
-    """Exactly ``nn.MaxPool2d`` with a 2x2 window, stride 2 and nothing else set; no hooks."""
+def _replaceable(module: nn.Module | None) -> bool:
+    """A plain 2x2 ``nn.MaxPool2d`` or an ``nn.AdaptiveMaxPool2d``: exact types, no indices or hooks."""
+    if has_hooks(module) or getattr(module, "return_indices", True):
+        return False
+    if type(module) is nn.AdaptiveMaxPool2d:
+        return True
     return (
         type(module) is nn.MaxPool2d
         and _pair(module.kernel_size) == (2, 2)
@@ -89,13 +90,21 @@ def _is_plain_2x2(module: nn.Module | None) -> bool:
         and _pair(module.padding) == (0, 0)
         and _pair(module.dilation) == (1, 1)
         and not module.ceil_mode
-        and not module.return_indices
-        and not has_hooks(module)
     )
+
+
+def _replacement(module: nn.Module | None) -> nn.Module | None:
+    """The pairwise pool computing ``module``'s values (in its training mode), or ``module``."""
+    if not _replaceable(module):
+        return module
+    return PairwiseMaxPool2d(module).train(module.training)
 
 
 def pairwise_max_pool(model: nn.Module) -> nn.Module:
     """``model`` with each plain 2x2 or adaptive max-pool of its sequential containers pairwise.
+
+    Each replacement follows its pool's settings at every call (a pool changed in place later
+    runs itself), so the rewritten model keeps computing ``model(x)``'s values.
 
     Args:
         model: Any module; only plain ``nn.Sequential`` containers (nested ones included) change.

@@ -56,10 +56,17 @@ def _is_pool(module: nn.Module | None) -> bool:
 
 
 def _plain_sequential(module: nn.Module) -> bool:
-    """An ``nn.Sequential`` running its modules in order: its own forward, no hooks of its own."""
+    """An ``nn.Sequential`` running its modules in order: its own forward, no hooks of its own.
+
+    Subclasses such as LeNet qualify when they add no parameters or buffers of their own (a
+    rewrite returns a plain ``nn.Sequential``, which would drop them).
+    """
     return (
         isinstance(module, nn.Sequential)
         and type(module).forward is nn.Sequential.forward
+        and type(module).__iter__ is nn.Sequential.__iter__
+        and not module._parameters
+        and not module._buffers
         and not has_hooks(module)
     )
 

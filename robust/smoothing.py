@@ -334,8 +334,8 @@ class Smooth:
             elementwise maxima (``robust.pairwise_pool``: the same values, without the CPU
             pooling kernel's indices); ``None``: on CPUs, where LeNet certified 1.09-1.13x
             faster channels-last on 2 cores (1.6-1.7x contiguous).
-        noise_threads: Noise blocks drawn at once, each by its own thread (>= 1; the noise is
-            the same); ``None``: ``min(torch.get_num_threads(), 8)`` on CPUs, 1 on CUDA. One
+        noise_threads: Noise blocks drawn at once on a CPU, each by its own thread (>= 1; the
+            noise is the same); ``None``: ``min(torch.get_num_threads(), 8)``; always 1 on GPUs. One
             thread draws about 540k samples/s, which would cap certification on many cores;
             on 2 cores two threads measured 0.96-1.03x (the forward keeps both cores busy).
         device: Device of the forward passes; default: that of the base classifier's parameters.
@@ -781,7 +781,12 @@ class Smooth:
         capacity = 1 << max(0, images.shape[0] - 1).bit_length()
         old = self._buffers
         noise_rows = size + threads * self.noise_block
-        if old is None or old.noise.shape != (noise_rows, *shape) or old.images.shape[0] < capacity:
+        if (
+            old is None
+            or old.noise.shape != (noise_rows, *shape)
+            or old.rows.shape[0] != size
+            or old.images.shape[0] < capacity
+        ):
             options = {"device": self.device, "dtype": self.noise_dtype}
             self._buffers = _Buffers(
                 noise=torch.zeros((noise_rows, *shape), **options),
@@ -905,10 +910,12 @@ class Smooth:
             yield
 
     def _threads(self) -> int:
-        """Noise blocks drawn at once: ``noise_threads``, else up to 8 CPU threads, 1 on CUDA."""
+        """Noise blocks drawn at once: on CPUs ``noise_threads``, else up to 8; 1 elsewhere."""
+        if self.device.type != "cpu":
+            return 1  # GPU kernels run asynchronously; other threads would use another stream
         if self.noise_threads is not None:
             return self.noise_threads
-        return min(torch.get_num_threads(), 8) if self.device.type == "cpu" else 1
+        return min(torch.get_num_threads(), 8)
 
     def _view(self, module: nn.Module) -> nn.Module:
         """The module evaluated: ``module``, rewritten under ``pool_first`` and ``pairwise_pool``."""

@@ -111,3 +111,26 @@ def test_smooth_certificates_are_the_same_with_and_without_the_rewrite() -> None
         certificates[pairwise] = smooth.certify_batch(images, [0, 1, 2], 50, 900, 0.01)
     assert certificates[True] == certificates[False]
     assert Smooth(model, 10, 0.5).pairwise_pool  # the CPU default
+
+
+def test_a_pool_changed_in_place_after_the_rewrite_is_followed() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.AdaptiveMaxPool2d(4), nn.Flatten()
+    )
+    fast = pairwise_max_pool(net)
+    assert [type(m).__name__ for m in fast][1:3] == ["PairwiseMaxPool2d"] * 2
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(fast(x), net(x))
+    net[1].kernel_size, net[1].stride, net[1].padding = 3, 1, 1  # no longer 2x2
+    net[2].output_size = 3  # no longer half the input
+    assert fast(x).shape == net(x).shape == (2, 36)
+    assert torch.equal(fast(x), net(x))
+    smooth = Smooth(net, 36, 0.5, batch_size=100, noise_block=50)
+    images = torch.rand(2, 1, 16, 16)
+    first = smooth.certify_batch(images, [0, 1], 20, 200, 0.01)
+    net[1].kernel_size, net[1].stride, net[1].padding = 2, 2, 0
+    fresh = Smooth(net, 36, 0.5, batch_size=100, noise_block=50)
+    assert smooth.certify_batch(images, [0, 1], 20, 200, 0.01) == fresh.certify_batch(
+        images, [0, 1], 20, 200, 0.01
+    )
+    assert first != fresh.certify_batch(images, [0, 1], 20, 200, 0.01)  # the change mattered

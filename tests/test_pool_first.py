@@ -109,6 +109,18 @@ def test_custom_forward_subclasses_and_hooks_are_respected() -> None:
     assert pool_before_relu(small()) is not small()  # the control: a plain one is rewritten
 
 
+def test_sequential_subclasses_with_state_of_their_own_are_left_alone() -> None:
+    class Scaled(nn.Sequential):
+        def __init__(self) -> None:
+            super().__init__(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2))
+            self.scale = nn.Parameter(torch.ones(()))  # would be dropped by a plain copy
+            self.register_buffer("count", torch.zeros(()))
+
+    model = Scaled()
+    assert pool_before_relu(model) is model
+    assert type(pool_before_relu(LeNet(1, 10))) is nn.Sequential  # the control: no own state
+
+
 def test_smooth_certificates_equal_those_of_the_relu_first_model() -> None:
     model = classifier(LeNet)
     images = torch.rand(3, 1, 28, 28)

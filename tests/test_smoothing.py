@@ -366,6 +366,16 @@ def test_predict_returns_class_of_constant_classifier() -> None:
     assert smooth.predict(torch.rand(1, 4, 4), 5, 0.001) == ABSTAIN
 
 
+def test_noise_threads_and_batch_size_changed_between_calls() -> None:
+    """A buffer of the same size for another (batch size, threads) pair is not reused wrongly."""
+    model, images = small_cnn(seed=3), _random_images(3)
+    smooth = Smooth(model, 5, 0.5, noise_block=5, batch_size=10, noise_threads=2)
+    first = smooth.predict_batch(images, [0, 1, 2], 100, 0.01)  # 10 + 2 * 5 rows
+    smooth.noise_threads = 1
+    second = smooth.predict_batch(images, [0, 1, 2], 100, 0.01, batch_size=15)  # 15 + 1 * 5
+    assert first == second
+
+
 # ----------------------------------------------------------------------------- validation
 
 
