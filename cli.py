@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -35,6 +36,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from datamodules import DataNotFoundError, ImageDataModule
 from lightning_modules import StandardClassifier
@@ -244,6 +246,8 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     Raises:
         SettingError: Naming the file and why it was refused.
     """
+    if Path(path).is_dir():
+        refuse(f"ckpt_path {path!r} is a folder; give a .ckpt file written by fit, or 'last'")
     if not Path(path).is_file():
         refuse(f"ckpt_path {path!r} does not exist (give a .ckpt file written by fit, or 'last')")
     try:
@@ -262,19 +266,123 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         refuse(f"ckpt_path {path!r} is not a checkpoint torch can read ({detail})")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         refuse(f"ckpt_path {path!r} is not a Lightning checkpoint (it has no 'state_dict')")
+    check_checkpoint_structure(path, checkpoint)
     return checkpoint
 
 
-def check_checkpoint(path: str) -> dict[str, Any] | None:
+# What Lightning reads from a checkpoint to resume fit, and the type each must have.
+RESUME_ENTRIES = {
+    "epoch": int,
+    "global_step": int,
+    "loops": dict,
+    "callbacks": dict,
+    "optimizer_states": list,
+    "lr_schedulers": list,
+}
+
+
+def check_checkpoint_structure(path: str, checkpoint: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose entries Lightning would trip over, or whose weights are not finite.
+
+    Raises:
+        SettingError: Naming the file and the first entry that is wrong.
+    """
+    state = checkpoint["state_dict"]
+    if not isinstance(state, Mapping) or not state:
+        refuse(f"ckpt_path {path!r}: 'state_dict' must be a non-empty mapping of tensors")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            refuse(f"ckpt_path {path!r}: state_dict entry {key!r} is not a named tensor")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            refuse(f"ckpt_path {path!r}: the weights {key!r} hold NaN or infinite values")
+    if not isinstance(checkpoint.get("pytorch-lightning_version"), str):
+        refuse(f"ckpt_path {path!r} is not a Lightning checkpoint (no 'pytorch-lightning_version')")
+    hparams = checkpoint.get("hyper_parameters")
+    if hparams is not None and not isinstance(hparams, Mapping):
+        refuse(
+            f"ckpt_path {path!r}: 'hyper_parameters' must be a mapping of settings; "
+            f"got a {type(hparams).__name__}"
+        )
+
+
+def check_resumable(path: str, checkpoint: Mapping[str, Any]) -> None:
+    """Refuse to resume ``fit`` from a checkpoint without the training state Lightning restores.
+
+    A weights-only file (or one with an empty optimizer state) would silently restart the
+    optimizer; resuming needs the whole state that ``fit`` saved.
+
+    Raises:
+        SettingError: Naming the file and the missing or malformed entry.
+    """
+    for key, kind in RESUME_ENTRIES.items():
+        value = checkpoint.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            refuse(
+                f"ckpt_path {path!r} cannot resume fit: its {key!r} is "
+                f"{'missing' if value is None else 'a ' + type(value).__name__}, not a "
+                f"{kind.__name__} (resume from a last.ckpt or best-*.ckpt written by fit)"
+            )
+    if not checkpoint["optimizer_states"]:
+        refuse(f"ckpt_path {path!r} cannot resume fit: it holds no optimizer state")
+
+
+def check_weights_fit_model(path: str, state: Mapping[str, Any], model: torch.nn.Module) -> None:
+    """Refuse weights that the built model would not load (missing, extra or reshaped tensors).
+
+    Raises:
+        SettingError: Naming the file and the first few tensors that disagree.
+    """
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    extra = [key for key in state if key not in expected]
+    reshaped = [
+        f"{key} {tuple(state[key].shape)} (the model's is {tuple(value.shape)})"
+        for key, value in expected.items()
+        if key in state and tuple(state[key].shape) != tuple(value.shape)
+    ]
+    for problem, keys in (("lacks", missing), ("has extra", extra), ("has reshaped", reshaped)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            refuse(
+                f"ckpt_path {path!r} does not fit the model the settings build "
+                f"({type(model).__name__}): it {problem} weights {', '.join(keys[:3])}{more}; "
+                "use the config (model class and backbone) the checkpoint was trained with"
+            )
+
+
+def local_checkpoint_path(path: str) -> str | None:
+    """The local file a ``ckpt_path`` names (``file://`` URLs included); None for Lightning's own.
+
+    Raises:
+        SettingError: For a remote URL, which could not be checked before Lightning loads it.
+    """
+    if path in {"hpc", "registry"} or path.startswith("registry:"):
+        return None  # resolved by Lightning
+    if path.startswith("file://"):
+        return path.removeprefix("file://")
+    if "://" in path:
+        refuse(
+            f"ckpt_path {path!r}: remote checkpoints are not loaded, because they cannot be "
+            "checked first; copy the file to this machine and give its path"
+        )
+    return path
+
+
+def check_checkpoint(path: str, resuming: bool = False) -> dict[str, Any] | None:
     """Refuse unless ``path`` is a safely readable Lightning checkpoint; return its hyperparameters.
 
-    ``hpc``, ``registry`` and remote paths are left to Lightning (returns None); Lightning loads
-    them with ``weights_only=True`` too (see :meth:`RobustCLI.fit`).
+    Args:
+        path: A local path (or ``file://`` URL), ``hpc`` or ``registry`` (left to Lightning:
+            returns None; Lightning loads them with ``weights_only=True`` too).
+        resuming: ``fit`` resumes from it, so its training state must be whole.
     """
-    if path in {"hpc", "registry"} or path.startswith("registry:") or "://" in path:
-        return None  # resolved by Lightning (remote paths through fsspec)
-    hparams = load_checkpoint(path).get("hyper_parameters") or {}
-    return dict(hparams) if isinstance(hparams, Mapping) else {}
+    local = local_checkpoint_path(path)
+    if local is None:
+        return None
+    checkpoint = load_checkpoint(local)
+    if resuming:
+        check_resumable(local, checkpoint)
+    return dict(checkpoint.get("hyper_parameters") or {})
 
 
 def _resolve(path: str) -> Any:
@@ -631,6 +739,12 @@ class RobustCLI(LightningCLI):
                 "weights_only false is not allowed: checkpoints are always loaded with "
                 "torch.load(weights_only=True), which cannot run code hidden in a file"
             )
+        seed = config.get("seed_everything")
+        if not isinstance(seed, bool) and not (isinstance(seed, int) and 0 <= seed < 2**32):
+            refuse(
+                f"seed_everything must be true (a random seed, logged), false or an integer in "
+                f"[0, {2**32 - 1}]; got {seed!r}"
+            )
         ckpt_path = config.get("ckpt_path")
         if ckpt_path in {"last", "best"}:
             ckpt_path = config.ckpt_path = find_run_checkpoint(
@@ -638,7 +752,9 @@ class RobustCLI(LightningCLI):
             )
         if not ckpt_path:
             return
-        hparams = check_checkpoint(str(ckpt_path))
+        if str(ckpt_path).startswith("file://"):
+            ckpt_path = config.ckpt_path = local_checkpoint_path(str(ckpt_path))
+        hparams = check_checkpoint(str(ckpt_path), resuming=subcommand == "fit")
         if not hparams:
             return
         self.checkpoint_path, self.checkpoint_hparams = str(ckpt_path), hparams
@@ -690,6 +806,8 @@ class RobustCLI(LightningCLI):
             )
         try:
             super().instantiate_classes()
+        except MisconfigurationException as err:  # Lightning's refusal of a trainer setting
+            raise SettingError(f"trainer: {_one_line(str(err))}") from err
         except ValueError as err:
             # jsonargparse wraps what a class raised in a ValueError listing the types it tried;
             # a refusal is a ValueError (or missing data), anything else a bug to show whole
@@ -727,8 +845,34 @@ class RobustCLI(LightningCLI):
         for folder, setting, needed in folders:
             check_output_folder(folder, setting, needed)
 
+    def check_optimizer(self) -> None:
+        """Build the model's optimizer and scheduler once, so a bad setting is refused up front.
+
+        Raises:
+            SettingError: With the optimizer's or scheduler's own reason (e.g. a negative lr).
+        """
+        try:
+            self.model.configure_optimizers()
+        except (ValueError, TypeError) as err:
+            refuse(f"model optimizer or lr_scheduler settings: {_one_line(str(err))}")
+
     def _run_trainer(self, method: str, kwargs: dict[str, Any]) -> None:
         self.check_output_folders(fitting=method == "fit")
+        ckpt_path = kwargs.get("ckpt_path")
+        local = local_checkpoint_path(str(ckpt_path)) if ckpt_path else None
+        if local is not None:
+            state = load_checkpoint(local)["state_dict"]
+            check_weights_fit_model(local, state, self.model)
+        elif not ckpt_path and method in ("validate", "test") and not self.trainer.fast_dev_run:
+            warnings.warn(
+                f"{method} without ckpt_path evaluates the model as built, with untrained "
+                "weights; give --ckpt_path (a .ckpt written by fit, 'best' or 'last') to "
+                "evaluate a trained model",
+                UserWarning,
+                stacklevel=2,
+            )
+        if method == "fit":
+            self.check_optimizer()
         kwargs["weights_only"] = True  # None (the default) or True: refused False when parsing
         getattr(self.trainer, method)(**kwargs)
 
@@ -751,7 +895,10 @@ class RobustCLI(LightningCLI):
 
 
 def main(
-    args: list[str] | dict | Namespace | None = None, *, exit_on_refusal: bool = True
+    args: list[str] | dict | Namespace | None = None,
+    *,
+    exit_on_refusal: bool = True,
+    run: bool = True,
 ) -> RobustCLI:
     """Run the CLI on ``args`` (``sys.argv`` when None) and return it.
 
@@ -761,6 +908,8 @@ def main(
             stderr and exits with status 2. When False (callers in Python such as ``compare``),
             it raises :class:`robust.checks.SettingError` with that line instead, whether it
             happens while parsing, instantiating or running the subcommand.
+        run: False only parses and instantiates (``args`` then has no subcommand): a check of
+            the settings before long work, as ``compare`` does for all its stages at once.
 
     Returns:
         The CLI, whose ``trainer``, ``model`` and ``datamodule`` hold the finished run.
@@ -780,6 +929,7 @@ def main(
             trainer_defaults=TRAINER_DEFAULTS,
             parser_class=RobustArgumentParser,
             args=args,
+            run=run,
         )
     except (SettingError, DataNotFoundError) as err:
         message = essential_message(err)

@@ -17,11 +17,16 @@ A stage that already finished is reused when the command runs again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import logging
+import math
+import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +82,109 @@ def parse(argv: list[str]):
             )
     if settings.reference not in ("embedded", "full"):
         parser.error(f"reference must be 'embedded' or 'full'; got {settings.reference!r}")
+    check_names(settings.trainings)
+    out = Path(settings.output_dir)
+    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+        raise SettingError(f"output_dir {out} cannot be a folder: a file is in its place or path")
     return settings
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_names(trainings: list[Training]) -> None:
+    """Refuse repeated names, or names that are not plain folder names (``../x``, ``a/b``).
+
+    Raises:
+        SettingError: Naming the training.
+    """
+    seen: set[str] = set()
+    for training in trainings:
+        if not NAME.fullmatch(training.name):
+            raise SettingError(
+                f"trainings: name {training.name!r} must be a plain folder name (letters, digits, "
+                "'_', '-' and '.', not starting with '.' or '-'): it names the model's folder "
+                "under output_dir"
+            )
+        if training.name in seen:
+            raise SettingError(f"trainings: name {training.name!r} is given twice")
+        seen.add(training.name)
+
+
+def check_stages(settings, out: Path) -> None:
+    """Check the settings of every stage (parse and build, nothing run) before any training.
+
+    So a typo in the last evaluation config is refused before the first model trains.
+
+    Raises:
+        SettingError: The stage's refusal, naming the training.
+    """
+    evaluation = [arg for path in settings.evaluation for arg in ("--config", path)]
+    for training in settings.trainings:
+        common = ["--config", training.config, *settings.common_args, *training.args]
+        stages = {
+            "training": [*common, *logger_args(out, training.name, "check")],
+            "evaluation": [
+                *common,
+                *evaluation,
+                *settings.eval_args,
+                *logger_args(out, training.name, "check"),
+            ],
+        }
+        for stage, args in stages.items():
+            try:
+                with quiet_lightning():
+                    checked = cli.main(args, exit_on_refusal=False, run=False)
+                if stage == "training":
+                    checked.check_optimizer()
+            except SettingError as err:
+                raise SettingError(f"{training.name} ({stage}): {err}") from None
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Without Lightning's notes (devices found, seed set, tips): a check prints nothing."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def read_record(path: Path, fields: dict[str, type]) -> dict | None:
+    """A stage's record (``fit.json``, ``metrics.json``) if it is whole and well formed, else None.
+
+    The records are files we read back, so they are checked: a JSON object with each field of
+    the given type. A record that is not is ignored (its stage runs again), with a note.
+    """
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    if isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in fields.items()):
+        return record
+    print(f"[compare] ignoring {path}: not a record this command wrote; the stage runs again")
+    return None
+
+
+def valid_metrics(metrics: dict) -> bool:
+    """Finite numbers by name, accuracies and rates in [0, 1]."""
+    for name, value in metrics.items():
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+        ):
+            return False
+        if ("acc" in name.split("/")[-1] or "rate" in name) and not 0 <= value <= 1:
+            return False
+    return True
 
 
 def logger_args(out: Path, name: str, version: str) -> list[str]:
@@ -119,11 +226,10 @@ def fit(settings, training: Training, out: Path) -> dict:
     arguments = with_config_contents([*settings.common_args, *training.args])
     key = stage_key(Path(training.config).read_text(), *arguments)
     marker = out / training.name / "fit.json"
-    if marker.is_file():
-        done = json.loads(marker.read_text())
-        if done.get("key") == key and Path(done["ckpt_path"]).is_file():
-            print(f"[compare] {training.name}: reusing trained checkpoint {done['ckpt_path']}")
-            return done
+    done = read_record(marker, {"key": str, "ckpt_path": str, "train_time_s": float})
+    if done and done["key"] == key and Path(done["ckpt_path"]).is_file():
+        print(f"[compare] {training.name}: reusing trained checkpoint {done['ckpt_path']}")
+        return done
     print(f"[compare] {training.name}: training with {training.config}")
     start = time.perf_counter()
     run = cli.main(
@@ -156,11 +262,11 @@ def evaluate(settings, training: Training, out: Path, trained: dict) -> dict:
     texts = [Path(path).read_text() for path in settings.evaluation]
     arguments = with_config_contents(settings.eval_args)
     key = stage_key(trained["key"], trained["ckpt_path"], *texts, *arguments)
-    if marker.is_file():
-        done = json.loads(marker.read_text())
-        if done.get("key") == key:
-            print(f"[compare] {training.name}: reusing evaluation {marker}")
-            return done
+    done = read_record(marker, {"key": str, "log_dir": str, "metrics": dict})
+    inside = done and Path(done["log_dir"]).resolve().is_relative_to(out.resolve())
+    if done and inside and done["key"] == key and valid_metrics(done["metrics"]):
+        print(f"[compare] {training.name}: reusing evaluation {marker}")
+        return done
     print(f"[compare] {training.name}: attacking and certifying {trained['ckpt_path']}")
     evaluation = [arg for path in settings.evaluation for arg in ("--config", path)]
     run = cli.main(
@@ -195,6 +301,7 @@ def compare(argv: list[str]) -> Path:
     """
     settings = parse(argv)
     out = Path(settings.output_dir)
+    check_stages(settings, out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for training in settings.trainings:

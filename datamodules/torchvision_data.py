@@ -59,6 +59,11 @@ class TorchvisionDataModule(ImageDataModule):
         if not isinstance(data_dir, str | os.PathLike):
             raise SettingError(f"{owner} data_dir must be a folder path; got {data_dir!r}")
         self.data_dir = Path(data_dir)
+        blocked = next((p for p in (self.data_dir, *self.data_dir.parents) if p.is_file()), None)
+        if blocked is not None:
+            raise SettingError(
+                f"{owner} data_dir must be a folder path; {blocked} is a file, not a folder"
+            )
         self.download = bool(check_choice("download", download, [True, False], owner=owner))
         if not download and not self._files_present():
             raise self._not_found("download is off (set data.init_args.download: true to fetch)")

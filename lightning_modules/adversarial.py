@@ -40,6 +40,7 @@ __all__ = [
 
 SEED_ATTACK = AttackSpec(method="fgm", norm="2", eps=5.0)
 METHODS = ("at", "trades")
+TRADES_ATTACKS = ("pgd", "fgm")  # the attacks whose steps TRADES's KL maximization takes
 TRADES_BETA = 6.0
 """Default TRADES beta (= 1/lambda): Zhang et al. (2019), Table 5 (their MNIST script uses 1.0)."""
 ROBUST_VAL_STEPS = 10
@@ -289,6 +290,12 @@ class AdversarialClassifier(StandardClassifier):
                 raise SettingError(
                     f"{_OWNER} perturbed_fraction must be 1 (or unset) for method 'trades' (the "
                     f"TRADES loss uses the whole batch); got {perturbed_fraction!r}"
+                )
+            if spec.method not in TRADES_ATTACKS:
+                raise SettingError(
+                    f"{_OWNER} attack.method must be one of {', '.join(TRADES_ATTACKS)} for "
+                    "method 'trades' (its inner maximization is gradient ascent on the KL "
+                    f"term, with the attack's steps and step size); got {spec.method!r}"
                 )
             if spec.random_start is not None or spec.restarts != 1:
                 raise SettingError(

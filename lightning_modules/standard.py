@@ -54,18 +54,17 @@ class StandardClassifier(LightningModule):
         self.num_classes = num_classes
         self.image_shape = (in_channels, *image_size)
         self.model = nn.Sequential(Normalize(mean, std), backbone(in_channels, num_classes))
-        self._check_backbone_takes_images(backbone)
+        self._check_backbone_takes_images()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
-    def _check_backbone_takes_images(self, backbone: BackboneFactory) -> None:
+    def _check_backbone_takes_images(self) -> None:
         """Fail at configuration time when the backbone cannot take the data's images."""
-        name = getattr(backbone, "__name__", None) or getattr(
-            getattr(backbone, "func", None), "__name__", type(self.model[1]).__name__
-        )
+        # the built module's class: the factory may be a wrapper (LightningCLI's, a partial)
+        name = type(self.model[1]).__name__
         shape = "x".join(map(str, self.image_shape))
         try:
             with torch.no_grad():

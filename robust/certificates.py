@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from robust.checks import SettingError
+from robust.statistics import largest_certified_radius
 
 __all__ = [
     "ABSTAIN",
@@ -200,7 +201,10 @@ def read_tsv(
         >>> read_tsv(path)[0][0].radius
         0.3
     """
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise SettingError(f"{path} is not a certification TSV: it is not UTF-8 text") from None
     lines = text.split("\n")
     torn = lines.pop() != ""  # text after the last newline is an unfinished line
     if not lines:
@@ -396,6 +400,15 @@ def check_settings(
         )
 
 
+def _radius_cap(settings: Mapping[str, Any]) -> float:
+    """The largest radius the settings' (sigma, n, alpha) can certify, a hair above; inf without."""
+    try:
+        cap = largest_certified_radius(settings["sigma"], settings["n"], settings["alpha"])
+    except (KeyError, TypeError, SettingError):
+        return math.inf
+    return cap * (1 + 1e-9)
+
+
 def open_resumable(
     path: Path,
     settings: Mapping[str, Any],
@@ -440,7 +453,15 @@ def open_resumable(
             )
         check_settings(read_settings(sidecar), settings, checked, f"{owner} output {path}")
         rows, torn = read_tsv(path, num_classes=num_classes, indices=range(len(labels)))
+        cap = _radius_cap(settings)
         for row in rows:
+            if row.radius > cap:
+                raise SettingError(
+                    f"{owner} output {path}: row {row.idx} has radius {row.radius:g}, beyond "
+                    f"{cap:.6g}, the largest that sigma {settings['sigma']}, n {settings['n']} "
+                    f"and alpha {settings['alpha']} can certify; the file is corrupt or was "
+                    "written otherwise: give another output path"
+                )
             if row.label != int(labels[row.idx]):
                 raise SettingError(
                     f"{owner} output {path}: row {row.idx} has label {row.label} but the "

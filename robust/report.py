@@ -7,16 +7,17 @@ evaluation callbacks logged and the per-image certification TSVs (locuslab/smoot
 
 import json
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from scipy.stats import norm
 
 from robust.autoattack import STAGES as AUTOATTACK_STAGES
 from robust.certificates import certified_accuracy
 from robust.checks import SettingError, check_int, check_real
+from robust.statistics import largest_certified_radius
 
 
 def plot_certified_curves(
@@ -91,7 +92,7 @@ def certification_figure(
         float(np.mean(np.where(np.asarray(correct, dtype=bool), radius, 0.0))) if len(radius) else 0
     )
     title = f"sigma={sigma:g}, n0={n0}, n={n}, alpha={alpha:g}, {len(radius)} images, ACR={acr:.3f}"
-    cap = sigma * float(norm.ppf(alpha ** (1.0 / n)))
+    cap = largest_certified_radius(sigma, n, alpha)
     return plot_certified_curves(
         {"": (radius, correct)}, marks=radii, cap=cap if cap > 0 else None, title=title
     )
@@ -324,7 +325,7 @@ def _certification_sentence(
             described.setdefault(f"unknown settings ({err})", []).append(name)
             continue
         subset = f"every {_ordinal(skip)} test image, " if skip > 1 else ""
-        cap = sigma * float(norm.ppf(alpha ** (1.0 / n)))
+        cap = largest_certified_radius(sigma, n, alpha)
         text = (
             f"sigma {sigma:g}, n0 {stored.get('n0')}, n {n:,}, alpha {alpha:g} (no radius above"
             f" {cap:.3g} can be certified), on {subset}{certified[name][1]} images"
@@ -332,6 +333,38 @@ def _certification_sentence(
         described.setdefault(text, []).append(name)
     parts = [f"{text} ({', '.join(names)})" for text, names in described.items()]
     return "Certification: " + "; ".join(parts) + "."
+
+
+def read_examples(
+    path: Path,
+) -> tuple[np.ndarray, dict[str, np.ndarray], list[int], dict[str, list[int]]] | None:
+    """``adversarial_examples.npz`` (clean images, attacked images, labels, predictions), checked.
+
+    A file we read back: numbers only (no pickles), images of one shape with one label and one
+    prediction each. Returns None for anything else.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    clean, labels = arrays.get("clean"), arrays.get("labels")
+    if clean is None or labels is None or clean.ndim != 4 or labels.shape != clean.shape[:1]:
+        return None
+    adversarial = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("adv/")}
+    predictions = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("pred/")}
+    arrays_ok = all(v.shape == clean.shape for v in adversarial.values()) and all(
+        v.shape == labels.shape for v in predictions.values()
+    )
+    numeric = all(v.dtype.kind in "biuf" for v in arrays.values())
+    if not (arrays_ok and numeric):
+        return None
+    return (
+        clean,
+        adversarial,
+        labels.tolist(),
+        {key: value.tolist() for key, value in predictions.items()},
+    )
 
 
 def write_report(
@@ -456,13 +489,13 @@ def write_report(
         path = Path(result.get("log_dir") or "") / "adversarial_examples.npz"
         if not path.is_file():
             continue
-        data = np.load(path)
-        adversarial = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("adv/")}
-        predictions = {
-            k.split("/", 1)[1]: data[k].tolist() for k in data.files if k.startswith("pred/")
-        }
+        examples = read_examples(path)
+        if examples is None:
+            print(f"[report] {name}: no example images; {path} is not an examples file we wrote")
+            continue
+        clean, adversarial, labels, predictions = examples
         figures[f"examples_{_slug(name)}.png"] = plot_example_grid(
-            data["clean"], adversarial, data["labels"].tolist(), predictions, title=name
+            clean, adversarial, labels, predictions, title=name
         )
     writer = SummaryWriter(str(out / "tensorboard" / "comparison"))
     for filename, figure in figures.items():

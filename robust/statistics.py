@@ -12,11 +12,17 @@ import warnings
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.stats import beta, binomtest
+from scipy.stats import beta, binomtest, norm
 
 from robust.checks import SettingError, check_real
 
-__all__ = ["binomial_pvalue", "clopper_pearson_lower", "smallest_useful_n", "warn_if_useless_n"]
+__all__ = [
+    "binomial_pvalue",
+    "clopper_pearson_lower",
+    "largest_certified_radius",
+    "smallest_useful_n",
+    "warn_if_useless_n",
+]
 
 
 def clopper_pearson_lower(k: ArrayLike, n: ArrayLike, alpha: float) -> float | np.ndarray:
@@ -55,6 +61,20 @@ def clopper_pearson_lower(k: ArrayLike, n: ArrayLike, alpha: float) -> float | n
     # Beta(0, .) is degenerate; the k = 0 bound is 0 by definition, so evaluate at a safe k there.
     lower = np.where(k_f == 0, 0.0, beta.ppf(alpha, np.maximum(k_f, 1.0), n_f - k_f + 1.0))
     return float(lower) if lower.ndim == 0 else lower
+
+
+def largest_certified_radius(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius CERTIFY can return with n samples: sigma * Phi^-1(alpha ** (1 / n)).
+
+    All n samples on the top class give the largest lower bound on p_A (Cohen et al. 2019,
+    Algorithm 1 and Theorem 1), so no certificate with these settings goes beyond this radius.
+
+    Examples:
+        >>> round(largest_certified_radius(0.25, 100_000, 0.001), 4)
+        0.9529
+    """
+    bound = clopper_pearson_lower(n, n, alpha)
+    return float(sigma) * float(norm.ppf(bound))
 
 
 def binomial_pvalue(n_a: int, n_b: int) -> float:

@@ -1,5 +1,4 @@
 import importlib.util
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +9,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("PYTHONHASHSEED", "0")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

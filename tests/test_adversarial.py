@@ -93,6 +93,14 @@ TRADES = {"method": "trades", "attack": AttackSpec("pgd", "inf", 0.3, steps=10)}
             "random_start must be unset",
         ),
         ({**TRADES, "grad_align_weight": 0.2}, "grad_align_weight must be 0 for method 'trades'"),
+        (
+            {**TRADES, "attack": AttackSpec("autoattack", "inf", 0.3)},
+            "attack.method must be one of pgd, fgm for method 'trades'",
+        ),
+        (
+            {**TRADES, "attack": AttackSpec("square", "inf", 0.3)},
+            "attack.method must be one of pgd, fgm for method 'trades'",
+        ),
         ({"grad_align_weight": -0.1}, "grad_align_weight must be a number >= 0"),
         ({"robust_val_images": -1}, "robust_val_images must be an integer >= 0"),
         ({"robust_val_attack": AttackSpec(targeted=True)}, "robust_val_attack.targeted"),

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robust._attack_core import _default_channels_last
 from robust.apgd import apgd, apgd_checkpoints, apgd_t
 from robust.checks import SettingError
 from tests.tiny_models import batch, distance, generators, linear, small_cnn
@@ -294,7 +295,10 @@ def test_fast_cpu_layout_is_the_same_attack(fn):
     with torch.no_grad():
         y = model(x).argmax(1)
     kwargs = {"steps": 5, "n_target_classes": 2} if fn is apgd_t else {"steps": 5}
-    fast = fn(model, x, y, 0.1, "inf", generator=generators(range(150)), **kwargs)
+    assert _default_channels_last(model, x)  # the default on CPUs is the fast layout
+    fast = fn(
+        model, x, y, 0.1, "inf", generator=generators(range(150)), channels_last=True, **kwargs
+    )
     plain = fn(
         model, x, y, 0.1, "inf", generator=generators(range(150)), channels_last=False, **kwargs
     )

@@ -10,6 +10,7 @@ full standard settings there.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -240,11 +241,13 @@ def test_channels_last_gives_the_same_images_and_leaves_the_model_alone(lenet):
 
 def test_autoattack_in_inference_mode_eval_mode_and_parameters_untouched(lenet):
     model, x, y = lenet
-    wrapped = nn.Sequential(model, nn.Dropout(0.5))
+    wrapped = nn.Sequential(copy.deepcopy(model).requires_grad_(True), nn.Dropout(0.5))
     wrapped.train()
-    model[1][0].eval()  # mixed modes must survive
+    wrapped[0][1][0].eval()  # mixed modes must survive
     before = [m.training for m in wrapped.modules()]
-    grads = [None if p.grad is None else p.grad.clone() for p in wrapped.parameters()]
+    params = list(wrapped.parameters())
+    params[0].grad = torch.full_like(params[0], 3.0)  # a gradient the attack must leave alone
+    grads = [None if p.grad is None else p.grad.clone() for p in params]
     spec = AttackSpec("autoattack", "2", 1.5, steps=5, n_target_classes=2, n_queries=20)
 
     def gens():
@@ -260,5 +263,5 @@ def test_autoattack_in_inference_mode_eval_mode_and_parameters_untouched(lenet):
             for a, b in zip(grads, after, strict=True)
         )
     finally:
-        model.eval()
+        wrapped.eval()
     assert torch.equal(got, attack(model, x[:16], y[:16], spec, generator=gens()))

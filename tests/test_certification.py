@@ -25,6 +25,7 @@ from callbacks import Certification
 from robust.certificates import HEADER, CertifiedImage, read_tsv, summarize
 from robust.checks import SettingError
 from robust.smoothing import ABSTAIN, Smooth
+from robust.statistics import largest_certified_radius
 from tests.tensor_data import TensorData
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,6 +262,28 @@ def test_row_labelled_other_than_the_dataset_is_refused(tmp_path):
         certify(tmp_path / "b", sigma=SIGMA, output=str(output))
 
 
+@pytest.mark.parametrize("radius", ["99.0", "cap"])
+def test_row_beyond_the_largest_certifiable_radius_is_refused(tmp_path, radius):
+    output = tmp_path / "impossible.tsv"
+    certify(tmp_path / "a", sigma=SIGMA, output=str(output), stop_after=4)
+    cap = largest_certified_radius(SIGMA, 200, 0.01)
+    rows = read_tsv(output)[0]
+    correct = next(r for r in rows if r.correct)
+    text = output.read_text().splitlines(keepends=True)
+    at = 1 + rows.index(correct)
+    fields = text[at].split("\t")
+    # just above the cap is refused; the cap itself (all n samples on the top class) is not
+    fields[3] = repr(cap) if radius == "cap" else radius
+    text[at] = "\t".join(fields)
+    output.write_text("".join(text))
+    if radius == "cap":
+        resumed = certify(tmp_path / "b", sigma=SIGMA, output=str(output))
+        assert next(r for r in resumed.results if r.idx == correct.idx).radius == cap
+        return
+    with pytest.raises(SettingError, match=rf"row {correct.idx} has radius 99, beyond 0\.99988"):
+        certify(tmp_path / "b", sigma=SIGMA, output=str(output))
+
+
 def test_unwritable_output_is_one_clear_error(tmp_path):
     folder = tmp_path / "a_folder.tsv"
     folder.mkdir()
@@ -377,6 +400,9 @@ def test_tsv_line_round_trip_is_exact_and_locuslab_shaped():
         ({"radii": []}, "radii"),
         ({"autocast": "fp8"}, "autocast"),
         ({"stop_after": -1}, "stop_after"),
+        ({"n": 1000 * 1024 + 1}, "n must be at most 1,024,000 "),
+        ({"n0": 10 * 1024 + 1, "noise_block": 10}, "n0 must be at most 10,240 "),
+        ({"val_n": 2**30}, "val_n must be at most"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs, name):
@@ -402,7 +428,14 @@ def test_small_n_certifies_nothing_as_warned(tmp_path):
 
 
 def test_validation_certification_every_k_epochs(tmp_path):
-    callback = Certification(sigma=SIGMA, n0=10, n=50, every_n_val_epochs=2, val_n=100)
+    calls = []
+
+    class Counting(Certification):
+        def run(self, trainer, pl_module, stage):
+            calls.append((stage, trainer.current_epoch, trainer.sanity_checking))
+            return super().run(trainer, pl_module, stage)
+
+    callback = Counting(sigma=SIGMA, n0=10, n=50, every_n_val_epochs=2, val_n=100)
     trainer = Trainer(
         default_root_dir=tmp_path,
         logger=TensorBoardLogger(tmp_path, name="logs"),
@@ -412,6 +445,7 @@ def test_validation_certification_every_k_epochs(tmp_path):
         enable_model_summary=False,
     )
     trainer.fit(TinyModule(), datamodule=TinyData())
+    assert calls == [("val", 1, False)]  # the 2nd of 3 epochs; never in the sanity check
     assert "val_certify/acr" in trainer.callback_metrics
     assert "certify/acr" not in trainer.callback_metrics
     assert len(callback.val_results) == 11
@@ -508,3 +542,11 @@ def test_kill_9_during_certification_then_the_same_command_resumes(tmp_path):
     assert 2 <= written < 11
     subprocess.run([sys.executable, str(script), str(killed), n], check=True, timeout=600)
     assert certificates_only(killed) == certificates_only(whole)
+
+
+def test_a_tsv_that_is_not_text_is_refused_naming_it(tmp_path):
+    output = tmp_path / "binary.tsv"
+    certify(tmp_path / "a", sigma=SIGMA, output=str(output), stop_after=2)
+    output.write_bytes(output.read_bytes() + b"\xff\xfe\n")
+    with pytest.raises(SettingError, match=rf"{output} is not a certification TSV: it is not UTF"):
+        certify(tmp_path / "b", sigma=SIGMA, output=str(output))

@@ -122,7 +122,7 @@ def test_bad_input_fails_fast_with_one_clear_message(args, message, in_tmp):
     assert not (in_tmp / "runs").exists()  # nothing started
 
 
-def test_backbone_image_size_mismatch_is_a_clear_error(in_tmp, monkeypatch):
+def test_backbone_image_size_mismatch_is_a_clear_error(in_tmp, monkeypatch, capsys):
     from tests.test_datamodules import test_cifar10_format_read_from_disk
 
     test_cifar10_format_read_from_disk(in_tmp, monkeypatch)
@@ -139,6 +139,8 @@ def test_backbone_image_size_mismatch_is_a_clear_error(in_tmp, monkeypatch):
             str(in_tmp),
         )
     assert info.value.code == 2
+    error = capsys.readouterr().err
+    assert "backbone LeNet cannot take images of shape 3x32x32" in error, error
 
 
 def test_console_script_runs_and_exits_zero(in_tmp):

@@ -224,3 +224,119 @@ def test_fit_killed_with_sigkill_resumes_from_last(in_tmp):
     assert resumed.trainer.global_step == 3 * 5
     final = torch.load(in_tmp / "runs/mnist_standard/version_1/checkpoints/last.ckpt")
     assert (final["epoch"], final["global_step"]) == (2, 15)
+
+
+# ------------------------------------------------------- checkpoints with a malformed structure
+
+
+def _edited(checkpoints, in_tmp, edit) -> str:
+    """A copy of the standard checkpoint changed by ``edit(checkpoint)``; returns its path."""
+    checkpoint = torch.load(checkpoints["standard"], weights_only=True)
+    edit(checkpoint)
+    path = in_tmp / "edited.ckpt"
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+def _first_weight(checkpoint) -> str:
+    return next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda c: c["state_dict"][_first_weight(c)].view(-1).__setitem__(0, float("nan")),
+            "hold NaN or infinite values",
+        ),
+        (lambda c: c.__setitem__("state_dict", {}), "'state_dict' must be a non-empty mapping"),
+        (lambda c: c.__setitem__("state_dict", 5), "'state_dict' must be a non-empty mapping"),
+        (lambda c: c["state_dict"].__setitem__("x", 3), "entry 'x' is not a named tensor"),
+        (lambda c: c.pop("pytorch-lightning_version"), "no 'pytorch-lightning_version'"),
+        (lambda c: c.__setitem__("hyper_parameters", [1]), "'hyper_parameters' must be a mapping"),
+        (lambda c: c["state_dict"].pop(_first_weight(c)), "it lacks weights model."),
+        (
+            lambda c: c["state_dict"].__setitem__("model.9.weight", torch.zeros(2)),
+            "it has extra weights model.9.weight",
+        ),
+        (
+            lambda c: c["state_dict"].__setitem__(_first_weight(c), torch.zeros(2)),
+            "it has reshaped weights model.",
+        ),
+    ],
+    ids=[
+        "nan",
+        "empty",
+        "not-a-dict",
+        "not-a-tensor",
+        "no-version",
+        "hparams-list",
+        "missing",
+        "extra",
+        "reshaped",
+    ],
+)
+def test_malformed_checkpoint_is_refused_before_testing(
+    edit, expected, checkpoints, in_tmp, capsys
+):
+    path = _edited(checkpoints, in_tmp, edit)
+    line = refusal(capsys, "test", "--config", STANDARD, "--ckpt_path", path, *QUIET)
+    assert expected in line and path in line
+    assert not (in_tmp / "runs" / "default" / "version_0" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: c.__setitem__("optimizer_states", []), "it holds no optimizer state"),
+        (lambda c: c.__setitem__("optimizer_states", 5), "its 'optimizer_states' is a int"),
+        (lambda c: c.pop("loops"), "its 'loops' is missing"),
+        (lambda c: c.__setitem__("epoch", "abc"), "its 'epoch' is a str"),
+        (lambda c: c.__setitem__("callbacks", [1]), "its 'callbacks' is a list"),
+    ],
+    ids=["no-optimizer", "optimizer-int", "no-loops", "epoch-str", "callbacks-list"],
+)
+def test_resuming_fit_needs_the_whole_training_state(edit, expected, checkpoints, in_tmp, capsys):
+    path = _edited(checkpoints, in_tmp, edit)
+    line = refusal(capsys, "fit", "--config", STANDARD, "--ckpt_path", path, *TINY)
+    assert "cannot resume fit" in line and expected in line
+
+
+def test_checkpoint_url_is_checked_as_the_local_file_or_refused(checkpoints, in_tmp, capsys):
+    nan = _edited(
+        checkpoints,
+        in_tmp,
+        lambda c: c["state_dict"][_first_weight(c)].view(-1).__setitem__(0, float("inf")),
+    )
+    line = refusal(capsys, "test", "--config", STANDARD, "--ckpt_path", f"file://{nan}", *QUIET)
+    assert "hold NaN or infinite values" in line
+    line = refusal(capsys, "test", "--config", STANDARD, "--ckpt_path", "s3://bucket/x.ckpt")
+    assert "remote checkpoints are not loaded" in line
+    args = ["--config", STANDARD, "--ckpt_path", f"file://{checkpoints['standard']}", *QUIET]
+    tested = cli.main(["test", *args, "--trainer.limit_test_batches", "1"])
+    assert "test/acc" in tested.trainer.callback_metrics
+
+
+def test_testing_without_a_checkpoint_warns_that_the_model_is_untrained(in_tmp):
+    with pytest.warns(UserWarning, match="without ckpt_path evaluates the model as built"):
+        cli.main(["test", "--config", STANDARD, "--trainer.limit_test_batches", "1", *QUIET])
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model.init_args.optimizer.init_args.lr", "-1"], "Invalid learning rate: -1"),
+        (["--model.init_args.optimizer.init_args.momentum", "-1"], "Invalid momentum value"),
+    ],
+)
+def test_bad_optimizer_settings_are_refused_before_training(args, expected, in_tmp, capsys):
+    base = ["fit", "--config", STANDARD, "--model.init_args.optimizer", "torch.optim.SGD"]
+    line = refusal(capsys, *base, *args, *TINY)
+    assert line.startswith("error: model optimizer or lr_scheduler settings:") and expected in line
+    assert not list(in_tmp.rglob("*.ckpt"))
+
+
+def test_a_folder_given_as_checkpoint_is_named_a_folder(in_tmp, capsys):
+    (in_tmp / "ckpts").mkdir()
+    line = refusal(capsys, "test", "--config", STANDARD, "--ckpt_path", str(in_tmp / "ckpts"))
+    assert "is a folder; give a .ckpt file" in line

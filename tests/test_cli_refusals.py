@@ -1,10 +1,12 @@
 """Refusals reach the user as one ``error:`` line with exit status 2, wherever they happen."""
 
 import ast
+import errno
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,14 @@ def test_other_exceptions_keep_their_traceback(in_tmp):
             "error: model.sigma: Expected a <class 'float'>. Got value: abc",
         ),
         (["--model.init_args.nope", "3"], "error: model: Option 'nope' is not accepted"),
+        # Lightning's own refusals of trainer settings, and the seed numpy would refuse
+        (
+            ["--trainer.devices", "0"],
+            "error: trainer: `Trainer(devices='0')` value is not a valid input",
+        ),
+        (["--trainer.max_epochs", "-5"], "error: trainer: `max_epochs` must be a non-negative"),
+        (["--seed_everything", "-1"], "error: seed_everything must be true (a random seed, lo"),
+        (["--seed_everything", str(2**32)], "error: seed_everything must be true"),
     ],
 )
 def test_the_reason_behind_a_refused_class_is_the_error_line(args, expected, in_tmp, capsys):
@@ -210,6 +220,23 @@ def test_read_only_output_folder_is_refused(in_tmp, capsys):
         assert "is not writable: Permission denied" in refusal(capsys, *args)
     finally:
         folder.chmod(0o755)
+
+
+def test_unwritable_output_folder_is_refused_even_as_root(in_tmp, capsys, monkeypatch):
+    """The same refusal where chmod cannot show it (root writes anywhere): the probe is denied."""
+    folder = in_tmp / "denied"
+    folder.mkdir()
+    probe = tempfile.NamedTemporaryFile
+
+    def denied(*args, dir=None, **kwargs):
+        if Path(dir) == folder:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return probe(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", denied)
+    args = fit_args("--trainer.logger.init_args.save_dir", str(folder))
+    assert "is not writable: Permission denied" in refusal(capsys, *args)
+    assert not list(folder.iterdir())
 
 
 def test_full_disk_is_refused_before_training(in_tmp, capsys, monkeypatch):

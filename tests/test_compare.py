@@ -132,10 +132,11 @@ def test_compare_end_to_end_report_matches_metrics_and_tsvs(tmp_path, capsys):
         new = Path(json.loads((out / name / "metrics.json").read_text())["log_dir"])
         assert new != old and len(read_tsv(new / "certify_test.tsv")[0]) == 3
         assert len(read_tsv(old / "certify_test.tsv")[0]) == 5  # untouched
+    third = table_rows((out / "report.md").read_text())
+    assert set(log_dirs) <= set(third)  # every model has its row (all() of nothing is True)
     assert all(
-        row["correct_certified"].startswith(("0 of 3", "1 of 3", "2 of 3", "3 of 3"))
-        for name, row in table_rows((out / "report.md").read_text()).items()
-        if name in log_dirs
+        third[name]["correct_certified"].startswith(("0 of 3", "1 of 3", "2 of 3", "3 of 3"))
+        for name in log_dirs
     )
 
 
@@ -204,3 +205,121 @@ def test_report_draws_and_links_only_the_figures_of_what_was_evaluated(tmp_path)
     assert "(attack_accuracy.png)" in report and "certified_accuracy" not in report
     assert (tmp_path / "b" / "attack_accuracy.png").is_file()
     assert not (tmp_path / "b" / "certified_accuracy.png").exists()
+
+
+def refused(capsys, argv: list[str]) -> str:
+    """Run robust-compare, expect a refusal, and return its one ``error:`` line."""
+    with pytest.raises(SystemExit) as exit_info:
+        compare.console(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_a_bad_last_evaluation_is_refused_before_any_training(tmp_path, capsys):
+    settings = tiny_settings(tmp_path)
+    evaluation = yaml.safe_load((tmp_path / "eval.yaml").read_text())
+    evaluation["trainer"]["callbacks+"][1]["init_args"]["n0"] = 0
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation))
+    line = refused(capsys, ["--config", str(settings)])
+    assert line.startswith("error: standard (evaluation): ") and "n0 must be" in line
+    assert not (tmp_path / "results").exists()  # nothing trained, nothing written
+
+
+def test_a_bad_optimizer_of_the_last_training_is_refused_before_any_training(tmp_path, capsys):
+    settings = tiny_settings(tmp_path)
+    config = yaml.safe_load(settings.read_text())
+    config["trainings"][-1]["args"] += [
+        "--model.init_args.optimizer=torch.optim.SGD",
+        "--model.init_args.optimizer.init_args.lr=-1",
+    ]
+    settings.write_text(yaml.safe_dump(config))
+    line = refused(capsys, ["--config", str(settings)])
+    assert line.startswith("error: noise (training): model optimizer") and "-1" in line
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (["a", "a"], "name 'a' is given twice"),
+        (["a", "../escape"], "name '../escape' must be a plain folder name"),
+        (["a/b"], "name 'a/b' must be a plain folder name"),
+    ],
+)
+def test_training_names_are_distinct_folder_names(names, expected, tmp_path, capsys):
+    trainings = [{"name": n, "config": str(ROOT / "configs/mnist/standard.yaml")} for n in names]
+    line = refused(capsys, ["--trainings", json.dumps(trainings), "--output_dir", str(tmp_path)])
+    assert expected in line
+
+
+def test_an_output_dir_behind_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    trainings = [{"name": "a", "config": str(ROOT / "configs/mnist/standard.yaml")}]
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        line = refused(capsys, ["--trainings", json.dumps(trainings), "--output_dir", str(out)])
+        assert f"output_dir {out} cannot be a folder" in line
+
+
+@pytest.mark.parametrize(
+    ("record", "fields"),
+    [
+        ("not json", {"key": str}),
+        ("[1, 2]", {"key": str}),
+        ('{"key": 5}', {"key": str}),
+        ('{"key": "k"}', {"key": str, "metrics": dict}),
+    ],
+)
+def test_a_malformed_stage_record_is_ignored_not_trusted(record, fields, tmp_path, capsys):
+    path = tmp_path / "fit.json"
+    path.write_text(record)
+    assert compare.read_record(path, fields) is None
+    assert f"ignoring {path}" in capsys.readouterr().out
+    path.write_text('{"key": "k", "metrics": {}}')
+    assert compare.read_record(path, fields) == {"key": "k", "metrics": {}}
+
+
+@pytest.mark.parametrize(
+    ("metrics", "valid"),
+    [
+        ({"test/acc": 0.9, "certify/acr": 1.7}, True),
+        ({"test/acc": 7.5}, False),
+        ({"certify/abstain_rate": -0.1}, False),
+        ({"certify/acr": float("nan")}, False),
+        ({"test/acc": "0.9"}, False),
+    ],
+)
+def test_recorded_metrics_are_checked(metrics, valid):
+    assert compare.valid_metrics(metrics) is valid
+
+
+def test_example_images_files_are_checked_before_use(tmp_path):
+    from robust.report import read_examples
+
+    path = tmp_path / "adversarial_examples.npz"
+    good = {
+        "indices": np.arange(3),
+        "labels": np.array([1, 2, 3]),
+        "clean": np.zeros((3, 1, 4, 4), np.float32),
+        "pred/clean": np.array([1, 2, 0]),
+        "adv/fgm": np.ones((3, 1, 4, 4), np.float32),
+        "pred/fgm": np.array([0, 2, 0]),
+    }
+    np.savez(path, **good)
+    clean, adversarial, labels, predictions = read_examples(path)
+    assert clean.shape == (3, 1, 4, 4)
+    assert labels == [1, 2, 3] and predictions["fgm"] == [0, 2, 0] and set(adversarial) == {"fgm"}
+    bad = [
+        {k: v for k, v in good.items() if k != "clean"},  # no clean images
+        {**good, "adv/fgm": np.ones((2, 1, 4, 4), np.float32)},  # a shape that does not fit
+        {**good, "pred/fgm": np.array([0, 1])},
+        {**good, "labels": np.array(["a", "b", "c"])},  # not numbers
+    ]
+    for arrays in bad:
+        np.savez(path, **arrays)
+        assert read_examples(path) is None
+    np.savez(path, **{**good, "adv/fgm": np.array([object()] * 3, dtype=object)})
+    assert read_examples(path) is None  # a pickle inside is never loaded
+    path.write_bytes(b"not a zip")
+    assert read_examples(path) is None

@@ -64,6 +64,13 @@ def test_a_large_tensor_comes_from_the_kept_heap_only_after_retain_freed_memory(
     assert kept == {"applied": True, "new_mappings": 0, "heap_given_back": 0}
 
 
-def test_retain_freed_memory_is_applied_once_and_says_whether_it_was():
-    assert retain_freed_memory() is retain_freed_memory()
-    assert isinstance(retain_freed_memory(), bool)
+def test_retain_freed_memory_is_applied_once_and_says_whether_it_was(monkeypatch):
+    first = retain_freed_memory()
+    assert isinstance(first, bool)
+
+    def second_call(*args, **kwargs):
+        raise AssertionError("mallopt reached a second time")
+
+    # a later call returns the first answer without touching the C library again
+    monkeypatch.setattr(ctypes, "CDLL", second_call)
+    assert retain_freed_memory() is first

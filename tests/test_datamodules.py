@@ -90,6 +90,14 @@ def test_bad_torchvision_settings_fail_with_the_setting_named(tmp_path, setting,
         MNISTDataModule(**kwargs)
 
 
+@pytest.mark.parametrize("download", [True, False])
+def test_a_file_where_data_dir_should_be_is_refused_before_any_download(tmp_path, download):
+    (tmp_path / "a_file").write_text("")
+    for data_dir in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        with pytest.raises(SettingError, match=r"data_dir must be a folder path; .*a_file is a"):
+            MNISTDataModule(data_dir=str(data_dir), download=download)
+
+
 def test_identity_names_the_images_not_the_storage(tmp_path):
     dm = EmbeddedMNISTDataModule(seed=3, val_fraction=0.2)
     identity = dm.identity()

@@ -18,7 +18,7 @@ from statsmodels.stats.proportion import binom_test, proportion_confint
 from torch import nn
 
 from robust import smoothing
-from robust.smoothing import ABSTAIN, Certificate, Smooth
+from robust.smoothing import ABSTAIN, PREDICTION_STREAM, Certificate, Smooth
 from robust.statistics import binomial_pvalue, clopper_pearson_lower, smallest_useful_n
 from tests.tiny_models import small_cnn
 
@@ -283,13 +283,16 @@ def test_reproducible_across_batch_size_order_and_packing(device: str) -> None:
 def test_predict_reproducible_across_batch_size() -> None:
     model = small_cnn(seed=3)
     images = _random_images(5)
-    a = Smooth(model, 5, 0.5, batch_size=13, noise_block=20).predict_batch(
+    small, large = (Smooth(model, 5, 0.5, batch_size=b, noise_block=20) for b in (13, 999))
+    assert small.predict_batch(images, range(5), 90, 0.1) == large.predict_batch(
         images, range(5), 90, 0.1
     )
-    b = Smooth(model, 5, 0.5, batch_size=999, noise_block=20).predict_batch(
-        images, range(5), 90, 0.1
-    )
-    assert a == b
+    # the class counts behind the predictions, not only the predictions, are the same
+    streams = [(PREDICTION_STREAM, 90)]
+    counts = small._sample_counts(images, list(range(5)), streams, None)
+    assert np.array_equal(counts, large._sample_counts(images, list(range(5)), streams, None))
+    other = Smooth(model, 5, 0.5, batch_size=13, noise_block=20, seed=1)  # the control
+    assert not np.array_equal(counts, other._sample_counts(images, list(range(5)), streams, None))
 
 
 def test_channels_last_draws_the_same_noise() -> None:
@@ -370,10 +373,16 @@ def test_noise_threads_and_batch_size_changed_between_calls() -> None:
     """A buffer of the same size for another (batch size, threads) pair is not reused wrongly."""
     model, images = small_cnn(seed=3), _random_images(3)
     smooth = Smooth(model, 5, 0.5, noise_block=5, batch_size=10, noise_threads=2)
-    first = smooth.predict_batch(images, [0, 1, 2], 100, 0.01)  # 10 + 2 * 5 rows
+    streams = [(PREDICTION_STREAM, 100)]
+    first = smooth._sample_counts(images, [0, 1, 2], streams, None)  # 10 + 2 * 5 rows
     smooth.noise_threads = 1
-    second = smooth.predict_batch(images, [0, 1, 2], 100, 0.01, batch_size=15)  # 15 + 1 * 5
-    assert first == second
+    second = smooth._sample_counts(images, [0, 1, 2], streams, 15)  # 15 + 1 * 5 rows
+    assert np.array_equal(first, second)
+    assert smooth.predict_batch(images, [0, 1, 2], 100, 0.01, batch_size=15) == (
+        Smooth(model, 5, 0.5, noise_block=5, batch_size=10).predict_batch(
+            images, [0, 1, 2], 100, 0.01
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- validation
@@ -407,10 +416,10 @@ def test_construction_validation(kwargs: dict, name: str) -> None:
 )
 def test_call_validation(n0: int, n: int, alpha: float, name: str) -> None:
     smooth = Smooth(Constant(3, 0), 3, 0.5)
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=rf"^{name} must be"):
         smooth.certify(torch.rand(1, 4, 4), n0, n, alpha)
     if name != "n0":
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ValueError, match=rf"^{name} must be"):
             smooth.predict(torch.rand(1, 4, 4), n, alpha)
 
 
