@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -55,9 +56,21 @@ class Training:
     label: str | None = None
 
 
+class CompareArgumentParser(ArgumentParser):
+    """jsonargparse's parser whose errors raise a one-line :class:`SettingError` (no usage page)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Raise :class:`SettingError` with the essential line of ``message``."""
+        if not self.exit_on_error:  # jsonargparse's internal parsers keep their own errors
+            super().error(message, ex)
+        raise SettingError(
+            f"{cli.essential_message(ex, message)} (robust-compare --help lists the options)"
+        ) from ex
+
+
 def parse(argv: list[str]):
     """Settings of the comparison (from ``--config`` YAML and flags)."""
-    parser = ArgumentParser(prog="robust-compare", description=__doc__.splitlines()[0])
+    parser = CompareArgumentParser(prog="robust-compare", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--output_dir", type=str, default="results/mnist_compare")
     parser.add_argument("--trainings", type=list[Training], default=[])

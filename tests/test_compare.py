@@ -146,7 +146,21 @@ def test_compare_refuses_missing_configs_with_one_line(tmp_path, capsys):
             ["--trainings", '[{"name": "x", "config": "nope.yaml"}]', "--evaluation", "[nope.yaml]"]
         )
     assert exit_info.value.code == 2
-    assert "nope.yaml" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nope.yaml" in err[0], err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--nope", "1"], "unrecognized arguments: --nope 1"),
+        (["--trainings", '[{"name": "a", "config": "x.yaml", "colour": 1}]'], "'colour' is not"),
+        (["--trainings", "[]"], "trainings: give at least one"),
+    ],
+)
+def test_compare_parse_errors_are_one_line_without_a_usage_page(argv, expected, capsys):
+    line = refused(capsys, argv)
+    assert expected in line and "robust-compare --help" in line
 
 
 def test_compare_reports_a_refusal_as_one_error_line(tmp_path, capsys):
