@@ -26,6 +26,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,7 @@ def check_stages(settings, out: Path) -> None:
         for stage, args in stages.items():
             try:
                 with quiet_lightning():
-                    checked = cli.main(args, exit_on_refusal=False, run=False)
+                    checked = run_cli(args, run=False)
                 if stage == "training":
                     checked.check_optimizer()
             except SettingError as err:
@@ -200,6 +201,17 @@ def valid_metrics(metrics: dict) -> bool:
     return True
 
 
+def run_cli(args: list[str], run: bool = True) -> cli.RobustCLI:
+    """:func:`cli.main` on a stage's arguments; a refusal raises :class:`SettingError`.
+
+    The arguments are the stage's own, so LightningCLI's warning about the process's other
+    arguments (which would echo the whole command) is not shown.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return cli.main(args, exit_on_refusal=False, run=run)
+
+
 def logger_args(out: Path, name: str, version: str) -> list[str]:
     """Log under ``<out>/tensorboard/<name>/<version>``."""
     return [
@@ -245,7 +257,7 @@ def fit(settings, training: Training, out: Path) -> dict:
         return done
     print(f"[compare] {training.name}: training with {training.config}")
     start = time.perf_counter()
-    run = cli.main(
+    run = run_cli(
         [
             "fit",
             "--config",
@@ -255,8 +267,7 @@ def fit(settings, training: Training, out: Path) -> dict:
             *logger_args(out, training.name, f"fit-{key}"),
             "--checkpoint.dirpath",
             str(out / training.name / "checkpoints" / key),
-        ],
-        exit_on_refusal=False,
+        ]
     )
     best = run.trainer.checkpoint_callback
     done = {
@@ -282,7 +293,7 @@ def evaluate(settings, training: Training, out: Path, trained: dict) -> dict:
         return done
     print(f"[compare] {training.name}: attacking and certifying {trained['ckpt_path']}")
     evaluation = [arg for path in settings.evaluation for arg in ("--config", path)]
-    run = cli.main(
+    run = run_cli(
         [
             "test",
             "--config",
@@ -294,8 +305,7 @@ def evaluate(settings, training: Training, out: Path, trained: dict) -> dict:
             *logger_args(out, training.name, f"test-{key}"),
             "--ckpt_path",
             trained["ckpt_path"],
-        ],
-        exit_on_refusal=False,
+        ]
     )
     done = {
         "key": key,
