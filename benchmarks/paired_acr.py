@@ -1,0 +1,123 @@
+"""Compare certification TSVs image by image: ACR on the images they share, with a paired error.
+
+A model certified on a subset of the test set (on a CPU, every k-th image) is compared with
+reference models certified on all of it. On the shared images the ACR difference of the two is a
+mean of per-image differences, so its standard error is small (the images' difficulty cancels).
+Adding it to the reference's ACR on all images estimates the subset model's ACR there; that is
+an estimate, printed as one, not a measurement.
+
+    python benchmarks/paired_acr.py docs/cpu_smoothadv30/certify_smoothadv_0.25.tsv \
+        docs/gpu_h200/certify_noise_sigma0.25_n100000.tsv --every 10 20
+
+``--every K`` restricts the subset TSV to the images whose index is a multiple of K (the nested
+subsets of a run resumed with a smaller ``skip`` each time), one table per K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .`
+
+from robust.certificates import CertifiedImage, read_tsv, summarize  # noqa: E402
+
+RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+Z95 = 1.959963984540054
+
+
+def rows_by_index(path: Path) -> dict[int, CertifiedImage]:
+    """The TSV's rows by dataset index (checked by :func:`read_tsv`; a torn last line dropped)."""
+    rows, _ = read_tsv(path)
+    return {row.idx: row for row in rows}
+
+
+def paired(
+    subset: dict[int, CertifiedImage], reference: dict[int, CertifiedImage]
+) -> dict[str, float]:
+    """ACR of both on the shared images, their paired difference, and the estimate on all.
+
+    Examples:
+        >>> a = {i: CertifiedImage(i, 0, 0, 0.5, 1, 0.0) for i in (0, 2)}
+        >>> b = {i: CertifiedImage(i, 0, 0, 0.25 * (i % 2 + 1), 1, 0.0) for i in range(4)}
+        >>> result = paired(a, b)
+        >>> result["difference"], result["reference_all"], result["estimate_all"]
+        (0.25, 0.375, 0.625)
+    """
+    shared = sorted(set(subset) & set(reference))
+    if not shared:
+        raise SystemExit("error: the TSVs share no image")
+    mine = np.array([subset[i].radius * subset[i].correct for i in shared])
+    theirs = np.array([reference[i].radius * reference[i].correct for i in shared])
+    difference = mine - theirs
+    standard_error = (
+        float(difference.std(ddof=1) / math.sqrt(len(shared))) if len(shared) > 1 else math.nan
+    )
+    reference_all = float(np.mean([r.radius * r.correct for r in reference.values()]))
+    return {
+        "images": float(len(shared)),
+        "acr_subset": float(mine.mean()),
+        "acr_reference": float(theirs.mean()),
+        "difference": float(difference.mean()),
+        "standard_error": standard_error,
+        "reference_all": reference_all,
+        "reference_images": float(len(reference)),
+        "estimate_all": reference_all + float(difference.mean()),
+    }
+
+
+def report(subset_path: Path, reference_paths: Sequence[Path], every: Sequence[int]) -> str:
+    """Markdown tables: per K, the subset's certified accuracy and the paired comparisons."""
+    subset_all = rows_by_index(subset_path)
+    references = {path: rows_by_index(path) for path in reference_paths}
+    lines = []
+    for k in every:
+        subset = {i: row for i, row in subset_all.items() if i % k == 0}
+        summary = summarize(list(subset.values()), RADII)
+        accuracy = " / ".join(f"{100 * summary[f'certified_acc@{r:g}']:.2f}" for r in RADII)
+        lines += [
+            f"## test images with index % {k} == 0: {len(subset)} of {subset_path.name}",
+            "",
+            f"certified accuracy at r = {' / '.join(f'{r:g}' for r in RADII)}: {accuracy}%; "
+            f"ACR {summary['acr']:.4f}",
+            "",
+            "| reference | shared images | ACR ours | ACR reference | difference (SE) "
+            "| reference ACR on all | estimate on all (95%) |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for path, reference in references.items():
+            p = paired(subset, reference)
+            half = Z95 * p["standard_error"]
+            lines.append(
+                f"| {path.name} | {p['images']:.0f} | {p['acr_subset']:.4f} | "
+                f"{p['acr_reference']:.4f} | {p['difference']:+.4f} ({p['standard_error']:.4f}) | "
+                f"{p['reference_all']:.4f} on {p['reference_images']:.0f} | "
+                f"{p['estimate_all']:.4f} +- {half:.4f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the tables for the TSVs on the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("subset", type=Path, help="TSV of the model certified on a subset")
+    parser.add_argument("references", type=Path, nargs="+", help="TSVs certified on all images")
+    parser.add_argument("--every", type=int, nargs="+", default=[1], help="nested subsets")
+    args = parser.parse_args(argv)
+    if any(k < 1 for k in args.every):
+        parser.exit(2, "error: --every takes integers >= 1\n")
+    for path in (args.subset, *args.references):
+        if not path.is_file():
+            parser.exit(2, f"error: {path} is not a file\n")
+    print(report(args.subset, args.references, args.every))
+
+
+if __name__ == "__main__":
+    main()
