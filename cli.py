@@ -855,6 +855,8 @@ class RobustCLI(LightningCLI):
             self.model.configure_optimizers()
         except (ValueError, TypeError) as err:
             refuse(f"model optimizer or lr_scheduler settings: {_one_line(str(err))}")
+        except RuntimeError:
+            return  # it needs the running trainer (e.g. its step count): fit builds it then
 
     def _run_trainer(self, method: str, kwargs: dict[str, Any]) -> None:
         self.check_output_folders(fitting=method == "fit")
