@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import tempfile
+import urllib.parse
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -247,7 +248,10 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         SettingError: Naming the file and why it was refused.
     """
     if Path(path).is_dir():
-        refuse(f"ckpt_path {path!r} is a folder; give a .ckpt file written by fit, or 'last'")
+        refuse(
+            f"ckpt_path {path!r} is a folder; give a .ckpt file written by fit (checkpoints "
+            "sharded into folders are not read)"
+        )
     if not Path(path).is_file():
         refuse(f"ckpt_path {path!r} does not exist (give a .ckpt file written by fit, or 'last')")
     try:
@@ -282,7 +286,10 @@ RESUME_ENTRIES = {
 
 
 def check_checkpoint_structure(path: str, checkpoint: Mapping[str, Any]) -> None:
-    """Refuse a checkpoint whose entries Lightning would trip over, or whose weights are not finite.
+    """Refuse a checkpoint whose entries Lightning would trip over, or whose tensors hold NaN.
+
+    (Infinite values are legitimate in some buffers, such as masks; parameters are checked for
+    them against the built model, :func:`check_weights_fit_model`.)
 
     Raises:
         SettingError: Naming the file and the first entry that is wrong.
@@ -293,8 +300,8 @@ def check_checkpoint_structure(path: str, checkpoint: Mapping[str, Any]) -> None
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             refuse(f"ckpt_path {path!r}: state_dict entry {key!r} is not a named tensor")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            refuse(f"ckpt_path {path!r}: the weights {key!r} hold NaN or infinite values")
+        if value.is_floating_point() and bool(torch.isnan(value).any()):
+            refuse(f"ckpt_path {path!r}: the weights {key!r} hold NaN values")
     if not isinstance(checkpoint.get("pytorch-lightning_version"), str):
         refuse(f"ckpt_path {path!r} is not a Lightning checkpoint (no 'pytorch-lightning_version')")
     hparams = checkpoint.get("hyper_parameters")
@@ -327,7 +334,9 @@ def check_resumable(path: str, checkpoint: Mapping[str, Any]) -> None:
 
 
 def check_weights_fit_model(path: str, state: Mapping[str, Any], model: torch.nn.Module) -> None:
-    """Refuse weights that the built model would not load (missing, extra or reshaped tensors).
+    """Refuse weights the built model would not load, or parameters that are not finite.
+
+    Missing, extra or reshaped tensors are named (the first three of each kind).
 
     Raises:
         SettingError: Naming the file and the first few tensors that disagree.
@@ -348,6 +357,10 @@ def check_weights_fit_model(path: str, state: Mapping[str, Any], model: torch.nn
                 f"({type(model).__name__}): it {problem} weights {', '.join(keys[:3])}{more}; "
                 "use the config (model class and backbone) the checkpoint was trained with"
             )
+    for key, _ in model.named_parameters():
+        value = state[key]
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            refuse(f"ckpt_path {path!r}: the parameters {key!r} hold infinite values")
 
 
 def local_checkpoint_path(path: str) -> str | None:
@@ -358,8 +371,9 @@ def local_checkpoint_path(path: str) -> str | None:
     """
     if path in {"hpc", "registry"} or path.startswith("registry:"):
         return None  # resolved by Lightning
-    if path.startswith("file://"):
-        return path.removeprefix("file://")
+    url = urllib.parse.urlparse(path)
+    if url.scheme in {"file", "local"} and url.netloc in {"", "localhost"}:
+        return urllib.parse.unquote(url.path)
     if "://" in path:
         refuse(
             f"ckpt_path {path!r}: remote checkpoints are not loaded, because they cannot be "
@@ -368,21 +382,17 @@ def local_checkpoint_path(path: str) -> str | None:
     return path
 
 
-def check_checkpoint(path: str, resuming: bool = False) -> dict[str, Any] | None:
-    """Refuse unless ``path`` is a safely readable Lightning checkpoint; return its hyperparameters.
+def check_checkpoint(path: str, resuming: bool = False) -> dict[str, Any]:
+    """Refuse unless the local file ``path`` is a safe, whole Lightning checkpoint; return it.
 
     Args:
-        path: A local path (or ``file://`` URL), ``hpc`` or ``registry`` (left to Lightning:
-            returns None; Lightning loads them with ``weights_only=True`` too).
+        path: A local path (see :func:`local_checkpoint_path` for URLs).
         resuming: ``fit`` resumes from it, so its training state must be whole.
     """
-    local = local_checkpoint_path(path)
-    if local is None:
-        return None
-    checkpoint = load_checkpoint(local)
+    checkpoint = load_checkpoint(path)
     if resuming:
-        check_resumable(local, checkpoint)
-    return dict(checkpoint.get("hyper_parameters") or {})
+        check_resumable(path, checkpoint)
+    return checkpoint
 
 
 def _resolve(path: str) -> Any:
@@ -708,6 +718,7 @@ class RobustCLI(LightningCLI):
 
     checkpoint_path: str | None = None
     checkpoint_hparams: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None  # the checked checkpoint of ckpt_path (local files)
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102 (LightningCLI hook)
         for name in LINKED_SETTINGS:
@@ -742,8 +753,8 @@ class RobustCLI(LightningCLI):
         seed = config.get("seed_everything")
         if not isinstance(seed, bool) and not (isinstance(seed, int) and 0 <= seed < 2**32):
             refuse(
-                f"seed_everything must be true (a random seed, logged), false or an integer in "
-                f"[0, {2**32 - 1}]; got {seed!r}"
+                f"seed_everything must be true, false or an integer in [0, {2**32 - 1}]; "
+                f"got {seed!r}"
             )
         ckpt_path = config.get("ckpt_path")
         if ckpt_path in {"last", "best"}:
@@ -752,9 +763,12 @@ class RobustCLI(LightningCLI):
             )
         if not ckpt_path:
             return
-        if str(ckpt_path).startswith("file://"):
-            ckpt_path = config.ckpt_path = local_checkpoint_path(str(ckpt_path))
-        hparams = check_checkpoint(str(ckpt_path), resuming=subcommand == "fit")
+        local = local_checkpoint_path(str(ckpt_path))
+        if local is None:
+            return  # hpc or registry: Lightning's to resolve and load (weights_only=True)
+        ckpt_path = config.ckpt_path = local
+        self.checkpoint = check_checkpoint(local, resuming=subcommand == "fit")
+        hparams = dict(self.checkpoint.get("hyper_parameters") or {})
         if not hparams:
             return
         self.checkpoint_path, self.checkpoint_hparams = str(ckpt_path), hparams
@@ -861,10 +875,8 @@ class RobustCLI(LightningCLI):
     def _run_trainer(self, method: str, kwargs: dict[str, Any]) -> None:
         self.check_output_folders(fitting=method == "fit")
         ckpt_path = kwargs.get("ckpt_path")
-        local = local_checkpoint_path(str(ckpt_path)) if ckpt_path else None
-        if local is not None:
-            state = load_checkpoint(local)["state_dict"]
-            check_weights_fit_model(local, state, self.model)
+        if self.checkpoint is not None:  # loaded and checked when parsing: the built model next
+            check_weights_fit_model(str(ckpt_path), self.checkpoint["state_dict"], self.model)
         elif not ckpt_path and method in ("validate", "test") and not self.trainer.fast_dev_run:
             warnings.warn(
                 f"{method} without ckpt_path evaluates the model as built, with untrained "
@@ -896,11 +908,18 @@ class RobustCLI(LightningCLI):
         self._run_trainer("predict", kwargs)
 
 
+class SettingsCheckCLI(RobustCLI):
+    """:class:`RobustCLI` that parses, checks and instantiates, and runs no subcommand."""
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        return
+
+
 def main(
     args: list[str] | dict | Namespace | None = None,
     *,
     exit_on_refusal: bool = True,
-    run: bool = True,
+    check_only: bool = False,
 ) -> RobustCLI:
     """Run the CLI on ``args`` (``sys.argv`` when None) and return it.
 
@@ -910,8 +929,8 @@ def main(
             stderr and exits with status 2. When False (callers in Python such as ``compare``),
             it raises :class:`robust.checks.SettingError` with that line instead, whether it
             happens while parsing, instantiating or running the subcommand.
-        run: False only parses and instantiates (``args`` then has no subcommand): a check of
-            the settings before long work, as ``compare`` does for all its stages at once.
+        check_only: Parse and instantiate everything, then stop before the subcommand runs: a
+            check of the settings before long work, as ``compare`` does for all its stages.
 
     Returns:
         The CLI, whose ``trainer``, ``model`` and ``datamodule`` hold the finished run.
@@ -921,7 +940,7 @@ def main(
     """
     retain_freed_memory()  # CPU forward passes reuse their memory (robust.cpu_memory)
     try:
-        return RobustCLI(
+        return (SettingsCheckCLI if check_only else RobustCLI)(
             StandardClassifier,
             ImageDataModule,
             subclass_mode_model=True,
@@ -931,7 +950,6 @@ def main(
             trainer_defaults=TRAINER_DEFAULTS,
             parser_class=RobustArgumentParser,
             args=args,
-            run=run,
         )
     except (SettingError, DataNotFoundError) as err:
         message = essential_message(err)

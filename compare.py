@@ -137,8 +137,9 @@ def check_stages(settings, out: Path) -> None:
     for training in settings.trainings:
         common = ["--config", training.config, *settings.common_args, *training.args]
         stages = {
-            "training": [*common, *logger_args(out, training.name, "check")],
+            "training": ["fit", *common, *logger_args(out, training.name, "check")],
             "evaluation": [
+                "test",
                 *common,
                 *evaluation,
                 *settings.eval_args,
@@ -148,7 +149,7 @@ def check_stages(settings, out: Path) -> None:
         for stage, args in stages.items():
             try:
                 with quiet_lightning():
-                    checked = run_cli(args, run=False)
+                    checked = run_cli(args, check_only=True)
                 if stage == "training":
                     checked.check_optimizer()
             except SettingError as err:
@@ -188,20 +189,17 @@ def read_record(path: Path, fields: dict[str, type]) -> dict | None:
 
 
 def valid_metrics(metrics: dict) -> bool:
-    """Finite numbers by name, accuracies and rates in [0, 1]."""
+    """Numbers by name (NaN: nothing was evaluated), accuracies and rates in [0, 1]."""
     for name, value in metrics.items():
-        if (
-            not isinstance(value, int | float)
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-        ):
+        if not isinstance(value, int | float) or isinstance(value, bool) or math.isinf(value):
             return False
-        if ("acc" in name.split("/")[-1] or "rate" in name) and not 0 <= value <= 1:
+        last = name.split("/")[-1]
+        if ("acc" in last or "rate" in last) and not 0 <= value <= 1 and not math.isnan(value):
             return False
     return True
 
 
-def run_cli(args: list[str], run: bool = True) -> cli.RobustCLI:
+def run_cli(args: list[str], check_only: bool = False) -> cli.RobustCLI:
     """:func:`cli.main` on a stage's arguments; a refusal raises :class:`SettingError`.
 
     The arguments are the stage's own, so LightningCLI's warning about the process's other
@@ -209,7 +207,7 @@ def run_cli(args: list[str], run: bool = True) -> cli.RobustCLI:
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return cli.main(args, exit_on_refusal=False, run=run)
+        return cli.main(args, exit_on_refusal=False, check_only=check_only)
 
 
 def logger_args(out: Path, name: str, version: str) -> list[str]:
@@ -287,10 +285,12 @@ def evaluate(settings, training: Training, out: Path, trained: dict) -> dict:
     arguments = with_config_contents(settings.eval_args)
     key = stage_key(trained["key"], trained["ckpt_path"], *texts, *arguments)
     done = read_record(marker, {"key": str, "log_dir": str, "metrics": dict})
-    inside = done and Path(done["log_dir"]).resolve().is_relative_to(out.resolve())
-    if done and inside and done["key"] == key and valid_metrics(done["metrics"]):
-        print(f"[compare] {training.name}: reusing evaluation {marker}")
-        return done
+    if done and done["key"] == key:
+        inside = Path(done["log_dir"]).resolve().is_relative_to(out.resolve())
+        if inside and valid_metrics(done["metrics"]):
+            print(f"[compare] {training.name}: reusing evaluation {marker}")
+            return done
+        print(f"[compare] ignoring {marker}: its metrics or folder are not ones this run wrote")
     print(f"[compare] {training.name}: attacking and certifying {trained['ckpt_path']}")
     evaluation = [arg for path in settings.evaluation for arg in ("--config", path)]
     run = run_cli(

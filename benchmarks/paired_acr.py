@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .`
 
 from robust.certificates import CertifiedImage, read_tsv, summarize  # noqa: E402
+from robust.checks import SettingError  # noqa: E402
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 Z95 = 1.959963984540054
@@ -52,7 +53,13 @@ def paired(
     """
     shared = sorted(set(subset) & set(reference))
     if not shared:
-        raise SystemExit("error: the TSVs share no image")
+        raise SettingError("the TSVs share no image")
+    relabelled = [i for i in shared if subset[i].label != reference[i].label]
+    if relabelled:
+        raise SettingError(
+            f"image {relabelled[0]} has label {subset[relabelled[0]].label} in one TSV and "
+            f"{reference[relabelled[0]].label} in the other: they certify different data"
+        )
     mine = np.array([subset[i].radius * subset[i].correct for i in shared])
     theirs = np.array([reference[i].radius * reference[i].correct for i in shared])
     difference = mine - theirs
@@ -116,7 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     for path in (args.subset, *args.references):
         if not path.is_file():
             parser.exit(2, f"error: {path} is not a file\n")
-    print(report(args.subset, args.references, args.every))
+    try:
+        print(report(args.subset, args.references, args.every))
+    except SettingError as err:  # a TSV that does not parse, or TSVs that cannot be paired
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

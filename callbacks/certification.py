@@ -143,7 +143,7 @@ class Certification(EvaluationCallback):
         for name, (value, minimum) in {**counts, "noise_block": (noise_block, 1)}.items():
             setattr(self, name, check_int(name, value, minimum=minimum, owner=owner))
         limit = MAX_BLOCKS * self.noise_block  # per (image, stream): the distinct noise seeds
-        for name in ("n0", "n", "val_n"):
+        for name in ("n0", "n", "val_n") if every_n_val_epochs else ("n0", "n"):
             if getattr(self, name) > limit:
                 raise SettingError(
                     f"{owner} {name} must be at most {limit:,} (MAX_BLOCKS={MAX_BLOCKS} noise "

@@ -59,7 +59,8 @@ class TorchvisionDataModule(ImageDataModule):
         if not isinstance(data_dir, str | os.PathLike):
             raise SettingError(f"{owner} data_dir must be a folder path; got {data_dir!r}")
         self.data_dir = Path(data_dir)
-        blocked = next((p for p in (self.data_dir, *self.data_dir.parents) if p.is_file()), None)
+        path = (self.data_dir, *self.data_dir.parents)
+        blocked = next((p for p in path if p.exists() and not p.is_dir()), None)
         if blocked is not None:
             raise SettingError(
                 f"{owner} data_dir must be a folder path; {blocked} is a file, not a folder"

@@ -406,7 +406,7 @@ def _radius_cap(settings: Mapping[str, Any]) -> float:
         cap = largest_certified_radius(settings["sigma"], settings["n"], settings["alpha"])
     except (KeyError, TypeError, SettingError):
         return math.inf
-    return cap * (1 + 1e-9)
+    return max(cap, 0.0) * (1 + 1e-9)  # below 0 when n is too small: only radius 0 is possible
 
 
 def open_resumable(

@@ -402,7 +402,7 @@ def test_tsv_line_round_trip_is_exact_and_locuslab_shaped():
         ({"stop_after": -1}, "stop_after"),
         ({"n": 1000 * 1024 + 1}, "n must be at most 1,024,000 "),
         ({"n0": 10 * 1024 + 1, "noise_block": 10}, "n0 must be at most 10,240 "),
-        ({"val_n": 2**30}, "val_n must be at most"),
+        ({"val_n": 2**30, "every_n_val_epochs": 1}, "val_n must be at most"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs, name):
@@ -550,3 +550,14 @@ def test_a_tsv_that_is_not_text_is_refused_naming_it(tmp_path):
     output.write_bytes(output.read_bytes() + b"\xff\xfe\n")
     with pytest.raises(SettingError, match=rf"{output} is not a certification TSV: it is not UTF"):
         certify(tmp_path / "b", sigma=SIGMA, output=str(output))
+
+
+def test_a_run_whose_n_certifies_nothing_resumes(tmp_path):
+    """With n too small for alpha the largest radius is below 0: its abstentions still resume."""
+    output = tmp_path / "tiny_n.tsv"
+    with pytest.warns(UserWarning, match="smallest useful n"):
+        first = certify(tmp_path / "a", sigma=SIGMA, n=3, output=str(output), stop_after=2)
+    assert largest_certified_radius(SIGMA, 3, 0.01) < 0 and len(first.results) == 2
+    with pytest.warns(UserWarning, match="smallest useful n"):
+        resumed = certify(tmp_path / "b", sigma=SIGMA, n=3, output=str(output))
+    assert len(resumed.results) == 11 and all(r.radius == 0.0 for r in resumed.results)

@@ -231,6 +231,13 @@ def refused(capsys, argv: list[str]) -> str:
     return err[0]
 
 
+def test_the_up_front_check_takes_the_subcommands_own_options(tmp_path):
+    settings = compare.parse(["--config", str(tiny_settings(tmp_path))])
+    settings.eval_args = ["--verbose=false"]  # an option of `test`, not of the model or data
+    compare.check_stages(settings, tmp_path / "results")
+    assert not (tmp_path / "results").exists()
+
+
 def test_a_bad_last_evaluation_is_refused_before_any_training(tmp_path, capsys):
     settings = tiny_settings(tmp_path)
     evaluation = yaml.safe_load((tmp_path / "eval.yaml").read_text())
@@ -300,7 +307,9 @@ def test_a_malformed_stage_record_is_ignored_not_trusted(record, fields, tmp_pat
         ({"test/acc": 0.9, "certify/acr": 1.7}, True),
         ({"test/acc": 7.5}, False),
         ({"certify/abstain_rate": -0.1}, False),
-        ({"certify/acr": float("nan")}, False),
+        ({"certify/acr": float("inf")}, False),
+        ({"test/perturbed_acc/pgd": float("nan")}, True),  # an attack on no images
+        ({"certify/abstain_rate": 1.5}, False),
         ({"test/acc": "0.9"}, False),
     ],
 )

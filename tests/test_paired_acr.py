@@ -31,9 +31,27 @@ def test_paired_difference_and_estimate_on_nested_subsets(tmp_path, load_script,
     assert "index % 4 == 0: 10 of sub.tsv" in printed
 
 
-def test_tsvs_without_shared_images_are_refused(tmp_path, load_script):
+@pytest.mark.parametrize(
+    ("other", "expected"),
+    [
+        ([CertifiedImage(1, 1, 1, 0.5, 1, 0.0)], "error: the TSVs share no image"),
+        ([CertifiedImage(0, 2, 2, 0.5, 1, 0.0)], "error: image 0 has label 1 in one TSV and 2"),
+    ],
+)
+def test_tsvs_that_cannot_be_paired_are_one_error_line(
+    other, expected, tmp_path, load_script, capsys
+):
     paired_acr = load_script("benchmarks/paired_acr.py")
-    one = {0: CertifiedImage(0, 1, 1, 0.5, 1, 0.0)}
-    two = {1: CertifiedImage(1, 1, 1, 0.5, 1, 0.0)}
-    with pytest.raises(SystemExit, match="share no image"):
-        paired_acr.paired(one, two)
+    write_tsv(tmp_path / "one.tsv", [CertifiedImage(0, 1, 1, 0.5, 1, 0.0)])
+    write_tsv(tmp_path / "two.tsv", other)
+    with pytest.raises(SystemExit) as exit_info:
+        paired_acr.main([str(tmp_path / "one.tsv"), str(tmp_path / "two.tsv")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expected), err
+    (tmp_path / "two.tsv").write_text("not a tsv\n")
+    with pytest.raises(SystemExit) as exit_info:
+        paired_acr.main([str(tmp_path / "one.tsv"), str(tmp_path / "two.tsv")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is not a certification TSV" in err, err
