@@ -180,7 +180,31 @@ class RobustArgumentParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         tip = f"for the accepted options run: {prog} --help"
-        raise ParseRefusalError(essential_message(ex, message), tip=tip) from ex
+        raise ParseRefusalError(with_choices(essential_message(ex, message)), tip=tip) from ex
+
+
+_NO_ATTRIBUTE = re.compile(r"module '(\w+)' has no attribute '(\w+)'")
+# The project's packages a class_path names; an unknown name in them is answered with the choices.
+_KINDS = {"datamodules": "DataModule", "lightning_modules": "", "callbacks": ""}
+
+
+def with_choices(message: str) -> str:
+    """``message``, and for an unknown class of one of our packages, the classes it has.
+
+    Examples:
+        >>> with_choices("data: module 'datamodules' has no attribute 'SVHN'")  # doctest: +ELLIPSIS
+        "data: module 'datamodules' has no attribute 'SVHN'; it has: CIFAR10DataModule, ..."
+    """
+    found = _NO_ATTRIBUTE.search(message)
+    if found is None or found.group(1) not in _KINDS:
+        return message
+    module = sys.modules.get(found.group(1))
+    names = [
+        name
+        for name in getattr(module, "__all__", [])
+        if isinstance(getattr(module, name, None), type) and name.endswith(_KINDS[found.group(1)])
+    ]
+    return f"{message}; it has: {', '.join(names)}" if names else message
 
 
 # ----------------------------------------------------------------------------------------------

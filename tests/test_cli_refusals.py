@@ -138,6 +138,12 @@ def test_other_exceptions_keep_their_traceback(in_tmp):
             "error: seed_everything must be true, false or an integer in [0, 4294967295]",
         ),
         (["--seed_everything", str(2**32)], "error: seed_everything must be true"),
+        # an unknown class of ours: the classes there are
+        (
+            ["--data", "datamodules.SVHNDataModule"],
+            "error: data: module 'datamodules' has no attribute 'SVHNDataModule'; it has: "
+            "CIFAR10DataModule, EmbeddedMNISTDataModule, FashionMNISTDataModule",
+        ),
     ],
 )
 def test_the_reason_behind_a_refused_class_is_the_error_line(args, expected, in_tmp, capsys):
