@@ -133,18 +133,10 @@ def check_stages(settings, out: Path) -> None:
     Raises:
         SettingError: The stage's refusal, naming the training.
     """
-    evaluation = [arg for path in settings.evaluation for arg in ("--config", path)]
     for training in settings.trainings:
-        common = ["--config", training.config, *settings.common_args, *training.args]
         stages = {
-            "training": ["fit", *common, *logger_args(out, training.name, "check")],
-            "evaluation": [
-                "test",
-                *common,
-                *evaluation,
-                *settings.eval_args,
-                *logger_args(out, training.name, "check"),
-            ],
+            "training": stage_args("fit", settings, training, out, "check"),
+            "evaluation": stage_args("test", settings, training, out, "check"),
         }
         for stage, args in stages.items():
             try:
@@ -210,6 +202,26 @@ def run_cli(args: list[str], check_only: bool = False) -> cli.RobustCLI:
         return cli.main(args, exit_on_refusal=False, check_only=check_only)
 
 
+def stage_args(
+    subcommand: str, settings, training: Training, out: Path, version: str, *extra: str
+) -> list[str]:
+    """The CLI arguments of one stage: ``fit`` of a training, or ``test`` with the evaluation."""
+    evaluation = []
+    if subcommand == "test":
+        evaluation = [arg for path in settings.evaluation for arg in ("--config", path)]
+        evaluation += settings.eval_args
+    return [
+        subcommand,
+        "--config",
+        training.config,
+        *settings.common_args,
+        *training.args,
+        *evaluation,
+        *logger_args(out, training.name, version),
+        *extra,
+    ]
+
+
 def logger_args(out: Path, name: str, version: str) -> list[str]:
     """Log under ``<out>/tensorboard/<name>/<version>``."""
     return [
@@ -255,17 +267,11 @@ def fit(settings, training: Training, out: Path) -> dict:
         return done
     print(f"[compare] {training.name}: training with {training.config}")
     start = time.perf_counter()
+    checkpoints = str(out / training.name / "checkpoints" / key)
     run = run_cli(
-        [
-            "fit",
-            "--config",
-            training.config,
-            *settings.common_args,
-            *training.args,
-            *logger_args(out, training.name, f"fit-{key}"),
-            "--checkpoint.dirpath",
-            str(out / training.name / "checkpoints" / key),
-        ]
+        stage_args(
+            "fit", settings, training, out, f"fit-{key}", "--checkpoint.dirpath", checkpoints
+        )
     )
     best = run.trainer.checkpoint_callback
     done = {
@@ -292,20 +298,10 @@ def evaluate(settings, training: Training, out: Path, trained: dict) -> dict:
             return done
         print(f"[compare] ignoring {marker}: its metrics or folder are not ones this run wrote")
     print(f"[compare] {training.name}: attacking and certifying {trained['ckpt_path']}")
-    evaluation = [arg for path in settings.evaluation for arg in ("--config", path)]
     run = run_cli(
-        [
-            "test",
-            "--config",
-            training.config,
-            *settings.common_args,
-            *training.args,
-            *evaluation,
-            *settings.eval_args,
-            *logger_args(out, training.name, f"test-{key}"),
-            "--ckpt_path",
-            trained["ckpt_path"],
-        ]
+        stage_args(
+            "test", settings, training, out, f"test-{key}", "--ckpt_path", trained["ckpt_path"]
+        )
     )
     done = {
         "key": key,

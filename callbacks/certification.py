@@ -34,10 +34,15 @@ from robust.certificates import (
     model_fingerprint,
     summarize,
 )
-from robust.checks import SettingError, check_choice, check_int, check_radii, check_real
+from robust.checks import check_choice, check_int, check_radii, check_real
 from robust.report import certification_figure
 from robust.sharding import evaluation_dataset
-from robust.smoothing import DEFAULT_NOISE_BLOCK, DETERMINING_SETTINGS, MAX_BLOCKS, Smooth
+from robust.smoothing import (
+    DEFAULT_NOISE_BLOCK,
+    DETERMINING_SETTINGS,
+    Smooth,
+    check_num_samples,
+)
 from robust.statistics import warn_if_useless_n
 
 __all__ = ["Certification"]
@@ -142,14 +147,8 @@ class Certification(EvaluationCallback):
         counts = {"n0": (n0, 1), "n": (n, 1), "val_n": (val_n, 1), "seed": (seed, 0)}
         for name, (value, minimum) in {**counts, "noise_block": (noise_block, 1)}.items():
             setattr(self, name, check_int(name, value, minimum=minimum, owner=owner))
-        limit = MAX_BLOCKS * self.noise_block  # per (image, stream): the distinct noise seeds
         for name in ("n0", "n", "val_n") if every_n_val_epochs else ("n0", "n"):
-            if getattr(self, name) > limit:
-                raise SettingError(
-                    f"{owner} {name} must be at most {limit:,} (MAX_BLOCKS={MAX_BLOCKS} noise "
-                    f"blocks of noise_block={self.noise_block} samples keep the noise seeds "
-                    f"distinct; raise noise_block for more samples); got {getattr(self, name)}"
-                )
+            check_num_samples(name, getattr(self, name), self.noise_block, owner=owner)
         if stop_after is not None:
             check_int("stop_after", stop_after, minimum=0, owner=owner)
         self.stop_after = stop_after

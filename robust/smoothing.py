@@ -51,6 +51,7 @@ __all__ = [
     "Smooth",
     "binomial_pvalue",
     "block_seeds",
+    "check_num_samples",
     "clopper_pearson_lower",
     "smallest_useful_n",
 ]
@@ -129,6 +130,27 @@ class Certificate:
 
 
 @functools.lru_cache(maxsize=64)
+def check_num_samples(name: str, value: object, noise_block: int, owner: str | None = None) -> int:
+    """A number of noise samples per image: an integer in [1, MAX_BLOCKS * noise_block].
+
+    Beyond it, block seeds would repeat (see :func:`block_seeds`).
+
+    Raises:
+        SettingError: Naming the setting, the limit and how to raise it.
+
+    Examples:
+        >>> check_num_samples("n", 100_000, 1000)
+        100000
+    """
+    try:
+        return check_int(name, value, minimum=1, maximum=MAX_BLOCKS * noise_block, owner=owner)
+    except SettingError as err:
+        raise SettingError(
+            f"{err} (at most MAX_BLOCKS={MAX_BLOCKS} noise blocks of noise_block={noise_block} "
+            "samples keep the noise seeds distinct; raise noise_block for more samples)"
+        ) from None
+
+
 def _seed_keys(seed: int) -> tuple[int, int]:
     """Two 32-bit keys derived from the base seed (any non-negative int) by NumPy's SeedSequence."""
     k0, k1 = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint32)
@@ -681,15 +703,7 @@ class Smooth:
 
     # ------------------------------------------------------------------ checks
     def _check_num(self, name: str, value: object) -> int:
-        limit = MAX_BLOCKS * self.noise_block
-        try:
-            return check_int(name, value, minimum=1, maximum=limit)
-        except SettingError as err:
-            raise SettingError(
-                f"{err} (at most MAX_BLOCKS={MAX_BLOCKS} noise blocks of noise_block="
-                f"{self.noise_block} samples keep the noise seeds distinct; raise noise_block "
-                "for more samples)"
-            ) from None
+        return check_num_samples(name, value, self.noise_block)
 
     def _check_batch(
         self, images: torch.Tensor, indices: Sequence[int] | torch.Tensor | np.ndarray

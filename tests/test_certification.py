@@ -400,9 +400,9 @@ def test_tsv_line_round_trip_is_exact_and_locuslab_shaped():
         ({"radii": []}, "radii"),
         ({"autocast": "fp8"}, "autocast"),
         ({"stop_after": -1}, "stop_after"),
-        ({"n": 1000 * 1024 + 1}, "n must be at most 1,024,000 "),
-        ({"n0": 10 * 1024 + 1, "noise_block": 10}, "n0 must be at most 10,240 "),
-        ({"val_n": 2**30, "every_n_val_epochs": 1}, "val_n must be at most"),
+        ({"n": 1000 * 1024 + 1}, r"n must be an integer in \[1, 1024000\]; got 1024001 \(at most"),
+        ({"n0": 10 * 1024 + 1, "noise_block": 10}, r"n0 must be an integer in \[1, 10240\]"),
+        ({"val_n": 2**30, "every_n_val_epochs": 1}, r"val_n must be an integer in \[1, 1024000\]"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs, name):
