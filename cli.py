@@ -156,12 +156,25 @@ def essential_message(err: BaseException | None, message: str | None = None) -> 
         if not _is_generic(str(link)):
             inner_keys, rest = _split_keys(str(link))
             if not _is_generic(rest):
-                prefix = ".".join(keys + inner_keys)
+                prefix = ".".join(_joined_keys(keys, inner_keys))
                 return f"{prefix}: {_one_line(rest)}" if prefix else _one_line(rest)
     for item in _union_items(text):
         if not _is_generic(item):
             return f"{'.'.join(keys)}: {_one_line(item)}" if keys else _one_line(item)
     return _one_line(text)
+
+
+def _joined_keys(outer: list[str], inner: list[str]) -> list[str]:
+    """Outer then inner parser keys, without the part the inner one repeats.
+
+    Examples:
+        >>> _joined_keys(["trainings"], ["trainings"]), _joined_keys(["model"], ["sigma"])
+        (['trainings'], ['model', 'sigma'])
+    """
+    overlap = next(
+        (k for k in range(min(len(outer), len(inner)), 0, -1) if outer[-k:] == inner[:k]), 0
+    )
+    return outer + inner[overlap:]
 
 
 class RobustArgumentParser(LightningArgumentParser):

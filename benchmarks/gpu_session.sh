@@ -2,7 +2,7 @@
 # The full-scale run on one GPU in about 9 minutes (see benchmarks/gpu_session.py for the stages):
 #   OUT=results/gpu_session bash benchmarks/gpu_session.sh
 # PLAN=consistency (about 13 minutes in two calls: two trainings at once, the certification
-# levers, two certifications of all 10,000 test images at n = 100,000) or PLAN=smoothadv (about 6 minutes:
+# levers (BENCH=0 skips them), two certifications of all 10,000 test images at n = 100,000) or PLAN=smoothadv (about 6 minutes:
 # it certifies the weights in docs/cpu_smoothadv30 on all 10,000 test images)
 # run the targets still open; a stage cut short by its limit resumes from its TSV when run again
 # with the same OUT. BUDGET_S=S ends every stage within S seconds of the start.
@@ -48,18 +48,25 @@ first)  # the first GPU session's run (README "Full scale")
   stage 25 smoothed-attack
   ;;
 consistency)  # issue 11's consistency targets at sigma 0.25 and 0.5; run again to resume
-  # 30 epochs took 65 s for each of the two at once on an H200 and left both ACRs just under
-  # the targets (0.9247 and 1.640, TF32 certificates); hence 60 by default
-  EPOCHS=${EPOCHS:-60}
+  # Adam + cosine (RECIPE=adam-cosine): 30 and 60 epochs (65 and 137 s for the two at once on an
+  # H200, lambda 5 at both sigmas) left both ACRs just under the targets (docs/gpu_h200_consistency
+  # and docs/gpu_h200_consistency60). RECIPE=paper trains as Jeong & Shin's code does (SGD, lr
+  # steps every 30 epochs, 90 epochs of 128-image steps on all 60,000 digits, lambda 10 at sigma
+  # 0.25): 3.3 times the optimizer steps of 60 epochs, so a training time not yet measured.
+  # WEIGHTS_FROM=DIR copies the trained weights from DIR (a previous session's) into OUT.
+  RECIPE=${RECIPE:-adam-cosine}
+  if [ "$RECIPE" = paper ]; then EPOCHS=${EPOCHS:-90}; name_tail=_paper; else EPOCHS=${EPOCHS:-60}; name_tail=; fi
+  TRAIN_S=${TRAIN_S:-$(( ${name_tail:+2 *} 3 * EPOCHS + 10 ))}
+  [ -n "${WEIGHTS_FROM:-}" ] && cp -n "$WEIGHTS_FROM"/consistency_*"${name_tail}"_state.pt "$OUT/"
   # both trainings at once (each uses a small part of the GPU), unless their weights exist
   for sigma in 0.25 0.5; do
-    [ -f "$OUT/consistency_${sigma}_state.pt" ] \
-      || stage $(( 3 * EPOCHS + 35 )) train-noise --training consistency --sigma "$sigma" \
-        --epochs "$EPOCHS" --seconds $(( 3 * EPOCHS + 10 )) &
+    [ -f "$OUT/consistency_${sigma}${name_tail}_state.pt" ] \
+      || stage $(( TRAIN_S + 25 )) train-noise --training consistency --sigma "$sigma" \
+        --recipe "$RECIPE" --epochs "$EPOCHS" --seconds "$TRAIN_S" &
   done
   wait
-  # the certification levers, measured alone (skipped once bench.json exists)
-  if [ ! -f "$OUT/bench.json" ]; then
+  # the certification levers, measured alone (skipped once bench.json exists, or with BENCH=0)
+  if [ "${BENCH:-1}" = 1 ] && [ ! -f "$OUT/bench.json" ]; then
     echo "== certify benchmark $(date +%T)" | tee -a "$log"
     timeout --signal=INT --kill-after=10 85 python3 benchmarks/certify.py --device "$DEVICE" \
       --variants "${BENCH_VARIANTS:-fp32,tf32,fp32+compile,tf32+compile}" --repeats 2 \
@@ -73,9 +80,9 @@ consistency)  # issue 11's consistency targets at sigma 0.25 and 0.5; run again 
   echo "== certify options: ${cert:-none (IEEE float32)}" | tee -a "$log"
   for sigma in 0.25 0.5; do
     # a compiled forward that fails in the callback falls back to eager (the TSV resumes)
-    stage 420 certify --training consistency --sigma "$sigma" ${CERT:-$cert} \
-      || stage 420 certify --training consistency --sigma "$sigma" ${CERT:-${cert/--compile/}} \
-      || true
+    stage 420 certify --training consistency --sigma "$sigma" --recipe "$RECIPE" ${CERT:-$cert} \
+      || stage 420 certify --training consistency --sigma "$sigma" --recipe "$RECIPE" \
+        ${CERT:-${cert/--compile/}} || true
   done
   ;;
 smoothadv)  # issue 12's SmoothAdv target (sigma 0.25)

@@ -52,6 +52,7 @@ __all__ = [
     "open_resumable",
     "read_settings",
     "read_tsv",
+    "selected_rows",
     "summarize",
     "write_tsv",
 ]
@@ -352,6 +353,33 @@ def dataset_fingerprint(dataset: Any) -> tuple[str, list[int]]:
     return digest.hexdigest(), labels
 
 
+def selected_rows(
+    rows: Iterable[CertifiedImage], settings: Mapping[str, Any]
+) -> list[CertifiedImage]:
+    """The rows of the images a run with ``settings`` selects: every ``skip``-th, ``max_images``.
+
+    A TSV resumed by runs with other selections (nested subsets, say every 10th image and then
+    every 5th) holds rows of all of them; the latest run's metrics, and a report of them, use
+    only its own selection. The settings are the sidecar's (:func:`read_settings`), whose
+    ``skip`` and ``max_images`` are checked here.
+
+    Raises:
+        SettingError: If ``skip`` or ``max_images`` is not a positive integer (or None).
+
+    Examples:
+        >>> rows = [CertifiedImage(i, 0, 0, 0.1, 1, 0.0) for i in range(10)]
+        >>> [r.idx for r in selected_rows(rows, {"skip": 3, "max_images": 3})]
+        [0, 3, 6]
+    """
+    skip, limit = settings.get("skip", 1), settings.get("max_images")
+    for name, value in (("skip", skip), ("max_images", limit)):
+        if value is not None and (type(value) is not int or value < 1):
+            raise SettingError(f"{name} must be a positive integer, got {value!r}")
+    return [
+        row for row in rows if row.idx % skip == 0 and (limit is None or row.idx // skip < limit)
+    ]
+
+
 def read_settings(path: Path) -> dict[str, Any]:
     """The settings sidecar of a TSV (``<tsv>.json``); ``SettingError`` if missing or not JSON.
 
@@ -422,7 +450,9 @@ def open_resumable(
 
     A file written with other values of the ``checked`` settings, without its sidecar, with a bad
     row, or with a row whose label is not the dataset's is refused; a torn last line is dropped
-    (its image is certified again).
+    (its image is certified again). A resumed file's sidecar then holds this run's settings: the
+    checked ones are the same, and the others (``skip``, ``max_images``, speed options) say which
+    images the latest run selected (see :func:`selected_rows`).
 
     Args:
         path: The TSV; its settings are in ``<path>.json``.
@@ -470,6 +500,9 @@ def open_resumable(
                 )
         if torn:
             write_tsv(path, rows)
+        if read_settings(sidecar) != json.loads(json.dumps(dict(settings))):
+            # the checked settings are equal; the rest (which images, speed options) are this run's
+            atomic_write(sidecar, json.dumps(dict(settings), indent=2) + "\n")
         return rows
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(sidecar, json.dumps(dict(settings), indent=2) + "\n")

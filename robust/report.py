@@ -393,7 +393,7 @@ def write_report(
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from robust.certificates import read_settings, read_tsv, summarize
+    from robust.certificates import read_settings, read_tsv, selected_rows, summarize
 
     metrics_of = {name: r["metrics"] for name, r in results.items()}
     logged = {
@@ -431,14 +431,16 @@ def write_report(
         metrics = result["metrics"]
         tsv = Path(result.get("log_dir") or "") / "certify_test.tsv"
         rows = read_tsv(tsv)[0] if tsv.is_file() else []
-        summary = summarize(rows, REPORT_RADII)
-        certified[name] = (summary, len(rows))
         sidecar = tsv.with_name(tsv.name + ".json")
         if rows and sidecar.is_file():
             try:
                 certify_settings[name] = read_settings(sidecar)
+                # a TSV resumed by runs with other selections: the latest run's images only
+                rows = selected_rows(rows, certify_settings[name])
             except SettingError as err:
                 certify_settings[name] = {"error": str(err)}
+        summary = summarize(rows, REPORT_RADII)
+        certified[name] = (summary, len(rows))
         curves[name] = ([r.radius for r in rows], [r.correct for r in rows])
         accuracies[name] = {"clean": metrics.get("test/acc", float("nan"))}
         accuracies[name] |= {

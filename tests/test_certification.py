@@ -22,7 +22,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from callbacks import Certification
-from robust.certificates import HEADER, CertifiedImage, read_tsv, summarize
+from robust.certificates import (
+    HEADER,
+    CertifiedImage,
+    read_settings,
+    read_tsv,
+    selected_rows,
+    summarize,
+)
 from robust.checks import SettingError
 from robust.smoothing import ABSTAIN, Smooth
 from robust.statistics import largest_certified_radius
@@ -196,6 +203,29 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     again = certify(tmp_path / "c", sigma=SIGMA, batch_size=50, output=str(output))
     assert read_tsv(output)[0] == final  # nothing left to do: the file is unchanged
     assert again.summary == whole.summary
+
+
+def test_nested_subsets_resume_one_tsv_and_each_run_reports_its_own(tmp_path):
+    output = tmp_path / "nested.tsv"
+    every_4th = certify(tmp_path / "a", sigma=SIGMA, output=str(output), skip=4)
+    every_2nd = certify(tmp_path / "b", sigma=SIGMA, output=str(output), skip=2)
+    assert [r.idx for r in read_tsv(output)[0]] == [0, 2, 4, 6, 8, 10]  # 0, 4, 8 kept
+    assert [r.idx for r in every_2nd.results] == [0, 2, 4, 6, 8, 10]
+    direct = certify(tmp_path / "c", sigma=SIGMA, skip=2)
+    assert every_2nd.summary == direct.summary
+    settings = read_settings(Path(f"{output}.json"))
+    assert settings["skip"] == 2  # the sidecar says which images the latest run selected
+    assert [r.idx for r in selected_rows(read_tsv(output)[0], settings)] == [0, 2, 4, 6, 8, 10]
+    again = certify(tmp_path / "d", sigma=SIGMA, output=str(output), skip=4)
+    assert again.summary == every_4th.summary  # the rows of every 2nd image are not counted
+    assert read_settings(Path(f"{output}.json"))["skip"] == 4
+    assert [r.idx for r in selected_rows(read_tsv(output)[0], {"skip": 4})] == [0, 4, 8]
+
+
+@pytest.mark.parametrize("settings", [{"skip": 0}, {"skip": "2"}, {"max_images": 1.5}])
+def test_selection_from_a_bad_sidecar_is_refused(settings):
+    with pytest.raises(SettingError, match="positive integer"):
+        selected_rows([], settings)
 
 
 def ShiftedData() -> TensorData:  # noqa: N802

@@ -154,7 +154,10 @@ def test_compare_refuses_missing_configs_with_one_line(tmp_path, capsys):
     ("argv", "expected"),
     [
         (["--nope", "1"], "unrecognized arguments: --nope 1"),
-        (["--trainings", '[{"name": "a", "config": "x.yaml", "colour": 1}]'], "'colour' is not"),
+        (
+            ["--trainings", '[{"name": "a", "config": "x.yaml", "colour": 1}]'],
+            "error: trainings: Option 'colour' is not",  # the key once, not trainings.trainings
+        ),
         (["--trainings", "[]"], "trainings: give at least one"),
     ],
 )
@@ -199,6 +202,28 @@ def test_report_states_a_bad_certification_settings_file_instead_of_failing(tmp_
     line = next(x for x in report.read_text().splitlines() if x.startswith("Certification:"))
     assert "unknown settings" in line and "(m)" in line
     assert table_rows(report.read_text())["m"]["correct_certified"] == "1 of 1 (100.0%)"
+
+
+def test_report_counts_only_the_latest_runs_images_of_a_resumed_tsv(tmp_path):
+    from robust.certificates import CertifiedImage, write_tsv
+    from robust.report import write_report
+
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    # every 2nd image certified, then a run over every 4th resumed the file (sidecar: skip 4)
+    rows = [
+        CertifiedImage(i, 1, 1 if i % 4 == 0 else 2, 0.4, int(i % 4 == 0), 0.0)
+        for i in range(0, 12, 2)
+    ]
+    write_tsv(log_dir / "certify_test.tsv", rows)
+    sidecar = {"sigma": 0.25, "n0": 100, "n": 10000, "alpha": 0.001, "skip": 4, "max_images": None}
+    (log_dir / "certify_test.tsv.json").write_text(json.dumps(sidecar))
+    report = write_report(
+        tmp_path, {"m": {"metrics": {"test/acc": 0.9}, "log_dir": str(log_dir)}}, {}
+    )
+    assert table_rows(report.read_text())["m"]["correct_certified"] == "3 of 3 (100.0%)"
+    line = next(x for x in report.read_text().splitlines() if x.startswith("Certification:"))
+    assert "every 4th test image, 3 images" in line
 
 
 def test_report_draws_and_links_only_the_figures_of_what_was_evaluated(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -58,3 +59,68 @@ def test_record_keeps_every_attempt(session, tmp_path, capsys) -> None:
         "train": {"epochs": 30},
     }
     assert "[certify (run 2)]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("sigma", "recipe", "weight", "name"),
+    [
+        (0.25, "paper", 10.0, "consistency_0.25_paper"),
+        (0.5, "paper", 5.0, "consistency_0.5_paper"),
+        (0.25, "adam-cosine", 10.0, "consistency_0.25"),
+    ],
+)
+def test_consistency_recipes_follow_jeong_and_shin(session, sigma, recipe, weight, name) -> None:
+    """Their MNIST setting (jh-jeong/smoothing-consistency): lambda 10 at sigma 0.25, 5 at 0.5;
+    SGD 0.01 with momentum 0.9 and weight decay 1e-4, the rate divided by 10 every 30 epochs."""
+    args = argparse.Namespace(
+        training="consistency", sigma=sigma, recipe=recipe, consistency_weight=None
+    )
+    model = session.noise_model(args)
+    assert (model.consistency_weight, model.entropy_weight, model.num_noise_samples) == (
+        weight,
+        0.5,
+        2,
+    )
+    assert session.noise_name(args) == name
+    optimizer = model.optimizer_factory(model.parameters())
+    scheduler = model.lr_scheduler_factory(optimizer)
+    if recipe == "paper":
+        assert type(optimizer).__name__ == "SGD"
+        assert {k: optimizer.defaults[k] for k in ("lr", "momentum", "weight_decay")} == {
+            "lr": 0.01,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+        }
+        rates = []
+        for _ in range(91):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()  # no gradients: nothing moves
+            scheduler.step()
+        assert rates[29:31] == pytest.approx([0.01, 0.001]) and rates[60] == pytest.approx(1e-4)
+    else:
+        assert type(optimizer).__name__ == "Adam"
+    args.consistency_weight = 3.0
+    assert session.noise_model(args).consistency_weight == 3.0
+
+
+def test_the_paper_recipe_trains_on_all_training_digits(session, monkeypatch) -> None:
+    """Their code holds no validation digits out: the data module joins them to the training set,
+    and every training digit is in exactly one batch of an epoch (whole batches, in one fetch)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    assert session.RECIPES["paper"][2:] == (128, True)
+    splits = iter([torch.arange(0, 8), torch.arange(8, 12)])  # "train", then "validation"
+
+    def tensors(subset, limit):
+        labels = next(splits)
+        return TensorDataset(labels.float().view(-1, 1, 1, 1), labels)
+
+    source = SimpleNamespace(setup=lambda stage: None, train_set=0, val_set=1, test_set=None)
+    monkeypatch.setattr(session, "MNISTDataModule", lambda **kwargs: source)
+    data = session.FastMNIST("unused", 4, False, train_on_all=True)
+    monkeypatch.setattr(data, "_tensors", tensors)
+    data.setup("fit")
+    batches = list(data.train_dataloader())
+    assert [len(labels) for _, labels in batches] == [4, 4, 4]
+    assert sorted(torch.cat([labels for _, labels in batches]).tolist()) == list(range(12))
