@@ -167,6 +167,9 @@ def essential_message(err: BaseException | None, message: str | None = None) -> 
 def _joined_keys(outer: list[str], inner: list[str]) -> list[str]:
     """Outer then inner parser keys, without the part the inner one repeats.
 
+    jsonargparse's parser of a list of dataclasses (robust-compare's ``trainings``) names its
+    errors with the outer key again; a nested key that truly repeats a name reads shorter too.
+
     Examples:
         >>> _joined_keys(["trainings"], ["trainings"]), _joined_keys(["model"], ["sigma"])
         (['trainings'], ['model', 'sigma'])

@@ -193,7 +193,9 @@ def noise_model(args) -> NoiseAugmentedClassifier:
     optimizer, schedule = RECIPES[args.recipe][:2]
     extra = dict(NOISE_TRAININGS[args.training])
     if args.training == "consistency":
-        weight = args.consistency_weight or CONSISTENCY_WEIGHT.get(args.sigma)
+        weight = args.consistency_weight
+        if weight is None:
+            weight = CONSISTENCY_WEIGHT.get(args.sigma)
         if weight is None:
             raise SystemExit(f"error: --consistency-weight is needed at sigma {args.sigma:g}")
         extra["consistency_weight"] = weight
@@ -230,7 +232,8 @@ def train_noise(args) -> None:
     torch.save(model.state_dict(), args.out / f"{name}_state.pt")
     tested = run.test(model, datamodule=data, verbose=False)[0]
     stage = "train-noise" if name == "noise" else f"train-{name}"
-    record(args.out, stage, {"epochs": run.current_epoch, "train_s": seconds, **tested})
+    recipe = {"recipe": args.recipe, "consistency_weight": model.consistency_weight}
+    record(args.out, stage, {"epochs": run.current_epoch, "train_s": seconds, **recipe, **tested})
 
 
 def load_noise(args) -> NoiseAugmentedClassifier:

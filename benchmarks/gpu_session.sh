@@ -2,8 +2,9 @@
 # The full-scale run on one GPU in about 9 minutes (see benchmarks/gpu_session.py for the stages):
 #   OUT=results/gpu_session bash benchmarks/gpu_session.sh
 # PLAN=consistency (about 13 minutes in two calls: two trainings at once, the certification
-# levers (BENCH=0 skips them), two certifications of all 10,000 test images at n = 100,000) or PLAN=smoothadv (about 6 minutes:
-# it certifies the weights in docs/cpu_smoothadv30 on all 10,000 test images)
+# levers (BENCH=0 skips them), two certifications of all 10,000 test images at n = 100,000;
+# RECIPE=paper trains longer, see below) or PLAN=smoothadv (about 6 minutes: it certifies the
+# weights in docs/cpu_smoothadv30 on all 10,000 test images)
 # run the targets still open; a stage cut short by its limit resumes from its TSV when run again
 # with the same OUT. BUDGET_S=S ends every stage within S seconds of the start.
 # Each stage runs under its own time limit; a stage cut short keeps what it wrote (the
@@ -53,16 +54,25 @@ consistency)  # issue 11's consistency targets at sigma 0.25 and 0.5; run again 
   # and docs/gpu_h200_consistency60). RECIPE=paper trains as Jeong & Shin's code does (SGD, lr
   # steps every 30 epochs, 90 epochs of 128-image steps on all 60,000 digits, lambda 10 at sigma
   # 0.25): 3.3 times the optimizer steps of 60 epochs, so a training time not yet measured.
-  # WEIGHTS_FROM=DIR copies the trained weights from DIR (a previous session's) into OUT.
+  # WEIGHTS_FROM=DIR certifies the weights in DIR (trained earlier, e.g. committed under docs/)
+  # instead of training; LAMBDA=L sets the consistency weight (default: Jeong & Shin's by sigma).
   RECIPE=${RECIPE:-adam-cosine}
   if [ "$RECIPE" = paper ]; then EPOCHS=${EPOCHS:-90}; name_tail=_paper; else EPOCHS=${EPOCHS:-60}; name_tail=; fi
   TRAIN_S=${TRAIN_S:-$(( ${name_tail:+2 *} 3 * EPOCHS + 10 ))}
-  [ -n "${WEIGHTS_FROM:-}" ] && cp -n "$WEIGHTS_FROM"/consistency_*"${name_tail}"_state.pt "$OUT/"
+  left=$(( END - $(date +%s) - 60 ))  # the training ends (and saves) before its stage's limit
+  [ "$left" -lt "$TRAIN_S" ] && TRAIN_S=$left
+  for sigma in 0.25 0.5; do
+    weights=consistency_${sigma}${name_tail}_state.pt
+    if [ -n "${WEIGHTS_FROM:-}" ] && [ ! -f "$OUT/$weights" ]; then
+      cp "$WEIGHTS_FROM/$weights" "$OUT/" || { echo "error: WEIGHTS_FROM has no $weights" >&2; exit 2; }
+    fi
+  done
   # both trainings at once (each uses a small part of the GPU), unless their weights exist
   for sigma in 0.25 0.5; do
     [ -f "$OUT/consistency_${sigma}${name_tail}_state.pt" ] \
-      || stage $(( TRAIN_S + 25 )) train-noise --training consistency --sigma "$sigma" \
-        --recipe "$RECIPE" --epochs "$EPOCHS" --seconds "$TRAIN_S" &
+      || stage $(( TRAIN_S + 40 )) train-noise --training consistency --sigma "$sigma" \
+        --recipe "$RECIPE" --epochs "$EPOCHS" --seconds "$TRAIN_S" \
+        ${LAMBDA:+--consistency-weight "$LAMBDA"} &
   done
   wait
   # the certification levers, measured alone (skipped once bench.json exists, or with BENCH=0)

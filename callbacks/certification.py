@@ -206,10 +206,12 @@ class Certification(EvaluationCallback):
     ) -> tuple[dict[str, Any], list[int]]:
         """The settings (what determines the rows first, then the record) and the test labels."""
         identity = getattr(getattr(trainer, "datamodule", None), "identity", None)
-        dataset_sha256, labels = dataset_fingerprint(evaluation_dataset(trainer, "test"))
+        dataset = evaluation_dataset(trainer, "test")
+        dataset_sha256, labels = dataset_fingerprint(dataset)
         settings = {
             **self._make_smooth(pl_module).settings,
             **{k: getattr(self, k) for k in ("n0", "n", "alpha", "skip", "max_images")},
+            "image_range": self.evaluated_range(trainer, "test", len(dataset)),  # type: ignore[arg-type]
             "model_sha256": model_fingerprint(base_classifier(pl_module)),
             "dataset_sha256": dataset_sha256,
             "data": identity() if callable(identity) else None,

@@ -146,6 +146,15 @@ class EvaluationCallback(Callback):
     # ------------------------------------------------------------------ machinery
     def select(self, trainer: Trainer, stage: str, dataset_size: int) -> list[int]:
         """Dataset indices to evaluate: the trainer's limit, every ``skip``-th, ``max_images``."""
+        selected = list(range(0, self.evaluated_range(trainer, stage, dataset_size), self.skip))
+        if self.max_images is not None:
+            selected = selected[: self.max_images]
+        if trainer.fast_dev_run:
+            selected = selected[:FAST_DEV_IMAGES]
+        return selected
+
+    def evaluated_range(self, trainer: Trainer, stage: str, dataset_size: int) -> int:
+        """How many of the first dataset images the trainer evaluates (its batch limit applied)."""
         total = dataset_size
         limit = trainer.limit_test_batches if stage == "test" else trainer.limit_val_batches
         if isinstance(limit, float):
@@ -157,12 +166,7 @@ class EvaluationCallback(Callback):
             loader_batch = getattr(loaders, "batch_size", None)
             if loader_batch:
                 total = min(dataset_size, limit * loader_batch * trainer.world_size)
-        selected = list(range(0, total, self.skip))
-        if self.max_images is not None:
-            selected = selected[: self.max_images]
-        if trainer.fast_dev_run:
-            selected = selected[:FAST_DEV_IMAGES]
-        return selected
+        return total
 
     def run(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> dict[str, float]:
         """Evaluate the selected images of ``stage`` on all processes; log and return the metrics."""
@@ -224,14 +228,14 @@ class EvaluationCallback(Callback):
     def on_rank_zero(trainer: Trainer, work: Any, owner: str) -> Any:
         """Run ``work()`` on rank 0 and give its result to every process.
 
-        A refusal (``ValueError``) or an I/O error on rank 0 is raised on every process as one
+        A refusal (``ValueError``, ``TypeError``) or an I/O error on rank 0 is raised on every process as one
         ``SettingError``: every rank reaches the broadcast, so none hangs in it.
         """
         outcome: tuple[Any, str | None] = (None, None)
         if trainer.is_global_zero:
             try:
                 outcome = (work(), None)
-            except ValueError as err:
+            except (ValueError, TypeError) as err:  # TypeError: settings that are not JSON
                 outcome = (None, str(err))
             except OSError as err:
                 outcome = (None, f"{owner}: {type(err).__name__}: {err}")

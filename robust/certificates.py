@@ -42,6 +42,7 @@ from robust.statistics import largest_certified_radius
 __all__ = [
     "ABSTAIN",
     "HEADER",
+    "SELECTION_SETTINGS",
     "CertificateFile",
     "CertifiedImage",
     "atomic_write",
@@ -56,6 +57,9 @@ __all__ = [
     "summarize",
     "write_tsv",
 ]
+
+SELECTION_SETTINGS = ("skip", "max_images", "image_range")
+"""The settings that say which images a run certified; a resumed file's sidecar gets the latest."""
 
 ABSTAIN = -1
 """``predict`` of a row whose certification abstained."""
@@ -356,27 +360,35 @@ def dataset_fingerprint(dataset: Any) -> tuple[str, list[int]]:
 def selected_rows(
     rows: Iterable[CertifiedImage], settings: Mapping[str, Any]
 ) -> list[CertifiedImage]:
-    """The rows of the images a run with ``settings`` selects: every ``skip``-th, ``max_images``.
+    """The rows of the images a run with ``settings`` selected.
 
-    A TSV resumed by runs with other selections (nested subsets, say every 10th image and then
-    every 5th) holds rows of all of them; the latest run's metrics, and a report of them, use
-    only its own selection. The settings are the sidecar's (:func:`read_settings`), whose
-    ``skip`` and ``max_images`` are checked here.
+    Of the first ``image_range`` images (the trainer's batch limit), every ``skip``-th, at most
+    ``max_images``. A TSV resumed by runs with other selections (nested subsets, say every 10th
+    image and then every 5th) holds rows of all of them; the latest run's metrics, and a report
+    of them, use only its own selection. The settings are the sidecar's (:func:`read_settings`),
+    whose :data:`SELECTION_SETTINGS` are checked here (None or absent: no limit; ``skip`` 1).
 
     Raises:
-        SettingError: If ``skip`` or ``max_images`` is not a positive integer (or None).
+        SettingError: If one of them is not a positive integer (or None).
 
     Examples:
         >>> rows = [CertifiedImage(i, 0, 0, 0.1, 1, 0.0) for i in range(10)]
         >>> [r.idx for r in selected_rows(rows, {"skip": 3, "max_images": 3})]
         [0, 3, 6]
+        >>> [r.idx for r in selected_rows(rows, {"skip": 2, "image_range": 5})]
+        [0, 2, 4]
     """
-    skip, limit = settings.get("skip", 1), settings.get("max_images")
-    for name, value in (("skip", skip), ("max_images", limit)):
+    skip = settings.get("skip", 1)
+    limit, image_range = settings.get("max_images"), settings.get("image_range")
+    for name, value in (("skip", skip), ("max_images", limit), ("image_range", image_range)):
         if value is not None and (type(value) is not int or value < 1):
             raise SettingError(f"{name} must be a positive integer, got {value!r}")
     return [
-        row for row in rows if row.idx % skip == 0 and (limit is None or row.idx // skip < limit)
+        row
+        for row in rows
+        if row.idx % skip == 0
+        and (limit is None or row.idx // skip < limit)
+        and (image_range is None or row.idx < image_range)
     ]
 
 
@@ -450,9 +462,9 @@ def open_resumable(
 
     A file written with other values of the ``checked`` settings, without its sidecar, with a bad
     row, or with a row whose label is not the dataset's is refused; a torn last line is dropped
-    (its image is certified again). A resumed file's sidecar then holds this run's settings: the
-    checked ones are the same, and the others (``skip``, ``max_images``, speed options) say which
-    images the latest run selected (see :func:`selected_rows`).
+    (its image is certified again). A resumed file's sidecar then holds this run's
+    :data:`SELECTION_SETTINGS`, which say the images the latest run selected (see
+    :func:`selected_rows`); its other settings stay those of the run that created the file.
 
     Args:
         path: The TSV; its settings are in ``<path>.json``.
@@ -481,7 +493,8 @@ def open_resumable(
                 f"{owner} output {path} exists without its settings file {sidecar}, so it cannot "
                 "be resumed safely; move it away or give another output path"
             )
-        check_settings(read_settings(sidecar), settings, checked, f"{owner} output {path}")
+        stored = read_settings(sidecar)
+        check_settings(stored, settings, checked, f"{owner} output {path}")
         rows, torn = read_tsv(path, num_classes=num_classes, indices=range(len(labels)))
         cap = _radius_cap(settings)
         for row in rows:
@@ -500,9 +513,9 @@ def open_resumable(
                 )
         if torn:
             write_tsv(path, rows)
-        if read_settings(sidecar) != json.loads(json.dumps(dict(settings))):
-            # the checked settings are equal; the rest (which images, speed options) are this run's
-            atomic_write(sidecar, json.dumps(dict(settings), indent=2) + "\n")
+        selection = {k: settings[k] for k in SELECTION_SETTINGS if k in settings}
+        if any(stored.get(k) != v for k, v in selection.items()):  # the latest run's images
+            atomic_write(sidecar, json.dumps(stored | selection, indent=2) + "\n")
         return rows
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(sidecar, json.dumps(dict(settings), indent=2) + "\n")

@@ -94,9 +94,11 @@ def TinyData(count: int = 11) -> TensorData:  # noqa: N802 (reads as the data mo
 
 def certify(tmp_path: Path, module: LightningModule | None = None, **kwargs) -> Certification:
     """Run trainer.test with default Trainer settings and a Certification callback."""
+    limits = {k: kwargs.pop(k) for k in ["limit_test_batches"] if k in kwargs}
     settings = {"n0": 20, "n": 200, "alpha": 0.01, "batch_size": 64} | kwargs
     callback = Certification(**settings)
     trainer = Trainer(
+        **limits,
         default_root_dir=tmp_path,
         logger=TensorBoardLogger(tmp_path, name="logs"),
         callbacks=[callback],
@@ -220,6 +222,13 @@ def test_nested_subsets_resume_one_tsv_and_each_run_reports_its_own(tmp_path):
     assert again.summary == every_4th.summary  # the rows of every 2nd image are not counted
     assert read_settings(Path(f"{output}.json"))["skip"] == 4
     assert [r.idx for r in selected_rows(read_tsv(output)[0], {"skip": 4})] == [0, 4, 8]
+    # a batch limit (half of the 11 images: the first 5) is part of the selection too
+    half = certify(tmp_path / "e", sigma=SIGMA, output=str(output), skip=2, limit_test_batches=0.5)
+    assert [r.idx for r in half.results] == [0, 2, 4]
+    stored = read_settings(Path(f"{output}.json"))
+    assert (stored["skip"], stored["image_range"]) == (2, 5)
+    assert [r.idx for r in selected_rows(read_tsv(output)[0], stored)] == [0, 2, 4]
+    assert stored["batch_size"] == 64 and stored["n"] == 200  # the rest: the first run's
 
 
 @pytest.mark.parametrize("settings", [{"skip": 0}, {"skip": "2"}, {"max_images": 1.5}])

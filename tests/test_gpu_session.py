@@ -84,6 +84,8 @@ def test_consistency_recipes_follow_jeong_and_shin(session, sigma, recipe, weigh
     assert session.noise_name(args) == name
     optimizer = model.optimizer_factory(model.parameters())
     scheduler = model.lr_scheduler_factory(optimizer)
+    configured = model.configure_optimizers()
+    assert configured["lr_scheduler"].get("interval", "epoch") == "epoch"  # stepped per epoch
     if recipe == "paper":
         assert type(optimizer).__name__ == "SGD"
         assert {k: optimizer.defaults[k] for k in ("lr", "momentum", "weight_decay")} == {
@@ -99,8 +101,9 @@ def test_consistency_recipes_follow_jeong_and_shin(session, sigma, recipe, weigh
         assert rates[29:31] == pytest.approx([0.01, 0.001]) and rates[60] == pytest.approx(1e-4)
     else:
         assert type(optimizer).__name__ == "Adam"
-    args.consistency_weight = 3.0
-    assert session.noise_model(args).consistency_weight == 3.0
+    for weight in (3.0, 0.0):  # an explicit lambda, 0 included, wins over the default
+        args.consistency_weight = weight
+        assert session.noise_model(args).consistency_weight == weight
 
 
 def test_the_paper_recipe_trains_on_all_training_digits(session, monkeypatch) -> None:
@@ -110,17 +113,20 @@ def test_the_paper_recipe_trains_on_all_training_digits(session, monkeypatch) ->
     from torch.utils.data import TensorDataset
 
     assert session.RECIPES["paper"][2:] == (128, True)
-    splits = iter([torch.arange(0, 8), torch.arange(8, 12)])  # "train", then "validation"
+    splits = {0: torch.arange(0, 9), 1: torch.arange(9, 13)}  # "train" and "validation"
 
     def tensors(subset, limit):
-        labels = next(splits)
-        return TensorDataset(labels.float().view(-1, 1, 1, 1), labels)
+        return TensorDataset(splits[subset].float().view(-1, 1, 1, 1), splits[subset])
 
     source = SimpleNamespace(setup=lambda stage: None, train_set=0, val_set=1, test_set=None)
     monkeypatch.setattr(session, "MNISTDataModule", lambda **kwargs: source)
-    data = session.FastMNIST("unused", 4, False, train_on_all=True)
-    monkeypatch.setattr(data, "_tensors", tensors)
-    data.setup("fit")
-    batches = list(data.train_dataloader())
-    assert [len(labels) for _, labels in batches] == [4, 4, 4]
-    assert sorted(torch.cat([labels for _, labels in batches]).tolist()) == list(range(12))
+    for train_on_all, train in ((True, range(13)), (False, range(9))):
+        data = session.FastMNIST("unused", 4, False, train_on_all=train_on_all)
+        monkeypatch.setattr(data, "_tensors", tensors)
+        data.setup("fit")
+        assert data.val_set.tensors[1].tolist() == [9, 10, 11, 12]
+        batches = [labels.tolist() for _, labels in data.train_dataloader()]
+        assert [len(labels) for labels in batches] == [4] * (len(train) // 4)  # the rest dropped
+        seen = sorted(i for labels in batches for i in labels)
+        assert len(set(seen)) == len(seen) and set(seen) <= set(train)
+        assert len(seen) == len(train) - len(train) % 4
