@@ -228,8 +228,8 @@ class EvaluationCallback(Callback):
     def on_rank_zero(trainer: Trainer, work: Any, owner: str) -> Any:
         """Run ``work()`` on rank 0 and give its result to every process.
 
-        A refusal (``ValueError``, ``TypeError``) or an I/O error on rank 0 is raised on every process as one
-        ``SettingError``: every rank reaches the broadcast, so none hangs in it.
+        A refusal (``ValueError``, ``TypeError``) or an I/O error on rank 0 is raised on every
+        process as one ``SettingError``: every rank reaches the broadcast, so none hangs in it.
         """
         outcome: tuple[Any, str | None] = (None, None)
         if trainer.is_global_zero:
