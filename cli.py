@@ -759,6 +759,7 @@ class RobustCLI(LightningCLI):
     checkpoint_path: str | None = None
     checkpoint_hparams: dict[str, Any] | None = None
     checkpoint: dict[str, Any] | None = None  # the checked checkpoint of ckpt_path (local files)
+    named_settings: frozenset[str] = frozenset()  # model settings the user gave explicitly
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102 (LightningCLI hook)
         for name in LINKED_SETTINGS:
@@ -814,6 +815,7 @@ class RobustCLI(LightningCLI):
         self.checkpoint_path, self.checkpoint_hparams = str(ckpt_path), hparams
         given = sys.argv[1:] if args is None else args
         named = named_model_settings(given, subcommand or "")
+        self.named_settings = frozenset(named)
         check_model_against_checkpoint(config.model, hparams, named, str(ckpt_path))
 
     def _parse_ckpt_path(self) -> None:
@@ -870,11 +872,30 @@ class RobustCLI(LightningCLI):
             specific = next((e for e in chain if not _is_generic(str(e))), err)
             if not refusals and not isinstance(specific, ValueError):
                 raise
-            raise SettingError(essential_message(err)) from err
+            raise SettingError(self.with_checkpoint_source(essential_message(err))) from err
         if self.checkpoint_hparams and self.datamodule is not None:
             self.check_linked_settings(
                 {name: getattr(self.datamodule, name, None) for name in LINKED_SETTINGS}
             )
+
+    def with_checkpoint_source(self, message: str) -> str:
+        """``message``, plus the checkpoint's values of the settings it names that came from there.
+
+        A value the user did not give (not in a config file or on the command line) but the
+        checkpoint's hyperparameters did is refused in the class's words, which say nothing of the
+        checkpoint; this names it, so the user knows which file to look at.
+        """
+        hparams = self.checkpoint_hparams or {}
+        from_checkpoint = [
+            f"{name}={hparams[name]!r}"
+            for name in hparams
+            if name not in self.named_settings and re.search(rf"\b{re.escape(name)}\b", message)
+        ]
+        if not from_checkpoint:
+            return message
+        return (
+            f"{message} ({', '.join(from_checkpoint)} from the checkpoint {self.checkpoint_path})"
+        )
 
     def check_output_folders(self, fitting: bool) -> None:
         """Refuse before any work when a folder the run writes to cannot be written.

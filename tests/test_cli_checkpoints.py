@@ -104,6 +104,17 @@ def test_checkpoint_with_settings_the_model_does_not_take_is_refused(checkpoints
     assert "StandardClassifier does not take: dropout_rate" in line
 
 
+def test_a_bad_value_from_the_checkpoint_is_named_as_the_checkpoints(checkpoints, in_tmp, capsys):
+    checkpoint = torch.load(checkpoints["noise"], weights_only=True)
+    checkpoint["hyper_parameters"]["num_noise_samples"] = 0  # edited, or a bug in an old version
+    torch.save(checkpoint, in_tmp / "bad_value.ckpt")
+    args = ["--config", SMOOTHING, "--model.init_args.sigma", "0.5"]
+    line = refusal(capsys, "test", *args, "--ckpt_path", str(in_tmp / "bad_value.ckpt"))
+    assert "num_noise_samples must be an integer >= 1; got 0" in line
+    assert f"(num_noise_samples=0 from the checkpoint {in_tmp / 'bad_value.ckpt'})" in line
+    assert "sigma=" not in line  # given here, and not what was refused
+
+
 def test_checkpoint_agreeing_with_the_settings_is_used(checkpoints, in_tmp):
     args = ["--config", SMOOTHING, "--model.init_args.sigma", "0.5", *QUIET]
     args += ["--ckpt_path", checkpoints["noise"], "--trainer.callbacks", "[]"]
