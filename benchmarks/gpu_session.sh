@@ -3,8 +3,8 @@
 #   OUT=results/gpu_session bash benchmarks/gpu_session.sh
 # PLAN=consistency (about 13 minutes in two calls: two trainings at once, the certification
 # levers (BENCH=0 skips them), two certifications of all 10,000 test images at n = 100,000;
-# RECIPE=paper trains longer, see below) or PLAN=smoothadv (about 6 minutes: it certifies the
-# weights in docs/cpu_smoothadv30 on all 10,000 test images)
+# RECIPE=paper trains longer, see below) or PLAN=smoothadv (about 5 minutes: it certifies the
+# weights in docs/cpu_smoothadv30 on all 10,000 test images; other SmoothAdv trainings below)
 # run the targets still open; a stage cut short by its limit resumes from its TSV when run again
 # with the same OUT. BUDGET_S=S ends every stage within S seconds of the start.
 # Each stage runs under its own time limit; a stage cut short keeps what it wrote (the
@@ -54,6 +54,7 @@ consistency)  # issue 11's consistency targets at sigma 0.25 and 0.5; run again 
   # and docs/gpu_h200_consistency60). RECIPE=paper trains as Jeong & Shin's code does (SGD, lr
   # steps every 30 epochs, 90 epochs of 128-image steps on all 60,000 digits, lambda 10 at sigma
   # 0.25): 3.3 times the optimizer steps of 60 epochs, so a training time not yet measured.
+  # SIGMAS="0.25" runs one of the two noise levels.
   # WEIGHTS_FROM=DIR certifies the weights in DIR (trained earlier, e.g. committed under docs/)
   # instead of training; LAMBDA=L sets the consistency weight (default: Jeong & Shin's by sigma).
   RECIPE=${RECIPE:-adam-cosine}
@@ -61,14 +62,14 @@ consistency)  # issue 11's consistency targets at sigma 0.25 and 0.5; run again 
   TRAIN_S=${TRAIN_S:-$(( ${name_tail:+2 *} 3 * EPOCHS + 10 ))}
   left=$(( END - $(date +%s) - 60 ))  # the training ends (and saves) before its stage's limit
   [ "$left" -lt "$TRAIN_S" ] && TRAIN_S=$left
-  for sigma in 0.25 0.5; do
+  for sigma in ${SIGMAS:-0.25 0.5}; do
     weights=consistency_${sigma}${name_tail}_state.pt
     if [ -n "${WEIGHTS_FROM:-}" ] && [ ! -f "$OUT/$weights" ]; then
       cp "$WEIGHTS_FROM/$weights" "$OUT/" || { echo "error: WEIGHTS_FROM has no $weights" >&2; exit 2; }
     fi
   done
   # both trainings at once (each uses a small part of the GPU), unless their weights exist
-  for sigma in 0.25 0.5; do
+  for sigma in ${SIGMAS:-0.25 0.5}; do
     [ -f "$OUT/consistency_${sigma}${name_tail}_state.pt" ] \
       || stage $(( TRAIN_S + 40 )) train-noise --training consistency --sigma "$sigma" \
         --recipe "$RECIPE" --epochs "$EPOCHS" --seconds "$TRAIN_S" \
@@ -88,27 +89,45 @@ consistency)  # issue 11's consistency targets at sigma 0.25 and 0.5; run again 
   cert=$(python3 benchmarks/gpu_session.py certify-options --out "$OUT" --seconds "${CERT_S:-600}" \
     2>/dev/null)
   echo "== certify options: ${cert:-none (IEEE float32)}" | tee -a "$log"
-  for sigma in 0.25 0.5; do
+  for sigma in ${SIGMAS:-0.25 0.5}; do
     # a compiled forward that fails in the callback falls back to eager (the TSV resumes)
     stage 420 certify --training consistency --sigma "$sigma" --recipe "$RECIPE" ${CERT:-$cert} \
       || stage 420 certify --training consistency --sigma "$sigma" --recipe "$RECIPE" \
         ${CERT:-${cert/--compile/}} || true
   done
   ;;
-smoothadv)  # issue 12's SmoothAdv target (sigma 0.25)
-  # the weights trained on 2 CPU cores (docs/cpu_smoothadv30, whose 500-image subset they certify)
-  # unless OUT has its own; TRAIN=1 trains new ones on the GPU instead
-  weights=docs/cpu_smoothadv30/smoothadv_0.25_state.pt
-  [ "${TRAIN:-0}" = 1 ] || [ -f "$OUT/smoothadv_0.25_state.pt" ] || cp "$weights" "$OUT/"
-  [ -f "$OUT/smoothadv_0.25_state.pt" ] \
-    || stage 200 train-noise --training smoothadv --sigma 0.25 --epochs 30 --seconds 180
-  stage 360 certify --training smoothadv --sigma 0.25 ${CERT:-} || true
+smoothadv)  # issue 12's SmoothAdv target (sigma 0.25); run again to resume
+  # TRAINING=smoothadv (default): ours (eps 0.5, 2 steps, m = 2); without TRAIN=1 it certifies the
+  # weights trained on 2 CPU cores (docs/cpu_smoothadv30), which an H200 certified at ACR 0.9283
+  # (docs/gpu_h200_paper). TRAINING=smoothadv-jeong: Jeong & Shin's baseline (eps 255/256, 10
+  # steps, m = 4), with RECIPE=paper their 90 SGD epochs on 60,000 digits (a GPU job of unmeasured
+  # length: TRAIN_S caps it, and results.json records the epochs done); STEPS=N sets the PGD steps.
+  # WEIGHTS_FROM=DIR certifies the weights in DIR instead of training.
+  TRAINING=${TRAINING:-smoothadv}
+  RECIPE=${RECIPE:-adam-cosine}
+  name=${TRAINING}_0.25
+  if [ "$RECIPE" = paper ]; then name=${name}_paper; EPOCHS=${EPOCHS:-90}; else EPOCHS=${EPOCHS:-30}; fi
+  [ -n "${STEPS:-}" ] && name=${name}_steps$STEPS
+  from=${WEIGHTS_FROM:-}
+  [ "$name" = smoothadv_0.25 ] && [ "${TRAIN:-0}" != 1 ] && from=${from:-docs/cpu_smoothadv30}
+  if [ -n "$from" ] && [ ! -f "$OUT/${name}_state.pt" ]; then
+    cp "$from/${name}_state.pt" "$OUT/" || { echo "error: WEIGHTS_FROM has no ${name}_state.pt" >&2; exit 2; }
+  fi
+  TRAIN_S=${TRAIN_S:-180}
+  left=$(( END - $(date +%s) - 60 ))  # the training ends (and saves) before its stage's limit
+  [ "$left" -lt "$TRAIN_S" ] && TRAIN_S=$left
+  [ -f "$OUT/${name}_state.pt" ] \
+    || stage $(( TRAIN_S + 40 )) train-noise --training "$TRAINING" --sigma 0.25 --recipe "$RECIPE" \
+      --epochs "$EPOCHS" --seconds "$TRAIN_S" ${STEPS:+--smoothadv-steps "$STEPS"}
+  stage 360 certify --training "$TRAINING" --sigma 0.25 --recipe "$RECIPE" \
+    ${STEPS:+--smoothadv-steps "$STEPS"} ${CERT:-} || true
   ;;
 *) echo "unknown PLAN=$PLAN: first, consistency or smoothadv" >&2; exit 2 ;;
 esac
 echo "== done $(date +%T)" | tee -a "$log"
 rm -f "$OUT/results.lock"
 # PACK=0 keeps the weights and TensorBoard runs in place (to resume in the same OUT)
-[ "${PACK:-1}" = 1 ] && cd "$OUT" && tar czf extra.tgz tb ./*.pt ./*.png 2>/dev/null \
-  && rm -rf tb ./*.pt ./*.png
+# (one archive per call: a later call must not overwrite what an earlier one packed)
+[ "${PACK:-1}" = 1 ] && cd "$OUT" && tar czf "extra_$(date +%H%M%S).tgz" tb ./*.pt ./*.png \
+  2>/dev/null && rm -rf tb ./*.pt ./*.png
 ls -la "$OUT"

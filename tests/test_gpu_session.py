@@ -73,7 +73,11 @@ def test_consistency_recipes_follow_jeong_and_shin(session, sigma, recipe, weigh
     """Their MNIST setting (jh-jeong/smoothing-consistency): lambda 10 at sigma 0.25, 5 at 0.5;
     SGD 0.01 with momentum 0.9 and weight decay 1e-4, the rate divided by 10 every 30 epochs."""
     args = argparse.Namespace(
-        training="consistency", sigma=sigma, recipe=recipe, consistency_weight=None
+        training="consistency",
+        sigma=sigma,
+        recipe=recipe,
+        consistency_weight=None,
+        smoothadv_steps=None,
     )
     model = session.noise_model(args)
     assert (model.consistency_weight, model.entropy_weight, model.num_noise_samples) == (
@@ -104,6 +108,52 @@ def test_consistency_recipes_follow_jeong_and_shin(session, sigma, recipe, weigh
     for weight in (3.0, 0.0):  # an explicit lambda, 0 included, wins over the default
         args.consistency_weight = weight
         assert session.noise_model(args).consistency_weight == weight
+
+
+@pytest.mark.parametrize(
+    ("recipe", "epochs", "steps", "warmup", "name"),
+    [
+        ("paper", 90, None, 10, "smoothadv-jeong_0.25_paper"),
+        ("adam-cosine", 30, 2, 3, "smoothadv-jeong_0.25_steps2"),
+    ],
+)
+def test_smoothadv_jeong_is_their_mnist_baseline(
+    session, monkeypatch, recipe, epochs, steps, warmup, name
+) -> None:
+    """Jeong & Shin's SmoothAdv baseline (EXPERIMENTS.MD: --epsilon 255 --num-steps 10 --warmup 10
+    --num-noise-vec 4, eps divided by 256 in their code); the warm-up is the first ninth of the
+    epochs; other PGD step counts are named in the files, so no two trainings share weights."""
+    monkeypatch.setitem(session.EPOCHS, "value", epochs)
+    args = argparse.Namespace(
+        training="smoothadv-jeong",
+        sigma=0.25,
+        recipe=recipe,
+        consistency_weight=None,
+        smoothadv_steps=steps,
+    )
+    model = session.noise_model(args)
+    assert model.num_noise_samples == 4
+    assert model.smoothadv_eps == 255 / 256
+    assert model.smoothadv_steps == (steps or 10)
+    assert model.smoothadv_warmup_epochs == warmup
+    assert model.consistency_weight == 0
+    assert session.noise_name(args) == name
+
+
+def test_smoothadv_steps_are_refused_without_smoothadv(session, capsys) -> None:
+    args = argparse.Namespace(
+        training="consistency",
+        sigma=0.25,
+        recipe="paper",
+        consistency_weight=None,
+        smoothadv_steps=2,
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        session.noise_model(args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --smoothadv-steps needs a SmoothAdv --training, not consistency\n"
+    )
 
 
 def test_the_paper_recipe_trains_on_all_training_digits(session, monkeypatch) -> None:
