@@ -44,6 +44,7 @@ from datamodules import MNISTDataModule
 from lightning_modules import AdversarialClassifier, NoiseAugmentedClassifier
 from lightning_modules.backbones import LeNet
 from robust.attacks import AttackSpec
+from robust.checks import SettingError
 
 
 class FastMNIST(LightningDataModule):
@@ -467,7 +468,10 @@ def main() -> None:
         args.accelerator = "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("highest")
-    STAGES[args.stage](args)
+    try:
+        STAGES[args.stage](args)
+    except SettingError as err:  # e.g. a TSV to resume that was written with other settings
+        fail(str(err))
 
 
 if __name__ == "__main__":

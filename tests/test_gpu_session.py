@@ -180,3 +180,20 @@ def test_the_paper_recipe_trains_on_all_training_digits(session, monkeypatch) ->
         seen = sorted(i for labels in batches for i in labels)
         assert len(set(seen)) == len(seen) and set(seen) <= set(train)
         assert len(seen) == len(train) - len(train) % 4
+
+
+def test_a_refused_setting_is_one_error_line(session, monkeypatch, tmp_path, capsys) -> None:
+    """A stage refusing a setting (a TSV to resume written with other settings) ends with one
+    ``error:`` line and exit status 2, not a traceback."""
+
+    def refuse(args) -> None:
+        raise session.SettingError("Certification output c.tsv was written with other settings")
+
+    monkeypatch.setitem(session.STAGES, "certify", refuse)
+    monkeypatch.setattr("sys.argv", ["gpu_session.py", "certify", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        session.main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: Certification output c.tsv was written with other settings\n"
+    )
