@@ -278,6 +278,7 @@ def load_noise(args) -> NoiseAugmentedClassifier:
 def certify(args) -> None:
     model, name = load_noise(args), noise_name(args)
     suffix = f"_{args.autocast}" if args.autocast else "_tf32" if args.tf32 else ""
+    part = f"_from{args.first_image}" if args.first_image else ""  # one TSV per part of a split run
     callback = Certification(
         n0=100,
         n=2000 if args.tiny else 100_000,
@@ -286,7 +287,8 @@ def certify(args) -> None:
         cuda_graph=bool(args.cuda_graph),  # off unless --cuda-graph (5% slower on the H200)
         max_images=20 if args.tiny else None,
         skip=args.skip or 1,
-        output=str(args.out / f"certify_{name}{suffix}.tsv"),
+        first_image=args.first_image,
+        output=str(args.out / f"certify_{name}{suffix}{part}.tsv"),
         autocast=args.autocast,
         tf32=args.tf32,
         cudnn_benchmark=args.cudnn_benchmark,
@@ -459,6 +461,12 @@ def main() -> None:
         type=int,
         default=None,
         help="every skip-th test image (default: all for certify, every 10th for smoothed-attack)",
+    )
+    parser.add_argument(
+        "--first-image",
+        type=int,
+        default=0,
+        help="certify: the first test index (split a run across machines; named in the files)",
     )
     parser.add_argument(
         "--accelerator", default="gpu", choices=["gpu", "cpu"], help="--tiny runs on the CPU"

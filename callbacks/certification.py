@@ -83,6 +83,8 @@ class Certification(EvaluationCallback):
             400 on CPUs, 50,000 on GPUs.
         max_images: Certify at most this many images.
         skip: Certify every ``skip``-th image, as locuslab's ``--skip``.
+        first_image: The first dataset index certified (0: from the start); splits one
+            certification across machines, each writing its own TSV.
         seed: Base seed of the noise (>= 0); image i's noise is seeded by (seed, i).
         every_n_val_epochs: Also certify the validation set every k epochs (0: never).
         val_n: n of validation certification.
@@ -119,6 +121,7 @@ class Certification(EvaluationCallback):
         batch_size: int | None = None,
         max_images: int | None = None,
         skip: int = 1,
+        first_image: int = 0,
         seed: int = 0,
         every_n_val_epochs: int = 0,
         val_n: int = 1000,
@@ -140,6 +143,7 @@ class Certification(EvaluationCallback):
             batch_size=batch,
             max_images=max_images,
             skip=skip,
+            first_image=first_image,
         )
         self.forward_batch = None if batch_size is None else self.batch_size
         self.sigma = None if sigma is None else check_real("sigma", sigma, low=0, owner=owner)
@@ -210,7 +214,10 @@ class Certification(EvaluationCallback):
         dataset_sha256, labels = dataset_fingerprint(dataset)
         settings = {
             **self._make_smooth(pl_module).settings,
-            **{k: getattr(self, k) for k in ("n0", "n", "alpha", "skip", "max_images")},
+            **{
+                k: getattr(self, k)
+                for k in ("n0", "n", "alpha", "skip", "first_image", "max_images")
+            },
             "image_range": self.evaluated_range(trainer, "test", len(dataset)),  # type: ignore[arg-type]
             "model_sha256": model_fingerprint(base_classifier(pl_module)),
             "dataset_sha256": dataset_sha256,

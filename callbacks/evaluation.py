@@ -16,8 +16,8 @@ their summary (:meth:`finish`); this base owns the rest, with one meaning for ea
   (``(epoch + 1) % k == 0``) and in every standalone ``trainer.validate``; 0: never on validation.
   Never during the sanity check. Always at the end of ``trainer.test``.
 * Which images: those the trainer evaluates (``limit_test_batches``/``limit_val_batches`` as a
-  fraction or a number of loader batches), then every ``skip``-th of them, then at most
-  ``max_images``. Under ``fast_dev_run``, at most 2 images.
+  fraction or a number of loader batches), the multiples of ``skip`` among them from dataset index
+  ``first_image`` on, then at most ``max_images``. Under ``fast_dev_run``, at most 2 images.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
+from robust.certificates import selected_indices
 from robust.checks import SettingError, check_int
 from robust.sharding import (
     FAST_DEV_IMAGES,
@@ -58,6 +59,9 @@ class EvaluationCallback(Callback):
         batch_size: Images per round on each process (results do not depend on it).
         max_images: Evaluate at most this many images (None: all selected).
         skip: Evaluate every ``skip``-th image of those the trainer evaluates.
+        first_image: The first dataset index evaluated (0: from the start). Splits one evaluation
+            across machines: ``first_image=6950`` does the images a run stopped at 6,950 left
+            (the same multiples of ``skip`` the whole run selects).
 
     Examples:
         >>> class Count(EvaluationCallback):
@@ -80,6 +84,7 @@ class EvaluationCallback(Callback):
         batch_size: int = 256,
         max_images: int | None = None,
         skip: int = 1,
+        first_image: int = 0,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -93,6 +98,7 @@ class EvaluationCallback(Callback):
             else check_int("max_images", max_images, minimum=1, owner=owner)
         )
         self.skip = check_int("skip", skip, minimum=1, owner=owner)
+        self.first_image = check_int("first_image", first_image, minimum=0, owner=owner)
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -145,10 +151,9 @@ class EvaluationCallback(Callback):
 
     # ------------------------------------------------------------------ machinery
     def select(self, trainer: Trainer, stage: str, dataset_size: int) -> list[int]:
-        """Dataset indices to evaluate: the trainer's limit, every ``skip``-th, ``max_images``."""
-        selected = list(range(0, self.evaluated_range(trainer, stage, dataset_size), self.skip))
-        if self.max_images is not None:
-            selected = selected[: self.max_images]
+        """Dataset indices to evaluate (:func:`~robust.certificates.selected_indices`)."""
+        end = self.evaluated_range(trainer, stage, dataset_size)
+        selected = list(selected_indices(end, self.skip, self.first_image, self.max_images))
         if trainer.fast_dev_run:
             selected = selected[:FAST_DEV_IMAGES]
         return selected

@@ -53,12 +53,13 @@ __all__ = [
     "open_resumable",
     "read_settings",
     "read_tsv",
+    "selected_indices",
     "selected_rows",
     "summarize",
     "write_tsv",
 ]
 
-SELECTION_SETTINGS = ("skip", "max_images", "image_range")
+SELECTION_SETTINGS = ("skip", "first_image", "max_images", "image_range")
 """The settings that say which images a run certified; a resumed file's sidecar gets the latest."""
 
 ABSTAIN = -1
@@ -357,19 +358,40 @@ def dataset_fingerprint(dataset: Any) -> tuple[str, list[int]]:
     return digest.hexdigest(), labels
 
 
+def selected_indices(
+    end: int, skip: int = 1, first_image: int = 0, max_images: int | None = None
+) -> range:
+    """The dataset indices an evaluation selects.
+
+    Of ``[0, end)``, the multiples of ``skip`` from ``first_image`` on, at most ``max_images``.
+    Multiples of ``skip`` whatever ``first_image`` is, so the parts of a run split across machines
+    select exactly the images the whole run would.
+
+    Examples:
+        >>> list(selected_indices(100, skip=20, first_image=30))
+        [40, 60, 80]
+        >>> list(selected_indices(10, skip=2, max_images=3))
+        [0, 2, 4]
+    """
+    start = -(-first_image // skip) * skip  # the first multiple of skip >= first_image
+    selected = range(start, max(start, end), skip)
+    return selected if max_images is None else selected[:max_images]
+
+
 def selected_rows(
     rows: Iterable[CertifiedImage], settings: Mapping[str, Any]
 ) -> list[CertifiedImage]:
-    """The rows of the images a run with ``settings`` selected.
+    """The rows of the images a run with ``settings`` selected (:func:`selected_indices`).
 
-    Of the first ``image_range`` images (the trainer's batch limit), every ``skip``-th, at most
-    ``max_images``. A TSV resumed by runs with other selections (nested subsets, say every 10th
-    image and then every 5th) holds rows of all of them; the latest run's metrics, and a report
-    of them, use only its own selection. The settings are the sidecar's (:func:`read_settings`),
-    whose :data:`SELECTION_SETTINGS` are checked here (None or absent: no limit; ``skip`` 1).
+    Of the first ``image_range`` images (the trainer's batch limit), every ``skip``-th from
+    ``first_image`` on, at most ``max_images``. A TSV resumed by runs with other selections
+    (nested subsets, say every 10th image and then every 5th) holds rows of all of them; the
+    latest run's metrics, and a report of them, use only its own selection. The settings are the
+    sidecar's (:func:`read_settings`), whose :data:`SELECTION_SETTINGS` are checked here (None or
+    absent: no limit; ``skip`` 1; ``first_image`` 0).
 
     Raises:
-        SettingError: If one of them is not a positive integer (or None).
+        SettingError: If one of them is not a positive integer (``first_image``: >= 0) or None.
 
     Examples:
         >>> rows = [CertifiedImage(i, 0, 0, 0.1, 1, 0.0) for i in range(10)]
@@ -377,19 +399,20 @@ def selected_rows(
         [0, 3, 6]
         >>> [r.idx for r in selected_rows(rows, {"skip": 2, "image_range": 5})]
         [0, 2, 4]
+        >>> [r.idx for r in selected_rows(rows, {"skip": 2, "first_image": 5})]
+        [6, 8]
     """
-    skip = settings.get("skip", 1)
+    rows = list(rows)
+    skip, first = settings.get("skip", 1), settings.get("first_image", 0)
     limit, image_range = settings.get("max_images"), settings.get("image_range")
     for name, value in (("skip", skip), ("max_images", limit), ("image_range", image_range)):
         if value is not None and (type(value) is not int or value < 1):
             raise SettingError(f"{name} must be a positive integer, got {value!r}")
-    return [
-        row
-        for row in rows
-        if row.idx % skip == 0
-        and (limit is None or row.idx // skip < limit)
-        and (image_range is None or row.idx < image_range)
-    ]
+    if type(first) is not int or first < 0:
+        raise SettingError(f"first_image must be an integer >= 0, got {first!r}")
+    end = image_range if image_range is not None else max((r.idx + 1 for r in rows), default=0)
+    wanted = set(selected_indices(end, skip, first, limit))
+    return [row for row in rows if row.idx in wanted]
 
 
 def read_settings(path: Path) -> dict[str, Any]:

@@ -235,6 +235,25 @@ def test_nested_subsets_resume_one_tsv_and_each_run_reports_its_own(tmp_path):
 def test_selection_from_a_bad_sidecar_is_refused(settings):
     with pytest.raises(SettingError, match="positive integer"):
         selected_rows([], settings)
+    with pytest.raises(SettingError, match="first_image must be an integer >= 0"):
+        selected_rows([], {"first_image": -1})
+
+
+def test_a_run_split_with_first_image_gives_the_whole_runs_rows(tmp_path):
+    whole = certify(tmp_path / "whole", sigma=SIGMA, skip=2)
+    head = certify(
+        tmp_path / "a", sigma=SIGMA, skip=2, output=str(tmp_path / "a.tsv"), stop_after=3
+    )
+    tail = certify(
+        tmp_path / "b", sigma=SIGMA, skip=2, first_image=5, output=str(tmp_path / "b.tsv")
+    )
+    assert [r.idx for r in head.results] == [0, 2, 4]
+    assert [r.idx for r in tail.results] == [6, 8, 10]  # the multiples of skip from 5 on
+    split = certificates_only(tmp_path / "a.tsv") + certificates_only(tmp_path / "b.tsv")
+    assert split == certificates_only(whole.output_path)
+    stored = read_settings(tmp_path / "b.tsv.json")
+    assert stored["first_image"] == 5
+    assert [r.idx for r in selected_rows(read_tsv(whole.output_path)[0], stored)] == [6, 8, 10]
 
 
 def ShiftedData() -> TensorData:  # noqa: N802
@@ -434,6 +453,7 @@ def test_tsv_line_round_trip_is_exact_and_locuslab_shaped():
         ({"batch_size": 0}, "batch_size"),
         ({"skip": 0}, "skip"),
         ({"max_images": 0}, "max_images"),
+        ({"first_image": -1}, "first_image"),
         ({"seed": -1}, "seed"),
         ({"val_n": 0}, "val_n"),
         ({"radii": []}, "radii"),

@@ -1,0 +1,160 @@
+r"""Join the TSVs of one certification split across machines (``first_image``) into one TSV.
+
+A long certification (all 10,000 test images at n = 100,000) can run in parts: one machine
+certifies images 0-6,949 and stops, another starts at ``first_image = 6950``. Noise is seeded
+per image, so each part's rows are those the whole run would give, up to the float rounding of
+the machine. This script checks that the parts certify the same thing, joins them and says what
+differs:
+
+* the settings that define the certificate must be equal in every part's ``.json`` sidecar:
+  sigma, seed, noise scheme and block, autocast (a bf16 part certifies another classifier), n0,
+  n, alpha, the model's and the test set's SHA-256;
+* the numerics may differ (TF32 on a GPU, IEEE float32 on a CPU): they are listed per part;
+* no image may be certified by two parts, and ``--images N`` requires exactly images 0..N-1.
+
+    python benchmarks/combine_certificates.py \
+        docs/gpu_h200_paper/certify_consistency_0.5_paper_tf32.tsv \
+        docs/cpu_consistency_split/certify_consistency_0.5_paper_from6950.tsv \
+        --images 10000 --out docs/cpu_consistency_split/certify_consistency_0.5_paper_all.tsv
+
+It writes the joined TSV, its sidecar (the shared settings and the parts) and prints the
+certified accuracy and ACR of the whole. A refusal is one ``error:`` line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .`
+
+from robust.certificates import (  # noqa: E402
+    CertifiedImage,
+    atomic_write,
+    read_settings,
+    read_tsv,
+    summarize,
+    write_tsv,
+)
+from robust.checks import SettingError  # noqa: E402
+
+DEFINING = (
+    *("sigma", "seed", "noise_block", "noise_scheme", "autocast", "n0", "n", "alpha"),
+    *("model_sha256", "dataset_sha256"),
+)
+"""Settings that decide what a row certifies: equal in every part."""
+NUMERICS = ("device_type", "gpu", "tf32", "cudnn_benchmark", "compile", "channels_last")
+"""Settings that change only float rounding: recorded per part."""
+RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+
+
+def combine(
+    paths: Sequence[Path], images: int | None = None
+) -> tuple[list[CertifiedImage], dict[str, Any]]:
+    """The rows of all parts in index order, and the joined sidecar.
+
+    Raises:
+        SettingError: A part without its sidecar or with a bad row; parts whose defining settings
+            differ; an image in two parts; with ``images``, a missing or extra image.
+
+    Examples:
+        >>> import json, tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> for name, first in (("a", 0), ("b", 2)):
+        ...     write_tsv(folder / f"{name}.tsv", [CertifiedImage(i, 1, 1, 0.5, 1, 0.1)
+        ...                                        for i in range(first, first + 2)])
+        ...     _ = (folder / f"{name}.tsv.json").write_text(json.dumps({"sigma": 0.25}))
+        >>> rows, settings = combine([folder / "a.tsv", folder / "b.tsv"], images=4)
+        >>> [row.idx for row in rows], settings["sigma"]
+        ([0, 1, 2, 3], 0.25)
+    """
+    by_index: dict[int, tuple[CertifiedImage, Path]] = {}
+    parts, first_settings = [], None
+    for path in paths:
+        settings = read_settings(path.with_name(path.name + ".json"))
+        rows, torn = read_tsv(path)
+        if torn:
+            raise SettingError(f"{path} ends in a torn line: resume that part first")
+        if first_settings is None:
+            first_settings = settings
+        differ = [
+            f"{key}={first_settings.get(key)!r} in {paths[0]}, {settings.get(key)!r} here"
+            for key in DEFINING
+            if settings.get(key) != first_settings.get(key)
+        ]
+        if differ:
+            raise SettingError(f"{path} certifies something else: {'; '.join(differ)}")
+        for row in rows:
+            if row.idx in by_index:
+                raise SettingError(
+                    f"image {row.idx} is certified in both {by_index[row.idx][1]} and {path}"
+                )
+            by_index[row.idx] = (row, path)
+        indices = [row.idx for row in rows]
+        parts.append(
+            {
+                "path": str(path),
+                "images": len(rows),
+                "first": min(indices, default=None),
+                "last": max(indices, default=None),
+                **{key: settings.get(key) for key in NUMERICS},
+            }
+        )
+    if images is not None:
+        missing = sorted(set(range(images)) - set(by_index))
+        extra = sorted(set(by_index) - set(range(images)))
+        if missing or extra:
+            raise SettingError(
+                f"the parts do not hold exactly images 0..{images - 1}: {len(missing)} missing "
+                f"(first {missing[:3]}), {len(extra)} beyond (first {extra[:3]})"
+            )
+    if not by_index:
+        raise SettingError("the parts hold no rows")
+    rows = [by_index[i][0] for i in sorted(by_index)]
+    assert first_settings is not None
+    joined = {key: first_settings.get(key) for key in DEFINING}
+    joined |= {"data": first_settings.get("data"), "model": first_settings.get("model")}
+    joined |= {"skip": 1, "first_image": 0, "max_images": None, "image_range": images}
+    return rows, joined | {"parts": parts}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Join the parts named on the command line; print the whole's summary."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", type=Path, nargs="+", help="TSVs, each with its .json sidecar")
+    parser.add_argument("--out", type=Path, required=True, help="the joined TSV")
+    parser.add_argument("--images", type=int, default=None, help="require images 0..N-1")
+    args = parser.parse_args(argv)
+    if args.images is not None and args.images < 1:
+        parser.exit(2, "error: --images takes an integer >= 1\n")
+    if args.out.resolve() in {path.resolve() for path in args.parts}:
+        parser.exit(2, f"error: --out {args.out} is one of the parts\n")
+    for path in args.parts:
+        if not path.is_file():
+            parser.exit(2, f"error: {path} is not a file\n")
+    try:
+        rows, settings = combine(args.parts, args.images)
+    except SettingError as err:
+        parser.exit(2, f"error: {err}\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_tsv(args.out, rows)
+    atomic_write(args.out.with_name(args.out.name + ".json"), json.dumps(settings, indent=2) + "\n")
+    summary = summarize(rows, RADII)
+    accuracy = " / ".join(f"{100 * summary[f'certified_acc@{r:g}']:.2f}" for r in RADII)
+    print(f"{len(rows)} images from {len(args.parts)} parts -> {args.out}")
+    for part in settings["parts"]:
+        numerics = ", ".join(f"{k}={part[k]}" for k in NUMERICS if part[k] is not None)
+        print(
+            f"  {part['path']}: {part['images']} images {part['first']}-{part['last']} ({numerics})"
+        )
+    print(f"certified accuracy at r = {' / '.join(f'{r:g}' for r in RADII)}: {accuracy}%")
+    print(f"ACR {summary['acr']:.4f}, abstained {100 * summary['abstain_rate']:.2f}%")
+
+
+if __name__ == "__main__":
+    main()

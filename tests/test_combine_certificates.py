@@ -1,0 +1,89 @@
+"""benchmarks/combine_certificates.py: joining the parts of a certification split across machines."""
+
+import doctest
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from robust.certificates import CertifiedImage, read_settings, read_tsv, write_tsv
+
+SETTINGS = {"sigma": 0.25, "seed": 0, "n0": 100, "n": 1000, "alpha": 0.001, "model_sha256": "m"}
+
+
+def part(folder: Path, name: str, indices, radius: float = 0.5, **changes) -> Path:
+    """A TSV of ``indices`` (all correct at ``radius``) with its sidecar."""
+    path = folder / f"{name}.tsv"
+    write_tsv(path, [CertifiedImage(i, i % 10, i % 10, radius, 1, 0.1) for i in indices])
+    Path(f"{path}.json").write_text(json.dumps(SETTINGS | changes))
+    return path
+
+
+@pytest.fixture
+def combine(load_script):
+    return load_script("benchmarks/combine_certificates.py")
+
+
+def test_parts_join_into_the_whole_with_their_numerics(tmp_path, combine, capsys):
+    gpu = part(tmp_path, "gpu", range(0, 6), radius=0.5, tf32=True, gpu="NVIDIA H200")
+    cpu = part(tmp_path, "cpu", range(6, 10), radius=1.0, tf32=False, device_type="cpu")
+    out = tmp_path / "all" / "joined.tsv"
+    combine.main([str(gpu), str(cpu), "--images", "10", "--out", str(out)])
+    rows, torn = read_tsv(out)
+    assert not torn and [r.idx for r in rows] == list(range(10))
+    stored = read_settings(Path(f"{out}.json"))
+    assert stored["sigma"] == 0.25 and stored["image_range"] == 10
+    assert [(p["images"], p["first"], p["last"], p["tf32"]) for p in stored["parts"]] == [
+        (6, 0, 5, True),
+        (4, 6, 9, False),
+    ]
+    printed = capsys.readouterr().out
+    assert "ACR 0.7000" in printed  # (6 * 0.5 + 4 * 1.0) / 10
+    assert "100.00 / 100.00 / 100.00 / 40.00 / 40.00" in printed  # r = 0, 0.25, 0.5, 0.75, 1
+
+
+@pytest.mark.parametrize(
+    "second, extra, message",
+    [
+        (range(6, 10), {"sigma": 0.5}, "certifies something else: sigma=0.25 in"),
+        (range(6, 10), {"model_sha256": "other"}, "model_sha256='m' in"),
+        (range(6, 10), {"autocast": "bf16"}, "autocast=None in"),
+        (range(5, 10), {}, "image 5 is certified in both"),
+        (range(7, 10), {}, r"1 missing \(first \[6\]\), 0 beyond"),
+        (range(6, 11), {}, r"0 missing \(first \[\]\), 1 beyond \(first \[10\]\)"),
+    ],
+)
+def test_parts_that_do_not_make_one_certification_are_refused(
+    tmp_path, combine, capsys, second, extra, message
+):
+    first = part(tmp_path, "a", range(0, 6))
+    other = part(tmp_path, "b", second, **extra)
+    out = tmp_path / "joined.tsv"
+    with pytest.raises(SystemExit) as exit_info:
+        combine.main([str(first), str(other), "--images", "10", "--out", str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error
+    assert re.search(message, error), error
+    assert not out.exists()
+
+
+def test_a_part_without_its_sidecar_or_given_as_out_is_refused(tmp_path, combine, capsys):
+    first = part(tmp_path, "a", range(0, 6))
+    bare = tmp_path / "bare.tsv"
+    write_tsv(bare, [CertifiedImage(6, 6, 6, 0.5, 1, 0.1)])
+    for argv, message in (
+        ([str(first), str(bare), "--out", str(tmp_path / "j.tsv")], "settings file"),
+        ([str(first), "--out", str(first)], "is one of the parts"),
+        ([str(first), "--images", "0", "--out", str(tmp_path / "j.tsv")], "--images"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            combine.main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "j.tsv").exists()
+
+
+def test_docstring_examples(combine):
+    assert doctest.testmod(combine).failed == 0
