@@ -176,3 +176,16 @@ def test_every_override_config_composes_with_a_noise_model(override, in_tmp):
     text = (ROOT / override).read_text()
     for name in ("PerturbedAccuracy", "Certification", "SmoothedAttack"):
         assert (f"callbacks.{name}" in text) == (name in callbacks)
+
+
+def test_a_certification_part_is_one_command_line_setting(in_tmp):
+    """README's split run: ``--trainer.callbacks.first_image`` reaches the Certification."""
+    configs = ("configs/mnist/smoothing.yaml", "configs/callbacks/certify_paper.yaml")
+    args = [f"--config={ROOT / c}" for c in configs] + ["--trainer.callbacks.first_image", "6950"]
+    checked = cli.main(["test", *args], check_only=True)
+    parts = [c.first_image for c in checked.trainer.callbacks if hasattr(c, "first_image")]
+    assert parts == [6950]
+    refused = run_script("test", *args[:-1], "-1", cwd=in_tmp)
+    assert refused.returncode == 2
+    assert "first_image must be an integer >= 0; got -1" in refused.stderr
+    assert "Traceback" not in refused.stderr
