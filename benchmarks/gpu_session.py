@@ -45,6 +45,7 @@ from lightning_modules import AdversarialClassifier, NoiseAugmentedClassifier
 from lightning_modules.backbones import LeNet
 from robust.attacks import AttackSpec
 from robust.checks import SettingError
+from robust.cpu_memory import retain_freed_memory
 
 
 class FastMNIST(LightningDataModule):
@@ -476,6 +477,7 @@ def main() -> None:
         args.accelerator = "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("highest")
+    retain_freed_memory()  # CPU forward passes reuse their memory, as under the CLI
     try:
         STAGES[args.stage](args)
     except SettingError as err:  # e.g. a TSV to resume that was written with other settings
