@@ -2,10 +2,10 @@
 
 The peer comparisons run ours and torchattacks' ``APGD``, ``APGDT``, ``Square`` (and their
 composition with ``MultiAttack``) at the same (reduced) settings on the same 100 images; robust
-accuracies must agree within two images. The two draw different random numbers, so a borderline
-image may fall either way: on all 500 test images the two differ by 0-2 images at these settings
-(0.0-0.4 points), and ``benchmarks/attacks.py --crosscheck`` checks the 0.5-point agreement at the
-full standard settings there.
+accuracies must agree within two images (Square: their means over three seeds). The two draw
+different random numbers, so a borderline image may fall either way: on all 500 test images the
+two differ by 0-2 images at these settings (0.0-0.4 points), and ``benchmarks/attacks.py
+--crosscheck`` checks the 0.5-point agreement at the full standard settings there.
 """
 
 from __future__ import annotations
@@ -110,17 +110,30 @@ def test_apgd_t_matches_torchattacks(lenet, norm):
 
 @pytest.mark.parametrize("norm", ["inf", pytest.param("2", marks=pytest.mark.slow)])
 def test_square_matches_torchattacks(lenet, norm):
+    # Random search varies more from seed to seed than the gradient attacks (L2, 100 images: up to
+    # 3 images between ours and theirs at one seed, 0.7 on average over 6 seeds), so the mean
+    # robust accuracy over three seeds per side must agree within two images.
     torchattacks = pytest.importorskip("torchattacks")
     model, x, y = lenet
     eps = EPS[norm]
-    ours = square(model, x, y, eps, norm, n_queries=500, generator=torch.Generator().manual_seed(0))
-    ref = torchattacks.Square(
-        model, norm=torchattacks_norm(norm), eps=eps, n_queries=500, seed=0, resc_schedule=False
-    )
-    a, b = accuracy(model, ours, y), accuracy(model, ref(x, y), y)
+    ours_acc, theirs_acc = [], []
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        ours = square(model, x, y, eps, norm, n_queries=500, generator=generator)
+        ref = torchattacks.Square(
+            model,
+            norm=torchattacks_norm(norm),
+            eps=eps,
+            n_queries=500,
+            seed=seed,
+            resc_schedule=False,
+        )
+        ours_acc.append(accuracy(model, ours, y))
+        theirs_acc.append(accuracy(model, ref(x, y), y))
+        assert (distance(ours - x, norm) <= eps * (1 + 1e-5)).all()
+    a, b = sum(ours_acc) / 3, sum(theirs_acc) / 3
     assert 0.05 < a < accuracy(model, x, y) - 0.2
-    assert agree(a, b), (a, b)
-    assert (distance(ours - x, norm) <= eps * (1 + 1e-5)).all()
+    assert abs(a - b) * N_IMAGES <= 2 + 1e-6, (ours_acc, theirs_acc)
 
 
 def test_autoattack_matches_torchattacks_composition(lenet):
