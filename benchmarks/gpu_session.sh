@@ -128,6 +128,6 @@ echo "== done $(date +%T)" | tee -a "$log"
 rm -f "$OUT/results.lock"
 # PACK=0 keeps the weights and TensorBoard runs in place (to resume in the same OUT)
 # (one archive per call: a later call must not overwrite what an earlier one packed)
-[ "${PACK:-1}" = 1 ] && cd "$OUT" && tar czf "extra_$(date +%H%M%S).tgz" tb ./*.pt ./*.png \
-  2>/dev/null && rm -rf tb ./*.pt ./*.png
+[ "${PACK:-1}" = 1 ] && (cd "$OUT" && tar czf "extra_$(date +%H%M%S).tgz" tb ./*.pt ./*.png \
+  2>/dev/null && rm -rf tb ./*.pt ./*.png)
 ls -la "$OUT"
