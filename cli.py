@@ -25,7 +25,6 @@ import re
 import shutil
 import sys
 import tempfile
-import urllib.parse
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -38,10 +37,19 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
+from checkpoint_checks import (
+    _is_index,
+    check_checkpoint,
+    check_loop_state_fits,
+    check_optimizers_fit,
+    check_weights_fit_model,
+    local_checkpoint_path,
+)
 from datamodules import DataNotFoundError, ImageDataModule
 from lightning_modules import StandardClassifier
-from robust.checks import SettingError
+from robust.checks import SettingError, check_int, check_real, refuse
 from robust.cpu_memory import retain_freed_memory
 
 TRAINER_DEFAULTS = {
@@ -55,11 +63,6 @@ TRAINER_DEFAULTS = {
 LINKED_SETTINGS = ("num_classes", "in_channels", "image_size", "mean", "std")
 
 _MISSING = object()
-
-
-def refuse(message: str) -> NoReturn:
-    """Refuse with one clear message: :func:`main` prints it as ``error: ...`` and exits with 2."""
-    raise SettingError(message)
 
 
 class ParseRefusalError(SettingError):
@@ -111,6 +114,39 @@ def _is_generic(text: str) -> bool:
     )
 
 
+def _is_generic_type(text: str) -> bool:
+    """A type expectation that :func:`_is_generic` counts as no reason (``Expected a list``)."""
+    return _one_line(text).startswith(_GENERIC_PREFIXES[:2])
+
+
+_SUBTYPES = re.compile(r"^\s*Subtypes: \[(.*)\]\s*$", re.MULTILINE)
+_LITERAL = re.compile(r"typing\.Literal\[([^\]]*)\]")
+_GIVEN = re.compile(r"^\s*Given value: (.*)$", re.MULTILINE)
+
+
+def _literal_choices(text: str) -> str | None:
+    r"""``must be one of ...; got ...`` for a value refused by a union of literals, or None.
+
+    Examples:
+        >>> _literal_choices("Subtypes: [typing.Literal[64, 'bf16'], <class 'NoneType'>]\n"
+        ...                  "Given value: bf17")
+        'must be one of 64, bf16, null; got bf17'
+    """
+    subtypes = _SUBTYPES.search(text)
+    if subtypes is None:
+        return None
+    literals = _LITERAL.findall(subtypes.group(1))
+    rest = _LITERAL.sub("", subtypes.group(1)).replace("<class 'NoneType'>", "")
+    if not literals or rest.strip(" ,"):
+        return None
+    values = [v.strip().strip("'\"") for group in literals for v in group.split(",")]
+    if "<class 'NoneType'>" in subtypes.group(1):
+        values.append("null")
+    given = _GIVEN.search(text)
+    got = f"; got {given.group(1).strip()}" if given else ""
+    return f"must be one of {', '.join(dict.fromkeys(values))}{got}"
+
+
 def _split_keys(text: str) -> tuple[list[str], str]:
     """Leading ``Parser key "a":`` prefixes as keys, and the rest of the text."""
     keys = []
@@ -152,10 +188,15 @@ def essential_message(err: BaseException | None, message: str | None = None) -> 
             return _one_line(str(link))
     text = str(err) if message is None else message
     keys, _ = _split_keys(text)
+    choices = _literal_choices(text)
+    if choices:
+        return f"{'.'.join(keys)}: {choices}" if keys else choices
     for link in chain:
         if not _is_generic(str(link)):
             inner_keys, rest = _split_keys(str(link))
-            if not _is_generic(rest):
+            # "Expected a list" is no reason among a union's alternatives, but it is one for a
+            # setting inside a class (a callback's attacks: 5)
+            if not _is_generic(rest) or (inner_keys and _is_generic_type(rest)):
                 prefix = ".".join(_joined_keys(keys, inner_keys))
                 return f"{prefix}: {_one_line(rest)}" if prefix else _one_line(rest)
     for item in _union_items(text):
@@ -224,7 +265,8 @@ def with_choices(message: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: safe loading and agreement with the settings
+# Checkpoints: the run's checkpoint, and agreement with the settings (checkpoint_checks.py
+# checks the file itself)
 
 
 def find_run_checkpoint(which: str, run_dir: Path) -> str:
@@ -255,184 +297,6 @@ def logger_run_dir(trainer_config) -> Path:
     logger = trainer_config.get("logger")
     init_args = getattr(logger, "init_args", None) or {}
     return Path(init_args.get("save_dir") or "runs") / str(init_args.get("name") or "default")
-
-
-def _load_failure(err: Exception) -> tuple[bool, str]:
-    """Whether a failed safe load refused Python objects, and the line that says what failed."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    refused = next((line for line in lines if "GLOBAL" in line), None)
-    if refused is not None:
-        return True, refused.removeprefix("WeightsUnpickler error: ").split(" Please use ")[0]
-    boilerplate = (
-        "Weights only load failed",
-        "Check the documentation",
-        "Please file",
-        "(1)",
-        "(2)",
-    )
-    useful = [line for line in lines if not line.startswith(boilerplate)]
-    detail = (useful or lines or [""])[-1]
-    return False, f"{type(err).__name__}: {detail[:200]}"
-
-
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(weights_only=True)``, refusing anything unsafe or broken.
-
-    ``weights_only=True`` unpickles tensors and plain values only, so a file whose pickle would
-    run code (a ``__reduce__`` calling ``os.system``) is refused before anything runs. A class
-    that our checkpoints legitimately hold would go through
-    ``torch.serialization.add_safe_globals``; today none does (hyperparameters are plain values,
-    attacks are stored as dicts).
-
-    Raises:
-        SettingError: Naming the file and why it was refused.
-    """
-    if Path(path).is_dir():
-        refuse(
-            f"ckpt_path {path!r} is a folder; give a .ckpt file written by fit (checkpoints "
-            "sharded into folders are not read)"
-        )
-    if not Path(path).is_file():
-        refuse(f"ckpt_path {path!r} does not exist (give a .ckpt file written by fit, or 'last')")
-    try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError:  # mmap needs the zip format; older checkpoints are plain pickles
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        unsafe, detail = _load_failure(err)
-        if unsafe:
-            refuse(
-                f"ckpt_path {path!r} was refused: loading it would call Python code that a safe "
-                f"load (torch.load weights_only=True) does not allow ({detail}); only load "
-                "checkpoints you trust, written by this project's fit"
-            )
-        refuse(f"ckpt_path {path!r} is not a checkpoint torch can read ({detail})")
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        refuse(f"ckpt_path {path!r} is not a Lightning checkpoint (it has no 'state_dict')")
-    check_checkpoint_structure(path, checkpoint)
-    return checkpoint
-
-
-# What Lightning reads from a checkpoint to resume fit, and the type each must have.
-RESUME_ENTRIES = {
-    "epoch": int,
-    "global_step": int,
-    "loops": dict,
-    "callbacks": dict,
-    "optimizer_states": list,
-    "lr_schedulers": list,
-}
-
-
-def check_checkpoint_structure(path: str, checkpoint: Mapping[str, Any]) -> None:
-    """Refuse a checkpoint whose entries Lightning would trip over, or whose tensors hold NaN.
-
-    (Infinite values are legitimate in some buffers, such as masks; parameters are checked for
-    them against the built model, :func:`check_weights_fit_model`.)
-
-    Raises:
-        SettingError: Naming the file and the first entry that is wrong.
-    """
-    state = checkpoint["state_dict"]
-    if not isinstance(state, Mapping) or not state:
-        refuse(f"ckpt_path {path!r}: 'state_dict' must be a non-empty mapping of tensors")
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            refuse(f"ckpt_path {path!r}: state_dict entry {key!r} is not a named tensor")
-        if value.is_floating_point() and bool(torch.isnan(value).any()):
-            refuse(f"ckpt_path {path!r}: the weights {key!r} hold NaN values")
-    if not isinstance(checkpoint.get("pytorch-lightning_version"), str):
-        refuse(f"ckpt_path {path!r} is not a Lightning checkpoint (no 'pytorch-lightning_version')")
-    hparams = checkpoint.get("hyper_parameters")
-    if hparams is not None and not isinstance(hparams, Mapping):
-        refuse(
-            f"ckpt_path {path!r}: 'hyper_parameters' must be a mapping of settings; "
-            f"got a {type(hparams).__name__}"
-        )
-
-
-def check_resumable(path: str, checkpoint: Mapping[str, Any]) -> None:
-    """Refuse to resume ``fit`` from a checkpoint without the training state Lightning restores.
-
-    A weights-only file (or one with an empty optimizer state) would silently restart the
-    optimizer; resuming needs the whole state that ``fit`` saved.
-
-    Raises:
-        SettingError: Naming the file and the missing or malformed entry.
-    """
-    for key, kind in RESUME_ENTRIES.items():
-        value = checkpoint.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            refuse(
-                f"ckpt_path {path!r} cannot resume fit: its {key!r} is "
-                f"{'missing' if value is None else 'a ' + type(value).__name__}, not a "
-                f"{kind.__name__} (resume from a last.ckpt or best-*.ckpt written by fit)"
-            )
-    if not checkpoint["optimizer_states"]:
-        refuse(f"ckpt_path {path!r} cannot resume fit: it holds no optimizer state")
-
-
-def check_weights_fit_model(path: str, state: Mapping[str, Any], model: torch.nn.Module) -> None:
-    """Refuse weights the built model would not load, or parameters that are not finite.
-
-    Missing, extra or reshaped tensors are named (the first three of each kind).
-
-    Raises:
-        SettingError: Naming the file and the first few tensors that disagree.
-    """
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    extra = [key for key in state if key not in expected]
-    reshaped = [
-        f"{key} {tuple(state[key].shape)} (the model's is {tuple(value.shape)})"
-        for key, value in expected.items()
-        if key in state and tuple(state[key].shape) != tuple(value.shape)
-    ]
-    for problem, keys in (("lacks", missing), ("has extra", extra), ("has reshaped", reshaped)):
-        if keys:
-            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-            refuse(
-                f"ckpt_path {path!r} does not fit the model the settings build "
-                f"({type(model).__name__}): it {problem} weights {', '.join(keys[:3])}{more}; "
-                "use the config (model class and backbone) the checkpoint was trained with"
-            )
-    for key, _ in model.named_parameters():
-        value = state[key]
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            refuse(f"ckpt_path {path!r}: the parameters {key!r} hold infinite values")
-
-
-def local_checkpoint_path(path: str) -> str | None:
-    """The local file a ``ckpt_path`` names (``file://`` URLs included); None for Lightning's own.
-
-    Raises:
-        SettingError: For a remote URL, which could not be checked before Lightning loads it.
-    """
-    if path in {"hpc", "registry"} or path.startswith("registry:"):
-        return None  # resolved by Lightning
-    url = urllib.parse.urlparse(path)
-    if url.scheme in {"file", "local"} and url.netloc in {"", "localhost"}:
-        return urllib.parse.unquote(url.path)
-    if "://" in path:
-        refuse(
-            f"ckpt_path {path!r}: remote checkpoints are not loaded, because they cannot be "
-            "checked first; copy the file to this machine and give its path"
-        )
-    return path
-
-
-def check_checkpoint(path: str, resuming: bool = False) -> dict[str, Any]:
-    """Refuse unless the local file ``path`` is a safe, whole Lightning checkpoint; return it.
-
-    Args:
-        path: A local path (see :func:`local_checkpoint_path` for URLs).
-        resuming: ``fit`` resumes from it, so its training state must be whole.
-    """
-    checkpoint = load_checkpoint(path)
-    if resuming:
-        check_resumable(path, checkpoint)
-    return checkpoint
 
 
 def _resolve(path: str) -> Any:
@@ -561,7 +425,7 @@ def _model_section_keys(section: Any) -> set[str]:
     if isinstance(section, str) and Path(section).is_file():
         try:
             section = yaml.safe_load(Path(section).read_text())
-        except (OSError, yaml.YAMLError):
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
             return set()
     if not isinstance(section, Mapping):
         return set()
@@ -589,7 +453,7 @@ def named_model_settings(args: Sequence[str] | Mapping | Namespace, subcommand: 
         if flag in {"--config", "-c"}:
             try:
                 loaded = yaml.safe_load(Path(value).read_text())
-            except (OSError, yaml.YAMLError):
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
                 continue
             if isinstance(loaded, Mapping):
                 names |= _model_section_keys(loaded.get("model"))
@@ -678,16 +542,86 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     checkpoint). The arguments are ModelCheckpoint's.
     """
 
+    _validation_keys: set[str] | None = None  # logged in the sanity check's validation
+    _monitor_checked = False
+
     def setup(self, trainer: Trainer, pl_module, stage: str) -> None:  # noqa: D102
         if self.save_last == "link":
             self.save_last = True
+        self._validation_keys, self._monitor_checked = None, False
         super().setup(trainer, pl_module, stage)
+
+    def on_sanity_check_end(self, trainer: Trainer, pl_module) -> None:
+        """Note the keys that validation logs, for :meth:`check_monitor_logged`."""
+        super().on_sanity_check_end(trainer, pl_module)
+        self._validation_keys = set(trainer.callback_metrics)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module, *args: Any, **kwargs: Any) -> None:
+        """After the first training batch, refuse a monitor that is not logged; then save as usual."""
+        if not self._monitor_checked:
+            self._monitor_checked = True
+            self.check_monitor_logged(trainer, pl_module)
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def check_monitor_logged(self, trainer: Trainer, pl_module) -> None:
+        """Refuse a ``monitor`` that neither training so far nor the sanity check's validation logs.
+
+        Without a sanity check the validation keys are unknown until the first validation, where
+        :meth:`_save_topk_checkpoint` refuses instead. Keys logged only after the sanity check
+        count when the model's setting turns them on (:data:`LOGGED_AFTER_SANITY_CHECK`), and
+        so does any key under the validation prefix of an evaluation callback that evaluates
+        the validation set (``every_n_val_epochs`` > 0); those too are checked at the first save.
+
+        Raises:
+            SettingError: Naming the monitor and the keys that are logged.
+        """
+        if self.monitor is None or self._validation_keys is None:
+            return
+        for callback in trainer.callbacks:
+            every = getattr(callback, "every_n_val_epochs", None)
+            prefix = getattr(callback, "metric_prefix", None)
+            evaluates = _is_index(every) and every > 0 and callable(prefix)
+            if evaluates and self.monitor.startswith(f"{prefix('val')}/"):
+                return
+        logged = set(trainer.callback_metrics) | self._validation_keys | {"epoch", "step"}
+        results = getattr(trainer, "_results", None) or {}
+        logged |= {
+            name
+            for result in results.values()
+            if isinstance(name := getattr(getattr(result, "meta", None), "name", None), str)
+        }
+        for key, setting in LOGGED_AFTER_SANITY_CHECK.items():
+            value = getattr(pl_module, setting, None)
+            if _is_index(value) and value > 0:
+                logged.add(key)
+        if self.monitor not in logged:
+            self._refuse_monitor(sorted(logged))
+
+    def _refuse_monitor(self, logged: Sequence[str]) -> NoReturn:
+        refuse(
+            f"checkpoint.monitor {self.monitor!r} is not logged by this model and its callbacks; "
+            f"the keys logged are: {', '.join(logged)}"
+        )
+
+    def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Any]) -> None:
+        """ModelCheckpoint's, with its refusal of a monitor never logged as an ``error:`` line."""
+        try:
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+        except MisconfigurationException:
+            if self.monitor in monitor_candidates:
+                raise
+            self._refuse_monitor(sorted(monitor_candidates))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module) -> None:
         """Save top-k as ModelCheckpoint does, then ``last.ckpt`` unless saved at this step."""
         super().on_train_epoch_end(trainer, pl_module)
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: Trainer, pl_module) -> None:
+        """ModelCheckpoint's final ``last.ckpt``, except under ``fast_dev_run`` (which saves none)."""
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the state; the best scores too when resuming into another run's folder.
@@ -750,6 +684,132 @@ def _checkpoint_bytes(model: torch.nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Settings that Lightning or torch accept but that fail or mislead once training runs
+
+
+def check_trainer_settings(trainer: Mapping[str, Any]) -> None:
+    """Refuse trainer settings that end in a ZeroDivisionError in training, or do nothing.
+
+    Raises:
+        SettingError: Naming the setting and its allowed values.
+    """
+    check_int(
+        "trainer.accumulate_grad_batches", trainer.get("accumulate_grad_batches", 1), minimum=1
+    )
+    every = trainer.get("check_val_every_n_epoch", 1)
+    if every is not None:
+        try:
+            check_int("trainer.check_val_every_n_epoch", every, minimum=1)
+        except SettingError as err:
+            refuse(f"{err} (or null, to validate every val_check_interval steps)")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None:
+        try:
+            check_real("trainer.gradient_clip_val", clip, low=0, low_inclusive=True)
+        except SettingError as err:
+            refuse(f"{err} (0 or null: no clipping)")
+
+
+def _optimizers_and_schedulers(built: Any) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+    """The optimizers and LR schedulers in what ``configure_optimizers`` returned, in order."""
+    optimizers: list[torch.optim.Optimizer] = []
+    schedulers: list[Any] = []
+
+    def walk(item: Any) -> None:
+        if isinstance(item, torch.optim.Optimizer):
+            optimizers.append(item)
+        elif isinstance(item, LRScheduler | ReduceLROnPlateau):
+            schedulers.append(item)
+        elif isinstance(item, Mapping):
+            for value in item.values():
+                walk(value)
+        elif isinstance(item, list | tuple):
+            for value in item:
+                walk(value)
+
+    walk(built)
+    return optimizers, schedulers
+
+
+def check_scheduler_steps(scheduler: Any) -> None:
+    """Step a throwaway scheduler once; refuse its settings if that fails or the lr goes wrong.
+
+    Raises:
+        SettingError: Naming the scheduler and its settings.
+    """
+    state = scheduler.state_dict()
+    settings = ", ".join(
+        f"{k}={v!r}"
+        for k, v in state.items()
+        if not k.startswith("_")
+        and k not in {"last_epoch", "base_lrs", "verbose", "best"}
+        and isinstance(v, int | float | str)
+    )
+    name = f"model lr_scheduler {type(scheduler).__name__}({settings})"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # stepping before the optimizer steps
+            if isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step(0.0)
+            else:
+                scheduler.step()
+    except (ArithmeticError, ValueError, TypeError) as err:
+        hint = "step sizes and periods must be integers >= 1"
+        refuse(
+            f"{name} fails on its first step ({type(err).__name__}: {_one_line(str(err))}); "
+            + (hint if isinstance(err, ZeroDivisionError) else "check its init_args")
+        )
+    for group in scheduler.optimizer.param_groups:
+        lr = float(group["lr"])
+        if not math.isfinite(lr) or lr < 0:
+            refuse(f"{name} sets the learning rate to {lr} on its first step; it must stay >= 0")
+
+
+# Keys that a model logs only in validation epochs after the sanity check, and the model setting
+# that must be > 0 for it to log them.
+LOGGED_AFTER_SANITY_CHECK = {"val/robust_acc": "robust_val_images"}
+
+
+def check_monitor_can_be_logged(monitor: str | None, model: Any) -> None:
+    """Refuse a checkpoint monitor that the model's settings never log.
+
+    Raises:
+        SettingError: Naming the monitor and the model setting it needs.
+    """
+    setting = LOGGED_AFTER_SANITY_CHECK.get(str(monitor))
+    if setting is None:
+        return
+    if not hasattr(model, setting):
+        refuse(
+            f"checkpoint.monitor {monitor!r} is never logged: {type(model).__name__} has no "
+            f"{setting} setting to log it (AdversarialClassifier has); monitor another key such "
+            "as val/acc"
+        )
+    value = getattr(model, setting)
+    if not (_is_index(value) and value > 0):
+        refuse(
+            f"checkpoint.monitor {monitor!r} is never logged: {type(model).__name__} logs it "
+            f"only with model.init_args.{setting} > 0 (here {value!r}); set it, or monitor "
+            "another key such as val/acc"
+        )
+
+
+def _undecodable_file(args: Any) -> str:
+    """The first file named among command line ``args`` that is not UTF-8 text, for a message."""
+    tokens = [t for t in args if isinstance(t, str)] if isinstance(args, Sequence) else []
+    for token in tokens:
+        value = token.partition("=")[2] if token.startswith("-") else token
+        try:
+            if value and Path(value).is_file():
+                Path(value).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            return f"the file {value}"
+        except OSError:
+            continue
+    return "a config file"
+
+
+# ----------------------------------------------------------------------------------------------
 # The CLI
 
 
@@ -783,9 +843,16 @@ class RobustCLI(LightningCLI):
                 checkpoint, or one whose model class or hyperparameters disagree with the
                 settings given.
         """
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except UnicodeDecodeError as err:
+            refuse(
+                f"{_undecodable_file(sys.argv[1:] if args is None else args)} is not UTF-8 "
+                f"text ({err.reason} at byte {err.start}); save it as UTF-8"
+            )
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        check_trainer_settings(config.get("trainer") or {})
         if config.get("weights_only") is False:
             refuse(
                 "weights_only false is not allowed: checkpoints are always loaded with "
@@ -805,8 +872,6 @@ class RobustCLI(LightningCLI):
         if not ckpt_path:
             return
         local = local_checkpoint_path(str(ckpt_path))
-        if local is None:
-            return  # hpc or registry: Lightning's to resolve and load (weights_only=True)
         ckpt_path = config.ckpt_path = local
         self.checkpoint = check_checkpoint(local, resuming=subcommand == "fit")
         hparams = dict(self.checkpoint.get("hyper_parameters") or {})
@@ -877,6 +942,9 @@ class RobustCLI(LightningCLI):
             self.check_linked_settings(
                 {name: getattr(self.datamodule, name, None) for name in LINKED_SETTINGS}
             )
+        if self.subcommand == "fit":
+            for callback in self.trainer.checkpoint_callbacks:
+                check_monitor_can_be_logged(getattr(callback, "monitor", None), self.model)
 
     def with_checkpoint_source(self, message: str) -> str:
         """``message``, plus the checkpoint's values of the settings it names that came from there.
@@ -920,24 +988,39 @@ class RobustCLI(LightningCLI):
         for folder, setting, needed in folders:
             check_output_folder(folder, setting, needed)
 
-    def check_optimizer(self) -> None:
-        """Build the model's optimizer and scheduler once, so a bad setting is refused up front.
+    def check_optimizer(self) -> tuple[list[torch.optim.Optimizer], list[Any]] | None:
+        """Build the model's optimizers and schedulers once, so a bad setting is refused up front.
+
+        Each scheduler takes one step on its throwaway optimizer, where a ``StepLR`` with
+        ``step_size`` 0 fails, and the learning rates must stay finite and >= 0.
+
+        Returns:
+            The optimizers and schedulers built, or None when they need the running trainer.
 
         Raises:
             SettingError: With the optimizer's or scheduler's own reason (e.g. a negative lr).
         """
         try:
-            self.model.configure_optimizers()
+            built = self.model.configure_optimizers()
         except (ValueError, TypeError) as err:
             refuse(f"model optimizer or lr_scheduler settings: {_one_line(str(err))}")
         except RuntimeError:
-            return  # it needs the running trainer (e.g. its step count): fit builds it then
+            return None  # it needs the running trainer (e.g. its step count): fit builds it then
+        optimizers, schedulers = _optimizers_and_schedulers(built)
+        for scheduler in schedulers:
+            check_scheduler_steps(scheduler)
+        return optimizers, schedulers
 
     def _run_trainer(self, method: str, kwargs: dict[str, Any]) -> None:
         self.check_output_folders(fitting=method == "fit")
         ckpt_path = kwargs.get("ckpt_path")
         if self.checkpoint is not None:  # loaded and checked when parsing: the built model next
             check_weights_fit_model(str(ckpt_path), self.checkpoint["state_dict"], self.model)
+            loops = self.checkpoint.get("loops")
+            if loops is not None:
+                loop = f"{method}_loop"
+                expected = getattr(self.trainer, loop).state_dict()
+                check_loop_state_fits(str(ckpt_path), loop, loops.get(loop), expected)
         elif not ckpt_path and method in ("validate", "test") and not self.trainer.fast_dev_run:
             warnings.warn(
                 f"{method} without ckpt_path evaluates the model as built, with untrained "
@@ -947,7 +1030,9 @@ class RobustCLI(LightningCLI):
                 stacklevel=2,
             )
         if method == "fit":
-            self.check_optimizer()
+            built = self.check_optimizer()
+            if self.checkpoint is not None and built is not None:
+                check_optimizers_fit(str(ckpt_path), self.checkpoint, *built)
         kwargs["weights_only"] = True  # None (the default) or True: refused False when parsing
         getattr(self.trainer, method)(**kwargs)
 

@@ -100,6 +100,7 @@ def parse(argv: list[str]):
     out = Path(settings.output_dir)
     if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
         raise SettingError(f"output_dir {out} cannot be a folder: a file is in its place or path")
+    cli.check_output_folder(out, "output_dir")  # creatable and writable, before any stage
     return settings
 
 

@@ -32,17 +32,23 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout as well
+
 import robust._attack_core as attack_core
+from benchmarks.options import check_device, refuse
 from datamodules import EmbeddedMNISTDataModule
 from lightning_modules.backbones import LeNet, Normalize, SmallCNN
-from robust.attacks import apgd, apgd_t, autoattack, fgm, pgd, square
+from robust.attacks import AttackSpec, apgd, apgd_t, autoattack, fgm, pgd, square
+from robust.checks import SettingError, check_choice, check_int, check_real
 from robust.cpu_memory import retain_freed_memory
 
 try:
@@ -100,12 +106,18 @@ def ta_norm(norm: str) -> str:
     return "Linf" if norm == "inf" else "L2"
 
 
-def speed(args: argparse.Namespace, model: nn.Module, x: Tensor, y: Tensor) -> None:
-    device = x.device
+def speed_cases(
+    args: argparse.Namespace, model: nn.Module | None, x: Tensor | None, y: Tensor | None
+) -> list[tuple[str, Callable[[bool | None], Tensor], Callable[[], Tensor] | None, bool]]:
+    """(label, ours(channels_last), torchattacks or None, deterministic) of the speed rows.
+
+    Nothing runs until a case is called: ``speed_cases(args, None, None, None)`` gives the labels.
+    """
     e_inf, e_2, steps = args.eps_inf, args.eps_2, args.steps
 
     def gen() -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(0)
+        assert x is not None
+        return torch.Generator(device=x.device).manual_seed(0)
 
     # label, ours(channels_last) -> images, theirs or None, deterministic (compare images)
     cases: list[tuple[str, Callable[[bool | None], Tensor], Callable[[], Tensor] | None, bool]] = [
@@ -183,6 +195,12 @@ def speed(args: argparse.Namespace, model: nn.Module, x: Tensor, y: Tensor) -> N
             False,
         ),
     ]
+    return cases
+
+
+def speed(args: argparse.Namespace, model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Images/s of ours and torchattacks on the batch, interleaved (see the module's docstring)."""
+    cases = speed_cases(args, model, x, y)
     wanted = [w.strip().lower() for w in args.attacks.split(",")] if args.attacks else None
     if wanted:
         cases = [c for c in cases if any(c[0].lower().startswith(w) for w in wanted)]
@@ -350,7 +368,72 @@ def crosscheck(args: argparse.Namespace, model: nn.Module, x: Tensor, y: Tensor)
                 )
 
 
-def main() -> None:
+def row_labels(args: argparse.Namespace) -> list[str]:
+    """The lower-case labels of the rows a run can print (``--attacks`` selects by prefix)."""
+    if args.crosscheck:
+        plain = argparse.Namespace(**{**vars(args), "with_fab": False})  # builds nothing eagerly
+        return [case[0] for case in cross_cases(plain, None, None, None, "inf", 0.0, 0)]  # type: ignore[arg-type]
+    return [case[0].lower() for case in speed_cases(args, None, None, None)]
+
+
+def attack_specs(args: argparse.Namespace) -> list[AttackSpec]:
+    """The attacks of the run as ``AttackSpec``s: built (and so checked) before any training.
+
+    Raises:
+        SettingError: For a setting no attack takes.
+    """
+    if args.crosscheck:
+        specs = []
+        for norm in args.norms.split(","):
+            eps = args.eps_inf if norm == "inf" else args.eps_2
+            specs += [AttackSpec("apgd-ce", norm, eps), AttackSpec("apgd-t", norm, eps)]
+            specs += [
+                AttackSpec(method, norm, eps, n_queries=args.cross_queries)
+                for method in ("square", "autoattack")
+            ]
+        return specs
+    return [
+        AttackSpec("fgm", "inf", args.eps_inf),
+        AttackSpec("fgm", "2", args.eps_2),
+        AttackSpec("pgd", "inf", args.eps_inf, steps=args.steps),
+        AttackSpec("pgd", "2", args.eps_2, steps=args.steps),
+        AttackSpec("apgd-ce", "inf", args.eps_inf),
+        AttackSpec("apgd-ce", "2", args.eps_2),
+        AttackSpec("square", "inf", args.eps_inf, n_queries=args.queries),
+    ]
+
+
+def check_args(args: argparse.Namespace) -> torch.device:
+    """Refuse a bad option before the model is trained; the device to run on.
+
+    Raises:
+        SettingError: Naming the option and its allowed values.
+    """
+    device = check_device(args.device)
+    minimums = {"epochs": 0, "batch": 1, "steps": 1, "queries": 1, "reps": 1, "warmup": 0}
+    minimums |= {"images": 1, "cross_queries": 1, "seeds": 1, "seed": 0}
+    for name, minimum in minimums.items():
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum=minimum)
+    for name, minimum in (("threads", 1), ("cpu_chunk", 0)):  # None: torch's, the module's
+        if getattr(args, name) is not None:
+            check_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum=minimum)
+    for name in ("eps_inf", "eps_2"):
+        check_real(f"--{name.replace('_', '-')}", getattr(args, name), low=0, low_inclusive=True)
+    for norm in args.norms.split(","):
+        check_choice("--norms (comma-separated)", norm, ["inf", "2"])
+    labels = row_labels(args)
+    for prefix in (w.strip().lower() for w in args.attacks.split(",")) if args.attacks else ():
+        if not any(label.startswith(prefix) for label in labels):
+            raise SettingError(
+                f"--attacks takes comma-separated prefixes of the rows "
+                f"{', '.join(repr(label) for label in labels)}; got {prefix!r}"
+            )
+    attack_specs(args)
+    return device
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train the model, then time or cross-check the attacks (see the module's docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--model", default="lenet", choices=["lenet", "smallcnn"])
@@ -387,7 +470,11 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=int, default=1, help="cross-check: attack seeds per side (mean and SE)"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        device = check_args(args)
+    except SettingError as err:
+        refuse(err)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -395,7 +482,6 @@ def main() -> None:
         retain_freed_memory()
     if args.cpu_chunk is not None:
         attack_core.CPU_CHUNK = args.cpu_chunk
-    device = torch.device(args.device)
     start = time.perf_counter()
     model, x, y = trained_model(args, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

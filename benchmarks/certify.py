@@ -59,11 +59,13 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .` (GPU machines)
 
+from benchmarks.options import check_device, refuse  # noqa: E402
 from robust import smoothing  # noqa: E402
+from robust.checks import SettingError, check_int, check_real  # noqa: E402
 from robust.cpu_memory import retain_freed_memory  # noqa: E402
 from robust.pairwise_pool import pairwise_max_pool  # noqa: E402
 from robust.pool_first import pool_before_relu  # noqa: E402
-from robust.smoothing import Smooth  # noqa: E402
+from robust.smoothing import Smooth, check_num_samples  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -142,6 +144,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a bad option before any measurement: the device, the numbers, every variant.
+
+    Raises:
+        SettingError: Naming the option and its allowed values.
+        SystemExit: For an unknown variant (:func:`parse_variant`).
+    """
+    check_device(args.device)
+    for name in ("n0", "images", "batch_size", "noise_block", "repeats", "matmul_size"):
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum=1)
+    if args.threads is not None:
+        check_int("--threads", args.threads, minimum=1)
+    check_real("--sigma", args.sigma, low=0)
+    check_real("--alpha", args.alpha, low=0, high=1)
+    if args.budget_s != math.inf:
+        check_real("--budget-s", args.budget_s, low=0, low_inclusive=True)
+    blocks = {args.noise_block}
+    for option in ("variants", "resnet_variants", "sweep_variants"):
+        for name in getattr(args, option).split(","):
+            block = parse_variant(name, f"--{option.replace('_', '-')}")["noise_block"]
+            blocks.add(block or args.noise_block)
+    for block in sorted(blocks):  # n0 and n samples fit the seeds of every variant's blocks
+        check_num_samples("--n0", args.n0, block)
+        check_num_samples("--n", args.n, block)
+    check_num_samples("--resnet-n", args.resnet_n, smoothing.DEFAULT_NOISE_BLOCK)
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
+        raise SettingError(
+            f"--json must be a file path in an existing folder (written at the end); got {args.json}"
+        )
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -150,11 +183,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def parse_variant(name: str) -> dict:
+def parse_variant(name: str, option: str = "--variants") -> dict:
     """``bf16+cl+compile+graph+nb10000`` -> Smooth options.
 
     Flags: nbN (noise_block N, else --noise-block), ntN (noise_threads N, else Smooth's default),
     pp / mp (2x2 max-pools as pairwise maxima / as written; else Smooth's default: pp on CPUs).
+
+    Raises:
+        SystemExit: For an unknown variant, after one ``error:`` line naming ``option`` and the
+            allowed variants (exit status 2).
 
     Examples:
         >>> parse_variant("bf16+graph+nb10000")["noise_block"]
@@ -173,11 +210,15 @@ def parse_variant(name: str) -> dict:
         precision not in ("fp32", "tf32", "bf16")
         or unknown
         or any(len(values) > 1 for values in numbers.values())
+        or any(value < 1 for values in numbers.values() for value in values)
         or {"pp", "mp"} <= set(flags)
     ):
-        raise SystemExit(
-            f"unknown variant {name!r}: "
-            "PRECISION[+cl][+compile][+graph][+cb][+pf][+pp|+mp][+nbN][+ntN]"
+        refuse(
+            SettingError(
+                f"{option} must be comma-separated variants PRECISION[+cl][+compile][+graph][+cb]"
+                "[+pf][+pp|+mp][+nbN][+ntN] with PRECISION fp32, tf32 or bf16 and N >= 1; "
+                f"got {name!r}"
+            )
         )
     return {
         "precision": precision,
@@ -695,10 +736,18 @@ def report(bench: Bench) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Measure what the options ask for; print the table; return every number.
+
+    A bad option is one ``error:`` line and exit status 2 before any measurement.
+    """
     global CLOCK
     args = parse_args(argv)
+    try:
+        check_args(args)
+    except SettingError as err:
+        refuse(err)
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.malloc == "retain":
         retain_freed_memory()
@@ -729,4 +778,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # a measurement that failed (a traceback above, ERROR in the table) is no success
+    raise SystemExit(1 if "errors" in main() else 0)

@@ -6,9 +6,11 @@ per image, so each part's rows are those the whole run would give, up to the flo
 the machine. This script checks that the parts certify the same thing, joins them and says what
 differs:
 
-* the settings that define the certificate must be equal in every part's ``.json`` sidecar:
+* the settings that define the certificate must be in every part's ``.json`` sidecar and equal:
   sigma, seed, noise scheme and block, autocast (a bf16 part certifies another classifier), n0,
   n, alpha, the model's and the test set's SHA-256;
+* every row is checked (``robust.certificates.read_certificates``): consistent fields, a radius
+  no larger than sigma, n and alpha can certify;
 * the numerics may differ (TF32 on a GPU, IEEE float32 on a CPU): they are listed per part;
 * no image may be certified by two parts, and ``--images N`` requires exactly images 0..N-1.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,8 +39,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .`
 from robust.certificates import (  # noqa: E402
     CertifiedImage,
     atomic_write,
-    read_settings,
-    read_tsv,
+    read_certificates,
     summarize,
     write_tsv,
 )
@@ -59,16 +61,18 @@ def combine(
     """The rows of all parts in index order, and the joined sidecar.
 
     Raises:
-        SettingError: A part without its sidecar or with a bad row; parts whose defining settings
-            differ; an image in two parts; with ``images``, a missing or extra image.
+        SettingError: A part without its sidecar, or whose sidecar lacks a defining setting; a
+            bad row or a radius beyond the sidecar's cap; parts whose defining settings differ;
+            an image in two parts; with ``images``, a missing or extra image.
 
     Examples:
         >>> import json, tempfile
         >>> folder = Path(tempfile.mkdtemp())
+        >>> settings = dict.fromkeys(DEFINING, "x") | {"sigma": 0.25, "n": 1000, "alpha": 0.001}
         >>> for name, first in (("a", 0), ("b", 2)):
         ...     write_tsv(folder / f"{name}.tsv", [CertifiedImage(i, 1, 1, 0.5, 1, 0.1)
         ...                                        for i in range(first, first + 2)])
-        ...     _ = (folder / f"{name}.tsv.json").write_text(json.dumps({"sigma": 0.25}))
+        ...     _ = (folder / f"{name}.tsv.json").write_text(json.dumps(settings))
         >>> rows, settings = combine([folder / "a.tsv", folder / "b.tsv"], images=4)
         >>> [row.idx for row in rows], settings["sigma"]
         ([0, 1, 2, 3], 0.25)
@@ -76,8 +80,7 @@ def combine(
     by_index: dict[int, tuple[CertifiedImage, Path]] = {}
     parts, first_settings = [], None
     for path in paths:
-        settings = read_settings(path.with_name(path.name + ".json"))
-        rows, torn = read_tsv(path)
+        rows, torn, settings = read_certificates(path, required=DEFINING)
         if torn:
             raise SettingError(f"{path} ends in a torn line: resume that part first")
         if first_settings is None:
@@ -123,6 +126,57 @@ def combine(
     return rows, joined | {"parts": parts}
 
 
+def check_output(out: Path, parts: Sequence[Path]) -> None:
+    """Refuse an ``--out`` that cannot be written, or that would overwrite an input.
+
+    Raises:
+        SettingError: ``out`` (or its sidecar) is a folder or one of the inputs, or the nearest
+            existing folder above it is no folder or not writable.
+
+    Examples:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> check_output(folder / "new" / "joined.tsv", [folder / "a.tsv"])
+        >>> try:
+        ...     check_output(folder, [folder / "a.tsv"])
+        ... except SettingError as err:
+        ...     print(str(err).split(";")[0].endswith("is a folder"))
+        True
+    """
+    sidecar = out.with_name(out.name + ".json")
+    if out.resolve() in {path.resolve() for path in parts}:
+        raise SettingError(f"--out {out} is one of the parts")
+    if {out.resolve(), sidecar.resolve()} & {
+        path.with_name(path.name + ".json").resolve() for path in parts
+    }:
+        raise SettingError(f"--out {out} would overwrite the settings file of one of the parts")
+    for target in (out, sidecar):
+        if target.is_dir():
+            raise SettingError(
+                f"--out {out}: {target} is a folder; --out takes the path of the joined TSV "
+                "(a file, written with its .json sidecar)"
+            )
+    above = next(folder for folder in out.parents if os.path.lexists(folder))
+    if not above.is_dir():
+        raise SettingError(
+            f"--out {out}: {above} is not a folder, so nothing can be written under it"
+        )
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise SettingError(f"--out {out}: the folder {above} is not writable")
+
+
+def write_output(out: Path, rows: Sequence[CertifiedImage], settings: dict[str, Any]) -> None:
+    """Write the joined TSV and its sidecar; ``SettingError`` (nothing half-written) if it fails."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_tsv(out, rows)
+        atomic_write(out.with_name(out.name + ".json"), json.dumps(settings, indent=2) + "\n")
+    except OSError as err:
+        raise SettingError(
+            f"--out {out} cannot be written ({err.strerror or err}); give a path in a writable folder"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Join the parts named on the command line; print the whole's summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -132,18 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.images is not None and args.images < 1:
         parser.exit(2, "error: --images takes an integer >= 1\n")
-    if args.out.resolve() in {path.resolve() for path in args.parts}:
-        parser.exit(2, f"error: --out {args.out} is one of the parts\n")
     for path in args.parts:
         if not path.is_file():
             parser.exit(2, f"error: {path} is not a file\n")
     try:
+        check_output(args.out, args.parts)
         rows, settings = combine(args.parts, args.images)
+        write_output(args.out, rows, settings)
     except SettingError as err:
         parser.exit(2, f"error: {err}\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_tsv(args.out, rows)
-    atomic_write(args.out.with_name(args.out.name + ".json"), json.dumps(settings, indent=2) + "\n")
     summary = summarize(rows, RADII)
     accuracy = " / ".join(f"{100 * summary[f'certified_acc@{r:g}']:.2f}" for r in RADII)
     print(f"{len(rows)} images from {len(args.parts)} parts -> {args.out}")

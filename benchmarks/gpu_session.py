@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ from typing import NoReturn
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,7 +47,7 @@ from datamodules import MNISTDataModule
 from lightning_modules import AdversarialClassifier, NoiseAugmentedClassifier
 from lightning_modules.backbones import LeNet
 from robust.attacks import AttackSpec
-from robust.checks import SettingError
+from robust.checks import SettingError, check_int, check_real
 from robust.cpu_memory import retain_freed_memory
 
 
@@ -269,10 +272,60 @@ def train_noise(args) -> None:
     record(args.out, stage, {"epochs": run.current_epoch, "train_s": seconds, **recipe, **tested})
 
 
+def load_state(model: nn.Module, path: Path, writer: str) -> None:
+    """Load a state dict this script saved into ``model``, checked first: the file is untrusted.
+
+    Loaded with ``weights_only=True`` (no code runs); it must hold exactly the model's tensors,
+    each of the model's shape and dtype, and finite floating-point values.
+
+    Args:
+        model: The module to load into.
+        path: The state file.
+        writer: The command line of the stage that writes the file, named in messages.
+
+    Raises:
+        SettingError: Naming the file, what is wrong and the stage that writes it.
+    """
+    remedy = f"run the stage that writes it first: {writer}"
+    if not path.is_file():
+        raise SettingError(f"{path} is missing; {remedy}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise SettingError(f"{path} is not a state dict of tensors ({reason}); {remedy}") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+    ):
+        raise SettingError(f"{path} does not hold a state dict of tensors; {remedy}")
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    foreign = [key for key in state if key not in expected]
+    if missing or foreign:
+        raise SettingError(
+            f"{path} holds the weights of another model ({len(missing)} of the model's tensors "
+            f"missing, first {missing[:2]}; {len(foreign)} foreign, first {foreign[:2]}); {remedy}"
+        )
+    for key, tensor in expected.items():
+        stored = state[key]
+        if stored.shape != tensor.shape or stored.dtype != tensor.dtype:
+            raise SettingError(
+                f"{path}: {key} is {stored.dtype} of shape {tuple(stored.shape)}, the model's is "
+                f"{tensor.dtype} of shape {tuple(tensor.shape)}; {remedy}"
+            )
+        if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
+            raise SettingError(f"{path}: {key} holds values that are not finite; {remedy}")
+    model.load_state_dict(state)
+
+
 def load_noise(args) -> NoiseAugmentedClassifier:
+    """The noise model of ``args`` with the weights its ``train-noise`` stage saved (checked)."""
     model = noise_model(args)
-    state = args.out / f"{noise_name(args)}_state.pt"
-    model.load_state_dict(torch.load(state, weights_only=True))
+    writer = f"gpu_session.py train-noise --training {args.training} --sigma {args.sigma:g}"
+    writer += f" --recipe {args.recipe}"
+    if args.smoothadv_steps is not None:
+        writer += f" --smoothadv-steps {args.smoothadv_steps}"
+    load_state(model, args.out / f"{noise_name(args)}_state.pt", f"{writer} --out {args.out}")
     return model
 
 
@@ -287,7 +340,7 @@ def certify(args) -> None:
         batch_size=args.certify_batch,
         cuda_graph=bool(args.cuda_graph),  # off unless --cuda-graph (5% slower on the H200)
         max_images=20 if args.tiny else None,
-        skip=args.skip or 1,
+        skip=1 if args.skip is None else args.skip,  # --skip 0 is refused in main
         first_image=args.first_image,
         output=str(args.out / f"certify_{name}{suffix}{part}.tsv"),
         autocast=args.autocast,
@@ -343,7 +396,8 @@ def train_robust(args) -> None:
 
 def attack(args) -> None:
     model = robust_model(args.method, 10, args.tiny)
-    model.load_state_dict(torch.load(args.out / "robust_state.pt", weights_only=True))
+    writer = f"gpu_session.py train-robust --method {args.method} --out {args.out}"
+    load_state(model, args.out / "robust_state.pt", writer)
     attacks = [AttackSpec("pgd", "inf", 0.3, steps=40), AttackSpec("autoattack", "inf", 0.3)]
     callback = PerturbedAccuracy(
         attacks,
@@ -366,8 +420,8 @@ def smoothed_attack(args) -> None:
         n=500 if args.tiny else 10_000,
         alpha=0.001,
         batch_size=250,
-        max_images=4 if args.tiny else 10_000 // (args.skip or 10),
-        skip=1 if args.tiny else args.skip or 10,
+        max_images=4 if args.tiny else 10_000 // (10 if args.skip is None else args.skip),
+        skip=1 if args.tiny else 10 if args.skip is None else args.skip,
         predict_batch_size=20_000 if args.accelerator == "gpu" else 400,
     )
     run = trainer(args.out, "smoothed_attack", args.accelerator, callbacks=[callback])
@@ -383,8 +437,7 @@ def certify_options(args) -> None:
     fastest) when its rate certifies ``--certify-images`` images at n = 100,000 within
     ``--seconds``; else the fastest TF32 mode.
     """
-    variants = json.loads((args.out / "bench.json").read_text()).get("variants", {})
-    rate = {name: row["certify"]["median"] for name, row in variants.items()}
+    rate = bench_rates(args.out / "bench.json")
     need = args.certify_images * 100_100 / args.seconds
     levers = {"": "", "+cb": "--cudnn-benchmark", "+compile": "--compile"}
     for precision, flag in (("fp32", ""), ("tf32", "--tf32")):
@@ -395,6 +448,70 @@ def certify_options(args) -> None:
         if best >= need or precision == "tf32":
             print(options if best > 0 else flag)  # nothing measured: the eager forward
             return
+
+
+def bench_rates(path: Path) -> dict[str, float]:
+    """Median certification rate by variant in ``benchmarks/certify.py``'s JSON (checked).
+
+    Raises:
+        SettingError: If the file is missing, not JSON or a variant's rate is not a number >= 0.
+    """
+    remedy = f"write it with benchmarks/certify.py --json {path}"
+    try:
+        bench = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SettingError(f"{path} is missing; {remedy}") from None
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError included
+        raise SettingError(f"{path} is not a JSON benchmark ({err}); {remedy}") from None
+    variants = bench.get("variants", {}) if isinstance(bench, dict) else None
+    if not isinstance(variants, dict):
+        raise SettingError(f"{path} has no object of variants; {remedy}")
+    rate = {}
+    for name, row in variants.items():
+        certify = row.get("certify") if isinstance(row, dict) else None
+        value = certify.get("median") if isinstance(certify, dict) else None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            value = None
+        if value is None or not math.isfinite(value) or value < 0:
+            raise SettingError(
+                f"{path}: variant {name!r} has no certify median rate (a number >= 0); {remedy}"
+            )
+        rate[name] = float(value)
+    return rate
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse an option outside its allowed values before any stage starts.
+
+    Raises:
+        SettingError: Naming the option and its allowed values.
+    """
+    for option, minimum in (
+        ("epochs", 1),
+        ("seconds", 1),
+        ("batch", 1),
+        ("attack_batch", 1),
+        ("certify_images", 1),
+        ("first_image", 0),
+    ):
+        check_int(f"--{option.replace('_', '-')}", getattr(args, option), minimum=minimum)
+    for option in ("skip", "certify_batch", "smoothadv_steps"):  # None: the stage's default
+        if getattr(args, option) is not None:
+            check_int(f"--{option.replace('_', '-')}", getattr(args, option), minimum=1)
+    check_real("--sigma", args.sigma, low=0)
+    if args.consistency_weight is not None:
+        check_real("--consistency-weight", args.consistency_weight, low=0, low_inclusive=True)
+    results = args.out / "results.json"
+    if results.exists():
+        try:
+            recorded = json.loads(results.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise SettingError(
+                f"{results} is not a JSON object of stage results; move it away so that the "
+                "stages can record theirs"
+            )
 
 
 STAGES = {
@@ -475,6 +592,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         args.accelerator = "cpu"
+    try:
+        check_options(args)
+    except SettingError as err:
+        fail(str(err))
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("highest")
     retain_freed_memory()  # CPU forward passes reuse their memory, as under the CLI

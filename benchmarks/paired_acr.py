@@ -11,6 +11,11 @@ an estimate, printed as one, not a measurement.
 
 ``--every K`` restricts the subset TSV to the images whose index is a multiple of K (the nested
 subsets of a run resumed with a smaller ``skip`` each time), one table per K.
+
+Every TSV needs its ``.json`` sidecar: its rows are checked against the sigma, n and alpha there
+(``robust.certificates.read_certificates``), so a radius no certification could give is refused.
+A file without rows, or a K that selects none of the subset's images, is refused too: one
+``error:`` line, exit status 2.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .`
 
-from robust.certificates import CertifiedImage, read_tsv, summarize  # noqa: E402
+from robust.certificates import CertifiedImage, read_certificates, summarize  # noqa: E402
 from robust.checks import SettingError  # noqa: E402
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -34,9 +39,48 @@ Z95 = 1.959963984540054
 
 
 def rows_by_index(path: Path) -> dict[int, CertifiedImage]:
-    """The TSV's rows by dataset index (checked by :func:`read_tsv`; a torn last line dropped)."""
-    rows, _ = read_tsv(path)
+    """The TSV's rows by dataset index, checked against its sidecar; a torn last line dropped.
+
+    Raises:
+        SettingError: A missing or incomplete sidecar, a bad row, a radius beyond what the
+            sidecar's sigma, n and alpha can certify (:func:`read_certificates`), or no rows.
+    """
+    rows, _, _ = read_certificates(path)
+    if not rows:
+        raise SettingError(f"{path} holds no certification rows (only its header)")
     return {row.idx: row for row in rows}
+
+
+def nested_subsets(
+    rows: dict[int, CertifiedImage], every: Sequence[int], name: str
+) -> dict[int, dict[int, CertifiedImage]]:
+    """The rows whose index is a multiple of K, for each K of ``every``.
+
+    Raises:
+        SettingError: If a K is not an integer >= 1 or selects none of the rows.
+
+    Examples:
+        >>> rows = {i: CertifiedImage(i, 0, 0, 0.5, 1, 0.0) for i in (0, 3, 6)}
+        >>> {k: sorted(subset) for k, subset in nested_subsets(rows, [1, 2], "s.tsv").items()}
+        {1: [0, 3, 6], 2: [0, 6]}
+        >>> try:
+        ...     nested_subsets({3: rows[3]}, [2], "s.tsv")
+        ... except SettingError as err:
+        ...     print(str(err).split(";")[0])
+        --every 2 selects none of the 1 images of s.tsv (indices 3-3)
+    """
+    subsets = {}
+    for k in every:
+        if type(k) is not int or k < 1:
+            raise SettingError(f"--every takes integers >= 1; got {k!r}")
+        subsets[k] = {i: row for i, row in rows.items() if i % k == 0}
+        if not subsets[k]:
+            raise SettingError(
+                f"--every {k} selects none of the {len(rows)} images of {name} (indices "
+                f"{min(rows)}-{max(rows)}); --every takes integers >= 1 that divide some of its "
+                "indices, e.g. 1"
+            )
+    return subsets
 
 
 def paired(
@@ -81,11 +125,10 @@ def paired(
 
 def report(subset_path: Path, reference_paths: Sequence[Path], every: Sequence[int]) -> str:
     """Markdown tables: per K, the subset's certified accuracy and the paired comparisons."""
-    subset_all = rows_by_index(subset_path)
+    subsets = nested_subsets(rows_by_index(subset_path), every, subset_path.name)
     references = {path: rows_by_index(path) for path in reference_paths}
     lines = []
-    for k in every:
-        subset = {i: row for i, row in subset_all.items() if i % k == 0}
+    for k, subset in subsets.items():
         summary = summarize(list(subset.values()), RADII)
         accuracy = " / ".join(f"{100 * summary[f'certified_acc@{r:g}']:.2f}" for r in RADII)
         lines += [
@@ -125,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"error: {path} is not a file\n")
     try:
         print(report(args.subset, args.references, args.every))
-    except SettingError as err:  # a TSV that does not parse, or TSVs that cannot be paired
+    except SettingError as err:  # a TSV that does not parse or is empty, TSVs that cannot pair
         parser.exit(2, f"error: {err}\n")
 
 

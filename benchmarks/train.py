@@ -9,14 +9,20 @@ size, Adam, in one process; repetitions alternate between the two and the median
 import argparse
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout as well
+
+from benchmarks.options import check_device, refuse
 from datamodules import EmbeddedMNISTDataModule
 from lightning_modules import StandardClassifier, backbones
+from robust.checks import SettingError, check_int
 
 
 def lightning_epoch(module: StandardClassifier, datamodule, accelerator: str) -> float:
@@ -51,20 +57,26 @@ def plain_epoch(module: StandardClassifier, loader, device: torch.device) -> flo
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Time one epoch each way, ``--repeats`` times; print the medians and their ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="SmallCNN", choices=["SmallCNN", "LeNet"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        device = check_device(args.device)
+        for name in ("batch_size", "repeats", "threads"):
+            check_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum=1)
+    except SettingError as err:
+        refuse(err)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     datamodule = EmbeddedMNISTDataModule(batch_size=args.batch_size)
     datamodule.setup()
     template = StandardClassifier(getattr(backbones, args.backbone))
-    device = torch.device(args.device)
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     plain_epoch(copy.deepcopy(template), datamodule.train_dataloader(), device)  # warm-up
     lightning_times, plain_times = [], []

@@ -102,8 +102,10 @@ class Certification(EvaluationCallback):
         noise_block: Samples per independently seeded noise block (see ``Smooth``).
 
     Raises:
-        SettingError: For a setting outside its allowed values; at test start, when ``output``
-            holds rows of other settings, another model or other images.
+        SettingError: For a setting outside its allowed values; at setup, when ``sigma`` is
+            unset and the module has none, or no image is selected (e.g. ``first_image`` past
+            the evaluated images); at test start, when ``output`` holds rows of other settings,
+            another model or other images.
 
     Examples:
         >>> Certification(sigma=0.25, n0=100, n=10_000, alpha=0.001, skip=20).n
@@ -181,8 +183,14 @@ class Certification(EvaluationCallback):
         self._started, self._samples, self._world_size = 0.0, 0, 1
 
     # ------------------------------------------------------------------ files and settings
+    def check(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse a module without ``num_classes`` or, with ``sigma`` unset, a positive ``sigma``."""
+        module_num_classes(pl_module, "Certification")
+        module_sigma(pl_module, self.sigma, "Certification")
+
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Resolve the output, check its settings and load the rows already there (resume)."""
+        super().on_test_start(trainer, pl_module)  # an empty selection is refused first
         self._file, self._existing, self.output_path = None, {}, None
         if trainer.fast_dev_run:
             return

@@ -18,6 +18,11 @@ their summary (:meth:`finish`); this base owns the rest, with one meaning for ea
 * Which images: those the trainer evaluates (``limit_test_batches``/``limit_val_batches`` as a
   fraction or a number of loader batches), the multiples of ``skip`` among them from dataset index
   ``first_image`` on, then at most ``max_images``. Under ``fast_dev_run``, at most 2 images.
+
+Settings that depend on the module or the data (a sigma the module lacks, an empty selection, an
+attack the model's classes cannot honour) are refused in Lightning's ``setup`` hook, which runs on
+every callback before any loop, so no callback (and no clean test loop) works before a refusal;
+the selection is checked again at the start of each evaluation loop, when its data loader is known.
 """
 
 from __future__ import annotations
@@ -101,6 +106,28 @@ class EvaluationCallback(Callback):
         self.first_image = check_int("first_image", first_image, minimum=0, owner=owner)
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse module- and data-dependent settings before any callback or loop works.
+
+        Lightning calls ``setup`` on every callback before the first loop starts, so one bad
+        callback is refused before the others (or the clean test loop) spend any time.
+
+        Raises:
+            SettingError: From :meth:`check` or :meth:`check_selection`.
+        """
+        for evaluated in self._stages(trainer, stage):
+            self.check(trainer, pl_module, evaluated)
+            self.check_selection(trainer, evaluated, self._setup_dataset(trainer, evaluated))
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse an empty selection of the test images (their loader is known now)."""
+        self.check_selection(trainer, "test")
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse an empty selection of the validation images when they will be evaluated."""
+        if self.every_n_val_epochs:
+            self.check_selection(trainer, "val")
+
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Evaluate the test set."""
         self.run(trainer, pl_module, "test")
@@ -148,6 +175,79 @@ class EvaluationCallback(Callback):
     def metric_prefix(self, stage: str) -> str:
         """Prefix of the logged metrics of ``stage`` (default: the stage name)."""
         return stage
+
+    def check(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse settings the module cannot honour, before any work (default: none).
+
+        Called from ``setup`` for each stage this callback will evaluate (``"test"``, ``"val"``).
+
+        Raises:
+            SettingError: Naming the setting and its allowed values.
+        """
+
+    # ------------------------------------------------------------------ checks
+    def _stages(self, trainer: Trainer, fn: str) -> list[str]:
+        """The stages this callback evaluates in the trainer function ``fn`` (fit, test, ...)."""
+        if fn == "test":
+            return ["test"]
+        if fn in ("fit", "validate") and self.every_n_val_epochs and trainer.limit_val_batches:
+            return ["val"]
+        return []
+
+    @staticmethod
+    def _setup_dataset(trainer: Trainer, stage: str) -> Any:
+        """The data module's set of ``stage`` when that module supplies this run's data, else None.
+
+        Data loaders given to ``trainer.test(dataloaders=...)`` are only known when the loop
+        starts; then :meth:`check_selection` runs from ``on_test_start``/``on_validation_start``.
+        """
+        datamodule = getattr(trainer, "datamodule", None)
+        loop = trainer.test_loop if stage == "test" else trainer.fit_loop.epoch_loop.val_loop
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            loop = trainer.validate_loop
+        source = getattr(getattr(loop, "_data_source", None), "instance", None)
+        if datamodule is None or source is not datamodule:
+            return None
+        return getattr(datamodule, f"{stage}_set", None)
+
+    def check_selection(self, trainer: Trainer, stage: str, dataset: Any = None) -> None:
+        """Refuse settings that select none of the images the trainer evaluates.
+
+        Args:
+            trainer: The trainer.
+            stage: ``"test"`` or ``"val"``.
+            dataset: The evaluated dataset; None: the running loop's (nothing is checked when
+                there is none yet).
+
+        Raises:
+            SettingError: Naming ``first_image``, ``skip``, ``max_images`` and the image count.
+        """
+        limit = trainer.limit_test_batches if stage == "test" else trainer.limit_val_batches
+        if not limit:
+            return  # the loop does not run
+        if dataset is None:
+            try:
+                dataset = evaluation_dataset(trainer, stage)
+            except RuntimeError:
+                return
+        try:
+            size = len(dataset)
+        except TypeError:
+            return  # an iterable dataset: Lightning itself refuses it for evaluation
+        if self.select(trainer, stage, size):
+            return
+        end = self.evaluated_range(trainer, stage, size)
+        owner = type(self).__name__
+        counted = f"{end} {stage} images the trainer evaluates (of {size} in the data set)"
+        if end > 0:
+            last = (end - 1) // self.skip * self.skip
+            allowed = f"first_image must be <= {last}, the last multiple of skip below {end}"
+        else:
+            allowed = f"the trainer evaluates none (limit_{stage}_batches={limit})"
+        raise SettingError(
+            f"{owner} selects none of the {counted}: first_image={self.first_image}, "
+            f"skip={self.skip}, max_images={self.max_images}; {allowed}"
+        )
 
     # ------------------------------------------------------------------ machinery
     def select(self, trainer: Trainer, stage: str, dataset_size: int) -> list[int]:

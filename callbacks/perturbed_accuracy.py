@@ -155,6 +155,16 @@ class PerturbedAccuracy(EvaluationCallback):
         self._example_rows: list[Tensor] = []
 
     # ------------------------------------------------------------------ evaluation hooks
+    def check(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse attacks the module's ``num_classes`` cannot honour (e.g. APGD-T's targets).
+
+        A module without ``num_classes`` is checked by the attack itself, at its first batch.
+        """
+        num_classes = getattr(pl_module, "num_classes", None)
+        if isinstance(num_classes, int) and not isinstance(num_classes, bool):
+            for spec in self.attacks:
+                spec.check_num_classes(num_classes, owner=f"PerturbedAccuracy attack {spec.key}")
+
     def pending(  # noqa: D102
         self, trainer: Trainer, pl_module: LightningModule, stage: str, selected: list[int]
     ) -> list[int]:

@@ -27,7 +27,7 @@ from callbacks.evaluation import (
 from robust.checks import check_int, check_radii, check_real
 from robust.sharding import image_seed
 from robust.smoothadv import smoothadv_attack
-from robust.smoothing import ABSTAIN, Smooth
+from robust.smoothing import ABSTAIN, DEFAULT_NOISE_BLOCK, Smooth, check_num_samples
 
 __all__ = ["SmoothedAttack"]
 
@@ -59,6 +59,12 @@ class SmoothedAttack(EvaluationCallback):
         every_n_val_epochs: See :class:`~callbacks.evaluation.EvaluationCallback`.
         seed: Seed of the attack's and PREDICT's noise, >= 0.
         predict_batch_size: Noisy samples per forward pass of PREDICT.
+        noise_block: Samples per independently seeded noise block of PREDICT (see ``Smooth``);
+            ``n`` may be at most ``MAX_BLOCKS * noise_block``.
+
+    Raises:
+        SettingError: For a setting outside its allowed values; at setup, when ``sigma`` is unset
+            and the module has none, the module has no ``num_classes``, or no image is selected.
 
     Examples:
         >>> SmoothedAttack(sigma=0.25, radii=[0.5], steps=10, num_noise_samples=16).radii
@@ -79,6 +85,7 @@ class SmoothedAttack(EvaluationCallback):
         every_n_val_epochs: int = 0,
         seed: int = 0,
         predict_batch_size: int = 1000,
+        noise_block: int = DEFAULT_NOISE_BLOCK,
     ) -> None:
         super().__init__(
             every_n_val_epochs=every_n_val_epochs,
@@ -93,7 +100,8 @@ class SmoothedAttack(EvaluationCallback):
         self.num_noise_samples = check_int(
             "num_noise_samples", num_noise_samples, minimum=1, owner=owner
         )
-        self.n = check_int("n", n, minimum=1, owner=owner)
+        self.noise_block = check_int("noise_block", noise_block, minimum=1, owner=owner)
+        self.n = check_num_samples("n", n, self.noise_block, owner=owner)
         self.alpha = check_real("alpha", alpha, low=0, high=1, owner=owner)
         self.seed = check_int("seed", seed, minimum=0, owner=owner)
         self.predict_batch_size = check_int(
@@ -101,6 +109,11 @@ class SmoothedAttack(EvaluationCallback):
         )
         self.width = 3 + len(self.radii)  # index, label, PREDICT(clean), PREDICT(x_adv at r)*
         self.results: dict[str, dict[str, float]] = {}
+
+    def check(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse a module without ``num_classes`` or, with ``sigma`` unset, a positive ``sigma``."""
+        module_num_classes(pl_module, "SmoothedAttack")
+        module_sigma(pl_module, self.sigma, "SmoothedAttack")
 
     def evaluate_batch(  # noqa: D102
         self,
@@ -119,6 +132,7 @@ class SmoothedAttack(EvaluationCallback):
             sigma,
             batch_size=self.predict_batch_size,
             seed=self.seed,
+            noise_block=self.noise_block,
             device=images.device,
         )
         columns = [torch.as_tensor(indices, dtype=torch.float64), labels.double().cpu()]

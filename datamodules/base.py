@@ -1,5 +1,6 @@
 """Shared data-module behaviour: settings, seeded stratified splits and data loaders."""
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -7,10 +8,13 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from robust.checks import check_int, check_real
+from robust.checks import SettingError, check_int, check_real
 
 SPLIT_METHOD = "stratified_split/1"
 """Name and version of the split algorithm, part of every identity: change it with the algorithm."""
+
+MAX_SEED = 2**64 - 1
+"""Largest split seed: ``torch.Generator.manual_seed`` takes integers in [0, 2**64 - 1]."""
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -26,10 +30,11 @@ def stratified_split(labels: Tensor, fractions: Sequence[float], seed: int) -> l
     Args:
         labels: Integer labels ``(N,)``.
         fractions: Fractions of all parts but the last, each in (0, 1), summing to less than 1.
-        seed: Seed of the shuffle.
+        seed: Seed of the shuffle, in [0, :data:`MAX_SEED`].
 
     Returns:
         One sorted index tensor per part (``len(fractions) + 1`` parts), disjoint and covering all.
+        :func:`split_sizes` gives their sizes without shuffling.
     """
     generator = torch.Generator().manual_seed(seed)
     parts: list[list[Tensor]] = [[] for _ in range(len(fractions) + 1)]
@@ -45,6 +50,90 @@ def stratified_split(labels: Tensor, fractions: Sequence[float], seed: int) -> l
     return [torch.sort(torch.cat(part)).values for part in parts]
 
 
+def split_sizes(class_sizes: Sequence[int], fractions: Sequence[float]) -> list[int]:
+    """Sizes of the parts :func:`stratified_split` makes from classes of these sizes.
+
+    The same arithmetic as the split (each class cut with ``round(fraction * size)``, the last
+    part taking the remainder), without labels or shuffling, so settings can be checked early.
+
+    Examples:
+        >>> split_sizes([500] * 10, [0.1, 0.1])
+        [500, 500, 4000]
+        >>> split_sizes([500] * 10, [0.0001, 0.1])
+        [0, 500, 4500]
+    """
+    sizes = [0] * (len(fractions) + 1)
+    for size in class_sizes:
+        start = 0
+        for part, fraction in enumerate(fractions):
+            count = min(round(fraction * size), size - start)  # what the slice holds
+            sizes[part] += count
+            start += count
+        sizes[-1] += size - start
+    return sizes
+
+
+def smallest_fraction(largest_class: int) -> float:
+    """The smallest fraction of 3 significant digits that gives ``largest_class`` one image.
+
+    ``round(fraction * largest_class)`` must reach 1 (``round(0.5)`` is 0), so the bound
+    ``0.5 / largest_class`` itself is not enough; it is rounded up to 3 digits and checked with
+    the split's own float arithmetic.
+
+    Examples:
+        >>> smallest_fraction(500)
+        0.00101
+        >>> smallest_fraction(6000)
+        8.34e-05
+    """
+    exponent = math.floor(math.log10(0.5 / largest_class)) - 2
+    steps = max(1, math.ceil(0.5 / largest_class / 10.0**exponent) - 1)  # float noise: from below
+    while round(float(f"{steps}e{exponent}") * largest_class) < 1:
+        steps += 1
+    return float(f"{steps}e{exponent}")
+
+
+def check_split_sizes(
+    owner: str,
+    class_sizes: Sequence[int],
+    fractions: Sequence[tuple[str, float, str]],
+    rest: str,
+    images: str,
+) -> None:
+    """Refuse fractions that leave a part of :func:`stratified_split` without images.
+
+    Args:
+        owner: The data module's class name, prefixed to the setting.
+        class_sizes: Number of images of each class in the set that is split.
+        fractions: ``(setting, fraction, part name)`` for each part but the last, in split order.
+        rest: Name of the last part (the remainder), e.g. ``"training"``.
+        images: What is split, for the message, e.g. ``"the 5000 images"``.
+
+    Raises:
+        SettingError: Naming the setting, the smallest allowed value (or, where the remainder
+            is empty, the fractions to lower) and the part that would be empty.
+    """
+    sizes = split_sizes(class_sizes, [fraction for _, fraction, _ in fractions])
+    largest = max(class_sizes, default=0)
+    where = f"{images} ({largest} in the largest class)"
+    if largest == 0:
+        raise SettingError(f"{owner}: {images} hold no images, so every split would be empty")
+    for (setting, fraction, part), size in zip(fractions, sizes, strict=False):
+        if size == 0 and round(fraction * largest) < 1:
+            raise SettingError(
+                f"{owner} {setting} must be at least {smallest_fraction(largest):g} for {where}; "
+                f"got {fraction!r}, which leaves the {part} set empty"
+            )
+    if 0 in sizes:
+        part = ([name for _, _, name in fractions] + [rest])[sizes.index(0)]
+        settings = " + ".join(setting for setting, _, _ in fractions)
+        values = " + ".join(repr(fraction) for _, fraction, _ in fractions)
+        raise SettingError(
+            f"{owner} {settings} must leave images in every split of {where}; got {values}, "
+            f"which leaves the {part} set empty: lower {settings}"
+        )
+
+
 class ImageDataModule(LightningDataModule):
     """Base of every data module: float images in [0, 1] ``(C, H, W)`` and integer labels.
 
@@ -56,7 +145,12 @@ class ImageDataModule(LightningDataModule):
         batch_size: Images per batch, at least 1.
         num_workers: Data-loading worker processes, at least 0.
         val_fraction: Fraction of the training images held out for validation, in (0, 1).
-        seed: Seed of the train/validation split (and of the test split where one is made), >= 0.
+        seed: Seed of the train/validation split (and of the test split where one is made), in
+            [0, 2**64 - 1] (what ``torch.Generator.manual_seed`` takes).
+
+    Raises:
+        SettingError: A setting is out of range. Fractions that leave a split without images are
+            refused once the class sizes are known (in ``setup`` at the latest).
     """
 
     dataset_name: str
@@ -74,7 +168,7 @@ class ImageDataModule(LightningDataModule):
         self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
         self.num_workers = check_int("num_workers", num_workers, minimum=0, owner=owner)
         self.val_fraction = check_real("val_fraction", val_fraction, low=0, high=1, owner=owner)
-        self.seed = check_int("seed", seed, minimum=0, owner=owner)
+        self.seed = check_int("seed", seed, minimum=0, maximum=MAX_SEED, owner=owner)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -96,7 +190,18 @@ class ImageDataModule(LightningDataModule):
         }
 
     def split_train_val(self, dataset: Dataset, labels: Tensor) -> tuple[Subset, Subset]:
-        """Stratified, seeded split of a training set into training and validation subsets."""
+        """Stratified, seeded split of a training set into training and validation subsets.
+
+        Raises:
+            SettingError: ``val_fraction`` leaves the validation or the training subset empty.
+        """
+        check_split_sizes(
+            type(self).__name__,
+            torch.unique(labels, return_counts=True)[1].tolist(),
+            [("val_fraction", self.val_fraction, "validation")],
+            "training",
+            f"the {len(labels)} training images",
+        )
         val_idx, train_idx = stratified_split(labels, [self.val_fraction], self.seed)
         return Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
 

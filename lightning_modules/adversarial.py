@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_modules.backbones import SmallCNN
 from lightning_modules.standard import BackboneFactory, StandardClassifier, _adam
 from robust.attacks import AttackSpec, attack
-from robust.checks import SettingError, check_choice, check_int, check_real
+from robust.checks import SettingError, check_choice, check_int, check_real, check_unused_at_default
 from robust.modes import eval_mode
 from robust.sharding import (
     FAST_DEV_IMAGES,
@@ -48,6 +48,16 @@ ROBUST_VAL_STEPS = 10
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 _OWNER = "AdversarialClassifier"
+
+
+ROBUST_VAL_DEFAULTS = {
+    "robust_val_attack": None,
+    "robust_val_seed": 0,
+    "robust_val_batch_size": 256,
+    "robust_val_collapse": 0.2,
+    "stop_on_collapse": False,
+}
+"""The robust validation's settings and defaults: other values act only with robust_val_images > 0."""
 
 
 class RobustOverfittingWarning(UserWarning):
@@ -227,7 +237,8 @@ class AdversarialClassifier(StandardClassifier):
             for CIFAR-10 at eps 8/255); ``at`` only. ``eta`` is drawn in the ball of the current
             (warmed-up) eps and norm of ``attack``.
         robust_val_images: Validation images attacked each validation epoch for
-            ``val/robust_acc``, >= 0 (0: off). The first ones of the (unshuffled) set.
+            ``val/robust_acc``, >= 0 (0: off, and the ``robust_val_*`` and ``stop_on_collapse``
+            settings below must keep their defaults). The first ones of the (unshuffled) set.
         robust_val_attack: Attack of the robust validation (untargeted); None: PGD-10 at the
             norm and eps of ``attack`` (step ``2.5 * eps / 10``, random start).
         robust_val_seed: Seed of the robust validation's per-image random starts, >= 0.
@@ -339,9 +350,26 @@ class AdversarialClassifier(StandardClassifier):
             raise SettingError(
                 f"{_OWNER} stop_on_collapse must be true or false; got {stop_on_collapse!r}"
             )
+        if robust_val_images == 0:
+            check_unused_at_default(
+                {
+                    "robust_val_attack": robust_val_attack,
+                    "robust_val_seed": robust_val_seed,
+                    "robust_val_batch_size": robust_val_batch_size,
+                    "robust_val_collapse": robust_val_collapse,
+                    "stop_on_collapse": stop_on_collapse,
+                },
+                ROBUST_VAL_DEFAULTS,
+                enabled_by="robust_val_images > 0 (robust validation on)",
+                disabled="robust_val_images=0",
+                owner=_OWNER,
+            )
         super().__init__(
             backbone, num_classes, in_channels, image_size, mean, std, optimizer, lr_scheduler
         )
+        spec.check_num_classes(num_classes, owner=f"{_OWNER} attack")
+        if robust_val_images:
+            val_spec.check_num_classes(num_classes, owner=f"{_OWNER} robust_val_attack")
         # Plain values in the checkpoint, so it loads with torch.load(weights_only=True).
         self.hparams["attack"] = dataclasses.asdict(spec)
         if robust_val_attack is not None:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lightning_modules.backbones import SmallCNN
 from lightning_modules.standard import BackboneFactory, StandardClassifier, _adam
-from robust.checks import SettingError, check_int, check_real
+from robust.checks import SettingError, check_int, check_real, check_unused_at_default
 from robust.smoothadv import smoothadv_attack
 
 _OWNER = "NoiseAugmentedClassifier"
@@ -53,6 +53,14 @@ def consistency_terms(logits: Tensor) -> tuple[Tensor, Tensor]:
     kl = (p_hat * (log_p_hat - log_p)).sum(dim=-1).mean(dim=0)
     entropy = -(p_hat * log_p_hat).sum(dim=-1)
     return kl, entropy
+
+
+SMOOTHADV_DEFAULTS = {
+    "smoothadv_steps": 1,
+    "smoothadv_step_size": None,
+    "smoothadv_warmup_epochs": 0,
+}
+"""SmoothAdv's settings and their defaults: other values take effect only with smoothadv_eps > 0."""
 
 
 class NoiseAugmentedClassifier(StandardClassifier):
@@ -95,7 +103,7 @@ class NoiseAugmentedClassifier(StandardClassifier):
             use m = 2 and lambda in 5..20).
         entropy_weight: eta >= 0 of the entropy term (Jeong & Shin use 0.5).
         smoothadv_eps: L2 radius eps >= 0 of SmoothAdv (0: off; Salman et al. train with 0.25 to
-            2.0 on CIFAR-10).
+            2.0 on CIFAR-10). With 0, the three settings below must keep their defaults.
         smoothadv_steps: PGD steps of SmoothAdv, >= 1 (the paper: 1 to 10).
         smoothadv_step_size: PGD step length > 0; None: ``2 * eps / steps`` (the authors' code).
         smoothadv_warmup_epochs: Epochs W >= 0 over which SmoothAdv's eps grows linearly (0 or 1:
@@ -147,6 +155,18 @@ class NoiseAugmentedClassifier(StandardClassifier):
         smoothadv_warmup_epochs = check_int(
             "smoothadv_warmup_epochs", smoothadv_warmup_epochs, minimum=0, owner=_OWNER
         )
+        if smoothadv_eps == 0:
+            check_unused_at_default(
+                {
+                    "smoothadv_steps": smoothadv_steps,
+                    "smoothadv_step_size": smoothadv_step_size,
+                    "smoothadv_warmup_epochs": smoothadv_warmup_epochs,
+                },
+                SMOOTHADV_DEFAULTS,
+                enabled_by="smoothadv_eps > 0 (SmoothAdv on)",
+                disabled="smoothadv_eps=0",
+                owner=_OWNER,
+            )
         super().__init__(
             backbone, num_classes, in_channels, image_size, mean, std, optimizer, lr_scheduler
         )

@@ -48,12 +48,58 @@ from robust._attack_core import (
     unit_l2,
     view,
 )
-from robust.checks import check_int
+from robust.checks import SettingError, check_int
 
-__all__ = ["apgd", "apgd_checkpoints", "apgd_t"]
+__all__ = ["DEFAULT_TARGET_CLASSES", "apgd", "apgd_checkpoints", "apgd_t", "check_target_classes"]
 
 MOMENTUM = 0.75
 """Weight of the new gradient step against the previous update (``alpha`` of the paper)."""
+DEFAULT_TARGET_CLASSES = 9
+"""APGD-T's target classes in AutoAttack (at most ``C - 1`` are used when none are given)."""
+MIN_CLASSES = 4
+"""The DLR loss takes the 1st, 3rd and 4th largest logits."""
+
+
+def check_target_classes(
+    n_target_classes: int | None, num_classes: int, owner: str = "apgd_t"
+) -> int:
+    """The target classes APGD-T uses on a model of ``num_classes`` classes.
+
+    ``None`` takes AutoAttack's 9, at most ``num_classes - 1``; a given number must be one of the
+    other classes' counts, so an attack never runs fewer targets than its settings (and metric key)
+    say.
+
+    Args:
+        n_target_classes: The setting (``None``: the default).
+        num_classes: The model's output size.
+        owner: Who owns the setting, named in the message.
+
+    Raises:
+        SettingError: For a model of fewer than 4 classes, or ``n_target_classes`` outside
+            ``[1, num_classes - 1]``.
+
+    Examples:
+        >>> check_target_classes(None, 5), check_target_classes(3, 10)
+        (4, 3)
+        >>> try:
+        ...     check_target_classes(50, 10, owner="AttackSpec")
+        ... except SettingError as err:
+        ...     print(str(err).split(" (")[0])
+        AttackSpec n_target_classes must be an integer in [1, 9] for a model of 10 classes
+    """
+    if num_classes < MIN_CLASSES:
+        raise SettingError(
+            f"{owner} needs at least {MIN_CLASSES} classes for the DLR loss of APGD-T; "
+            f"the model has {num_classes}"
+        )
+    if n_target_classes is None:
+        return min(DEFAULT_TARGET_CLASSES, num_classes - 1)
+    if not 1 <= n_target_classes <= num_classes - 1:
+        raise SettingError(
+            f"{owner} n_target_classes must be an integer in [1, {num_classes - 1}] for a model "
+            f"of {num_classes} classes (APGD-T targets the other classes); got {n_target_classes}"
+        )
+    return n_target_classes
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -172,7 +218,7 @@ def apgd_t(
     *,
     steps: int = 100,
     restarts: int = 1,
-    n_target_classes: int = 9,
+    n_target_classes: int | None = None,
     rho: float = 0.75,
     random_start: bool = True,
     generator: Generators = None,
@@ -188,8 +234,7 @@ def apgd_t(
     (``pi`` sorts the logits in decreasing order) on the images not yet misclassified. The step
     direction is the DLR gradient; the attack is untargeted in its goal: any misclassification
     counts. Per image the result is the last misclassified iterate found, else the iterate of
-    smallest margin ``z_y - max_{j != y} z_j`` over all runs. Needs at least 4 classes; at most
-    ``C - 1`` target classes are used.
+    smallest margin ``z_y - max_{j != y} z_j`` over all runs. Needs at least 4 classes.
 
     Distance Measure: L2 or Linf.
 
@@ -206,7 +251,8 @@ def apgd_t(
         norm: ``"2"`` or ``"inf"`` (aliases accepted).
         steps: Iterations per run (>= 1; 100 in AutoAttack).
         restarts: Runs per target class (>= 1).
-        n_target_classes: Number of target classes (>= 1; 9 in AutoAttack).
+        n_target_classes: Number of target classes, in ``[1, C - 1]``; None: 9 as in AutoAttack,
+            at most ``C - 1``.
         rho: Fraction of increasing steps below which the step size is halved (0.75).
         random_start: Start at a random point at distance eps (else at ``x``).
         generator: RNG for the random starts, or one per sample.
@@ -215,6 +261,10 @@ def apgd_t(
 
     Returns:
         Adversarial inputs in [0, 1] with ``||x_adv - x||_norm <= eps``.
+
+    Raises:
+        SettingError: For a bad setting; when the model's output shows fewer than 4 classes or
+            fewer than ``n_target_classes + 1``.
 
     Examples:
         >>> import torch
@@ -226,7 +276,10 @@ def apgd_t(
         True
     """
     eps, norm, steps, restarts, rho = _checked("apgd_t", eps, norm, steps, restarts, rho)
-    n_target_classes = check_int("n_target_classes", n_target_classes, minimum=1, owner="apgd_t")
+    if n_target_classes is not None:
+        n_target_classes = check_int(
+            "n_target_classes", n_target_classes, minimum=1, owner="apgd_t"
+        )
     random_start = check_bool("random_start", random_start, owner="apgd_t")
     check_generators(generator, len(x))
     if eps == 0:
@@ -245,6 +298,7 @@ def apgd_t(
             rho,
             random_start,
             generator,
+            strict=True,
         )
 
 
@@ -295,24 +349,29 @@ def run_apgd_t(
     norm: str,
     steps: int,
     restarts: int,
-    n_target_classes: int,
+    n_target_classes: int | None,
     rho: float,
     random_start: bool,
     generator: Generators,
+    *,
+    strict: bool = False,
 ) -> Tensor:
-    """APGD-T inside :func:`~robust._attack_core.prepared` (validated settings, eps > 0)."""
+    """APGD-T inside :func:`~robust._attack_core.prepared` (validated settings, eps > 0).
+
+    ``strict``: refuse ``n_target_classes > C - 1`` (:func:`check_target_classes`); else (AutoAttack's
+    resolved default) at most ``C - 1`` target classes are used.
+    """
     with torch.no_grad():
         logits = forward(x)
     classes = logits.shape[1]
-    if classes < 4:
-        raise ValueError(
-            f"apgd_t needs at least 4 classes for the DLR loss; the model has {classes}"
-        )
+    if not strict and n_target_classes is not None:
+        n_target_classes = min(n_target_classes, max(classes - 1, 1))
+    n_target_classes = check_target_classes(n_target_classes, classes)
     ranking = logits.argsort(dim=1, descending=True)
     robust = logits.argmax(dim=1) == y
     x_adv = x.clone()
     best = torch.full((len(x),), math.inf, dtype=float_logits(logits).dtype, device=x.device)
-    for k in range(1, min(n_target_classes, classes - 1) + 1):
+    for k in range(1, n_target_classes + 1):
         for _ in range(restarts):
             index = robust.nonzero().squeeze(1)
             if index.numel() == 0:

@@ -48,7 +48,7 @@ from robust._attack_core import (
     prepared,
     view,
 )
-from robust.apgd import apgd, apgd_checkpoints, apgd_t
+from robust.apgd import apgd, apgd_checkpoints, apgd_t, check_target_classes
 from robust.autoattack import STAGES, autoattack
 from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
@@ -128,7 +128,9 @@ class AttackSpec:
             apgd-t: runs per target class; autoattack: runs of each of its attacks.
         targeted: fgm, pgd: ``y`` holds target labels and the attack minimises their loss.
         name: Metric key; default derived from the settings (see ``key``).
-        n_target_classes: apgd-t, autoattack: target classes of APGD-T (default 9).
+        n_target_classes: apgd-t, autoattack: target classes of APGD-T, at most ``C - 1`` for a
+            model of ``C`` classes (refused otherwise: :meth:`check_num_classes`); default 9, at
+            most ``C - 1`` used.
         n_queries: square, autoattack: query budget per image and run of Square (default 5000).
         p_init: square, autoattack: initial fraction of pixels of Square's windows (default 0.8).
         rho: apgd-*, autoattack: APGD's step-size halving threshold (default 0.75).
@@ -236,6 +238,32 @@ class AttackSpec:
                 f"{owner} name must be a non-empty string or None (derived from the settings); "
                 f"got {self.name!r}"
             )
+
+    def check_num_classes(self, num_classes: int, owner: str = "AttackSpec") -> None:
+        """Refuse settings a model of ``num_classes`` classes cannot honour.
+
+        APGD-T (``apgd-t``, ``autoattack``) needs at least 4 classes, and a given
+        ``n_target_classes`` must be in ``[1, num_classes - 1]``: fewer targets than the setting
+        (and the metric key, ``t<n>``) say would be run. The default (None) uses at most
+        ``num_classes - 1``. Other methods take any number of classes.
+
+        Args:
+            num_classes: The model's output size.
+            owner: Who owns the spec, named in the message (e.g. ``PerturbedAccuracy attack <key>``).
+
+        Raises:
+            SettingError: Naming the setting and the allowed range.
+
+        Examples:
+            >>> AttackSpec("apgd-t", "inf", 0.3, n_target_classes=5).check_num_classes(10)
+            >>> AttackSpec("apgd-t", "inf", 0.3, n_target_classes=50).check_num_classes(10)
+            Traceback (most recent call last):
+                ...
+            robust.checks.SettingError: AttackSpec n_target_classes must be an integer in [1, 9] \
+for a model of 10 classes (APGD-T targets the other classes); got 50
+        """
+        if self.method in ("apgd-t", "autoattack"):
+            check_target_classes(self.n_target_classes, num_classes, owner)
 
     @property
     def resolved_steps(self) -> int:
@@ -365,6 +393,10 @@ def attack(
     Returns:
         Adversarial inputs, detached, same shape/dtype/device as ``x``.
 
+    Raises:
+        SettingError: For APGD-T (``apgd-t``, ``autoattack``) on a model of fewer than 4 classes
+            or of fewer than ``n_target_classes + 1`` (:meth:`AttackSpec.check_num_classes`).
+
     Examples:
         >>> import torch
         >>> from torch import nn
@@ -381,6 +413,8 @@ def attack(
         raise TypeError(f"spec must be an AttackSpec; got {type(spec).__name__}")
     check_generators(generator, len(x))
     method, eps, norm = spec.method, spec.eps, spec.norm
+    if method in ("apgd-t", "autoattack") and eps > 0 and len(x):
+        spec.check_num_classes(_num_classes(model, x[:1]))
     if method == "autoattack":
         return autoattack(
             model,
@@ -447,12 +481,19 @@ def attack(
                 y,
                 eps,
                 norm,
-                n_target_classes=spec.resolved_n_target_classes,
+                n_target_classes=spec.n_target_classes,  # None: at most C - 1 of the default
                 **apgd_kwargs,
             )
     if stages is not None:
         stages[method] = _correct(model, x_adv, y) & stages["clean"]
     return x_adv
+
+
+def _num_classes(model: Callable[[Tensor], Tensor], x: Tensor) -> int:
+    """The model's output size, from one forward pass (in eval mode) of ``x``."""
+    mode = eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
+    with mode, torch.no_grad():
+        return int(model(x).shape[-1])
 
 
 def _correct(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:

@@ -36,21 +36,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from robust.checks import SettingError
+from robust.checks import SettingError, check_int, check_real
 from robust.statistics import largest_certified_radius
 
 __all__ = [
     "ABSTAIN",
+    "CERTIFICATE_SETTINGS",
     "HEADER",
     "SELECTION_SETTINGS",
     "CertificateFile",
     "CertifiedImage",
     "atomic_write",
     "certified_accuracy",
+    "check_radius_cap",
     "check_settings",
     "dataset_fingerprint",
     "model_fingerprint",
     "open_resumable",
+    "read_certificates",
     "read_settings",
     "read_tsv",
     "selected_indices",
@@ -61,6 +64,9 @@ __all__ = [
 
 SELECTION_SETTINGS = ("skip", "first_image", "max_images", "image_range")
 """The settings that say which images a run certified; a resumed file's sidecar gets the latest."""
+
+CERTIFICATE_SETTINGS = ("sigma", "n", "alpha")
+"""The sidecar settings that bound a file's radii: :func:`read_certificates` requires them."""
 
 ABSTAIN = -1
 """``predict`` of a row whose certification abstained."""
@@ -268,11 +274,16 @@ def atomic_write(path: Path, text: str) -> None:
         'done'
     """
     temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with temporary.open("w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:  # a failed write leaves no half-written temporary behind
+        if temporary.is_file():
+            temporary.unlink()
+        raise
 
 
 def certified_accuracy(
@@ -472,6 +483,109 @@ def _radius_cap(settings: Mapping[str, Any]) -> float:
     return max(cap, 0.0) * (1 + 1e-9)  # below 0 when n is too small: only radius 0 is possible
 
 
+def check_radius_cap(
+    rows: Iterable[CertifiedImage], settings: Mapping[str, Any], where: str, remedy: str = ""
+) -> None:
+    """Refuse a row whose radius is beyond the largest that ``settings`` can certify.
+
+    The cap is ``sigma * Phi^-1(alpha ** (1 / n))`` (all n samples on the top class, see
+    :func:`robust.statistics.largest_certified_radius`); settings without sigma, n and alpha
+    bound nothing (:func:`read_certificates` requires them).
+
+    Args:
+        rows: The rows to check.
+        settings: The sidecar's (or the run's) settings.
+        where: The file, named in the message.
+        remedy: Appended to the message (e.g. ``": give another output path"``).
+
+    Raises:
+        SettingError: Naming the first row beyond the cap, the cap and the settings.
+
+    Examples:
+        >>> settings = {"sigma": 0.25, "n": 1000, "alpha": 0.001}
+        >>> check_radius_cap([CertifiedImage(0, 1, 1, 0.5, 1, 0.0)], settings, "c.tsv")
+        >>> try:
+        ...     check_radius_cap([CertifiedImage(0, 1, 1, 99.0, 1, 0.0)], settings, "c.tsv")
+        ... except SettingError as err:
+        ...     print(str(err).split(", the largest")[0])
+        c.tsv: row 0 has radius 99, beyond 0.615816
+    """
+    cap = _radius_cap(settings)
+    for row in rows:
+        if row.radius > cap:
+            raise SettingError(
+                f"{where}: row {row.idx} has radius {row.radius:g}, beyond {cap:.6g}, the largest "
+                f"that sigma {settings['sigma']}, n {settings['n']} and alpha "
+                f"{settings['alpha']} can certify; the file is corrupt or was written "
+                f"otherwise{remedy}"
+            )
+
+
+def read_certificates(
+    path: str | Path, required: Iterable[str] = ()
+) -> tuple[list[CertifiedImage], bool, dict[str, Any]]:
+    """Rows of a certification TSV checked against its sidecar, whether it was torn, the sidecar.
+
+    For reading a finished file (joining, comparing): the sidecar ``<tsv>.json`` must hold a
+    valid sigma, n and alpha (:data:`CERTIFICATE_SETTINGS`) and the ``required`` keys; every row
+    is checked by :func:`read_tsv` (against ``num_classes`` when the sidecar has it) and its
+    radius against the largest those settings can certify (:func:`check_radius_cap`).
+
+    Args:
+        path: The TSV.
+        required: Further keys the sidecar must hold (their values may be null).
+
+    Returns:
+        ``(rows, torn, settings)``.
+
+    Raises:
+        SettingError: A missing or incomplete sidecar, a bad setting in it, a bad row.
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "c.tsv"
+        >>> write_tsv(path, [CertifiedImage(0, 1, 1, 0.5, 1, 0.1)])
+        >>> sidecar = path.with_name("c.tsv.json")
+        >>> _ = sidecar.write_text('{"sigma": 0.25, "n": 1000, "alpha": 0.001}')
+        >>> rows, torn, settings = read_certificates(path)
+        >>> rows[0].radius, torn, settings["n"]
+        (0.5, False, 1000)
+        >>> _ = sidecar.write_text('{"sigma": 0.25, "n": 1000}')
+        >>> try:
+        ...     read_certificates(path)
+        ... except SettingError as err:
+        ...     print(str(err).split(", which")[0].split(" lacks ")[1])
+        alpha
+    """
+    path = Path(path)
+    sidecar = path.with_name(path.name + ".json")
+    if not sidecar.is_file():
+        raise SettingError(
+            f"{path} has no settings file {sidecar}: its rows cannot be checked without the "
+            f"{', '.join(CERTIFICATE_SETTINGS)} it records"
+        )
+    settings = read_settings(sidecar)
+    keys = list(dict.fromkeys((*CERTIFICATE_SETTINGS, *required)))
+    missing = [key for key in keys if key not in settings]
+    if missing:
+        raise SettingError(
+            f"settings file {sidecar} lacks {', '.join(missing)}, which the rows of {path} need; "
+            f"it must hold {', '.join(keys)}"
+        )
+    num_classes = settings.get("num_classes")
+    try:
+        check_real("sigma", settings["sigma"], low=0)
+        check_int("n", settings["n"], minimum=1)
+        check_real("alpha", settings["alpha"], low=0, high=1)
+        if num_classes is not None:
+            check_int("num_classes", num_classes, minimum=2)
+    except SettingError as err:
+        raise SettingError(f"settings file {sidecar}: {err}") from None
+    rows, torn = read_tsv(path, num_classes=num_classes)
+    check_radius_cap(rows, settings, str(path))
+    return rows, torn, settings
+
+
 def open_resumable(
     path: Path,
     settings: Mapping[str, Any],
@@ -519,15 +633,8 @@ def open_resumable(
         stored = read_settings(sidecar)
         check_settings(stored, settings, checked, f"{owner} output {path}")
         rows, torn = read_tsv(path, num_classes=num_classes, indices=range(len(labels)))
-        cap = _radius_cap(settings)
+        check_radius_cap(rows, settings, f"{owner} output {path}", ": give another output path")
         for row in rows:
-            if row.radius > cap:
-                raise SettingError(
-                    f"{owner} output {path}: row {row.idx} has radius {row.radius:g}, beyond "
-                    f"{cap:.6g}, the largest that sigma {settings['sigma']}, n {settings['n']} "
-                    f"and alpha {settings['alpha']} can certify; the file is corrupt or was "
-                    "written otherwise: give another output path"
-                )
             if row.label != int(labels[row.idx]):
                 raise SettingError(
                     f"{owner} output {path}: row {row.idx} has label {row.label} but the "

@@ -19,8 +19,16 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
+from typing import NoReturn
 
-__all__ = ["SettingError", "check_choice", "check_int", "check_real"]
+__all__ = [
+    "SettingError",
+    "check_choice",
+    "check_int",
+    "check_real",
+    "check_unused_at_default",
+    "refuse",
+]
 
 
 class SettingError(ValueError):
@@ -36,6 +44,11 @@ class SettingError(ValueError):
         ...     print(err)
         Smooth n must be an integer >= 1; got 0
     """
+
+
+def refuse(message: str) -> NoReturn:
+    """Refuse with one clear message: ``cli.main`` prints it as ``error: ...`` and exits with 2."""
+    raise SettingError(message)
 
 
 def _name(name: str, owner: str | None) -> str:
@@ -175,3 +188,43 @@ def check_radii(name: str, values: object, *, owner: str | None = None, zero: bo
             f"{_name(name, owner)} must be a non-empty list of numbers {bound}; got {values!r}"
         )
     return sorted({check_real(name, r, low=0, low_inclusive=zero, owner=owner) for r in values})
+
+
+def check_unused_at_default(
+    settings: dict[str, object],
+    defaults: dict[str, object],
+    *,
+    enabled_by: str,
+    disabled: str,
+    owner: str,
+) -> None:
+    """Refuse a setting that differs from its default while the feature it tunes is off.
+
+    Such a value would be accepted and then ignored, a silent wrong result.
+
+    Args:
+        settings: The given values by name.
+        defaults: Each name's default.
+        enabled_by: The condition that turns the feature on, named in the message.
+        disabled: The setting's value that turns it off (``"eps=0"``).
+        owner: Who owns the settings.
+
+    Raises:
+        SettingError: Naming the first such setting, its default and ``enabled_by``.
+
+    Examples:
+        >>> on = {"enabled_by": "eps > 0", "disabled": "eps=0", "owner": "M"}
+        >>> check_unused_at_default({"steps": 2}, {"steps": 2}, **on)
+        >>> check_unused_at_default({"steps": 5}, {"steps": 2}, **on)
+        Traceback (most recent call last):
+            ...
+        robust.checks.SettingError: M steps applies only with eps > 0; got steps=5 with eps=0: \
+turn it on, or leave steps at its default 2
+    """
+    for name, value in settings.items():
+        default = defaults[name]
+        if value != default:
+            raise SettingError(
+                f"{owner} {name} applies only with {enabled_by}; got {name}={value!r} with "
+                f"{disabled}: turn it on, or leave {name} at its default {default!r}"
+            )

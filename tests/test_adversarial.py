@@ -482,3 +482,35 @@ def test_trades_config_fits_with_robust_validation_and_loads_with_weights_only(i
     loaded = AdversarialClassifier.load_from_checkpoint(best)
     assert (loaded.method, loaded.beta, loaded.attack) == ("trades", 6.0, run.model.attack)
     assert loaded.robust_val_best == run.model.robust_val_best is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"robust_val_attack": AttackSpec("pgd", "inf", 0.3, steps=5)},
+        {"robust_val_seed": 3},
+        {"robust_val_batch_size": 64},
+        {"robust_val_collapse": 0.5},
+        {"stop_on_collapse": True},
+    ],
+    ids=lambda kwargs: next(iter(kwargs)),
+)
+def test_robust_validation_settings_without_robust_val_images_are_refused(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(
+        SettingError,
+        match=rf"AdversarialClassifier {name} applies only with robust_val_images > 0 .*"
+        "with robust_val_images=0",
+    ):
+        tiny_model(**kwargs)
+    tiny_model(robust_val_images=8, **kwargs)  # enabled: accepted
+
+
+@pytest.mark.parametrize("setting", ["attack", "robust_val_attack"])
+def test_more_target_classes_than_the_model_has_are_refused(setting):
+    spec = AttackSpec("apgd-t", "inf", 0.3, steps=5, n_target_classes=50)
+    with pytest.raises(
+        SettingError,
+        match=rf"AdversarialClassifier {setting} n_target_classes must be an integer in \[1, 9\]",
+    ):
+        tiny_model(robust_val_images=8, **{setting: spec})

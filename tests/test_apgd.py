@@ -305,3 +305,17 @@ def test_fast_cpu_layout_is_the_same_attack(fn):
     same = (fast - plain).flatten(1).abs().amax(1) < 1e-5
     assert same.float().mean() > 0.9
     assert [p.is_contiguous() for p in model.parameters()] == [True] * len(list(model.parameters()))
+
+
+def test_more_target_classes_than_the_model_has_are_refused():
+    # five classes: four others to target; asking for more used to run four silently
+    model = small_cnn(classes=5)
+    x, y = batch(2, 5)
+    with pytest.raises(SettingError, match=r"apgd_t n_target_classes must be .* \[1, 4\]"):
+        apgd_t(model, x, y, 0.1, "inf", steps=1, n_target_classes=5)
+    kwargs = {"steps": 1, "channels_last": False}
+    default = apgd_t(model, x, y, 0.1, "inf", generator=generators(range(2)), **kwargs)
+    four = apgd_t(
+        model, x, y, 0.1, "inf", n_target_classes=4, generator=generators(range(2)), **kwargs
+    )
+    assert torch.equal(default, four)  # the default (AutoAttack's 9) takes at most C - 1

@@ -730,3 +730,20 @@ def test_attacks_stay_finite_when_the_other_classes_underflow():
         for adversarial in (fgm(model, x, y, 0.01, norm), pgd(model, x, y, 0.01, norm, steps=5)):
             assert adversarial.isfinite().all()
             assert distance(adversarial - x, norm).max() <= 0.01 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("method", ["apgd-t", "autoattack"])
+def test_attack_refuses_more_target_classes_than_the_model_has(method):
+    model = small_cnn(classes=10)
+    x, y = batch(2, classes=10)
+    spec = AttackSpec(method, "inf", 0.1, steps=2, n_target_classes=50)
+    assert spec.key.endswith("_t50")  # the key claims 50 targets: running 9 would be a lie
+    with pytest.raises(SettingError, match=r"AttackSpec n_target_classes must be .*\[1, 9\]"):
+        attack(model, x, y, spec, generator=generators(range(2)))
+    with pytest.raises(SettingError, match=r"owner n_target_classes .*\[1, 9\].* got 50"):
+        spec.check_num_classes(10, owner="owner")
+    spec.check_num_classes(51)
+    AttackSpec(method, "inf", 0.1).check_num_classes(5)  # the default uses at most C - 1
+    with pytest.raises(SettingError, match="at least 4 classes"):
+        AttackSpec(method, "inf", 0.1).check_num_classes(3)
+    AttackSpec("pgd", "inf", 0.1).check_num_classes(2)  # other methods take any classes

@@ -620,3 +620,73 @@ def test_a_run_whose_n_certifies_nothing_resumes(tmp_path):
     with pytest.warns(UserWarning, match="smallest useful n"):
         resumed = certify(tmp_path / "b", sigma=SIGMA, n=3, output=str(output))
     assert len(resumed.results) == 11 and all(r.radius == 0.0 for r in resumed.results)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "limits", "message"),
+    [
+        ({"first_image": 100_000}, {}, r"11 test images .* first_image must be <= 10, "),
+        (
+            {"first_image": 11, "skip": 4},
+            {},
+            r"11 test .* first_image=11, skip=4, .* must be <= 8, ",
+        ),
+        # the loader's batch limit (4 images) is known only when the test loop starts
+        ({"first_image": 5}, {"limit_test_batches": 1}, r"4 test images .* \(of 11 .* <= 3, "),
+    ],
+)
+def test_an_empty_selection_is_refused_before_any_work(tmp_path, kwargs, limits, message):
+    with pytest.raises(SettingError, match=r"^Certification selects none of the " + message):
+        certify(tmp_path, sigma=SIGMA, **kwargs, **limits)
+    assert not list(tmp_path.rglob("*.tsv"))  # no empty TSV, nothing certified
+
+
+def test_an_empty_selection_of_given_loaders_is_refused_at_test_start(tmp_path):
+    from torch.utils.data import DataLoader
+
+    module = TinyModule()
+    tested = []
+    module.test_step = lambda batch, batch_idx: tested.append(batch_idx)
+    callback = Certification(sigma=SIGMA, n0=20, n=200, first_image=11, output=str(tmp_path / "c"))
+    trainer = Trainer(
+        logger=False,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    with pytest.raises(SettingError, match=r"first_image=11, skip=1, max_images=None; .* <= 10"):
+        trainer.test(module, dataloaders=DataLoader(tiny_images(), batch_size=4), verbose=False)
+    assert tested == [] and not (tmp_path / "c").exists()
+
+
+def test_an_empty_validation_selection_is_refused_before_training(tmp_path):
+    module = TinyModule()
+    trained = []
+    module.training_step = lambda batch, batch_idx: trained.append(batch_idx) or None
+    callback = Certification(sigma=SIGMA, n0=20, n=200, every_n_val_epochs=1, first_image=50)
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
+    )
+    with pytest.raises(SettingError, match="selects none of the 11 val images"):
+        trainer.fit(module, datamodule=TinyData())
+    assert trained == []
+
+
+def test_unset_sigma_is_refused_at_setup_also_under_fast_dev_run(tmp_path):
+    module = TinyModule()
+    del module.sigma
+    tested = []
+    module.test_step = lambda batch, batch_idx: tested.append(batch_idx)
+    trainer = Trainer(
+        fast_dev_run=True, callbacks=[Certification(n0=20, n=200)], enable_progress_bar=False
+    )
+    with pytest.raises(SettingError, match="Certification sigma is not set"):
+        trainer.test(module, datamodule=TinyData(), verbose=False)
+    assert tested == []  # refused before the clean test loop, not after it

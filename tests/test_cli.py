@@ -59,6 +59,19 @@ def test_cifar_config_on_tiny_files(in_tmp, monkeypatch):
     assert "test/acc" in tested.trainer.callback_metrics
 
 
+def test_fast_dev_run_writes_no_checkpoint(in_tmp):
+    fitted = run_cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs/mnist/standard.yaml"),
+        *FAST[2:],
+        "--trainer.fast_dev_run",
+        "true",
+    )
+    assert fitted.trainer.fast_dev_run
+    assert not list(in_tmp.rglob("*.ckpt"))
+
+
 def test_checkpoint_reproduces_test_accuracy(in_tmp):
     config = str(ROOT / "configs/mnist/standard.yaml")
     short = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5"]

@@ -1,6 +1,7 @@
 """Checkpoints through the CLI: agreement with the settings, a true last.ckpt, safe loading, resume."""
 
 import functools
+import math
 import os
 import signal
 import subprocess
@@ -287,6 +288,48 @@ def _first_weight(checkpoint) -> str:
             lambda c: c["state_dict"].__setitem__(_first_weight(c), torch.zeros(2)),
             "it has reshaped weights model.",
         ),
+        (
+            lambda c: c.__setitem__("pytorch-lightning_version", "banana"),
+            "its 'pytorch-lightning_version' is 'banana'; checkpoints written by Lightning 2.4 "
+            "or a later 2.x are read",
+        ),
+        (
+            lambda c: c.__setitem__("pytorch-lightning_version", "0.1.0"),
+            "its 'pytorch-lightning_version' is '0.1.0'",
+        ),
+        (
+            lambda c: next(iter(c["callbacks"].values())).__setitem__("best_k_models", 5),
+            "has 'best_k_models' = 5; it must be a mapping of checkpoint paths to numbers",
+        ),
+        (
+            lambda c: next(iter(c["callbacks"].values())).pop("best_model_path"),
+            "lacks 'best_model_path'",
+        ),
+        (
+            lambda c: c["callbacks"].__setitem__("BestAndLastCheckpoint{}", 3),
+            "the state of callback 'BestAndLastCheckpoint{}' is a int, not a mapping",
+        ),
+        (lambda c: c["loops"].__setitem__("test_loop", 3), "'loops.test_loop' is a int"),
+        (
+            lambda c: c["loops"]["test_loop"]["batch_progress"].__setitem__("total", 1),
+            "loops.test_loop.batch_progress.total is 1; it must be a mapping",
+        ),
+        (
+            lambda c: c["state_dict"]["model.0.std"].fill_(0),
+            "the normalization std 'model.0.std' is [0.0]; it must be finite positive numbers",
+        ),
+        (
+            lambda c: c["state_dict"]["model.0.std"].fill_(float("inf")),
+            "the normalization std 'model.0.std' is [inf]",
+        ),
+        (
+            lambda c: c["state_dict"]["model.0.std"].fill_(0.5),
+            "the normalization std 'model.0.std' is [0.5] but the data's std",
+        ),
+        (
+            lambda c: c["state_dict"]["model.0.mean"].fill_(0.2),
+            "the normalization mean 'model.0.mean' is [0.2",
+        ),
     ],
     ids=[
         "nan",
@@ -298,6 +341,17 @@ def _first_weight(checkpoint) -> str:
         "missing",
         "extra",
         "reshaped",
+        "version-banana",
+        "version-0.1",
+        "callback-best-k-int",
+        "callback-no-best-path",
+        "callback-state-int",
+        "loop-int",
+        "loop-progress-int",
+        "std-zero",
+        "std-inf",
+        "std-other",
+        "mean-other",
     ],
 )
 def test_malformed_checkpoint_is_refused_before_testing(
@@ -326,6 +380,118 @@ def test_resuming_fit_needs_the_whole_training_state(edit, expected, checkpoints
     assert "cannot resume fit" in line and expected in line
 
 
+def _second_optimizer(c) -> None:
+    c["optimizer_states"].append(c["optimizer_states"][0])
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: c["loops"].__setitem__("fit_loop", 3), "'loops.fit_loop' is a int"),
+        (
+            lambda c: c["loops"]["fit_loop"]["epoch_progress"]["total"].__setitem__("ready", "x"),
+            "loops.fit_loop.epoch_progress.total.ready is 'x'; it must be an integer >= 0",
+        ),
+        (
+            lambda c: c["loops"]["fit_loop"]["epoch_loop.batch_progress"].pop("current"),
+            "loops.fit_loop.epoch_loop.batch_progress lacks 'current'",
+        ),
+        (
+            lambda c: c.__setitem__("optimizer_states", [{"state": {}, "param_groups": "x"}]),
+            "optimizer_states[0] has 'param_groups' = 'x'; it must be a non-empty list",
+        ),
+        (
+            lambda c: c["optimizer_states"][0].__setitem__("state", [1]),
+            "optimizer_states[0] has 'state' = [1]; it must be a mapping",
+        ),
+        (
+            lambda c: c["optimizer_states"][0]["param_groups"][0].__setitem__("params", ["a"]),
+            "param_groups[0]['params'] = ['a']; it must be a list of integers",
+        ),
+        (
+            lambda c: c["optimizer_states"][0]["param_groups"][0].__setitem__("lr", -1.0),
+            "param_groups[0] lr = -1.0; it must be a finite number >= 0",
+        ),
+        (
+            lambda c: c["optimizer_states"][0]["param_groups"][0].__setitem__("lr", float("nan")),
+            "param_groups[0] lr = nan",
+        ),
+        (
+            lambda c: c["optimizer_states"][0]["state"][0]["exp_avg"].view(-1)[0].fill_(math.nan),
+            "holds NaN or infinite values in 'state'[0]['exp_avg']",
+        ),
+        (_second_optimizer, "it holds 2 optimizer states but the settings build 1"),
+        (
+            lambda c: c["optimizer_states"][0]["param_groups"][0]["params"].pop(),
+            "has parameter groups of [7] parameters but Adam here has [8]",
+        ),
+        (lambda c: c.__setitem__("lr_schedulers", [5]), "its lr_schedulers[0] is a int"),
+        (
+            lambda c: c.__setitem__("lr_schedulers", [{}]),
+            "it holds 1 lr_scheduler states but the settings build 0",
+        ),
+    ],
+    ids=[
+        "loop-int",
+        "loop-counter-str",
+        "loop-progress-missing",
+        "param-groups-str",
+        "state-list",
+        "params-str",
+        "lr-negative",
+        "lr-nan",
+        "moment-nan",
+        "two-optimizers",
+        "group-size",
+        "scheduler-int",
+        "scheduler-extra",
+    ],
+)
+def test_resuming_fit_refuses_a_broken_training_state(
+    edit, expected, checkpoints, in_tmp, capsys, monkeypatch
+):
+    path = _edited(checkpoints, in_tmp, edit)
+    monkeypatch.setattr(Trainer, "fit", replaced(Trainer.fit, "it was trained"))
+    line = refusal(capsys, "fit", "--config", STANDARD, "--ckpt_path", path, *TINY)
+    assert expected in line and path in line
+
+
+@pytest.mark.parametrize("ckpt_path", ["hpc", "registry", "registry:foo"])
+def test_lightning_hpc_and_registry_checkpoints_are_refused(ckpt_path, in_tmp, capsys):
+    line = refusal(capsys, "test", "--config", STANDARD, "--ckpt_path", ckpt_path, *QUIET)
+    assert (
+        f"ckpt_path {ckpt_path!r}: Lightning's hpc and registry checkpoints are not loaded" in line
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "this.x",
+        {"class_path": "this.X", "init_args": {}},
+        "{class_path: this.X}",
+        "os.system",
+    ],
+    ids=["function", "class-path", "yaml-in-a-string", "imported-function"],
+)
+def test_checkpoint_hyperparameters_import_nothing_before_they_are_checked(
+    value, checkpoints, in_tmp, capsys, monkeypatch
+):
+    monkeypatch.delitem(sys.modules, "this", raising=False)
+    path = _edited(
+        checkpoints, in_tmp, lambda c: c["hyper_parameters"].__setitem__("backbone", value)
+    )
+    line = refusal(capsys, "test", "--config", STANDARD, "--ckpt_path", path, *QUIET)
+    assert "hyper_parameters.backbone" in line and "a checkpoint may only name classes" in line
+    assert "this" not in sys.modules  # `import this` prints the Zen of Python
+    path = _edited(
+        checkpoints, in_tmp, lambda c: c["hyper_parameters"].__setitem__("optimizer", value)
+    )
+    line = refusal(capsys, "test", "--config", STANDARD, "--ckpt_path", path, *QUIET)
+    assert "hyper_parameters.optimizer" in line
+    assert "this" not in sys.modules
+
+
 def test_checkpoint_url_is_checked_as_the_local_file_or_refused(
     checkpoints, in_tmp, capsys, monkeypatch
 ):
@@ -342,13 +508,14 @@ def test_checkpoint_url_is_checked_as_the_local_file_or_refused(
         args = ["--config", STANDARD, "--ckpt_path", url, *QUIET]
         tested = cli.main(["test", *args, "--trainer.limit_test_batches", "1"])
         assert "test/acc" in tested.trainer.callback_metrics
-    # an infinite value in a buffer (a mask, say) is no error; in a parameter it is (above)
+    # an infinite value in the normalization buffers (the model's only ones) is refused too
     masked = _edited(
         checkpoints, in_tmp, lambda c: c["state_dict"]["model.0.mean"].fill_(float("inf"))
     )
     args = ["--config", STANDARD, "--ckpt_path", masked, *QUIET]
-    monkeypatch.setattr(Trainer, "test", replaced(Trainer.test, None))
-    cli.main(["test", *args, "--trainer.limit_test_batches", "1"])
+    monkeypatch.setattr(Trainer, "test", replaced(Trainer.test, "it was tested"))
+    line = refusal(capsys, "test", *args, "--trainer.limit_test_batches", "1")
+    assert "the normalization mean 'model.0.mean' is [inf]; it must be finite numbers" in line
 
 
 def test_testing_without_a_checkpoint_warns_that_the_model_is_untrained(in_tmp):

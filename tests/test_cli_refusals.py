@@ -2,6 +2,7 @@
 
 import ast
 import errno
+import functools
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, Trainer
 
 import cli
 from robust.checks import SettingError
@@ -138,6 +139,34 @@ def test_other_exceptions_keep_their_traceback(in_tmp):
             "error: seed_everything must be true, false or an integer in [0, 4294967295]",
         ),
         (["--seed_everything", str(2**32)], "error: seed_everything must be true"),
+        # a union of literals: the values it takes
+        (
+            ["--trainer.precision", "bf17"],
+            "error: trainer.precision: must be one of 64, 32, 16, transformer-engine, "
+            "transformer-engine-float16, 16-true, 16-mixed, bf16-true, bf16-mixed, 32-true, "
+            "64-true, bf16, null; got bf17",
+        ),
+        # a setting of a callback given as an inline dict: its own reason, not "a path"
+        (
+            [
+                "--trainer.callbacks+={class_path: callbacks.PerturbedAccuracy, "
+                "init_args: {attacks: 5}}"
+            ],
+            "error: trainer.callbacks.attacks: Expected a <class 'list'>. Got value: 5",
+        ),
+        # Lightning accepts these, then divides by them once training runs (or ignores them)
+        (
+            ["--trainer.accumulate_grad_batches", "0"],
+            "error: trainer.accumulate_grad_batches must be an integer >= 1; got 0",
+        ),
+        (
+            ["--trainer.check_val_every_n_epoch", "0"],
+            "error: trainer.check_val_every_n_epoch must be an integer >= 1; got 0 (or null",
+        ),
+        (
+            ["--trainer.gradient_clip_val", "-1"],
+            "error: trainer.gradient_clip_val must be a number >= 0; got -1.0",
+        ),
         # an unknown class of ours: the classes there are
         (
             ["--data", "datamodules.SVHNDataModule"],
@@ -150,6 +179,107 @@ def test_the_reason_behind_a_refused_class_is_the_error_line(args, expected, in_
     config = [] if "--config" in args else ["--config", STANDARD]
     assert refusal(capsys, "test", *config, *args, *ONE_BATCH).startswith(expected)
     assert not (in_tmp / "runs").exists()
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(in_tmp, capsys):
+    config = in_tmp / "latin1.yaml"
+    config.write_bytes("# r\xe9sum\xe9\ntrainer:\n  max_epochs: 1\n".encode("latin-1"))
+    line = refusal(capsys, "test", "--config", STANDARD, "--config", str(config), *ONE_BATCH)
+    assert line.startswith(f"error: the file {config} is not UTF-8 text")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--model.init_args.lr_scheduler.init_args.step_size", "0"],
+            "error: model lr_scheduler StepLR(step_size=0, gamma=0.1) fails on its first step "
+            "(ZeroDivisionError: integer modulo by zero); step sizes and periods must be "
+            "integers >= 1",
+        ),
+        (
+            ["--model.init_args.lr_scheduler.init_args.gamma", "-1"],
+            "error: model lr_scheduler StepLR(step_size=1, gamma=-1.0) sets the learning rate "
+            "to -0.001 on its first step; it must stay >= 0",
+        ),
+    ],
+)
+def test_a_scheduler_failing_its_first_step_is_refused_before_training(
+    args, expected, in_tmp, capsys, monkeypatch
+):
+    monkeypatch.setattr(Trainer, "fit", _never("it was trained"))
+    scheduler = ["--model.init_args.lr_scheduler", "torch.optim.lr_scheduler.StepLR"]
+    scheduler += ["--model.init_args.lr_scheduler.init_args.step_size", "1"]
+    line = refusal(capsys, "fit", "--config", STANDARD, *scheduler, *args, *QUIET)
+    assert line == expected
+
+
+def _never(failure: str):
+    """``Trainer.fit``'s signature (LightningCLI reads it) with a body that fails the test."""
+
+    @functools.wraps(Trainer.fit)
+    def stand_in(*args, **kwargs):
+        pytest.fail(failure)
+
+    return stand_in
+
+
+# ------------------------------------------------------------------- a monitor that is not logged
+
+# 2, not 1: jsonargparse reads 1 as 1.0, all batches
+TINY_FIT = ["--trainer.max_epochs", "1", "--trainer.limit_val_batches", "2", *QUIET]
+TINY_FIT += ["--trainer.limit_train_batches", "2"]
+
+
+class BatchCounter(Callback):
+    """Counts the training batches run (in a class attribute: the CLI builds the instance)."""
+
+    batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
+        type(self).batches += 1
+
+
+def test_a_monitor_the_settings_never_log_is_refused_before_training(in_tmp, capsys):
+    trades = str(ROOT / "configs/mnist/trades.yaml")
+    args = ["--model.init_args.robust_val_images", "0", *TINY_FIT]
+    line = refusal(capsys, "fit", "--config", trades, *args)
+    assert line == (
+        "error: checkpoint.monitor 'val/robust_acc' is never logged: AdversarialClassifier logs "
+        "it only with model.init_args.robust_val_images > 0 (here 0); set it, or monitor another "
+        "key such as val/acc"
+    )
+    line = refusal(capsys, "fit", "--config", STANDARD, "--checkpoint.monitor", "val/robust_acc")
+    assert "StandardClassifier has no robust_val_images setting" in line
+    assert not (in_tmp / "runs").exists()
+
+
+def test_a_monitor_never_logged_is_refused_after_the_first_batch(in_tmp, capsys):
+    counter = "--trainer.callbacks+=tests.test_cli_refusals.BatchCounter"
+    args = ["--checkpoint.monitor", "val/acx", "--trainer.num_sanity_val_steps", "1", counter]
+    line = refusal(capsys, "fit", "--config", STANDARD, *args, *TINY_FIT)
+    assert line == (
+        "error: checkpoint.monitor 'val/acx' is not logged by this model and its callbacks; the "
+        "keys logged are: epoch, step, train/acc, train/loss, val/acc, val/loss"
+    )
+    # jsonargparse imports this module as tests.test_cli_refusals (pytest may use another name)
+    assert sys.modules["tests.test_cli_refusals"].BatchCounter.batches == 1
+    assert not list(in_tmp.rglob("*.ckpt"))
+
+
+def test_a_monitor_an_evaluation_callback_logs_after_the_sanity_check_is_kept(in_tmp):
+    attacks = "attacks: [{method: fgm, norm: inf, eps: 0.1}], every_n_val_epochs: 1, max_images: 4"
+    callback = f"--trainer.callbacks+={{class_path: callbacks.PerturbedAccuracy, init_args: {{{attacks}}}}}"
+    monitor = ["--checkpoint.monitor", "val/perturbed_acc/fgm_linf_eps0.1"]
+    fitted = cli.main(["fit", "--config", STANDARD, callback, *monitor, *TINY_FIT])
+    assert Path(fitted.trainer.checkpoint_callback.best_model_path).name == "best-epoch00.ckpt"
+
+
+def test_a_monitor_never_logged_without_a_sanity_check_is_one_line(in_tmp, capsys):
+    args = ["--checkpoint.monitor", "train/los", "--trainer.num_sanity_val_steps", "0"]
+    line = refusal(capsys, "fit", "--config", STANDARD, *args, *TINY_FIT)
+    assert line.startswith("error: checkpoint.monitor 'train/los' is not logged by this model")
+    assert "train/loss" in line and "val/acc" in line
 
 
 # ------------------------------------------------------------------------- compare and main()

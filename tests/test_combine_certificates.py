@@ -9,7 +9,11 @@ import pytest
 
 from robust.certificates import CertifiedImage, read_settings, read_tsv, write_tsv
 
-SETTINGS = {"sigma": 0.25, "seed": 0, "n0": 100, "n": 1000, "alpha": 0.001, "model_sha256": "m"}
+SETTINGS = {
+    **{"sigma": 0.25, "seed": 0, "noise_block": 1000, "noise_scheme": "s", "autocast": None},
+    **{"n0": 100, "n": 1_000_000, "alpha": 0.001, "model_sha256": "m", "dataset_sha256": "d"},
+}
+"""A part's sidecar: every defining setting; n large enough to certify radius 1 at sigma 0.25."""
 
 
 def part(folder: Path, name: str, indices, radius: float = 0.5, **changes) -> Path:
@@ -87,3 +91,61 @@ def test_a_part_without_its_sidecar_or_given_as_out_is_refused(tmp_path, combine
 
 def test_docstring_examples(combine):
     assert doctest.testmod(combine).failed == 0
+
+
+def refusal(combine, capsys, argv: list[str]) -> str:
+    """The one ``error:`` line of a refused run (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        combine.main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error, error
+    return error
+
+
+def test_an_output_path_that_cannot_be_written_is_refused(tmp_path, combine, capsys):
+    first, second = part(tmp_path, "a", range(0, 6)), part(tmp_path, "b", range(6, 10))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (tmp_path / "file").write_text("")
+    outs = [(folder, "is a folder"), (tmp_path / "file" / "y.tsv", "is not a folder")]
+    if Path("/proc/self").is_dir():  # writable to root by its mode, yet no folder can be made there
+        outs.append((Path("/proc/no-such-folder/y.tsv"), "/proc"))
+    for out, message in outs:
+        error = refusal(combine, capsys, [str(first), str(second), "--out", str(out)])
+        assert message in error and str(out) in error, error
+    assert sorted(p.name for p in folder.iterdir()) == []  # no <out>.tmp left behind
+    assert not list(tmp_path.glob("*.tmp")) and not Path("/proc/no-such-folder").exists()
+    error = refusal(combine, capsys, [str(first), "--out", f"{first}.json"])
+    assert "settings file of one of the parts" in error
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "message"),
+    [
+        ({}, r"lacks sigma, n, alpha, seed, noise_block"),
+        ({"alpha": None}, r"a\.tsv\.json: alpha must be a number in \(0, 1\); got None"),
+        ({"n": 0}, r"n must be an integer >= 1; got 0"),
+        ({"sigma": "0.25"}, r"sigma must be a number > 0; got '0\.25'"),
+        ({"num_classes": 5}, r"a\.tsv line 7 .*label 5 is not a class in \[0, 5\)"),
+    ],
+)
+def test_a_sidecar_without_valid_settings_is_refused(tmp_path, combine, capsys, sidecar, message):
+    first, second = part(tmp_path, "a", range(0, 6)), part(tmp_path, "b", range(6, 10))
+    Path(f"{first}.json").write_text(json.dumps(SETTINGS | sidecar if sidecar else {}))
+    out = tmp_path / "joined.tsv"
+    error = refusal(combine, capsys, [str(first), str(second), "--out", str(out)])
+    assert re.search(message, error), error
+    assert not out.exists() and not Path(f"{out}.json").exists()
+
+
+def test_a_radius_beyond_what_the_settings_certify_is_refused(tmp_path, combine, capsys):
+    """At sigma 0.25, n = 1,000 and alpha 0.001 no certificate exceeds 0.6158: 99 is forged."""
+    first = part(tmp_path, "a", range(0, 6), n=1000)
+    second = part(tmp_path, "b", range(6, 10), n=1000)
+    rows = read_tsv(second)[0]
+    write_tsv(second, [*rows[:-1], CertifiedImage(9, 9, 9, 99.0, 1, 0.1)])
+    out = tmp_path / "joined.tsv"
+    error = refusal(combine, capsys, [str(first), str(second), "--out", str(out)])
+    assert re.search(r"b\.tsv: row 9 has radius 99, beyond 0\.6158", error), error
+    assert not out.exists()

@@ -371,3 +371,14 @@ def test_example_images_files_are_checked_before_use(tmp_path):
     assert read_examples(path) is None  # a pickle inside is never loaded
     path.write_bytes(b"not a zip")
     assert read_examples(path) is None
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_dir_that_cannot_be_created_is_refused_before_any_stage(capsys, monkeypatch):
+    checked = []
+    monkeypatch.setattr(compare, "check_stages", lambda *args: checked.append(args))
+    trainings = [{"name": "a", "config": str(ROOT / "configs/mnist/standard.yaml")}]
+    argv = ["--trainings", json.dumps(trainings), "--output_dir", "/proc/robust_x"]
+    line = refused(capsys, argv)
+    assert "/proc/robust_x" in line and "output_dir" in line
+    assert checked == []  # refused before the stages' checks, let alone a training

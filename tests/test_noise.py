@@ -234,3 +234,23 @@ def test_smoothadv_off_leaves_gaussian_training_unchanged(monkeypatch):
     zero = make(sigma=0.25, num_noise_samples=2, smoothadv_eps=0.0).training_loss(x, y)[0]
     assert spy.calls == []
     assert plain.item() == zero.item()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"smoothadv_steps": 10},
+        {"smoothadv_step_size": 0.1},
+        {"smoothadv_warmup_epochs": 5},
+    ],
+)
+def test_smoothadv_settings_without_smoothadv_eps_are_refused(kwargs):
+    ((name, value),) = kwargs.items()
+    with pytest.raises(
+        SettingError,
+        match=rf"NoiseAugmentedClassifier {name} applies only with smoothadv_eps > 0 .*"
+        rf"got {name}={value!r} with smoothadv_eps=0",
+    ):
+        make(**kwargs)
+    assert getattr(make(smoothadv_eps=0.5, **kwargs), name) == value  # enabled: accepted
+    make(smoothadv_steps=1, smoothadv_step_size=None, smoothadv_warmup_epochs=0)  # the defaults

@@ -1,10 +1,24 @@
 """benchmarks/paired_acr.py: the paired ACR comparison of a subset TSV with full ones."""
 
+import doctest
+import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 
 from robust.certificates import CertifiedImage, write_tsv
+
+SETTINGS = {"sigma": 0.25, "n0": 100, "n": 100_000, "alpha": 0.001, "num_classes": 10}
+"""A sidecar: at these settings no certificate exceeds radius 0.9529."""
+
+
+def write_certificates(path: Path, rows, **changes) -> Path:
+    """A TSV of ``rows`` with its sidecar (``SETTINGS`` with ``changes``)."""
+    write_tsv(path, rows)
+    Path(f"{path}.json").write_text(json.dumps(SETTINGS | changes))
+    return path
 
 
 def test_paired_difference_and_estimate_on_nested_subsets(tmp_path, load_script, capsys):
@@ -13,8 +27,8 @@ def test_paired_difference_and_estimate_on_nested_subsets(tmp_path, load_script,
     reference = [CertifiedImage(i, 1, 1, 0.2 + 0.01 * i, 1, 0.0) for i in range(40)]
     subset = [CertifiedImage(i, 1, 1, 0.3 + 0.01 * i, 1, 0.0) for i in range(0, 40, 2)]
     subset[1] = CertifiedImage(2, 1, -1, 0.0, 0, 0.0)  # an abstention counts radius 0
-    write_tsv(tmp_path / "ref.tsv", reference)
-    write_tsv(tmp_path / "sub.tsv", subset)
+    write_certificates(tmp_path / "ref.tsv", reference)
+    write_certificates(tmp_path / "sub.tsv", subset)
     mine = {row.idx: row for row in subset}
     result = paired_acr.paired(mine, {row.idx: row for row in reference})
     differences = [0.1] * 20
@@ -42,8 +56,8 @@ def test_tsvs_that_cannot_be_paired_are_one_error_line(
     other, expected, tmp_path, load_script, capsys
 ):
     paired_acr = load_script("benchmarks/paired_acr.py")
-    write_tsv(tmp_path / "one.tsv", [CertifiedImage(0, 1, 1, 0.5, 1, 0.0)])
-    write_tsv(tmp_path / "two.tsv", other)
+    write_certificates(tmp_path / "one.tsv", [CertifiedImage(0, 1, 1, 0.5, 1, 0.0)])
+    write_certificates(tmp_path / "two.tsv", other)
     with pytest.raises(SystemExit) as exit_info:
         paired_acr.main([str(tmp_path / "one.tsv"), str(tmp_path / "two.tsv")])
     assert exit_info.value.code == 2
@@ -55,3 +69,64 @@ def test_tsvs_that_cannot_be_paired_are_one_error_line(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "is not a certification TSV" in err, err
+
+
+def refusal(paired_acr, capsys, argv: list[str]) -> str:
+    """The one ``error:`` line of a refused run (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        paired_acr.main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    error = captured.err.strip()
+    assert error.startswith("error: ") and "\n" not in error, error
+    assert captured.out == ""  # no table printed before the refusal
+    return error
+
+
+def test_empty_selections_are_one_error_line(tmp_path, load_script, capsys):
+    paired_acr = load_script("benchmarks/paired_acr.py")
+    odd = write_certificates(
+        tmp_path / "odd.tsv", [CertifiedImage(i, 1, 1, 0.5, 1, 0.0) for i in (1, 3)]
+    )
+    full = write_certificates(
+        tmp_path / "full.tsv", [CertifiedImage(i, 1, 1, 0.5, 1, 0.0) for i in range(4)]
+    )
+    empty = write_certificates(tmp_path / "empty.tsv", [])
+    for argv, message in (
+        ([empty, full], r"empty\.tsv holds no certification rows"),
+        ([odd, empty], r"empty\.tsv holds no certification rows"),
+        ([odd, full, "--every", "1", "2"], r"--every 2 selects none of the 2 images of odd\.tsv"),
+    ):
+        error = refusal(paired_acr, capsys, [str(a) for a in argv])
+        assert re.search(message, error), error
+
+
+@pytest.mark.parametrize(
+    ("forge", "message"),
+    [
+        ("radius", r"sub\.tsv: row 2 has radius 99, beyond 0\.9528"),
+        ("no sidecar", r"sub\.tsv has no settings file"),
+        ("empty sidecar", r"sub\.tsv\.json lacks sigma, n, alpha"),
+        ("bad alpha", r"sub\.tsv\.json: alpha must be a number in \(0, 1\); got 2"),
+    ],
+)
+def test_rows_are_checked_against_their_sidecar(tmp_path, load_script, capsys, forge, message):
+    paired_acr = load_script("benchmarks/paired_acr.py")
+    rows = [CertifiedImage(i, 1, 1, 0.5, 1, 0.0) for i in range(4)]
+    reference = write_certificates(tmp_path / "ref.tsv", rows)
+    subset = write_certificates(tmp_path / "sub.tsv", rows)
+    sidecar = Path(f"{subset}.json")
+    if forge == "radius":
+        write_tsv(subset, [*rows[:2], CertifiedImage(2, 1, 1, 99.0, 1, 0.0)])
+    elif forge == "no sidecar":
+        sidecar.unlink()
+    elif forge == "empty sidecar":
+        sidecar.write_text("{}")
+    else:
+        write_certificates(subset, rows, alpha=2)
+    error = refusal(paired_acr, capsys, [str(subset), str(reference)])
+    assert re.search(message, error), error
+
+
+def test_docstring_examples(load_script):
+    assert doctest.testmod(load_script("benchmarks/paired_acr.py")).failed == 0

@@ -15,6 +15,7 @@ from callbacks.perturbed_accuracy import GradientMaskingWarning
 from datamodules import load_embedded_mnist
 from lightning_modules import StandardClassifier
 from robust.attacks import AttackSpec, attack
+from robust.checks import SettingError
 from robust.sharding import image_seed
 from tests.tensor_data import TensorData
 
@@ -446,3 +447,29 @@ def test_autoattack_logs_the_accuracy_after_each_stage(mnist, class_means):
         masks["square"].double().mean().item()
     )
     assert masks["apgd-ce"].double().mean() < (model(x).argmax(1) == y).double().mean()
+
+
+def flat_backbone(in_channels: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 16, num_classes))
+
+
+@pytest.mark.parametrize(
+    ("spec", "classes", "message"),
+    [
+        (AttackSpec("apgd-t", "inf", 0.1, n_target_classes=50), 10, r"\[1, 9\] .* got 50"),
+        (AttackSpec("autoattack", "inf", 0.1, n_target_classes=5), 5, r"\[1, 4\] .* got 5"),
+        (AttackSpec("apgd-t", "inf", 0.1), 3, "at least 4 classes"),
+    ],
+)
+def test_target_classes_the_model_lacks_are_refused_at_setup(spec, classes, message):
+    module = StandardClassifier(
+        backbone=flat_backbone, num_classes=classes, image_size=(4, 4), mean=(0.0,), std=(1.0,)
+    )
+    tested = []
+    module.test_step = lambda batch, batch_idx: tested.append(batch_idx)
+    x, y = torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(SettingError, match=f"PerturbedAccuracy attack {spec.key} .*{message}"):
+        trainer(callbacks=[PerturbedAccuracy([FGM_L2, spec])]).test(
+            module, datamodule=TensorData(x, y), verbose=False
+        )
+    assert tested == []  # refused before the clean test loop

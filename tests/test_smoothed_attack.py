@@ -153,3 +153,45 @@ def test_results_do_not_depend_on_batch_size(noise_model):
 def test_bad_settings_are_refused(kwargs, name):
     with pytest.raises(SettingError, match=f"SmoothedAttack {name}"):
         SmoothedAttack(**kwargs)
+
+
+def test_too_many_samples_are_refused_at_construction_naming_the_owner():
+    with pytest.raises(
+        SettingError, match=r"SmoothedAttack n must be an integer in \[1, 1024000\]"
+    ):
+        SmoothedAttack(sigma=SIGMA, n=2_000_000)
+    assert SmoothedAttack(sigma=SIGMA, n=2_000_000, noise_block=2000).n == 2_000_000
+    with pytest.raises(SettingError, match="SmoothedAttack noise_block"):
+        SmoothedAttack(sigma=SIGMA, noise_block=0)
+
+
+class NoSigma(Linear):
+    """The linear model without a sigma, recording the clean test loop's batches."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.ones(16) / 4, -2.0)
+        del self.sigma
+        self.tested = 0
+
+    def test_step(self, batch, batch_idx):
+        self.tested += 1
+
+
+def test_unset_sigma_is_refused_before_any_callback_or_the_clean_loop_works(monkeypatch):
+    from callbacks import PerturbedAccuracy
+    from robust.attacks import AttackSpec
+
+    attacked = []
+    monkeypatch.setattr(
+        PerturbedAccuracy, "evaluate_batch", lambda self, *args: attacked.append(args)
+    )
+    first = PerturbedAccuracy([AttackSpec("fgm", "2", 0.5)])  # listed first: would run first
+    module = NoSigma()
+    x, y = torch.rand(6, 1, 4, 4), torch.zeros(6, dtype=torch.long)
+    with pytest.raises(
+        SettingError, match=r"SmoothedAttack sigma is not set .*give SmoothedAttack"
+    ):
+        quiet_trainer(callbacks=[first, SmoothedAttack(radii=[0.5])]).test(
+            module, datamodule=TensorData(x, y), verbose=False
+        )
+    assert module.tested == 0 and attacked == []

@@ -81,3 +81,96 @@ def test_budget_skips_instead_of_overrunning(bench, capsys) -> None:
     assert "variants" not in results
     assert any("time budget" in s for s in results["skipped"])
     assert "skipped:" in capsys.readouterr().out
+
+
+def refusal(main, argv: list[str], capsys) -> str:
+    """The one ``error:`` line of a script's ``main(argv)`` refusing its options (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--threads", "0"], "--threads must be an integer >= 1; got 0"),
+        (["--device", "banana"], "--device must be cpu, cuda or cuda:N; got 'banana'"),
+        (["--sigma", "0"], "--sigma must be a number > 0; got 0.0"),
+        (["--alpha", "1.5"], "--alpha must be a number in (0, 1); got 1.5"),
+        (["--n", "0"], "--n must be an integer in [1, "),
+        (["--n0", "0"], "--n0 must be an integer >= 1; got 0"),
+        (["--variants", "fp32,fp64"], "--variants must be comma-separated variants PRECISION"),
+        (
+            ["--variants", "fp32+nb0"],
+            "with PRECISION fp32, tf32 or bf16 and N >= 1; got 'fp32+nb0'",
+        ),
+        (["--sweep-variants", "bf17"], "--sweep-variants must be comma-separated variants"),
+        (["--json", "no/such/folder/b.json"], "--json must be a file path in an existing folder"),
+    ],
+)
+def test_bad_options_are_refused_before_any_measurement(
+    bench, monkeypatch, capsys, argv, message
+) -> None:
+    """They used to fail inside guarded(): a traceback after the matmul benchmark, exit status 0."""
+
+    def measure(*args, **kwargs):
+        raise AssertionError("measurement started")
+
+    monkeypatch.setattr(bench, "Bench", measure)
+    assert message in refusal(bench.main, ["--device", "cpu", *argv], capsys)
+
+
+@pytest.fixture(scope="module")
+def attacks_script(load_script):
+    return load_script("benchmarks/attacks.py")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--threads", "0"], "--threads must be an integer >= 1; got 0"),
+        (["--device", "banana"], "--device must be cpu, cuda or cuda:N; got 'banana'"),
+        (["--eps-inf", "-0.1"], "--eps-inf must be a number >= 0; got -0.1"),
+        (["--steps", "0"], "--steps must be an integer >= 1; got 0"),
+        (["--queries", "0"], "--queries must be an integer >= 1; got 0"),
+        (
+            ["--crosscheck", "--norms", "inf,l2"],
+            "--norms (comma-separated) must be one of 'inf', '2'",
+        ),
+        (["--attacks", "pdg"], "--attacks takes comma-separated prefixes of the rows 'fgm-linf"),
+        (["--crosscheck", "--attacks", "fgm"], "prefixes of the rows 'apgd-ce', 'apgd-t'"),
+    ],
+)
+def test_attack_benchmark_refuses_bad_options_before_training(
+    attacks_script, monkeypatch, capsys, argv, message
+) -> None:
+    def train(*args, **kwargs):
+        raise AssertionError("the model was trained")
+
+    monkeypatch.setattr(attacks_script, "trained_model", train)
+    assert message in refusal(attacks_script.main, argv, capsys)
+
+
+def test_attack_benchmark_builds_its_attack_specs_first(attacks_script) -> None:
+    args = attacks_script.argparse.Namespace(
+        crosscheck=True, norms="inf,2", eps_inf=0.3, eps_2=2.0, cross_queries=100
+    )
+    keys = [spec.key for spec in attacks_script.attack_specs(args)]
+    assert "square_l2_eps2_q100" in keys and len(keys) == 8
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--threads", "0"], "--threads must be an integer >= 1; got 0"),
+        (["--device", "banana"], "--device must be cpu, cuda or cuda:N; got 'banana'"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1; got 0"),
+    ],
+)
+def test_training_benchmark_refuses_bad_options(load_script, capsys, argv, message) -> None:
+    train = load_script("benchmarks/train.py")
+    assert message in refusal(train.main, argv, capsys)
