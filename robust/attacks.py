@@ -424,7 +424,7 @@ def attack(
             norm,
             steps=spec.resolved_steps,
             restarts=spec.restarts,
-            n_target_classes=spec.resolved_n_target_classes,
+            n_target_classes=spec.n_target_classes,  # None: 9, at most C - 1
             n_queries=spec.resolved_n_queries,
             p_init=spec.resolved_p_init,
             rho=spec.resolved_rho,

@@ -31,7 +31,7 @@ from robust._attack_core import (
     subset,
     view,
 )
-from robust.apgd import run_apgd_ce, run_apgd_t
+from robust.apgd import check_target_classes, run_apgd_ce, run_apgd_t
 from robust.checks import check_int
 from robust.square import run_square
 
@@ -50,7 +50,7 @@ def autoattack(
     *,
     steps: int = 100,
     restarts: int = 1,
-    n_target_classes: int = 9,
+    n_target_classes: int | None = None,
     n_queries: int = 5000,
     p_init: float = 0.8,
     rho: float = 0.75,
@@ -84,7 +84,8 @@ def autoattack(
         norm: ``"2"`` or ``"inf"`` (aliases accepted).
         steps: APGD iterations per run (100).
         restarts: Runs of APGD-CE, of APGD-T per target class and of Square (1).
-        n_target_classes: APGD-T's target classes (9).
+        n_target_classes: APGD-T's target classes, in ``[1, C - 1]`` for a model of ``C``
+            classes (refused otherwise); None: 9 as in AutoAttack, at most ``C - 1``.
         n_queries: Square's query budget per image (5000).
         p_init: Square's initial window fraction (0.8).
         rho: APGD's step-size halving threshold (0.75).
@@ -115,7 +116,8 @@ def autoattack(
     norm = canonical_norm(norm, owner)
     steps = check_int("steps", steps, minimum=1, owner=owner)
     restarts = check_int("restarts", restarts, minimum=1, owner=owner)
-    n_target_classes = check_int("n_target_classes", n_target_classes, minimum=1, owner=owner)
+    if n_target_classes is not None:
+        n_target_classes = check_int("n_target_classes", n_target_classes, minimum=1, owner=owner)
     n_queries = check_int("n_queries", n_queries, minimum=1, owner=owner)
     p_init = check_fraction("p_init", p_init, owner)
     rho = check_fraction("rho", rho, owner)
@@ -127,6 +129,7 @@ def autoattack(
         with torch.no_grad():
             logits = float_logits(forward(x))
         robust = logits.argmax(dim=1) == y
+        n_target_classes = check_target_classes(n_target_classes, logits.shape[1], owner)
         if stages is not None:
             stages["clean"] = robust.clone()
         if eps == 0:
@@ -138,7 +141,7 @@ def autoattack(
                 f, xs, ys, eps, norm, steps, restarts, rho, True, g
             ),
             "apgd-t": lambda f, xs, ys, g: run_apgd_t(
-                f, xs, ys, eps, norm, steps, restarts, n_target_classes, rho, True, g
+                f, xs, ys, eps, norm, steps, restarts, n_target_classes, rho, True, g, strict=True
             ),
             "square": lambda f, xs, ys, g: run_square(
                 f, xs, ys, eps, norm, n_queries, p_init, restarts, False, g

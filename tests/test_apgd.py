@@ -12,6 +12,7 @@ from torch import nn
 
 from robust._attack_core import _default_channels_last
 from robust.apgd import apgd, apgd_checkpoints, apgd_t
+from robust.autoattack import autoattack
 from robust.checks import SettingError
 from tests.tiny_models import batch, distance, generators, linear, small_cnn
 
@@ -319,3 +320,17 @@ def test_more_target_classes_than_the_model_has_are_refused():
         model, x, y, 0.1, "inf", n_target_classes=4, generator=generators(range(2)), **kwargs
     )
     assert torch.equal(default, four)  # the default (AutoAttack's 9) takes at most C - 1
+
+
+def test_autoattack_refuses_more_target_classes_than_the_model_has():
+    # the composition checks APGD-T's setting as APGD-T alone does; its default still fits
+    model = small_cnn(classes=5)
+    x, y = batch(2, 5)
+    with pytest.raises(SettingError, match=r"n_target_classes must be .* \[1, 4\]"):
+        autoattack(model, x, y, 0.1, "inf", steps=1, n_queries=2, n_target_classes=5)
+    kwargs = {"steps": 1, "n_queries": 2}
+    default = autoattack(model, x, y, 0.1, "inf", generator=generators(range(2)), **kwargs)
+    four = autoattack(
+        model, x, y, 0.1, "inf", n_target_classes=4, generator=generators(range(2)), **kwargs
+    )
+    assert torch.equal(default, four)
