@@ -864,6 +864,14 @@ class RobustCLI(LightningCLI):
                 f"seed_everything must be true, false or an integer in [0, {2**32 - 1}]; "
                 f"got {seed!r}"
             )
+        given = sys.argv[1:] if args is None else args
+        linked = sorted(set(LINKED_SETTINGS) & named_model_settings(given, subcommand or ""))
+        if linked:
+            refuse(
+                f"model.init_args.{linked[0]} is linked from the data module, which would "
+                f"silently replace the value given; choose the data (data.class_path and its "
+                f"init_args) instead of setting {', '.join(linked)} on the model"
+            )
         ckpt_path = config.get("ckpt_path")
         if ckpt_path in {"last", "best"}:
             ckpt_path = config.ckpt_path = find_run_checkpoint(
@@ -878,7 +886,6 @@ class RobustCLI(LightningCLI):
         if not hparams:
             return
         self.checkpoint_path, self.checkpoint_hparams = str(ckpt_path), hparams
-        given = sys.argv[1:] if args is None else args
         named = named_model_settings(given, subcommand or "")
         self.named_settings = frozenset(named)
         check_model_against_checkpoint(config.model, hparams, named, str(ckpt_path))

@@ -240,6 +240,22 @@ class BatchCounter(Callback):
         type(self).batches += 1
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--model.init_args.num_classes", "5"],
+        ["--model.init_args.std", "[0.5]"],
+        ["--model", "{init_args: {in_channels: 1}}"],
+    ],
+)
+def test_a_model_setting_linked_from_the_data_is_refused(args, in_tmp, capsys):
+    # the data module's value would replace it silently
+    line = refusal(capsys, "fit", "--config", STANDARD, *args, *TINY_FIT)
+    name = next(n for n in ("num_classes", "std", "in_channels") if n in " ".join(args))
+    assert line.startswith(f"error: model.init_args.{name} is linked from the data module")
+    assert not (in_tmp / "runs").exists()
+
+
 def test_a_monitor_the_settings_never_log_is_refused_before_training(in_tmp, capsys):
     trades = str(ROOT / "configs/mnist/trades.yaml")
     args = ["--model.init_args.robust_val_images", "0", *TINY_FIT]
