@@ -813,6 +813,43 @@ def _undecodable_file(args: Any) -> str:
 # The CLI
 
 
+class CountOrFractionTrainer(Trainer):
+    """Lightning's Trainer, whose ``limit_*_batches`` read ``1`` as one batch on the command line.
+
+    Lightning annotates these settings ``float | int | None``, so jsonargparse tries float first
+    and turns ``--trainer.limit_test_batches 1`` into ``1.0``, which Lightning takes as *all*
+    batches: a request for one batch silently ran the whole split. Annotated ``int | float |
+    None`` here, ``1`` stays the batch count and ``1.0`` the fraction, as Lightning documents
+    (float = fraction, int = number of batches). Everything else is Lightning's.
+
+    Args:
+        limit_train_batches: Training batches per epoch: an int is a count, a float a fraction.
+        limit_val_batches: Validation batches: an int is a count, a float a fraction.
+        limit_test_batches: Test batches: an int is a count, a float a fraction.
+        limit_predict_batches: Prediction batches: an int is a count, a float a fraction.
+        *args: Lightning's Trainer arguments.
+        **kwargs: Lightning's Trainer arguments.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            *args,
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            **kwargs,
+        )
+
+
 class RobustCLI(LightningCLI):
     """LightningCLI with the data-to-model links, default checkpoints and early, clear refusals."""
 
@@ -1100,6 +1137,7 @@ def main(
             subclass_mode_data=True,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
+            trainer_class=CountOrFractionTrainer,
             trainer_defaults=TRAINER_DEFAULTS,
             parser_class=RobustArgumentParser,
             args=args,

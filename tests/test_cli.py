@@ -72,6 +72,30 @@ def test_fast_dev_run_writes_no_checkpoint(in_tmp):
     assert not list(in_tmp.rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize(("limit", "batches"), [("1", 1), ("2", 2), ("1.0", None), ("0.5", None)])
+def test_limit_batches_reads_an_integer_as_a_batch_count(limit, batches, in_tmp):
+    """``1`` is one batch and ``1.0`` all of them, as Lightning documents (float = fraction).
+
+    Lightning's ``float | int`` annotation made jsonargparse read ``1`` as ``1.0``: all batches.
+    """
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    standard = str(ROOT / "configs/mnist/standard.yaml")
+    with pytest.warns(UserWarning, match="evaluates the model as built"):
+        tested = run_cli(
+            "test", "--config", standard, "--trainer.limit_test_batches", limit, *quiet
+        )
+    everything = len(tested.datamodule.test_dataloader())
+    assert everything > 2
+    expected = batches if batches is not None else round(everything * float(limit))
+    assert tested.trainer.num_test_batches == [expected]
+    # the same from a config file
+    config = in_tmp / "limit.yaml"
+    config.write_text(f"trainer:\n  limit_test_batches: {limit}\n")
+    with pytest.warns(UserWarning, match="evaluates the model as built"):
+        tested = run_cli("test", "--config", standard, "--config", str(config), *quiet)
+    assert tested.trainer.num_test_batches == [expected]
+
+
 def test_checkpoint_reproduces_test_accuracy(in_tmp):
     config = str(ROOT / "configs/mnist/standard.yaml")
     short = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5"]
