@@ -15,8 +15,9 @@ shared by every attack here (and by :mod:`robust.apgd`, :mod:`robust.square`,
   never touched.
 * The model runs in eval mode during the attack; each submodule's previous mode is restored after.
   On CPUs, float32 images go through a channels-last copy of the model's 4-D weights, in slices
-  of 128 images (``channels_last=None``; about 1.4-1.5x faster for a LeNet, the same attack up to
-  float rounding); the caller's model is never changed.
+  of as many images as keep the largest activation on the heap (``channels_last=None``; about
+  1.5x faster for a LeNet, the same attack up to float rounding); the caller's model is never
+  changed.
 * Safe inside ``torch.inference_mode()`` (e.g. Lightning's test loop): the attack runs under
   ``torch.inference_mode(False)`` and ``torch.enable_grad()`` on fresh iterates and cloned labels.
 * Random choices come from ``generator``: one ``torch.Generator`` for the batch, one per image

@@ -747,3 +747,52 @@ def test_attack_refuses_more_target_classes_than_the_model_has(method):
     with pytest.raises(SettingError, match="at least 4 classes"):
         AttackSpec(method, "inf", 0.1).check_num_classes(3)
     AttackSpec("pgd", "inf", 0.1).check_num_classes(2)  # other methods take any classes
+
+
+@pytest.mark.parametrize(("backbone", "images"), [("LeNet", 512), ("SmallCNN", 128)])
+def test_cpu_slices_keep_the_largest_activation_under_the_mmap_threshold(backbone, images):
+    # LeNet's first convolution outputs 20 x 24 x 24 floats per MNIST image (45 KiB: 728 fit in
+    # 32 MiB), SmallCNN's second 64 x 24 x 24 (144 KiB: 227 fit); slices are powers of two.
+    import robust._attack_core as core
+    from lightning_modules import backbones
+
+    model = nn.Sequential(backbones.Normalize([0.5], [0.25]), getattr(backbones, backbone)(1, 10))
+    x = torch.rand(600, 1, 28, 28)
+    with core.prepared(model, x, None) as forward:
+        assert forward.chunk == core.UNMEASURED_CPU_SLICE  # until the first call measures it
+        forward(x)
+        assert forward.chunk == images
+    with core.prepared(model, x, False) as forward:  # the caller's layout: whole batches
+        assert forward.chunk is None
+    assert core.cpu_slice_images(core.MMAP_THRESHOLD) == 1
+    assert core.cpu_slice_images(core.MMAP_THRESHOLD + 1) == 1
+    assert core.cpu_slice_images(core.MMAP_THRESHOLD // 64) == 64
+    assert core.cpu_slice_images(core.MMAP_THRESHOLD // 64 + 1) == 32
+
+
+def test_cpu_slices_give_the_whole_batch_gradient(monkeypatch):
+    # per-sample values and input gradients do not depend on the slicing (up to float rounding),
+    # and a fixed CPU_CHUNK (0: whole batches) replaces the rule
+    import robust._attack_core as core
+    from lightning_modules.backbones import LeNet
+
+    torch.manual_seed(0)
+    model = LeNet(1, 10).eval()
+    x, y = torch.rand(300, 1, 28, 28), torch.randint(0, 10, (300,))
+
+    def objective(logits, labels):
+        step = core.others_minus_true(logits, labels)
+        return step.detach(), step.sum()
+
+    results = {}
+    for chunk in (None, 0, 64):
+        monkeypatch.setattr(core, "CPU_CHUNK", chunk)
+        with core.prepared(model, x, None) as forward:
+            results[chunk] = forward.gradient(x, y, objective)
+            assert forward.chunk == {None: 512, 0: None, 64: 64}[chunk]
+            # the measured slices (512 covers all 300 here) against a fixed 64
+            again = forward.gradient(x, y, objective)[1]
+            torch.testing.assert_close(again, results[chunk][1], rtol=1e-4, atol=1e-6)
+    for chunk in (0, 64):
+        for ours, whole in zip(results[chunk], results[None], strict=True):
+            torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-6)
