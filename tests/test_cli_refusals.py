@@ -165,7 +165,7 @@ def test_other_exceptions_keep_their_traceback(in_tmp):
         ),
         (
             ["--trainer.gradient_clip_val", "-1"],
-            "error: trainer.gradient_clip_val must be a number >= 0; got -1.0",
+            "error: trainer.gradient_clip_val must be a number >= 0; got -1 (0 or null: no clipping)",
         ),
         # an unknown class of ours: the classes there are
         (
