@@ -222,13 +222,36 @@ def test_nested_subsets_resume_one_tsv_and_each_run_reports_its_own(tmp_path):
     assert again.summary == every_4th.summary  # the rows of every 2nd image are not counted
     assert read_settings(Path(f"{output}.json"))["skip"] == 4
     assert [r.idx for r in selected_rows(read_tsv(output)[0], {"skip": 4})] == [0, 4, 8]
-    # a batch limit (half of the 11 images: the first 5) is part of the selection too
+    # a batch limit is part of the selection too: Lightning runs int(3 * 0.5) = 1 of the 3
+    # batches of 4 that the 11 images make, so images 0-3 (not half of the images: 0-4)
     half = certify(tmp_path / "e", sigma=SIGMA, output=str(output), skip=2, limit_test_batches=0.5)
-    assert [r.idx for r in half.results] == [0, 2, 4]
+    assert [r.idx for r in half.results] == [0, 2]
     stored = read_settings(Path(f"{output}.json"))
-    assert (stored["skip"], stored["image_range"]) == (2, 5)
-    assert [r.idx for r in selected_rows(read_tsv(output)[0], stored)] == [0, 2, 4]
+    assert (stored["skip"], stored["image_range"]) == (2, 4)
+    assert [r.idx for r in selected_rows(read_tsv(output)[0], stored)] == [0, 2]
     assert stored["batch_size"] == 64 and stored["n"] == 200  # the rest: the first run's
+
+
+class Seen(TinyModule):
+    """Counts the images its test loop evaluates."""
+
+    seen = 0
+
+    def test_step(self, batch, batch_idx):
+        self.seen += len(batch[0])
+        return super().test_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(("limit", "images"), [(0.5, 4), (0.34, 4), (0.7, 8), (2, 8), (1.0, 11)])
+def test_the_certified_images_are_those_the_test_loop_evaluates(tmp_path, limit, images):
+    # 11 images in batches of 4, 4, 3: Lightning runs int(3 * limit) batches for a fraction and
+    # min(limit, 3) for a count; the certified images used to be int(11 * limit) (5 for 0.5)
+    module = Seen()
+    output = tmp_path / "seen.tsv"
+    callback = certify(tmp_path, module, output=str(output), limit_test_batches=limit)
+    assert module.seen == images
+    assert [r.idx for r in callback.results] == list(range(images))
+    assert read_settings(Path(f"{output}.json"))["image_range"] == images
 
 
 @pytest.mark.parametrize("settings", [{"skip": 0}, {"skip": "2"}, {"max_images": 1.5}])
