@@ -12,7 +12,10 @@ differs:
 * every row is checked (``robust.certificates.read_certificates``): consistent fields, a radius
   no larger than sigma, n and alpha can certify;
 * the numerics may differ (TF32 on a GPU, IEEE float32 on a CPU): they are listed per part;
-* no image may be certified by two parts, and ``--images N`` requires exactly images 0..N-1.
+* no image may be certified by two parts, and the parts must select images the same way (the same
+  ``skip``) and together hold every selected image from 0 to the last (``--images N``: to N-1)
+  with no gap, or the joined file's ACR would weigh the parts unevenly and hide the missing
+  images; ``--allow-gaps`` joins them anyway and says how many are missing.
 
     python benchmarks/combine_certificates.py \
         docs/gpu_h200_paper/certify_consistency_0.5_paper_tf32.tsv \
@@ -56,14 +59,20 @@ RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
 
 def combine(
-    paths: Sequence[Path], images: int | None = None
+    paths: Sequence[Path], images: int | None = None, allow_gaps: bool = False
 ) -> tuple[list[CertifiedImage], dict[str, Any]]:
     """The rows of all parts in index order, and the joined sidecar.
+
+    Args:
+        paths: The parts' TSVs, each with its ``.json`` sidecar.
+        images: Require the selected images of ``0..images-1`` exactly (None: up to the last).
+        allow_gaps: Join parts that miss selected images (the sidecar counts them as ``gaps``).
 
     Raises:
         SettingError: A part without its sidecar, or whose sidecar lacks a defining setting; a
             bad row or a radius beyond the sidecar's cap; parts whose defining settings differ;
-            an image in two parts; with ``images``, a missing or extra image.
+            an image in two parts; parts of different ``skip``; a selected image missing (unless
+            ``allow_gaps``) or, with ``images``, beyond ``images - 1``.
 
     Examples:
         >>> import json, tempfile
@@ -78,7 +87,7 @@ def combine(
         ([0, 1, 2, 3], 0.25)
     """
     by_index: dict[int, tuple[CertifiedImage, Path]] = {}
-    parts, first_settings = [], None
+    parts, first_settings, skips = [], None, {}
     for path in paths:
         rows, torn, settings = read_certificates(path, required=DEFINING)
         if torn:
@@ -92,6 +101,7 @@ def combine(
         ]
         if differ:
             raise SettingError(f"{path} certifies something else: {'; '.join(differ)}")
+        skips[path] = settings.get("skip", 1)
         for row in rows:
             if row.idx in by_index:
                 raise SettingError(
@@ -108,22 +118,36 @@ def combine(
                 **{key: settings.get(key) for key in NUMERICS},
             }
         )
-    if images is not None:
-        missing = sorted(set(range(images)) - set(by_index))
-        extra = sorted(set(by_index) - set(range(images)))
-        if missing or extra:
-            raise SettingError(
-                f"the parts do not hold exactly images 0..{images - 1}: {len(missing)} missing "
-                f"(first {missing[:3]}), {len(extra)} beyond (first {extra[:3]})"
-            )
     if not by_index:
         raise SettingError("the parts hold no rows")
+    if len(set(skips.values())) > 1:
+        listed = ", ".join(f"skip={skip!r} in {path}" for path, skip in skips.items())
+        raise SettingError(f"the parts select images differently: {listed}")
+    skip = next(iter(skips.values()))
+    if not isinstance(skip, int) or isinstance(skip, bool) or skip < 1:
+        raise SettingError(f"{paths[0]}: skip must be a positive integer; got {skip!r}")
+    end = images if images is not None else max(by_index) + 1
+    selected = set(range(0, end, skip))
+    missing = sorted(selected - set(by_index))
+    extra = sorted(set(by_index) - selected)
+    which = f"every {skip}th image" if skip > 1 else "every image"
+    if extra:
+        raise SettingError(
+            f"the parts hold {len(extra)} images that {which} of 0..{end - 1} does not select "
+            f"(first {extra[:3]})"
+        )
+    if missing and not allow_gaps:
+        raise SettingError(
+            f"the parts miss {len(missing)} of the {len(selected)} selected images of "
+            f"0..{end - 1} ({which}; first {missing[:3]}): their joined ACR would hide them; "
+            "certify them, or pass --allow-gaps to join what there is"
+        )
     rows = [by_index[i][0] for i in sorted(by_index)]
     assert first_settings is not None
     joined = {key: first_settings.get(key) for key in DEFINING}
     joined |= {"data": first_settings.get("data"), "model": first_settings.get("model")}
-    joined |= {"skip": 1, "first_image": 0, "max_images": None, "image_range": images}
-    return rows, joined | {"parts": parts}
+    joined |= {"skip": skip, "first_image": 0, "max_images": None, "image_range": end}
+    return rows, joined | {"gaps": len(missing), "parts": parts}
 
 
 def check_output(out: Path, parts: Sequence[Path]) -> None:
@@ -183,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("parts", type=Path, nargs="+", help="TSVs, each with its .json sidecar")
     parser.add_argument("--out", type=Path, required=True, help="the joined TSV")
     parser.add_argument("--images", type=int, default=None, help="require images 0..N-1")
+    parser.add_argument(
+        "--allow-gaps", action="store_true", help="join parts that miss selected images"
+    )
     args = parser.parse_args(argv)
     if args.images is not None and args.images < 1:
         parser.exit(2, "error: --images takes an integer >= 1\n")
@@ -191,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"error: {path} is not a file\n")
     try:
         check_output(args.out, args.parts)
-        rows, settings = combine(args.parts, args.images)
+        rows, settings = combine(args.parts, args.images, args.allow_gaps)
         write_output(args.out, rows, settings)
     except SettingError as err:
         parser.exit(2, f"error: {err}\n")
@@ -205,6 +232,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(f"certified accuracy at r = {' / '.join(f'{r:g}' for r in RADII)}: {accuracy}%")
     print(f"ACR {summary['acr']:.4f}, abstained {100 * summary['abstain_rate']:.2f}%")
+    if settings["gaps"]:
+        print(
+            f"note: {settings['gaps']} selected images of 0..{settings['image_range'] - 1} are "
+            "in no part (--allow-gaps): these figures are of the images present only"
+        )
 
 
 if __name__ == "__main__":

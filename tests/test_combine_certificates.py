@@ -54,8 +54,17 @@ def test_parts_join_into_the_whole_with_their_numerics(tmp_path, combine, capsys
         (range(6, 10), {"model_sha256": "other"}, "model_sha256='m' in"),
         (range(6, 10), {"autocast": "bf16"}, "autocast=None in"),
         (range(5, 10), {}, "image 5 is certified in both"),
-        (range(7, 10), {}, r"1 missing \(first \[6\]\), 0 beyond"),
-        (range(6, 11), {}, r"0 missing \(first \[\]\), 1 beyond \(first \[10\]\)"),
+        (
+            range(7, 10),
+            {},
+            r"miss 1 of the 10 selected images of 0\.\.9 \(every image; first \[6\]\)",
+        ),
+        (
+            range(6, 11),
+            {},
+            r"hold 1 images that every image of 0\.\.9 does not select \(first \[10\]\)",
+        ),
+        (range(6, 10), {"skip": 2}, r"select images differently: skip=1 in .*, skip=2 in"),
     ],
 )
 def test_parts_that_do_not_make_one_certification_are_refused(
@@ -149,3 +158,40 @@ def test_a_radius_beyond_what_the_settings_certify_is_refused(tmp_path, combine,
     error = refusal(combine, capsys, [str(first), str(second), "--out", str(out)])
     assert re.search(r"b\.tsv: row 9 has radius 99, beyond 0\.6158", error), error
     assert not out.exists()
+
+
+def test_parts_with_a_gap_are_refused_unless_allowed_and_then_counted(tmp_path, combine, capsys):
+    # a dense part stopped at 59 and a sparse one from 80: the joined ACR would weigh them
+    # unevenly and hide images 60-79 (it used to join them as "skip 1" and exit 0)
+    dense = part(tmp_path, "a", range(0, 60))
+    sparse = part(tmp_path, "b", range(80, 100, 5), skip=5)
+    out = tmp_path / "joined.tsv"
+    with pytest.raises(SystemExit) as exit_info:
+        combine.main([str(dense), str(sparse), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "select images differently: skip=1" in capsys.readouterr().err
+    gap = part(tmp_path, "c", range(80, 100))
+    with pytest.raises(SystemExit) as exit_info:
+        combine.main([str(dense), str(gap), "--out", str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "miss 20 of the 100 selected images of 0..99 (every image; first [60, 61, 62])" in error
+    assert not out.exists()
+    combine.main([str(dense), str(gap), "--out", str(out), "--allow-gaps"])
+    assert "note: 20 selected images of 0..99 are in no part" in capsys.readouterr().out
+    stored = read_settings(Path(f"{out}.json"))
+    assert (stored["gaps"], stored["skip"], stored["image_range"]) == (20, 1, 100)
+    assert len(read_tsv(out)[0]) == 80
+
+
+def test_parts_of_every_5th_image_join_with_their_skip(tmp_path, combine, capsys):
+    head = part(tmp_path, "a", range(0, 50, 5), skip=5)
+    tail = part(tmp_path, "b", range(50, 100, 5), skip=5, first_image=50)
+    out = tmp_path / "joined.tsv"
+    combine.main([str(head), str(tail), "--out", str(out)])
+    stored = read_settings(Path(f"{out}.json"))
+    assert (stored["gaps"], stored["skip"], stored["image_range"]) == (0, 5, 96)
+    assert [row.idx for row in read_tsv(out)[0]] == list(range(0, 100, 5))
+    with pytest.raises(SystemExit):  # one image off the multiples of 5
+        combine.main([str(head), str(part(tmp_path, "c", [51], skip=5)), "--out", str(out)])
+    assert "that every 5th image of 0..51 does not select (first [51])" in capsys.readouterr().err
