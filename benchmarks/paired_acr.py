@@ -15,7 +15,9 @@ subsets of a run resumed with a smaller ``skip`` each time), one table per K.
 Every TSV needs its ``.json`` sidecar: its rows are checked against the sigma, n and alpha there
 (``robust.certificates.read_certificates``), so a radius no certification could give is refused.
 A file without rows, or a K that selects none of the subset's images, is refused too: one
-``error:`` line, exit status 2.
+``error:`` line, exit status 2. So are files whose sidecars name different test sets
+(``dataset_sha256``). Files of different sigma, n or alpha (which cap the radii differently) are
+compared, and a note under the table names the differences.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 Z95 = 1.959963984540054
 
 
+COMPARED = ("sigma", "n", "alpha")
+"""Sidecar settings that change what a radius means: differences are noted under the table."""
+
+
 def rows_by_index(path: Path) -> dict[int, CertifiedImage]:
     """The TSV's rows by dataset index, checked against its sidecar; a torn last line dropped.
 
@@ -45,10 +51,40 @@ def rows_by_index(path: Path) -> dict[int, CertifiedImage]:
         SettingError: A missing or incomplete sidecar, a bad row, a radius beyond what the
             sidecar's sigma, n and alpha can certify (:func:`read_certificates`), or no rows.
     """
-    rows, _, _ = read_certificates(path)
+    return certified(path)[0]
+
+
+def certified(path: Path) -> tuple[dict[int, CertifiedImage], dict]:
+    """:func:`rows_by_index` and the sidecar's settings."""
+    rows, _, settings = read_certificates(path)
     if not rows:
         raise SettingError(f"{path} holds no certification rows (only its header)")
-    return {row.idx: row for row in rows}
+    return {row.idx: row for row in rows}, settings
+
+
+def check_same_data(subset: tuple[Path, dict], reference: tuple[Path, dict]) -> list[str]:
+    """Refuse files of different test sets; the differing sigma, n and alpha, as notes.
+
+    Raises:
+        SettingError: Both sidecars name a test set (``dataset_sha256``) and they differ.
+
+    Examples:
+        >>> a, b = (Path("a.tsv"), {"sigma": 0.25, "n": 100}), (Path("b.tsv"), {"sigma": 0.5, "n": 100})
+        >>> check_same_data(a, b)
+        ['b.tsv has sigma=0.5 (a.tsv: 0.25)']
+    """
+    (mine, ours), (theirs, other) = subset, reference
+    known = ours.get("dataset_sha256") and other.get("dataset_sha256")
+    if known and ours["dataset_sha256"] != other["dataset_sha256"]:
+        raise SettingError(
+            f"{mine} and {theirs} certify different test sets (dataset_sha256 "
+            f"{str(ours['dataset_sha256'])[:12]}... and {str(other['dataset_sha256'])[:12]}...)"
+        )
+    return [
+        f"{theirs.name} has {key}={other.get(key)!r} ({mine.name}: {ours.get(key)!r})"
+        for key in COMPARED
+        if other.get(key) != ours.get(key)
+    ]
 
 
 def nested_subsets(
@@ -125,8 +161,12 @@ def paired(
 
 def report(subset_path: Path, reference_paths: Sequence[Path], every: Sequence[int]) -> str:
     """Markdown tables: per K, the subset's certified accuracy and the paired comparisons."""
-    subsets = nested_subsets(rows_by_index(subset_path), every, subset_path.name)
-    references = {path: rows_by_index(path) for path in reference_paths}
+    rows, settings = certified(subset_path)
+    subsets = nested_subsets(rows, every, subset_path.name)
+    references, notes = {}, []
+    for path in reference_paths:
+        references[path], their_settings = certified(path)
+        notes += check_same_data((subset_path, settings), (path, their_settings))
     lines = []
     for k, subset in subsets.items():
         summary = summarize(list(subset.values()), RADII)
@@ -151,6 +191,7 @@ def report(subset_path: Path, reference_paths: Sequence[Path], every: Sequence[i
                 f"{p['estimate_all']:.4f} +- {half:.4f} |"
             )
         lines.append("")
+    lines += [f"note: {note}; its radii are capped and scaled differently" for note in notes]
     return "\n".join(lines)
 
 

@@ -130,3 +130,27 @@ def test_rows_are_checked_against_their_sidecar(tmp_path, load_script, capsys, f
 
 def test_docstring_examples(load_script):
     assert doctest.testmod(load_script("benchmarks/paired_acr.py")).failed == 0
+
+
+def test_files_of_other_test_sets_are_refused_and_other_settings_noted(
+    tmp_path, load_script, capsys
+):
+    # only the labels of shared images used to be compared: another test set with the same labels
+    # paired silently, and an n or sigma of its own changed the radii without a word
+    paired_acr = load_script("benchmarks/paired_acr.py")
+    rows = [CertifiedImage(i, 1, 1, 0.5, 1, 0.0) for i in range(4)]
+    mine = write_certificates(tmp_path / "one.tsv", rows, dataset_sha256="a" * 64)
+    other = write_certificates(tmp_path / "two.tsv", rows, dataset_sha256="b" * 64)
+    with pytest.raises(SystemExit) as exit_info:
+        paired_acr.main([str(mine), str(other)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert (
+        "certify different test sets (dataset_sha256 aaaaaaaaaaaa... and bbbbbbbbbbbb...)" in error
+    )
+    fewer = write_certificates(tmp_path / "three.tsv", rows, dataset_sha256="a" * 64, n=10_000)
+    paired_acr.main([str(mine), str(fewer)])
+    printed = capsys.readouterr().out
+    assert "note: three.tsv has n=10000 (one.tsv: 100000)" in printed
+    paired_acr.main([str(mine), str(write_certificates(tmp_path / "four.tsv", rows))])
+    assert "note:" not in capsys.readouterr().out  # a file without the hash is paired as before
