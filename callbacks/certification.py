@@ -294,6 +294,12 @@ class Certification(EvaluationCallback):
         if self._file is not None and stage == "test" and len(rows):
             self._file.append(map(CertifiedImage.from_numbers, rows.tolist()))
 
+    def saved_rows_note(self, stage: str) -> str:
+        """Where an interrupted certification's rows are, and how it resumes."""
+        if self._file is not None and stage == "test":
+            return f"{self.output_path} keeps every row so far; the same command resumes from them"
+        return super().saved_rows_note(stage)
+
     @property
     def samples_this_run(self) -> int:
         """Noisy samples evaluated by all processes since the last evaluation began (not resumed rows).

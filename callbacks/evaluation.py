@@ -28,6 +28,8 @@ the selection is checked again at the start of each evaluation loop, when its da
 from __future__ import annotations
 
 import math
+import signal
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +37,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
 from robust.certificates import selected_indices
@@ -313,6 +316,7 @@ class EvaluationCallback(Callback):
                 parts.append(gathered)
                 if bar is not None:
                     bar.update(len(gathered))
+                self.stop_on_sigterm(trainer, stage, sum(map(len, parts)), len(todo))
         finally:
             if bar is not None:
                 bar.close()
@@ -322,6 +326,33 @@ class EvaluationCallback(Callback):
         for name, value in metrics.items():
             pl_module.log(f"{prefix}/{name}", float(value), sync_dist=False, rank_zero_only=False)
         return metrics
+
+    def stop_on_sigterm(self, trainer: Trainer, stage: str, done: int, total: int) -> None:
+        """Stop after a round, its rows saved, once any process has received SIGTERM.
+
+        Lightning's handler only notes the signal (``trainer.received_sigterm``), and its loops
+        act on it between batches; this evaluation runs after the last batch, so a ``kill`` or a
+        scheduler's notice used to be ignored until every image was done. All processes decide
+        together (:meth:`~lightning.pytorch.strategies.Strategy.reduce_boolean_decision`), so
+        none waits for another in the next round.
+
+        Raises:
+            SIGTERMException: With exit status 143 (128 + SIGTERM).
+        """
+        if not trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False):
+            return
+        if trainer.is_global_zero:
+            print(
+                f"{type(self).__name__}: stopped by SIGTERM after {done} of {total} {stage} "
+                f"images; {self.saved_rows_note(stage)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SIGTERMException(128 + signal.SIGTERM)
+
+    def saved_rows_note(self, stage: str) -> str:
+        """What an interrupted evaluation keeps (default: nothing, there is no output file)."""
+        return "nothing of it is saved (this callback writes no file)"
 
     def rate(self) -> str | None:
         """Extra text for the progress bar, e.g. a throughput (default: none)."""

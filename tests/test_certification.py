@@ -626,6 +626,40 @@ def test_kill_9_during_certification_then_the_same_command_resumes(tmp_path):
     assert certificates_only(killed) == certificates_only(whole)
 
 
+def test_sigterm_during_certification_stops_after_the_round_then_the_same_command_resumes(
+    tmp_path,
+):
+    """``kill PID`` (SIGTERM) used to be noted by Lightning and ignored: all 11 images, exit 0."""
+    import signal
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(KILL_SCRIPT.format(root=str(ROOT))))
+    n = "40000"
+    whole, stopped = tmp_path / "whole.tsv", tmp_path / "stopped.tsv"
+    subprocess.run([sys.executable, str(script), str(whole), n], check=True, timeout=600)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(stopped), n], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if stopped.is_file() and len(stopped.read_text().splitlines()) >= 2:  # header + 1 row
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    written = len(read_tsv(stopped)[0])
+    assert 1 <= written < 11
+    assert (
+        f"Certification: stopped by SIGTERM after {written} of 11 test images; {stopped} keeps"
+        in (stderr)
+    )
+    subprocess.run([sys.executable, str(script), str(stopped), n], check=True, timeout=600)
+    assert certificates_only(stopped) == certificates_only(whole)
+
+
 def test_a_tsv_that_is_not_text_is_refused_naming_it(tmp_path):
     output = tmp_path / "binary.tsv"
     certify(tmp_path / "a", sigma=SIGMA, output=str(output), stop_after=2)

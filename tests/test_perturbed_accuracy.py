@@ -163,6 +163,8 @@ def test_results_do_not_depend_on_batch_size_or_process_count(mnist, class_means
             is_global_zero=rank == 0,
             loggers=[],
             precision_plugin=Precision(),
+            received_sigterm=False,  # each round asks all processes whether to stop
+            strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision),
         )
         monkeypatch.setattr(evaluation, "gather_rows", capture(f"rank{rank}"))
         with warnings.catch_warnings():
