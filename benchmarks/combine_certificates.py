@@ -2,8 +2,10 @@ r"""Join the TSVs of one certification split across machines (``first_image``) i
 
 A long certification (all 10,000 test images at n = 100,000) can run in parts: one machine
 certifies images 0-6,949 and stops, another starts at ``first_image = 6950``. Noise is seeded
-per image, so each part's rows are those the whole run would give, up to the float rounding of
-the machine. This script checks that the parts certify the same thing, joins them and says what
+per image, so on the same device type each part's rows are those the whole run would give, up to
+the float rounding of the machine; CPU and CUDA generators draw different noise from the same
+seeds, so parts of both kinds are certificates of the same classifier from independent draws (a
+note says so). This script checks that the parts certify the same thing, joins them and says what
 differs:
 
 * the settings that define the certificate must be in every part's ``.json`` sidecar and equal:
@@ -232,6 +234,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(f"certified accuracy at r = {' / '.join(f'{r:g}' for r in RADII)}: {accuracy}%")
     print(f"ACR {summary['acr']:.4f}, abstained {100 * summary['abstain_rate']:.2f}%")
+    devices = sorted({str(part["device_type"]) for part in settings["parts"]})
+    if len(devices) > 1:
+        print(
+            f"note: the parts ran on {' and '.join(devices)}, whose generators draw different "
+            "noise from the same seeds: valid certificates from independent draws, not the rows "
+            "one device would give"
+        )
     if settings["gaps"]:
         print(
             f"note: {settings['gaps']} selected images of 0..{settings['image_range'] - 1} are "
