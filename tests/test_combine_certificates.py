@@ -195,3 +195,15 @@ def test_parts_of_every_5th_image_join_with_their_skip(tmp_path, combine, capsys
     with pytest.raises(SystemExit):  # one image off the multiples of 5
         combine.main([str(head), str(part(tmp_path, "c", [51], skip=5)), "--out", str(out)])
     assert "that every 5th image of 0..51 does not select (first [51])" in capsys.readouterr().err
+
+
+def test_parts_of_cpu_and_cuda_are_noted_as_independent_draws(tmp_path, combine, capsys):
+    head = part(tmp_path, "a", range(0, 5), device_type="cuda")
+    tail = part(tmp_path, "b", range(5, 10), device_type="cpu")
+    combine.main([str(head), str(tail), "--out", str(tmp_path / "joined.tsv")])
+    assert "note: the parts ran on cpu and cuda, whose generators draw different noise" in (
+        capsys.readouterr().out
+    )
+    same = part(tmp_path, "c", range(5, 10), device_type="cuda")
+    combine.main([str(head), str(same), "--out", str(tmp_path / "joined2.tsv")])
+    assert "note:" not in capsys.readouterr().out
