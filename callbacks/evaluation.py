@@ -27,10 +27,8 @@ the selection is checked again at the start of each evaluation loop, when its da
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -45,6 +43,7 @@ from robust.checks import SettingError, check_int
 from robust.sharding import (
     FAST_DEV_IMAGES,
     batches,
+    evaluated_images,
     evaluation_dataset,
     gather_rows,
     rounds,
@@ -265,32 +264,9 @@ class EvaluationCallback(Callback):
     def evaluated_range(self, trainer: Trainer, stage: str, dataset_size: int) -> int:
         """How many of the first dataset images the trainer evaluates (its batch limit applied).
 
-        Lightning runs whole batches: ``min(limit, len(loader))`` for a count and
-        ``int(len(loader) * limit)`` for a fraction, per process. Once the loop has its data this
-        is Lightning's own count (``trainer.num_test_batches``/``num_val_batches``) times the
-        loader's batch size over all processes (whose distributed samplers take the images in
-        turn); before (in ``setup``) it is computed the same way from the data module's batch
-        size. A fraction of the images instead (``int(limit * size)``) certified images the test
-        loop never evaluated.
+        :func:`robust.sharding.evaluated_images`: the images of the whole batches Lightning runs.
         """
-        limit = trainer.limit_test_batches if stage == "test" else trainer.limit_val_batches
-        if limit is None or (isinstance(limit, float) and limit >= 1.0):
-            return dataset_size
-        loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
-        if isinstance(loaders, Sequence):
-            loaders = loaders[0] if loaders else None
-        batch = getattr(loaders, "batch_size", None)
-        counts = trainer.num_test_batches if stage == "test" else trainer.num_val_batches
-        world = max(trainer.world_size, 1)
-        if batch and counts and math.isfinite(counts[0]):
-            batches = int(counts[0])  # Lightning's own count for this run
-        else:
-            batch = batch or getattr(getattr(trainer, "datamodule", None), "batch_size", None)
-            if not batch:  # unknown until the loop starts, which checks again
-                return dataset_size
-            length = math.ceil(math.ceil(dataset_size / world) / batch)  # batches per process
-            batches = min(limit, length) if isinstance(limit, int) else int(length * limit)
-        return min(dataset_size, batches * batch * world)
+        return evaluated_images(trainer, stage, dataset_size)
 
     def run(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> dict[str, float]:
         """Evaluate the selected images of ``stage`` on all processes; log and return the metrics."""

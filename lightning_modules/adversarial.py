@@ -22,6 +22,7 @@ from robust.modes import eval_mode
 from robust.sharding import (
     FAST_DEV_IMAGES,
     batches,
+    evaluated_images,
     evaluation_dataset,
     gather_rows,
     image_seed,
@@ -472,20 +473,12 @@ class AdversarialClassifier(StandardClassifier):
     def robust_val_count(self, dataset_size: int) -> int:
         """Images of robust validation: the first ``robust_val_images`` the trainer evaluates.
 
-        Like the evaluation callbacks (:mod:`callbacks.evaluation`): ``limit_val_batches`` as a
-        fraction or a number of loader batches; under ``fast_dev_run`` at most 2 images.
+        Like the evaluation callbacks (:mod:`callbacks.evaluation`): of the whole batches that
+        ``limit_val_batches`` lets Lightning run (:func:`robust.sharding.evaluated_images`);
+        under ``fast_dev_run`` at most 2 images.
         """
         trainer = self.trainer
-        total = min(dataset_size, self.robust_val_images)
-        limit = trainer.limit_val_batches
-        if isinstance(limit, float):
-            return min(total, int(dataset_size * limit))
-        loaders = trainer.val_dataloaders
-        if isinstance(loaders, Sequence):
-            loaders = loaders[0] if loaders else None
-        loader_batch = getattr(loaders, "batch_size", None)
-        if loader_batch:
-            total = min(total, limit * loader_batch * trainer.world_size)
+        total = min(self.robust_val_images, evaluated_images(trainer, "val", dataset_size))
         if trainer.fast_dev_run:
             total = min(total, FAST_DEV_IMAGES)
         return total

@@ -11,11 +11,13 @@ come from its own generator seeded by :func:`image_seed`, so the numbers depend 
 batch size nor on the number of processes.
 
 Framework-free: the trainer is used through its public attributes only (``world_size``,
-``strategy.all_gather``, ``test_dataloaders``/``val_dataloaders``, ``datamodule``).
+``strategy.all_gather``, ``test_dataloaders``/``val_dataloaders``, ``num_test_batches``/
+``num_val_batches``, ``limit_test_batches``/``limit_val_batches``, ``datamodule``).
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 __all__ = [
     "FAST_DEV_IMAGES",
     "batches",
+    "evaluated_images",
     "evaluation_dataset",
     "gather_rows",
     "image_seed",
@@ -77,6 +80,44 @@ def evaluation_dataset(trainer: Any, stage: str) -> Dataset:
     if dataset is None:
         raise RuntimeError(f"no {stage} dataset found: give the Trainer a {stage} data loader")
     return dataset
+
+
+def evaluated_images(trainer: Any, stage: str, dataset_size: int) -> int:
+    """How many of the first dataset images the trainer evaluates in ``stage``, its limit applied.
+
+    Lightning runs whole batches: ``min(limit, len(loader))`` for a count and
+    ``int(len(loader) * limit)`` for a fraction, per process, whose distributed samplers take the
+    images in turn. Once the loop has its data this is Lightning's own count
+    (``trainer.num_test_batches``/``num_val_batches``) times the loader's batch size over all
+    processes; before (a callback's ``setup``), the same rule on the data module's batch size;
+    with neither known, all of them. ``int(size * limit)`` images instead, as this once was,
+    evaluated images the loop never saw. ``fast_dev_run`` is not applied here.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> trainer = SimpleNamespace(limit_test_batches=0.5, test_dataloaders=None, world_size=1,
+        ...                           num_test_batches=[], datamodule=SimpleNamespace(batch_size=4))
+        >>> evaluated_images(trainer, "test", 11)  # 3 batches of 4, 4, 3: int(1.5) = 1 of them
+        4
+    """
+    limit = trainer.limit_test_batches if stage == "test" else trainer.limit_val_batches
+    if limit is None or (isinstance(limit, float) and limit >= 1.0):
+        return dataset_size
+    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+    if isinstance(loaders, Sequence):
+        loaders = loaders[0] if loaders else None
+    batch = getattr(loaders, "batch_size", None)
+    counts = trainer.num_test_batches if stage == "test" else trainer.num_val_batches
+    world = max(int(trainer.world_size), 1)
+    if batch and counts and math.isfinite(counts[0]):
+        batches = int(counts[0])  # Lightning's own count for this run
+    else:
+        batch = batch or getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+        if not batch:  # unknown until the loop starts (callbacks check again then)
+            return dataset_size
+        length = math.ceil(math.ceil(dataset_size / world) / batch)  # batches per process
+        batches = min(limit, length) if isinstance(limit, int) else int(length * limit)
+    return min(dataset_size, batches * batch * world)
 
 
 def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:

@@ -413,6 +413,13 @@ def test_robust_validation_accuracy_is_exact_and_deterministic(monkeypatch):
     assert validate(limited, x, y, limit_val_batches=2) == pytest.approx(
         robust[:16].mean().item(), abs=1e-6
     )
+    # a fraction: Lightning runs int(3 * 0.5) = 1 of the 3 batches, so the first 8 images (it
+    # used to be int(24 * 0.5) = 12, images the validation loop never evaluated)
+    assert robust[:8].mean() != robust[:12].mean()
+    limited = tiny_model(robust_val_attack=spec, robust_val_images=1000)
+    assert validate(limited, x, y, limit_val_batches=0.5) == pytest.approx(
+        robust[:8].mean().item(), abs=1e-6
+    )
 
 
 def test_robust_validation_runs_each_epoch_and_warns_and_stops_on_collapse(monkeypatch):
