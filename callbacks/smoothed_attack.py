@@ -4,9 +4,14 @@ Salman et al. (2019), "Provably Robust Deep Learning via Adversarially Trained S
 Classifiers", Sec. 4.2: attack the soft smoothed classifier with PGD in L2 (m noise samples per
 step, expectation over transformation; :func:`robust.smoothadv.smoothadv_attack`), then classify
 the adversarial image with the smoothed classifier g's PREDICT (Cohen et al. 2019, Algorithm 1),
-counting an abstention as wrong. Certified accuracy at r can never exceed this empirical robust
-accuracy at r beyond the certificates' failure probability: an attack that beats a certificate is
-a bug, and ``compare`` puts the two side by side.
+counting an abstention as wrong; ``compare`` puts it beside certified accuracy.
+
+What a certificate promises is that g does not change on the ball, so an image certified correct
+at radius r is never *misclassified* by PREDICT after an attack of radius r (beyond the
+certificates' and PREDICT's failure probabilities): certified accuracy at r can never exceed
+``1 - smoothed_misclassified@r``, and an attack that beats that is a bug. It can exceed the
+abstention-as-wrong ``smoothed_robust_acc@r``: an attack may push an image certified just beyond
+r to a near-tie where PREDICT (with its smaller n) abstains although g has not changed.
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ class SmoothedAttack(EvaluationCallback):
     (``steps`` PGD steps on the soft smoothed classifier with ``num_noise_samples`` noise samples
     per step), then ``PREDICT(x_adv)`` with ``n`` samples at level ``alpha``. Logged on every
     process (``{stage}/`` prefix): ``smoothed_acc@0`` (PREDICT on the clean image),
-    ``smoothed_robust_acc@<r>`` (right on the clean image and on ``x_adv``; abstaining is wrong)
-    and ``smoothed_abstain@<r>``. The attack's noise of image i comes from a generator seeded by
+    ``smoothed_robust_acc@<r>`` (right on the clean image and on ``x_adv``; abstaining is wrong),
+    ``smoothed_abstain@<r>`` and ``smoothed_misclassified@<r>`` (PREDICT names a wrong class on
+    ``x_adv``: what no certificate at r allows). The attack's noise of image i comes from a generator seeded by
     (seed, radius, i), PREDICT's from ``Smooth``'s per-index streams, so the numbers depend neither
     on the batch size nor on the process count.
 
@@ -174,6 +180,9 @@ class SmoothedAttack(EvaluationCallback):
             predicted = rows[:, 3 + j]
             metrics[f"smoothed_robust_acc@{r:g}"] = mean(right & (predicted == labels))
             metrics[f"smoothed_abstain@{r:g}"] = mean(predicted == ABSTAIN)
+            metrics[f"smoothed_misclassified@{r:g}"] = mean(
+                (predicted != labels) & (predicted != ABSTAIN)
+            )
         metrics["smoothed_num_images"] = float(count)
         self.results[stage] = metrics
         self.rows = rows

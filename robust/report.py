@@ -521,8 +521,11 @@ def write_report(
         "Accuracies are fractions of the evaluated test images; under an attack, an image counts as"
         " robust only when it is classified correctly both clean and attacked. `g under SmoothAdv r`"
         " is the smoothed classifier's PREDICT after SmoothAdv's L2 attack at radius r (abstaining"
-        " counts as wrong); certified accuracy at r can never exceed it beyond the certificates'"
-        " failure probability. `correct_certified` counts the certified images that randomized"
+        " counts as wrong). Certified accuracy at r can exceed it only through abstentions (an"
+        " attack can push an image certified just beyond r to a near-tie where PREDICT abstains,"
+        " g unchanged); it can never exceed, beyond the certificates' failure probability, the"
+        " share of images on which PREDICT names no wrong class after the attack (1 -"
+        " `smoothed_misclassified@r`, in TensorBoard). `correct_certified` counts the certified images that randomized"
         " smoothing certifies with the correct class; ACR is the average certified L2 radius (0 for"
         " wrong or abstained images); `cert acc @r` is the fraction certified correct at radius r.",
         "",

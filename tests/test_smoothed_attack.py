@@ -5,7 +5,8 @@ linear classifier, its exact robust radius at x is the distance |w.x + b| / ||w|
 and the best L2 attack moves along -w. So an image farther from the boundary than r must survive
 the attack at r and one nearer must fall. And on a trained network, no image certified at radius
 >= r may be classified as another class after the attack at r (a certificate beaten by an attack
-is a bug), hence certified accuracy <= empirical robust accuracy.
+is a bug), hence certified accuracy <= 1 - misclassified; and on that model also <= the
+abstention-as-wrong robust accuracy (which in general an abstention at a near-tie can undercut).
 """
 
 import pytest
@@ -118,6 +119,11 @@ def test_no_certificate_is_beaten_by_the_attack(noise_model, tmp_path):
                 assert predicted in (row[1], -1), (r, row)
         empirical = attack.results["test"][f"smoothed_robust_acc@{r:g}"]
         assert certification.summary[f"certified_acc@{r:g}"] <= empirical + 1e-12
+        # what a certificate promises in general: no certified image is misclassified
+        misclassified = attack.results["test"][f"smoothed_misclassified@{r:g}"]
+        flipped = [p not in (row[1], -1) for row, p in zip(rows, after, strict=True)]
+        assert misclassified == pytest.approx(sum(flipped) / len(flipped))
+        assert certification.summary[f"certified_acc@{r:g}"] <= 1 - misclassified + 1e-12
     assert attack.results["test"]["smoothed_acc@0"] > 0.5  # a real model, not a trivial one
     assert (
         attack.results["test"]["smoothed_robust_acc@0.5"] < attack.results["test"]["smoothed_acc@0"]
