@@ -51,6 +51,38 @@ def check_eps(eps: object, owner: str | None = None) -> float:
     return check_real("eps", eps, low=0, low_inclusive=True, owner=owner)
 
 
+def check_ball(eps: float, norm: str, owner: str | None = None, x: Tensor | None = None) -> None:
+    """Refuse an eps beyond the diameter of the pixel cube [0, 1]^d: a ball holding every image.
+
+    L-inf: eps > 1 (an eps on the 0-255 scale, or L2's default of 5.0 given to an L-inf attack);
+    L2, where ``x`` gives d: eps > sqrt(d). Such an "attack" may return any image at all.
+
+    Raises:
+        SettingError: Naming eps, the norm and the largest meaningful value.
+
+    Examples:
+        >>> check_ball(0.3, "inf"); check_ball(5.0, "2", x=torch.zeros(1, 1, 28, 28))
+        >>> try:
+        ...     check_ball(76.5, "inf", "pgd")
+        ... except SettingError as err:
+        ...     print(str(err).split(":")[0])
+        pgd eps for norm inf must be <= 1 (pixels lie in [0, 1])
+    """
+    prefix = f"{owner} eps" if owner else "eps"
+    if norm == "inf" and eps > 1:
+        raise SettingError(
+            f"{prefix} for norm inf must be <= 1 (pixels lie in [0, 1]): a larger ball holds "
+            f"every image; got {eps:g} (on the 0-255 scale? divide by 255)"
+        )
+    if norm == "2" and x is not None and x.dim() > 1:
+        diameter = math.sqrt(x[0].numel())
+        if eps > diameter:
+            raise SettingError(
+                f"{prefix} for norm 2 must be <= {diameter:.4g}, the diameter of [0, 1]^"
+                f"{x[0].numel()}: a larger ball holds every image; got {eps:g}"
+            )
+
+
 def check_fraction(name: str, value: object, owner: str | None = None) -> float:
     """A number in (0, 1] (``p_init``, ``rho``)."""
     return check_real(name, value, low=0, high=1, high_inclusive=True, owner=owner)

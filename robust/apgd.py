@@ -34,6 +34,7 @@ from robust._attack_core import (
     Generators,
     as_inputs,
     canonical_norm,
+    check_ball,
     check_bool,
     check_eps,
     check_fraction,
@@ -133,9 +134,11 @@ def apgd_checkpoints(steps: int) -> list[int]:
 def _checked(
     owner: str, eps: float, norm: str | float, steps: int, restarts: int, rho: float
 ) -> tuple[float, str, int, int, float]:
+    eps, norm = check_eps(eps, owner), canonical_norm(norm, owner)
+    check_ball(eps, norm, owner)
     return (
-        check_eps(eps, owner),
-        canonical_norm(norm, owner),
+        eps,
+        norm,
         check_int("steps", steps, minimum=1, owner=owner),
         check_int("restarts", restarts, minimum=1, owner=owner),
         check_fraction("rho", rho, owner),

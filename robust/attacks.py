@@ -40,6 +40,7 @@ from robust._attack_core import (
     Generators,
     as_inputs,
     canonical_norm,
+    check_ball,
     check_eps,
     check_generators,
     cross_entropy,
@@ -179,6 +180,7 @@ class AttackSpec:
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "norm", canonical_norm(self.norm, owner))
         check_eps(self.eps, owner)
+        check_ball(self.eps, self.norm, owner)
         takes = _SETTINGS[method]
         for setting in ("steps", "step_size", "random_start", "n_target_classes", "n_queries"):
             value = getattr(self, setting)
@@ -414,6 +416,7 @@ def attack(
         raise TypeError(f"spec must be an AttackSpec; got {type(spec).__name__}")
     check_generators(generator, len(x))
     method, eps, norm = spec.method, spec.eps, spec.norm
+    check_ball(eps, norm, "AttackSpec", x)
     if method in ("apgd-t", "autoattack") and eps > 0 and len(x):
         spec.check_num_classes(_num_classes(model, x[:1]))
     if method == "autoattack":
@@ -486,7 +489,9 @@ def attack(
                 **apgd_kwargs,
             )
     if stages is not None:
-        stages[method] = _correct(model, x_adv, y) & stages["clean"]
+        # untargeted: still correct (and correct to begin with); targeted: the target is hit
+        hit = _correct(model, x_adv, y)
+        stages[method] = hit if spec.targeted else hit & stages["clean"]
     return x_adv
 
 
@@ -653,6 +658,7 @@ def _checked(
     """Validated eps, canonical norm and step size of fgm/pgd (one SettingError otherwise)."""
     eps = check_eps(eps, owner)
     norm = canonical_norm(norm, owner)
+    check_ball(eps, norm, owner)
     check_int("steps", steps, minimum=1, owner=owner)
     if step_size is not None:
         step_size = check_real("step_size", step_size, low=0, owner=owner)

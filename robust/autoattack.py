@@ -22,6 +22,7 @@ from robust._attack_core import (
     Generators,
     as_inputs,
     canonical_norm,
+    check_ball,
     check_eps,
     check_fraction,
     check_generators,
@@ -114,6 +115,7 @@ def autoattack(
     owner = "autoattack"
     eps = check_eps(eps, owner)
     norm = canonical_norm(norm, owner)
+    check_ball(eps, norm, owner, x)
     steps = check_int("steps", steps, minimum=1, owner=owner)
     restarts = check_int("restarts", restarts, minimum=1, owner=owner)
     if n_target_classes is not None:

@@ -36,6 +36,7 @@ from robust._attack_core import (
     Generators,
     as_inputs,
     canonical_norm,
+    check_ball,
     check_bool,
     check_eps,
     check_fraction,
@@ -144,6 +145,7 @@ def square(
     """
     eps = check_eps(eps, "square")
     norm = canonical_norm(norm, "square")
+    check_ball(eps, norm, "square", x)
     n_queries = check_int("n_queries", n_queries, minimum=1, owner="square")
     p_init = check_fraction("p_init", p_init, "square")
     restarts = check_int("restarts", restarts, minimum=1, owner="square")

@@ -491,7 +491,7 @@ def test_spec_defaults_and_keys():
     square_spec = AttackSpec(method="square", eps=0.5)
     assert square_spec.resolved_rho is None and square_spec.resolved_step_size is None
     assert AttackSpec(method="pgd", eps=0.5).resolved_n_queries is None
-    assert AttackSpec(norm=math.inf).norm == "inf" and AttackSpec(norm="L2").norm == "2"
+    assert AttackSpec(norm=math.inf, eps=0.3).norm == "inf" and AttackSpec(norm="L2").norm == "2"
     # Resolved values are derived, so replace() re-derives them.
     assert dataclasses.replace(spec, eps=0.1).resolved_step_size == pytest.approx(2.5 * 0.1 / 40)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -796,3 +796,47 @@ def test_cpu_slices_give_the_whole_batch_gradient(monkeypatch):
     for chunk in (0, 64):
         for ours, whole in zip(results[chunk], results[None], strict=True):
             torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-6)
+
+
+def test_targeted_stage_masks_say_whether_the_target_is_hit():
+    # the mask of a targeted attack used to be "target hit and clean prediction == target": all
+    # False whenever the target differs from the clean prediction, which is the point of it
+    model = small_cnn(seed=2)
+    x, _ = batch(40, 5, seed=3)
+    with torch.no_grad():
+        target = (model(x).argmax(1) + 1) % 5
+    stages = {}
+    spec = AttackSpec("pgd", "inf", 0.5, steps=20, targeted=True)
+    x_adv = attack(model, x, target, spec, generator=generators(range(40)), stages=stages)
+    with torch.no_grad():
+        hit = model(x_adv).argmax(1) == target
+    assert 0 < int(hit.sum()) and not stages["clean"].any()
+    assert torch.equal(stages["pgd"], hit)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x, y, m: AttackSpec("pgd", "inf"),  # L2's default eps 5.0 given to an L-inf attack
+        lambda x, y, m: AttackSpec("fgm", "inf", 76.5),  # the 0-255 scale
+        lambda x, y, m: attack(m, x, y, AttackSpec("pgd", "2", 8.5, steps=1)),  # > sqrt(64)
+        lambda x, y, m: pgd(m, x, y, 2.0, "inf", steps=1),
+        lambda x, y, m: fgm(m, x, y, 1.5, "linf"),
+        lambda x, y, m: apgd(m, x, y, 2.0, "inf", steps=1),
+        lambda x, y, m: square(m, x, y, 2.0, "inf", n_queries=1),
+        lambda x, y, m: square(m, x, y, 9.0, "2", n_queries=1),
+        lambda x, y, m: autoattack(m, x, y, 255.0, "inf", steps=1, n_queries=1),
+    ],
+)
+def test_an_eps_whose_ball_holds_every_image_is_refused(make):
+    model = small_cnn()
+    x, y = batch(3, 5)
+    with pytest.raises(SettingError, match=r"eps for norm (inf must be <= 1|2 must be <= 8\b)"):
+        make(x, y, model)
+
+
+def test_an_eps_of_the_cube_s_diameter_is_still_an_attack():
+    model = small_cnn()
+    x, y = batch(3, 5)
+    assert attack(model, x, y, AttackSpec("fgm", "inf", 1.0)).shape == x.shape
+    assert attack(model, x, y, AttackSpec("fgm", "2", 8.0)).shape == x.shape
