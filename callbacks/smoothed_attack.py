@@ -48,9 +48,9 @@ class SmoothedAttack(EvaluationCallback):
     process (``{stage}/`` prefix): ``smoothed_acc@0`` (PREDICT on the clean image),
     ``smoothed_robust_acc@<r>`` (right on the clean image and on ``x_adv``; abstaining is wrong),
     ``smoothed_abstain@<r>`` and ``smoothed_misclassified@<r>`` (PREDICT names a wrong class on
-    ``x_adv``: what no certificate at r allows). The attack's noise of image i comes from a generator seeded by
-    (seed, radius, i), PREDICT's from ``Smooth``'s per-index streams, so the numbers depend neither
-    on the batch size nor on the process count.
+    ``x_adv``: what no certificate at r allows). The attack's noise of image i comes from a
+    generator seeded by (seed, radius, i), PREDICT's from ``Smooth``'s per-index streams, so the
+    numbers depend neither on the batch size nor on the process count.
 
     Args:
         sigma: Noise level of g, > 0; ``None`` takes the module's ``sigma``.
