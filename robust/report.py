@@ -526,8 +526,9 @@ def write_report(
         " g unchanged); it can never exceed, beyond the certificates' failure probability, the"
         " share of images on which PREDICT names no wrong class after the attack (1 -"
         " `smoothed_misclassified@r`, in TensorBoard). `correct_certified` counts the certified"
-        " images that randomized smoothing certifies with the correct class; ACR is the average certified L2 radius (0 for"
-        " wrong or abstained images); `cert acc @r` is the fraction certified correct at radius r.",
+        " images that randomized smoothing certifies with the correct class; ACR is the average"
+        " certified L2 radius (0 for wrong or abstained images); `cert acc @r` is the fraction"
+        " certified correct at radius r.",
         "",
         *([f"Test images per attack: {evaluated}.", ""] if evaluated else []),
         *([_certification_sentence(certify_settings, certified), ""] if certify_settings else []),
