@@ -108,7 +108,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def check_names(trainings: list[Training]) -> None:
-    """Refuse repeated names, or names that are not plain folder names (``../x``, ``a/b``).
+    """Refuse repeated names or labels, or names that are not plain folder names (``../x``, ``a/b``).
 
     Raises:
         SettingError: Naming the training.
@@ -124,6 +124,15 @@ def check_names(trainings: list[Training]) -> None:
         if training.name in seen:
             raise SettingError(f"trainings: name {training.name!r} is given twice")
         seen.add(training.name)
+    shown: dict[str, str] = {}
+    for training in trainings:  # the report's rows, keyed by label: one model would replace another
+        label = training.label or training.name
+        if label in shown:
+            raise SettingError(
+                f"trainings: {training.name!r} and {shown[label]!r} are both shown as {label!r}; "
+                "give each a label of its own"
+            )
+        shown[label] = training.name
 
 
 def check_stages(settings, out: Path) -> None:

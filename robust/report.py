@@ -7,9 +7,11 @@ evaluation callbacks logged and the per-image certification TSVs (locuslab/smoot
 
 import json
 import re
+import shutil
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -232,7 +234,11 @@ def _fraction(count: float, total: int) -> str:
 
 # Attack columns, strongest first: AutoAttack is the headline, one-step attacks come last.
 ATTACK_ORDER = ("autoattack", "square", "apgd-t", "apgd-ce", "pgd", "fgm")
-ATTACK_KEY = re.compile(r"(?P<method>[a-z-]+?)\d*_(?P<ball>(?:l2|linf)_eps.+)")
+ATTACK_KEY = re.compile(
+    r"(?P<method>[a-z-]+?)\d*_(?P<ball>(?:l2|linf)_eps[0-9.e+-]+)(?P<options>(?:_[a-z0-9.+-]+)*)"
+)
+"""An :attr:`~robust.attacks.AttackSpec.key`: method (steps), ball, then options (``_r5``,
+``_q1000``, ``_rand``, ``_tgt``, ...), which are not part of the ball."""
 MASKING_GAP = 0.3  # as PerturbedAccuracy's default masking_gap
 
 
@@ -246,29 +252,57 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
 
 
+def _example_files(results: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """A distinct example-figure file per model.
+
+    From its training name (a plain folder name), else its label; a number is added where two
+    would coincide ("noise 0.25" and "noise/0.25").
+
+    Examples:
+        >>> files = _example_files({"noise 0.25": {}, "noise/0.25": {}, "std": {"name": "standard"}})
+        >>> list(files.values())
+        ['examples_noise_0.25.png', 'examples_noise_0.25_2.png', 'examples_standard.png']
+    """
+    files: dict[str, str] = {}
+    for label, result in results.items():
+        stem = _slug(str(result.get("name") or label))
+        file, number = f"examples_{stem}.png", 1
+        while file in files.values():
+            number += 1
+            file = f"examples_{stem}_{number}.png"
+        files[label] = file
+    return files
+
+
 def masking_findings(accuracies: Mapping[str, Mapping[str, float]]) -> list[str]:
     """Sentences naming each model whose one-step (FGM) accuracy exceeds a stronger attack's by far.
 
     A one-step attack far weaker than PGD or AutoAttack at the same ball is the signature of
     gradient masking (Athalye, Carlini and Wagner 2018): the one-step number is not robustness.
 
+    Attacks compare when their balls (norm and eps) are equal, whatever their options (restarts,
+    queries, random start); targeted attacks, whose accuracy means something else, are left out.
+
     Examples:
         >>> masking_findings({"m": {"fgm_l2_eps5": 0.78, "pgd40_l2_eps5": 0.0}})[0][:44]
         'm: 78.0% under fgm_l2_eps5 but 0.0% under pg'
         >>> masking_findings({"m": {"fgm_l2_eps5": 0.5, "pgd40_l2_eps5": 0.4, "pgd_linf_eps0.3": 0}})
         []
+        >>> masking_findings({"m": {"fgm_linf_eps0.3_rand": 0.9, "pgd40_linf_eps0.3_r5": 0.0}})[0][-18:]
+        '(gradient masking)'
     """
     findings = []
     for model, accuracy in accuracies.items():
         for weak, weak_acc in accuracy.items():
             match = ATTACK_KEY.fullmatch(weak)
-            if not match or match["method"] != "fgm":
+            if not match or match["method"] != "fgm" or "_tgt_" in f"{match['options']}_":
                 continue
             stronger = {
                 key: acc
                 for key, acc in accuracy.items()
                 if (m := ATTACK_KEY.fullmatch(key)) and m["method"] != "fgm"
-                if m["ball"] == match["ball"] and not np.isnan(acc)
+                if m["ball"] == match["ball"] and "_tgt_" not in f"{m['options']}_"
+                if not np.isnan(acc)
             }
             if stronger and weak_acc - min(stronger.values()) > MASKING_GAP:
                 best = min(stronger, key=stronger.__getitem__)
@@ -487,6 +521,7 @@ def write_report(
         figures["certified_accuracy.png"] = plot_certified_curves(curves, marks=REPORT_RADII)
     if attack_keys:
         figures["attack_accuracy.png"] = plot_attack_bars(accuracies)
+    example_files = _example_files(results)
     for name, result in results.items():
         path = Path(result.get("log_dir") or "") / "adversarial_examples.npz"
         if not path.is_file():
@@ -496,10 +531,13 @@ def write_report(
             print(f"[report] {name}: no example images; {path} is not an examples file we wrote")
             continue
         clean, adversarial, labels, predictions = examples
-        figures[f"examples_{_slug(name)}.png"] = plot_example_grid(
+        figures[example_files[name]] = plot_example_grid(
             clean, adversarial, labels, predictions, title=name
         )
-    writer = SummaryWriter(str(out / "tensorboard" / "comparison"))
+    board = out / "tensorboard" / "comparison"
+    if board.is_dir():  # written whole each time: an earlier run's models would stay beside these
+        shutil.rmtree(board)
+    writer = SummaryWriter(str(board))
     for filename, figure in figures.items():
         figure.savefig(out / filename, dpi=120)
         writer.add_figure(f"comparison/{filename.removesuffix('.png')}", figure)
@@ -565,9 +603,9 @@ def write_report(
             for line in (f"![{alt}]({filename})", "")
         ),
         *(
-            f"![{name} examples](examples_{_slug(name)}.png)"
+            f"![{name} examples]({example_files[name]})"
             for name in results
-            if f"examples_{_slug(name)}.png" in figures
+            if example_files[name] in figures
         ),
         "",
         "## The seed experiment's table beside ours",

@@ -382,3 +382,47 @@ def test_an_output_dir_that_cannot_be_created_is_refused_before_any_stage(capsys
     line = refused(capsys, argv)
     assert "/proc/robust_x" in line and "output_dir" in line
     assert checked == []  # refused before the stages' checks, let alone a training
+
+
+def test_two_trainings_shown_under_one_label_are_refused():
+    # results are keyed by label: the second model's row replaced the first's, exit status 0
+    trainings = [
+        compare.Training("standard", "a.yaml", label="model"),
+        compare.Training("noise", "b.yaml", label="model"),
+    ]
+    with pytest.raises(compare.SettingError, match="'noise' and 'standard' are both shown as"):
+        compare.check_names(trainings)
+    compare.check_names([compare.Training("standard", "a.yaml"), trainings[1]])
+
+
+def test_the_comparison_board_holds_only_this_run_and_each_model_its_own_examples(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from robust.report import write_report
+
+    def run_report(labels):
+        results = {}
+        for label in labels:
+            log_dir = tmp_path / "logs" / label.replace("/", "_").replace(" ", "-")
+            log_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(
+                log_dir / "adversarial_examples.npz",
+                clean=np.zeros((2, 1, 28, 28), np.float32),
+                labels=np.zeros(2, np.int64),
+                **{"adv/fgm_l2_eps5": np.zeros((2, 1, 28, 28), np.float32)},
+                **{"pred/fgm_l2_eps5": np.zeros(2, np.int64), "pred/clean": np.zeros(2, np.int64)},
+            )
+            results[label] = {"metrics": {"test/acc": 0.5}, "log_dir": str(log_dir)}
+        return write_report(tmp_path / "out", results, {}).read_text()
+
+    run_report(["old"])
+    report = run_report(["noise 0.25", "noise/0.25"])
+    board = tmp_path / "out" / "tensorboard" / "comparison"
+    tags = set()
+    for events in board.glob("events.out.tfevents.*"):
+        tags |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    assert tags and not any(tag.endswith("/old") for tag in tags)  # the earlier run's model
+    # "noise 0.25" and "noise/0.25" used to share examples_noise_0.25.png: one overwrote the other
+    linked = re.findall(r"\]\((examples_[^)]+)\)", report)
+    assert len(linked) == 2 and len(set(linked)) == 2
+    assert all((tmp_path / "out" / name).is_file() for name in linked)
