@@ -294,6 +294,19 @@ def fit(settings, training: Training, out: Path) -> dict:
     return done
 
 
+def report_inputs(done: dict) -> list[Path]:
+    """Files of a finished evaluation that the report reads: the certification TSV, if it ran.
+
+    Examples:
+        >>> report_inputs({"log_dir": "runs/x", "metrics": {"certify/acr": 0.5}})
+        [PosixPath('runs/x/certify_test.tsv')]
+        >>> report_inputs({"log_dir": "runs/x", "metrics": {"test/acc": 0.9}})
+        []
+    """
+    certified = any(key.startswith("certify/") for key in done["metrics"])
+    return [Path(done["log_dir"]) / "certify_test.tsv"] if certified else []
+
+
 def evaluate(settings, training: Training, out: Path, trained: dict) -> dict:
     """Test one model with the evaluation callbacks, or reuse a finished identical evaluation."""
     marker = out / training.name / "metrics.json"
@@ -303,10 +316,16 @@ def evaluate(settings, training: Training, out: Path, trained: dict) -> dict:
     done = read_record(marker, {"key": str, "log_dir": str, "metrics": dict})
     if done and done["key"] == key:
         inside = Path(done["log_dir"]).resolve().is_relative_to(out.resolve())
-        if inside and valid_metrics(done["metrics"]):
+        missing = [path for path in report_inputs(done) if not path.is_file()]
+        if inside and valid_metrics(done["metrics"]) and not missing:
             print(f"[compare] {training.name}: reusing evaluation {marker}")
             return done
-        print(f"[compare] ignoring {marker}: its metrics or folder are not ones this run wrote")
+        reason = (
+            f"{missing[0]}, which the report reads, is gone"
+            if inside and valid_metrics(done["metrics"])
+            else "its metrics or folder are not ones this run wrote"
+        )
+        print(f"[compare] ignoring {marker}: {reason}")
     print(f"[compare] {training.name}: attacking and certifying {trained['ckpt_path']}")
     run = run_cli(
         stage_args(

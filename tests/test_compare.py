@@ -139,6 +139,18 @@ def test_compare_end_to_end_report_matches_metrics_and_tsvs(tmp_path, capsys):
         for name in log_dirs
     )
 
+    # a finished evaluation whose certification TSV is gone is evaluated again (its report row
+    # used to show no certificates: "0 of 0", ACR nan)
+    name = next(iter(log_dirs))
+    gone = Path(json.loads((out / name / "metrics.json").read_text())["log_dir"])
+    (gone / "certify_test.tsv").unlink()
+    compare.compare(["--config", str(settings)])
+    printed = capsys.readouterr().out
+    assert "certify_test.tsv, which the report reads, is gone" in printed
+    assert len(re.findall(r"reusing evaluation", printed)) == 2
+    assert len(read_tsv(gone / "certify_test.tsv")[0]) == 3
+    assert table_rows((out / "report.md").read_text())[name] == third[name]
+
 
 def test_compare_refuses_missing_configs_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
