@@ -356,7 +356,7 @@ def certify(args) -> None:
     stage = "certify" if name == "noise" else f"certify-{name}"
     record(
         args.out,
-        stage + suffix.replace("_", "-"),
+        stage + suffix.replace("_", "-") + part.replace("_", "-"),  # a split run's part: its own
         {
             "seconds": seconds,
             "new_images": samples // (callback.n0 + callback.n),
@@ -366,11 +366,16 @@ def certify(args) -> None:
     )
 
 
+def robust_state(args) -> Path:
+    """The weights file of ``train-robust --method M`` (one per method: ``robust_trades_state.pt``)."""
+    return args.out / f"robust_{args.method}_state.pt"
+
+
 def train_robust(args) -> None:
     EPOCHS["value"] = epochs = 2 if args.tiny else args.epochs
     seed_everything(0)
     model = robust_model(args.method, epochs, args.tiny)
-    keep = KeepBest(args.out / "robust_state.pt", "val/robust_acc")
+    keep = KeepBest(robust_state(args), "val/robust_acc")
     run = trainer(
         args.out,
         "robust",
@@ -397,7 +402,7 @@ def train_robust(args) -> None:
 def attack(args) -> None:
     model = robust_model(args.method, 10, args.tiny)
     writer = f"gpu_session.py train-robust --method {args.method} --out {args.out}"
-    load_state(model, args.out / "robust_state.pt", writer)
+    load_state(model, robust_state(args), writer)
     attacks = [AttackSpec("pgd", "inf", 0.3, steps=40), AttackSpec("autoattack", "inf", 0.3)]
     callback = PerturbedAccuracy(
         attacks,
@@ -408,7 +413,11 @@ def attack(args) -> None:
     run = trainer(args.out, "attack", args.accelerator, callbacks=[callback])
     start = time.perf_counter()
     tested = run.test(model, datamodule=FastMNIST(args.data, 256, args.tiny), verbose=False)[0]
-    record(args.out, "attack", {"seconds": time.perf_counter() - start, **tested})
+    record(
+        args.out,
+        f"attack-{args.method}",
+        {"method": args.method, "seconds": time.perf_counter() - start, **tested},
+    )
 
 
 def smoothed_attack(args) -> None:
@@ -427,7 +436,11 @@ def smoothed_attack(args) -> None:
     run = trainer(args.out, "smoothed_attack", args.accelerator, callbacks=[callback])
     start = time.perf_counter()
     tested = run.test(model, datamodule=FastMNIST(args.data, 256, args.tiny), verbose=False)[0]
-    record(args.out, "smoothed-attack", {"seconds": time.perf_counter() - start, **tested})
+    record(
+        args.out,
+        f"smoothed-attack-{noise_name(args)}",
+        {"model": noise_name(args), "seconds": time.perf_counter() - start, **tested},
+    )
 
 
 def certify_options(args) -> None:

@@ -315,3 +315,12 @@ def test_a_results_file_that_is_not_json_is_refused_first(
     (tmp_path / "results.json").write_text("[1, 2")
     error = run_main(session, monkeypatch, capsys, "certify", "--out", str(tmp_path))
     assert "results.json is not a JSON object of stage results" in error and not ran
+
+
+def test_robust_weights_and_attack_records_name_their_method(session, tmp_path) -> None:
+    # one robust_state.pt for every method: an attack loaded TRADES weights for --method at
+    from argparse import Namespace
+
+    trades, at = (Namespace(out=tmp_path, method=m) for m in ("trades", "at"))
+    assert session.robust_state(trades) == tmp_path / "robust_trades_state.pt"
+    assert session.robust_state(trades) != session.robust_state(at)
