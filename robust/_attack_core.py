@@ -285,19 +285,23 @@ class Forward:
 
     With ``channels_last``, 4-D parameters are replaced, for the duration of each call, by
     detached channels-last copies (:func:`torch.func.functional_call`; the caller's parameters are
-    never changed, and no parameter gradient is built). With ``chunk``, batches are evaluated in
-    slices of that many images (each sample's result does not depend on its batch, up to float
-    rounding). With ``channels_last``, modules also run with ReLU after max-pooling
+    never changed, and no parameter gradient is built). With ``sliced``, batches are evaluated in
+    slices of ``chunk`` images (:data:`CPU_CHUNK`, else :func:`cpu_slice_images` of the largest
+    activation, which the first call measures with forward hooks: no extra call, so a model that
+    counts its queries sees none; that call, and models whose layers hooks cannot see, use
+    :data:`UNMEASURED_CPU_SLICE`). Each sample's result does not depend on its slice, up to float
+    rounding. With ``channels_last``, modules also run with ReLU after max-pooling
     (:mod:`robust.pool_first`: the same function; on 2 CPU cores 6-8% faster in that layout and
     5-9% slower in the contiguous one, where max-pooling rectified values is the cheaper order).
     Compiled (``_orig_mod``) and non-module callables are called as they are.
     """
 
     def __init__(
-        self, model: Callable[[Tensor], Tensor], channels_last: bool, chunk: int | None
+        self, model: Callable[[Tensor], Tensor], channels_last: bool, sliced: bool = False
     ) -> None:
-        self.model, self.chunk = model, chunk
-        self.measure = False  # measure the largest activation in the next call (slice_for)
+        self.model = model
+        self.chunk: int | None = None  # images per slice; None: whole batches
+        self.measure = False  # measure the largest activation in the next call
         self.weights: dict[str, Tensor] = {}
         if channels_last and isinstance(model, nn.Module) and not hasattr(model, "_orig_mod"):
             # ReLU after max-pooling: the same function, faster in the channels-last layout
@@ -309,28 +313,21 @@ class Forward:
                 for name, p in model.named_parameters()
                 if p.dim() == 4
             }
-
-    def slice_for(self, x: Tensor) -> None:
-        """Slice batches like ``x`` on CPUs: :data:`CPU_CHUNK` where set, else by the rule.
-
-        The rule (:func:`cpu_slice_images`) needs the model's largest activation, which the first
-        call measures with forward hooks (no extra call: a model that counts its queries sees
-        none); that call runs in slices of :data:`UNMEASURED_CPU_SLICE`, as do models whose layers
-        hooks cannot see (compiled, or not a module).
-        """
-        if CPU_CHUNK is not None:
+        if sliced and CPU_CHUNK is not None:
             self.chunk = CPU_CHUNK or None
-            return
-        self.chunk = UNMEASURED_CPU_SLICE
-        self.measure = isinstance(self.model, nn.Module) and not hasattr(self.model, "_orig_mod")
+        elif sliced:
+            self.chunk = UNMEASURED_CPU_SLICE
+            self.measure = isinstance(self.model, nn.Module) and not hasattr(
+                self.model, "_orig_mod"
+            )
 
     def _call(self, x: Tensor) -> Tensor:
-        if not self.measure:
+        if not self.measure or not len(x):
             return self._plain_call(x)
         self.measure = False
         with largest_outputs(self.model) as sizes:
             out = self._plain_call(x)
-        per_image = max([x.numel() * x.element_size(), *sizes]) // max(len(x), 1)
+        per_image = max([x.numel() * x.element_size(), *sizes]) // len(x)
         self.chunk = cpu_slice_images(per_image)
         return out
 
@@ -387,10 +384,7 @@ def prepared(
         channels_last = _default_channels_last(model, x)
     mode = eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
     with mode, torch.inference_mode(False), torch.enable_grad():
-        forward = Forward(model, channels_last, None)
-        if channels_last and x.device.type == "cpu" and len(x):
-            forward.slice_for(x)
-        yield forward
+        yield Forward(model, channels_last, sliced=channels_last and x.device.type == "cpu")
 
 
 def as_inputs(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
