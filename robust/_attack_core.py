@@ -200,10 +200,23 @@ def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def margin(logits: Tensor, y: Tensor) -> Tensor:
-    """``z_y - max_{j != y} z_j`` per sample (float32 or wider): <= 0 means misclassified."""
+    """``z_y - max_{j != y} z_j`` per sample (float32 or wider): <= 0 exactly when misclassified.
+
+    An exact tie is resolved as ``argmax`` resolves it (the first of the tied classes wins): a
+    tie that ``argmax`` counts as correct gets the smallest positive margin, so an attack that
+    stops at margin <= 0 never stops on an image the verdict still counts as robust.
+
+    Examples:
+        >>> import torch
+        >>> tie = torch.tensor([[1.0, 1.0, 0.0]])
+        >>> bool(margin(tie, torch.tensor([0])) > 0), bool(margin(tie, torch.tensor([1])) <= 0)
+        (True, True)
+    """
     logits = float_logits(logits)
     true = logits.gather(1, y.unsqueeze(1)).squeeze(1)
-    return true - logits.scatter(1, y.unsqueeze(1), -math.inf).amax(dim=1)
+    gap = true - logits.scatter(1, y.unsqueeze(1), -math.inf).amax(dim=1)
+    wins_tie = (gap == 0) & (logits.argmax(dim=1) == y)
+    return gap.masked_fill(wins_tie, torch.finfo(gap.dtype).tiny)
 
 
 def input_grad(loss: Tensor, x: Tensor) -> Tensor:

@@ -140,6 +140,26 @@ def test_fooled_images_stop_and_stay_adversarial():
     assert model.rows >= 32 + (~fooled).sum().item() * 300
 
 
+class TieAtGrey(nn.Module):
+    """Logits ``(0, sum(x - 0.5))``: an exact tie at grey images, which ``argmax`` calls class 0."""
+
+    def forward(self, x):
+        z1 = (x - 0.5).flatten(1).sum(1)
+        return torch.stack([torch.zeros_like(z1), z1], dim=1)
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_an_exact_tie_counted_correct_is_attacked_not_taken_as_fooled(norm):
+    # argmax calls the tied image correct, so the attack must go on and push z1 above 0
+    x0 = torch.full((3, 1, 10, 10), 0.5)
+    model = TieAtGrey()
+    y = torch.zeros(3, dtype=torch.long)
+    assert (model(x0).argmax(1) == y).all()
+    eps = 0.05 if norm == "inf" else 0.5
+    adv = square(model, x0, y, eps, norm, n_queries=20, generator=generators(range(3)))
+    assert (model(adv).argmax(1) == 1).all()
+
+
 @pytest.mark.parametrize("norm", ["inf", "2"])
 def test_one_generator_per_sample_makes_results_batch_independent(norm):
     model = small_cnn(channels=3, size=10).double()
