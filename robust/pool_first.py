@@ -19,12 +19,25 @@ Gradients agree except at exact ties at zero, where both orders pick a valid sub
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import torch
 from torch import nn
 
-__all__ = ["HOOK_ATTRIBUTES", "has_hooks", "pool_before_relu", "rewrite_sequentials"]
+__all__ = [
+    "HOOK_ATTRIBUTES",
+    "children_replaced",
+    "has_hooks",
+    "pool_before_relu",
+    "rewrite_sequentials",
+    "sequential_replacements",
+    "swap_relu_pool",
+]
+
+ListRewrite = Callable[[list[nn.Module | None]], list[nn.Module | None]]
+"""Maps a container's modules to a list of the same length."""
 
 HOOK_ATTRIBUTES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 """A module's own hook dictionaries (``nn.Module`` internals)."""
@@ -71,9 +84,7 @@ def _plain_sequential(module: nn.Module) -> bool:
     )
 
 
-def rewrite_sequentials(
-    model: nn.Module, rewrite: Callable[[list[nn.Module | None]], list[nn.Module | None]]
-) -> nn.Module:
+def rewrite_sequentials(model: nn.Module, rewrite: ListRewrite) -> nn.Module:
     """``model`` with ``rewrite`` applied to the module list of each plain ``nn.Sequential``.
 
     Nested containers are rewritten first. A container whose modules all stay the same objects is
@@ -104,7 +115,68 @@ def rewrite_sequentials(
     return rewritten
 
 
-def _swap_relu_pool(modules: list[nn.Module | None]) -> list[nn.Module | None]:
+def sequential_replacements(
+    model: nn.Module, rewrite: ListRewrite
+) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Where plain sequentials held by other modules change under :func:`rewrite_sequentials`.
+
+    For a network inside a module with a ``forward`` of its own (a LightningModule holding
+    ``self.model``, say): the ``(holder, name, rewritten)`` triples that :func:`children_replaced`
+    puts in place for the duration of a call, so the holder's own ``forward``, attributes and
+    hooks stay the caller's (a copy of the holder would count queries or cache values in the
+    copy). Sequentials inside a plain sequential are :func:`rewrite_sequentials`' own work and
+    not listed. Compiled (``_orig_mod``) and scripted modules are not entered.
+
+    Examples:
+        >>> class Holder(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
+        ...     def forward(self, x):
+        ...         return self.net(x)
+        >>> holder = Holder()
+        >>> [(type(h).__name__, name, [type(m).__name__ for m in new])
+        ...  for h, name, new in sequential_replacements(holder, swap_relu_pool)]
+        [('Holder', 'net', ['MaxPool2d', 'ReLU'])]
+        >>> with children_replaced(sequential_replacements(holder, swap_relu_pool)):
+        ...     type(holder.net[0]).__name__
+        'MaxPool2d'
+        >>> type(holder.net[0]).__name__
+        'ReLU'
+    """
+    found: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def walk(module: nn.Module) -> None:
+        if hasattr(module, "_orig_mod") or isinstance(module, torch.jit.ScriptModule):
+            return
+        plain = _plain_sequential(module)
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            if not plain and _plain_sequential(child):
+                new = rewrite_sequentials(child, rewrite)
+                if new is not child:
+                    found.append((module, name, new))
+            walk(child)  # holders further down, also inside plain sequentials
+
+    walk(model)
+    return found
+
+
+@contextlib.contextmanager
+def children_replaced(replacements: list[tuple[nn.Module, str, nn.Module]]) -> Iterator[None]:
+    """Put each ``(holder, name, module)`` in place as ``holder.<name>``; restore them after."""
+    old = [(holder, name, holder._modules[name]) for holder, name, _ in replacements]
+    try:
+        for holder, name, module in replacements:
+            holder._modules[name] = module
+        yield
+    finally:
+        for holder, name, module in reversed(old):
+            holder._modules[name] = module
+
+
+def swap_relu_pool(modules: list[nn.Module | None]) -> list[nn.Module | None]:
     """The list with every ReLU -> max-pool pair swapped (left to right, pairs not overlapping)."""
     modules, i = list(modules), 0
     while i + 1 < len(modules):
@@ -139,4 +211,4 @@ def pool_before_relu(model: nn.Module) -> nn.Module:
         >>> pool_before_relu(nn.Linear(2, 2)).__class__.__name__
         'Linear'
     """
-    return rewrite_sequentials(model, _swap_relu_pool)
+    return rewrite_sequentials(model, swap_relu_pool)

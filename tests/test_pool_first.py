@@ -9,13 +9,20 @@ into.
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_modules.backbones import LeNet, Normalize, SmallCNN
 from robust.attacks import pgd
-from robust.pool_first import pool_before_relu
+from robust.pool_first import (
+    children_replaced,
+    pool_before_relu,
+    sequential_replacements,
+    swap_relu_pool,
+)
 from robust.smoothing import Smooth
 
 
@@ -176,14 +183,64 @@ def test_smooth_follows_hooks_and_parameterless_modules_changed_later(channels_l
     assert got == want
 
 
+def disguised(model: nn.Module, kind: type[nn.Module]) -> nn.Module:
+    """A deep copy whose ``kind`` modules are a trivial subclass, which no rewrite touches."""
+    copy = deepcopy(model)
+    subclass = type(f"Disguised{kind.__name__}", (kind,), {})
+    for module in copy.modules():
+        if type(module) is kind:
+            module.__class__ = subclass
+    return copy
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pgd_images_equal_those_on_the_relu_first_model(channels_last) -> None:
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_pgd_images_equal_those_on_the_relu_first_model(channels_last, wrapped) -> None:
     model = classifier(LeNet)
     x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
     generators = [torch.Generator().manual_seed(i) for i in range(8)]
-    ours = pgd(model, x, y, 0.3, "inf", steps=5, generator=generators, channels_last=channels_last)
+    attacked = Opaque(model) if wrapped else model  # the attacks also reach a wrapped network
+    ours = pgd(
+        attacked, x, y, 0.3, "inf", steps=5, generator=generators, channels_last=channels_last
+    )
     generators = [torch.Generator().manual_seed(i) for i in range(8)]
     plain = pgd(
-        Opaque(model), x, y, 0.3, "inf", steps=5, generator=generators, channels_last=channels_last
+        disguised(model, nn.ReLU),
+        x,
+        y,
+        0.3,
+        "inf",
+        steps=5,
+        generator=generators,
+        channels_last=channels_last,
     )
     torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)
+
+
+def test_a_network_inside_another_module_is_swapped_in_for_the_call_only() -> None:
+    model = classifier(LeNet)
+    holder = Opaque(model)
+    assert pool_before_relu(holder) is holder  # a module with its own forward: not copied
+    replacements = sequential_replacements(holder, swap_relu_pool)
+    assert [(h, name) for h, name, _ in replacements] == [(holder, "inner")]
+    x = torch.randn(4, 1, 28, 28)
+    want = holder(x)
+    with children_replaced(replacements):
+        assert [type(m) for m in holder.inner[1]][:3] == [nn.Conv2d, nn.MaxPool2d, nn.ReLU]
+        torch.testing.assert_close(holder(x), want, rtol=0, atol=0)
+        theirs = dict(model.named_parameters())
+        mine = dict(holder.inner.named_parameters())
+        assert mine.keys() == theirs.keys() and all(mine[k] is theirs[k] for k in mine)
+    assert holder.inner is model  # restored
+    with pytest.raises(RuntimeError), children_replaced(replacements):
+        raise RuntimeError  # restored on errors too
+    assert holder.inner is model
+
+
+def test_holders_inside_plain_sequentials_are_found_and_compiled_ones_left_alone() -> None:
+    inner = Opaque(small())
+    outer = nn.Sequential(nn.Identity(), inner)
+    assert [(h, name) for h, name, _ in sequential_replacements(outer, swap_relu_pool)] == [
+        (inner, "inner")
+    ]
+    assert sequential_replacements(Opaque(torch.compile(small())), swap_relu_pool) == []
