@@ -125,6 +125,11 @@ def check_checkpoint_structure(path: str, checkpoint: Mapping[str, Any]) -> None
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             refuse(f"ckpt_path {path!r}: state_dict entry {key!r} is not a named tensor")
+        if value.layout != torch.strided:
+            refuse(
+                f"ckpt_path {path!r}: state_dict entry {key!r} is a {value.layout} tensor; "
+                "checkpoints written by fit hold dense (torch.strided) tensors"
+            )
         if value.is_floating_point() and bool(torch.isnan(value).any()):
             refuse(f"ckpt_path {path!r}: the weights {key!r} hold NaN values")
     check_lightning_version(path, checkpoint.get("pytorch-lightning_version"))
@@ -509,11 +514,45 @@ def check_weights_fit_model(path: str, state: Mapping[str, Any], model: torch.nn
                 f"({type(model).__name__}): it {problem} weights {', '.join(keys[:3])}{more}; "
                 "use the config (model class and backbone) the checkpoint was trained with"
             )
+    for key, built in model.state_dict().items():
+        value = state[key]
+        if value.is_floating_point() != built.is_floating_point() or value.is_complex():
+            # loading would cast integers into float weights (or drop fractions) without a word
+            refuse(
+                f"ckpt_path {path!r}: the weights {key!r} are {value.dtype}, but the model's "
+                f"are {built.dtype}; use the checkpoint fit wrote for this model"
+            )
     for key, _ in model.named_parameters():
         value = state[key]
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             refuse(f"ckpt_path {path!r}: the parameters {key!r} hold infinite values")
+    check_running_statistics(path, state, model)
     check_normalization(path, state, model)
+
+
+def check_running_statistics(path: str, state: Mapping[str, Any], model: torch.nn.Module) -> None:
+    """Refuse batch-norm running statistics that are infinite, or variances below 0.
+
+    Eval mode divides by ``sqrt(running_var + eps)``: a negative variance gives NaN logits, which
+    ``argmax`` reads as class 0 for every image.
+
+    Raises:
+        SettingError: Naming the file and the buffer.
+    """
+    for prefix, module in model.named_modules():
+        if not isinstance(getattr(module, "running_var", None), torch.Tensor):
+            continue  # not a normalization layer that tracks running statistics
+        for name in ("running_mean", "running_var"):
+            key = f"{prefix}.{name}" if prefix else name
+            value = state.get(key)
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                continue
+            if not bool(torch.isfinite(value).all()):
+                refuse(
+                    f"ckpt_path {path!r}: the batch-norm statistics {key!r} hold infinite values"
+                )
+            if name == "running_var" and bool((value < 0).any()):
+                refuse(f"ckpt_path {path!r}: the batch-norm variances {key!r} hold negative values")
 
 
 def check_normalization(path: str, state: Mapping[str, Any], model: torch.nn.Module) -> None:

@@ -18,6 +18,7 @@ From Python, :func:`main` runs the same command line and returns the :class:`Rob
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import numbers
 import os
@@ -49,6 +50,7 @@ from checkpoint_checks import (
 )
 from datamodules import DataNotFoundError, ImageDataModule
 from lightning_modules import StandardClassifier
+from lightning_modules.standard import DATA_IDENTITY_KEY
 from robust.checks import SettingError, check_int, check_real, refuse
 from robust.cpu_memory import retain_freed_memory
 
@@ -269,23 +271,29 @@ def with_choices(message: str) -> str:
 # checks the file itself)
 
 
-def find_run_checkpoint(which: str, run_dir: Path) -> str:
+def find_run_checkpoint(which: str, run_dir: Path, dirpath: str | os.PathLike | None = None) -> str:
     """Newest ``last.ckpt`` (``which="last"``) or ``best-*.ckpt`` of the runs in ``run_dir``.
 
     A new process logs to a new ``version_N`` folder, so Lightning's own ``"last"``/``"best"``
     would find nothing there and silently evaluate an untrained model; this finds the checkpoint
-    that the latest ``fit`` of the same config wrote.
+    that the latest ``fit`` of the same config wrote. Where ``checkpoint.dirpath`` is set
+    (``dirpath``), ``fit`` wrote its checkpoints there, and only there is searched: an older run
+    of the logger's folder is not this config's.
 
     Raises:
         SettingError: When no such checkpoint exists.
     """
     pattern = "last.ckpt" if which == "last" else "best-*.ckpt"
+    where = Path(dirpath) if dirpath else run_dir / "version_*" / "checkpoints"
     found = sorted(
-        run_dir.glob(f"version_*/checkpoints/{pattern}"), key=lambda p: p.stat().st_mtime
+        Path(dirpath).glob(pattern)
+        if dirpath
+        else run_dir.glob(f"version_*/checkpoints/{pattern}"),
+        key=lambda p: p.stat().st_mtime,
     )
     if not found:
         refuse(
-            f"ckpt_path {which!r}: no {pattern} under {run_dir}/version_*/checkpoints; "
+            f"ckpt_path {which!r}: no {pattern} under {where}; "
             "run fit with this config first, or give the path of a .ckpt file"
         )
     print(f"ckpt_path {which!r} is {found[-1]}", file=sys.stderr)
@@ -861,6 +869,13 @@ class RobustCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102 (LightningCLI hook)
         for name in LINKED_SETTINGS:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.add_argument(
+            "--allow_other_data",
+            type=bool,
+            default=False,
+            help="Evaluate or resume a checkpoint on data other than it was trained on (its "
+            "test images may then have been among its training images); refused by default",
+        )
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -911,8 +926,9 @@ class RobustCLI(LightningCLI):
             )
         ckpt_path = config.get("ckpt_path")
         if ckpt_path in {"last", "best"}:
+            dirpath = (config.get("checkpoint") or {}).get("dirpath")
             ckpt_path = config.ckpt_path = find_run_checkpoint(
-                ckpt_path, logger_run_dir(config.trainer)
+                ckpt_path, logger_run_dir(config.trainer), dirpath
             )
         if not ckpt_path:
             return
@@ -986,9 +1002,49 @@ class RobustCLI(LightningCLI):
             self.check_linked_settings(
                 {name: getattr(self.datamodule, name, None) for name in LINKED_SETTINGS}
             )
+        self.check_data_identity()
         if self.subcommand == "fit":
             for callback in self.trainer.checkpoint_callbacks:
                 check_monitor_can_be_logged(getattr(callback, "monitor", None), self.model)
+
+    def check_data_identity(self) -> None:
+        """Refuse a checkpoint trained on other data than the data module's (unless allowed).
+
+        ``fit`` records the data module's ``identity()`` in every checkpoint (the class, dataset,
+        split method, seed and fractions). Another seed or fraction makes another split, so the
+        test images may have been training images: ``validate``, ``test``, ``predict`` and a
+        resumed ``fit`` are refused, naming what differs, unless ``--allow_other_data true``.
+        Checkpoints without the record (older ones, or data modules without ``identity``) are
+        not checked.
+
+        Raises:
+            SettingError: Naming the differing entries, both values and the way out.
+        """
+        recorded = (self.checkpoint or {}).get(DATA_IDENTITY_KEY)
+        identity = getattr(self.datamodule, "identity", None)
+        if not isinstance(recorded, Mapping) or not callable(identity):
+            return
+        current = json.loads(json.dumps(identity()))  # tuples as lists, as the file has them
+        names = sorted(
+            set(current) | set(recorded),
+            key=lambda k: (k not in ("data_module", "dataset", "seed"), str(k)),
+        )
+        differing = [k for k in names if not same(current.get(k), recorded.get(k))]
+        if not differing:
+            return
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if config.get("allow_other_data"):
+            return
+        shown = "; ".join(
+            f"{k} {recorded.get(k)!r} there, {current.get(k)!r} here" for k in differing[:3]
+        )
+        refuse(
+            f"the checkpoint {self.checkpoint_path or config.get('ckpt_path')} was trained on "
+            f"other data than the data module gives ({shown}): its test images may have been "
+            "among its training images; use the data settings it was trained with, or pass "
+            "--allow_other_data true to use these images anyway"
+        )
 
     def with_checkpoint_source(self, message: str) -> str:
         """``message``, plus the checkpoint's values of the settings it names that came from there.

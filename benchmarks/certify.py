@@ -291,11 +291,11 @@ def matmul_tflops(device: torch.device, precision: str, size: int, repeats: int 
         torch.mm(a, b)
         for _ in range(repeats):
             synchronize(device)
-            start = time.perf_counter()
+            start = CLOCK()  # the clock of the rates it is compared with (--clock)
             for _ in range(iterations):
                 torch.mm(a, b)
             synchronize(device)
-            best = max(best, 2 * size**3 * iterations / (time.perf_counter() - start) / 1e12)
+            best = max(best, 2 * size**3 * iterations / (CLOCK() - start) / 1e12)
     return best
 
 

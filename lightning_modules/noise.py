@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lightning_modules.backbones import SmallCNN
 from lightning_modules.standard import BackboneFactory, StandardClassifier, _adam
+from robust.attacks import check_ball
 from robust.checks import SettingError, check_int, check_real, check_unused_at_default
 from robust.smoothadv import smoothadv_attack
 
@@ -170,6 +171,8 @@ class NoiseAugmentedClassifier(StandardClassifier):
         super().__init__(
             backbone, num_classes, in_channels, image_size, mean, std, optimizer, lr_scheduler
         )
+        # an L2 ball holding every image of this size, refused now rather than after training
+        check_ball(smoothadv_eps, "2", f"{_OWNER} smoothadv", torch.zeros(1, *self.image_shape))
         self.sigma = sigma
         self.num_noise_samples = num_noise_samples
         self.consistency_weight = consistency_weight

@@ -1,6 +1,7 @@
 """Standard (clean) training: the base LightningModule that the robust trainings extend."""
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,11 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.backbones import Normalize, SmallCNN
+from robust.modes import eval_mode
+from robust.sharding import sampler_padding
+
+DATA_IDENTITY_KEY = "data_identity"
+"""Checkpoint entry holding the training data module's ``identity()``."""
 
 BackboneFactory = Callable[[int, int], nn.Module]
 
@@ -67,15 +73,14 @@ class StandardClassifier(LightningModule):
         name = type(self.model[1]).__name__
         shape = "x".join(map(str, self.image_shape))
         try:
-            with torch.no_grad():
-                out = self.model.eval()(torch.zeros(1, *self.image_shape))
+            # eval mode for the check only: each submodule's own mode (a frozen one) restored
+            with torch.no_grad(), eval_mode(self.model):
+                out = self.model(torch.zeros(1, *self.image_shape))
         except RuntimeError as err:
             raise ValueError(
                 f"backbone {name} cannot take images of shape {shape} (channels x height x width) "
                 f"given by the data module: {str(err).splitlines()[0]}"
             ) from None
-        finally:
-            self.model.train()
         if out.shape != (1, self.num_classes):
             raise ValueError(
                 f"backbone {name} returned shape {tuple(out.shape)} for one {shape} image; "
@@ -85,6 +90,17 @@ class StandardClassifier(LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(B, num_classes)`` for pixel-space images ``(B, C, H, W)`` in [0, 1]."""
         return self.model(x)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record which images the model was trained on (the data module's ``identity()``).
+
+        The CLI compares it with the data of a later ``test``, ``validate`` or resumed ``fit``,
+        so a model is not evaluated on images it may have been trained on without a word.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        identity = getattr(datamodule, "identity", None)
+        if callable(identity):
+            checkpoint[DATA_IDENTITY_KEY] = identity()
 
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Loss to minimise on one training batch.
@@ -104,21 +120,29 @@ class StandardClassifier(LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def _evaluate(self, batch: Sequence[Tensor], stage: str, metric: MulticlassAccuracy) -> None:
+    def _evaluate(
+        self, batch: Sequence[Tensor], batch_idx: int, stage: str, metric: MulticlassAccuracy
+    ) -> None:
         x, y = batch[0], batch[1]
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        metric(logits, y)
-        self.log(f"{stage}/loss", loss, sync_dist=True)
+        padded = sampler_padding(self._trainer, stage, batch_idx, len(y)) if self._trainer else None
+        if padded is not None and bool(padded.any()):
+            # the distributed sampler's repeats: counted once, as on one process
+            keep = ~padded.to(y.device)
+            x, y = x[keep], y[keep]
+        if len(y):
+            logits = self(x)
+            metric.update(logits, y)
+            loss = F.cross_entropy(logits, y)
+            self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(y))
         self.log(f"{stage}/acc", metric, prog_bar=True)
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
-        """Log clean ``val/loss`` and ``val/acc``."""
-        self._evaluate(batch, "val", self.val_acc)
+        """Log clean ``val/loss`` and ``val/acc`` (on N processes, each image once)."""
+        self._evaluate(batch, batch_idx, "val", self.val_acc)
 
     def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
-        """Log clean ``test/loss`` and ``test/acc``."""
-        self._evaluate(batch, "test", self.test_acc)
+        """Log clean ``test/loss`` and ``test/acc`` (on N processes, each image once)."""
+        self._evaluate(batch, batch_idx, "test", self.test_acc)
 
     def predict_step(self, batch: Sequence[Tensor] | Tensor, batch_idx: int) -> Tensor:
         """Predicted classes ``(B,)`` for a batch of images (with or without labels)."""

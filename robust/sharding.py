@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = [
     "FAST_DEV_IMAGES",
@@ -35,6 +35,7 @@ __all__ = [
     "gather_rows",
     "image_seed",
     "rounds",
+    "sampler_padding",
     "shard",
 ]
 
@@ -118,6 +119,42 @@ def evaluated_images(trainer: Any, stage: str, dataset_size: int) -> int:
         length = math.ceil(math.ceil(dataset_size / world) / batch)  # batches per process
         batches = min(limit, length) if isinstance(limit, int) else int(length * limit)
     return min(dataset_size, batches * batch * world)
+
+
+def sampler_padding(trainer: Any, stage: str, batch_idx: int, batch_len: int) -> Tensor | None:
+    """Which samples of an evaluation batch are the distributed sampler's padding, or None.
+
+    Lightning evaluates on N processes with ``DistributedSampler(shuffle=False)``, which repeats
+    the first images until every process has ``ceil(size / N)``: process ``r``'s ``k``-th sample
+    is dataset position ``r + k * N``, a repeat when that is ``>= size``. Metrics that count
+    those twice (a clean accuracy through torchmetrics) differ between 1 and N processes. None
+    where nothing is padded or the loader is not of that kind (one process, a shuffled or
+    custom sampler).
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> sampler = DistributedSampler(range(5), num_replicas=2, rank=1, shuffle=False)
+        >>> loader = DataLoader(range(5), batch_size=2, sampler=sampler)
+        >>> trainer = SimpleNamespace(world_size=2, test_dataloaders=loader)
+        >>> list(sampler)  # positions 1, 3 and 5: 5 is a repeat of image 0
+        [1, 3, 0]
+        >>> sampler_padding(trainer, "test", 1, 1).tolist()
+        [True]
+    """
+    if int(getattr(trainer, "world_size", 1)) <= 1:
+        return None
+    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+    if isinstance(loaders, Sequence):
+        loaders = loaders[0] if loaders else None
+    sampler = getattr(loaders, "sampler", None)
+    batch_size = getattr(loaders, "batch_size", None)
+    if type(sampler) is not DistributedSampler or sampler.shuffle or sampler.drop_last:
+        return None
+    if not batch_size:
+        return None
+    size = len(sampler.dataset)  # type: ignore[arg-type]
+    k = batch_idx * batch_size + torch.arange(batch_len)
+    return sampler.rank + k * sampler.num_replicas >= size
 
 
 def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:

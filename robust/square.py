@@ -17,9 +17,14 @@ the margin ``z_y - max_{j != y} z_j``; the image is done once the margin is <= 0
 
 Unlike the authors' batched code (one window position for the whole batch per iteration), each
 image draws its own windows, signs and orientations from its own stream: with one generator per
-image the result does not depend on the batch. Finished images leave the batch (checked every
-iteration on CPUs and every 8th on GPUs, where the check is a host-device synchronisation); the
-result is the same either way.
+image the result does not depend on the batch. A window's corner is uniform over every position
+where it fits, as the paper describes; the authors' code and torchattacks' draw it with
+``randint(0, h - s)``, whose exclusive bound never places a window at the last row or column, so
+those pixels keep their initial value. Ours is the stronger search: on a LeNet (one epoch on the
+embedded digits, 100 class-balanced test digits, L-inf 0.2, 500 queries, 8 seeds) 40.9% robust
+accuracy against torchattacks' 43.0%, and 41.75% with the reference range. Finished images
+leave the batch (checked every iteration on CPUs and every 8th on GPUs, where the check is a
+host-device synchronisation); the result is the same either way.
 """
 
 from __future__ import annotations
@@ -214,6 +219,10 @@ def _eta_cpu(s: int) -> Tensor:
 class _Square:
     """One restart of the search on a batch; the random numbers of image ``i`` are its own."""
 
+    reference_window_range = False
+    """True: window corners as the authors' code and torchattacks draw them, ``randint(0, h - s)``
+    (exclusive: a window never reaches the last row or column); the peer cross-check sets it."""
+
     def __init__(
         self,
         forward: Forward,
@@ -305,8 +314,11 @@ class _Square:
 
     def window(self, u_row: Tensor, u_col: Tensor, s: int) -> tuple[Tensor, Tensor, Tensor]:
         """Mask (B, 1, h, w) of the window of side ``s`` at a uniform position; its corner."""
-        row = (u_row * (self.h - s + 1)).long().clamp_(max=self.h - s)
-        col = (u_col * (self.w - s + 1)).long().clamp_(max=self.w - s)
+        rows_at, cols_at = self.h - s + 1, self.w - s + 1  # every position where it fits
+        if self.reference_window_range:
+            rows_at, cols_at = max(rows_at - 1, 1), max(cols_at - 1, 1)
+        row = (u_row * rows_at).long().clamp_(max=rows_at - 1)
+        col = (u_col * cols_at).long().clamp_(max=cols_at - 1)
         rows = torch.arange(self.h, device=row.device) - row[:, None]  # (B, h) offset in window
         cols = torch.arange(self.w, device=col.device) - col[:, None]
         inside = ((rows >= 0) & (rows < s))[:, :, None] & ((cols >= 0) & (cols < s))[:, None, :]

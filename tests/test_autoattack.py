@@ -23,6 +23,7 @@ from datamodules import EmbeddedMNISTDataModule
 from lightning_modules.backbones import LeNet, Normalize
 from robust.attacks import AttackSpec, apgd, apgd_t, attack, autoattack, square
 from robust.autoattack import STAGES
+from robust.square import _Square
 from tests.tiny_models import distance
 
 N_IMAGES = 100
@@ -109,15 +110,19 @@ def test_apgd_t_matches_torchattacks(lenet, norm):
 
 
 @pytest.mark.parametrize("norm", ["inf", pytest.param("2", marks=pytest.mark.slow)])
-def test_square_matches_torchattacks(lenet, norm):
+def test_square_matches_torchattacks(lenet, norm, monkeypatch):
     # Random search varies more from seed to seed than the gradient attacks (L2, 100 images: up to
     # 3 images between ours and theirs at one seed, 0.7 on average over 6 seeds), so the mean
-    # robust accuracy over three seeds per side must agree within two images.
+    # robust accuracy over eight seeds per side must agree within two images. Ours draws window
+    # corners where the reference code never puts them (the last row and column), a stronger
+    # search (40.9% against 43.0% on these images, L-inf); the cross-check uses their range.
     torchattacks = pytest.importorskip("torchattacks")
+    monkeypatch.setattr(_Square, "reference_window_range", True)
     model, x, y = lenet
     eps = EPS[norm]
     ours_acc, theirs_acc = [], []
-    for seed in range(3):
+    seeds = 8
+    for seed in range(seeds):
         generator = torch.Generator().manual_seed(seed)
         ours = square(model, x, y, eps, norm, n_queries=500, generator=generator)
         ref = torchattacks.Square(
@@ -131,7 +136,7 @@ def test_square_matches_torchattacks(lenet, norm):
         ours_acc.append(accuracy(model, ours, y))
         theirs_acc.append(accuracy(model, ref(x, y), y))
         assert (distance(ours - x, norm) <= eps * (1 + 1e-5)).all()
-    a, b = sum(ours_acc) / 3, sum(theirs_acc) / 3
+    a, b = sum(ours_acc) / seeds, sum(theirs_acc) / seeds
     assert 0.05 < a < accuracy(model, x, y) - 0.2
     assert abs(a - b) * N_IMAGES <= 2 + 1e-6, (ours_acc, theirs_acc)
 

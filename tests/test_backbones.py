@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from lightning_modules import CifarResNet18, LeNet, Normalize, SmallCNN, StandardClassifier
 
@@ -46,3 +47,13 @@ def test_normalize_rejects_non_positive_std():
 def test_backbone_that_cannot_take_the_image_size_fails_at_construction():
     with pytest.raises(ValueError, match=r"backbone LeNet cannot take images of shape 3x32x32"):
         StandardClassifier(LeNet, in_channels=3, image_size=(32, 32))
+
+
+def test_building_the_module_keeps_a_backbones_own_frozen_submodule_modes():
+    class FrozenNorm(nn.Sequential):
+        def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+            super().__init__(nn.Flatten(), nn.BatchNorm1d(784), nn.Linear(784, num_classes))
+            self[1].eval()  # frozen statistics, as a fine-tuning backbone keeps them
+
+    model = StandardClassifier(FrozenNorm)
+    assert model.training and not model.model[1][1].training

@@ -3,6 +3,7 @@
 import functools
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 import cli
+from checkpoint_checks import check_running_statistics
+from robust.checks import SettingError
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDARD = str(ROOT / "configs/mnist/standard.yaml")
@@ -124,6 +127,32 @@ def test_checkpoint_agreeing_with_the_settings_is_used(checkpoints, in_tmp):
     assert "test/acc" in tested.trainer.callback_metrics
 
 
+@pytest.mark.parametrize(
+    ("data_args", "expected"),
+    [
+        # another split seed: most of its test images were training images under seed 0
+        (["--data.init_args.seed", "7"], "seed 0 there, 7 here"),
+        (["--data.init_args.test_fraction", "0.3"], "test_fraction 0.1 there, 0.3 here"),
+    ],
+)
+def test_a_checkpoint_is_not_evaluated_on_other_data_without_a_word(
+    data_args, expected, checkpoints, in_tmp, capsys
+):
+    recorded = torch.load(checkpoints["standard"], weights_only=True)["data_identity"]
+    assert recorded["data_module"] == "EmbeddedMNISTDataModule" and recorded["seed"] == 0
+    args = ["--config", STANDARD, "--ckpt_path", checkpoints["standard"], *QUIET, *data_args]
+    line = refusal(capsys, "test", *args)
+    assert "was trained on other data" in line and expected in line
+    assert "--allow_other_data true" in line
+    assert not (in_tmp / "runs").exists()  # refused before anything ran
+    line = refusal(capsys, "fit", *args)  # resuming on another split: refused too
+    assert expected in line
+    allowed = cli.main(
+        ["test", *args, "--allow_other_data", "true", "--trainer.limit_test_batches", "1"]
+    )
+    assert "test/acc" in allowed.trainer.callback_metrics
+
+
 # -------------------------------------------------------------------------- item 3b of issue 10
 
 
@@ -151,6 +180,23 @@ def test_last_checkpoint_is_the_last_epoch_and_resumes_from_it(in_tmp):
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
     best = Path(resumed.trainer.checkpoint_callback.best_model_path).resolve()
     assert best == in_tmp / "runs/mnist_standard/version_0/checkpoints/best-epoch00.ckpt"
+
+
+def test_last_follows_checkpoint_dirpath_not_an_older_run_of_the_logger(in_tmp, capsys):
+    args = ["--config", STANDARD, *TINY, "--trainer.max_epochs", "1"]
+    cli.main(["fit", *args])  # an older run, in runs/mnist_standard/version_0/checkpoints
+    elsewhere = in_tmp / "elsewhere"
+    line = refusal(
+        capsys, "test", *args, "--checkpoint.dirpath", str(elsewhere), "--ckpt_path", "last"
+    )
+    assert f"no last.ckpt under {elsewhere}" in line  # not the older run's file
+    cli.main(["fit", *args, "--checkpoint.dirpath", str(elsewhere)])
+    capsys.readouterr()
+    test = ["test", *args, "--trainer.limit_test_batches", "1", "--ckpt_path", "last"]
+    cli.main([*test, "--checkpoint.dirpath", str(elsewhere)])
+    assert f"ckpt_path 'last' is {elsewhere / 'last.ckpt'}" in capsys.readouterr().err
+    cli.main(test)  # without dirpath: the logger's runs, as before
+    assert "version_" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- item 4 of issue 10
@@ -330,6 +376,18 @@ def _first_weight(checkpoint) -> str:
             lambda c: c["state_dict"]["model.0.mean"].fill_(0.2),
             "the normalization mean 'model.0.mean' is [0.2",
         ),
+        (
+            lambda c: c["state_dict"].__setitem__(
+                _first_weight(c), c["state_dict"][_first_weight(c)].to_sparse()
+            ),
+            "is a torch.sparse_coo tensor; checkpoints written by fit hold dense",
+        ),
+        (
+            lambda c: c["state_dict"].__setitem__(
+                _first_weight(c), (c["state_dict"][_first_weight(c)] * 10).long()
+            ),
+            "are torch.int64, but the model's are torch.float32",
+        ),
     ],
     ids=[
         "nan",
@@ -352,6 +410,8 @@ def _first_weight(checkpoint) -> str:
         "std-inf",
         "std-other",
         "mean-other",
+        "sparse",
+        "integer",
     ],
 )
 def test_malformed_checkpoint_is_refused_before_testing(
@@ -541,3 +601,20 @@ def test_a_folder_given_as_checkpoint_is_named_a_folder(in_tmp, capsys):
     (in_tmp / "ckpts").mkdir()
     line = refusal(capsys, "test", "--config", STANDARD, "--ckpt_path", str(in_tmp / "ckpts"))
     assert "is a folder; give a .ckpt file" in line
+
+
+@pytest.mark.parametrize(
+    ("buffer", "value", "expected"),
+    [
+        ("running_var", -1.0, "the batch-norm variances '1.running_var' hold negative values"),
+        ("running_var", math.inf, "the batch-norm statistics '1.running_var' hold infinite"),
+        ("running_mean", -math.inf, "the batch-norm statistics '1.running_mean' hold infinite"),
+    ],
+)
+def test_broken_batch_norm_statistics_are_refused(buffer, value, expected):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    state = model.state_dict()
+    check_running_statistics("x.ckpt", state, model)  # the control: fresh statistics pass
+    state[f"1.{buffer}"][0] = value
+    with pytest.raises(SettingError, match=re.escape(expected)):
+        check_running_statistics("x.ckpt", state, model)

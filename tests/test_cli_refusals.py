@@ -167,6 +167,25 @@ def test_other_exceptions_keep_their_traceback(in_tmp):
             ["--trainer.gradient_clip_val", "-1"],
             "error: trainer.gradient_clip_val must be a number >= 0; got -1 (0 or null: no clipping)",
         ),
+        # an L2 ball holding every 28x28 image: refused when the model is built, not mid-training
+        (
+            [
+                "--config",
+                str(ROOT / "configs/mnist/trades.yaml"),
+                "--model.init_args.attack.norm=2",
+                "--model.init_args.attack.eps=50",
+                "--model.init_args.robust_val_images=0",
+            ],
+            "error: AdversarialClassifier attack eps for norm 2 must be <= 28, the diameter",
+        ),
+        (
+            [
+                "--config",
+                str(ROOT / "configs/mnist/smoothadv.yaml"),
+                "--model.init_args.smoothadv_eps=100",
+            ],
+            "error: NoiseAugmentedClassifier smoothadv eps for norm 2 must be <= 28",
+        ),
         # an unknown class of ours: the classes there are
         (
             ["--data", "datamodules.SVHNDataModule"],

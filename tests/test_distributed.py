@@ -119,6 +119,29 @@ def test_two_processes_give_the_numbers_and_rows_of_one(trained_checkpoint, tmp_
     assert [r[0] for r in one[2]] == list(range(9))
 
 
+def test_clean_accuracy_counts_each_image_once_on_three_processes(trained_checkpoint, tmp_path):
+    # 500 test images on 3 processes: the sampler repeats one image to give each 167
+    accuracy = {}
+    for devices, strategy in ((1, "auto"), (3, "ddp")):
+        output = run_cli(
+            "test",
+            "--config", str(ROOT / "configs/mnist/standard.yaml"),
+            "--model.init_args.backbone", "lightning_modules.backbones.LeNet",
+            "--ckpt_path", str(trained_checkpoint),
+            "--trainer.accelerator", "cpu",
+            "--trainer.devices", str(devices),
+            "--trainer.strategy", strategy,
+            "--trainer.callbacks", "[]",
+            "--data.init_args.batch_size", "32",
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            cwd=tmp_path,
+        )  # fmt: skip
+        accuracy[devices] = logged(output, "test/acc")["test/acc"]
+    assert accuracy[1] == accuracy[3]
+    assert round(accuracy[1] * 500, 3) == round(accuracy[1] * 500)  # a count out of 500
+
+
 @pytest.mark.parametrize("config", ["standard", "adversarial", "smoothing"])
 def test_every_module_trains_with_ddp_on_two_processes(config, tmp_path):
     output = run_cli(

@@ -388,3 +388,13 @@ def test_a_good_gz_repairs_a_broken_file_without_download(tmp_path, monkeypatch)
     corrupt(raw / "train-labels-idx1-ubyte", "truncated")
     MNISTDataModule(data_dir=str(tmp_path)).prepare_data()
     assert (raw / "train-labels-idx1-ubyte").read_bytes() == good
+
+
+def test_a_val_fraction_too_small_for_the_official_set_is_refused_at_construction(tmp_path):
+    # before any file is read or fetched: a comparison checks every stage's settings this way
+    with pytest.raises(SettingError) as info:
+        MNISTDataModule(data_dir=str(tmp_path), val_fraction=5e-5)
+    assert str(info.value).startswith(
+        "MNISTDataModule val_fraction must be at least 7.42e-05 for the 60000 training images "
+        "(6742 in the largest class); got 5e-05"
+    )

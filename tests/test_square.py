@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from robust._attack_core import Forward
 from robust.checks import SettingError
-from robust.square import _eta_cpu, square, square_p
+from robust.square import _eta_cpu, _Square, square, square_p
 from tests.tiny_models import distance, generators, linear, small_cnn
 
 
@@ -232,3 +233,17 @@ def test_validation():
             square(model, x, y, 0.1, "inf", **kwargs)
     with pytest.raises(ValueError, match="B, C, H, W"):
         square(model, x.flatten(1), y, 0.1, "inf")
+
+
+def test_windows_reach_every_position_the_reference_code_skips_the_last(monkeypatch):
+    model = small_cnn(size=10)
+    x = torch.rand(2, 1, 10, 10)
+    run = _Square(
+        Forward(model, False), x, torch.zeros(2, dtype=torch.long), 0.1, "inf", 10, 0.8, False
+    )
+    u = torch.tensor([0.0, 1.0 - 1e-7])  # the first and the last draw
+    mask, _, _ = run.window(u, u, 3)
+    assert mask[0, 0, :3, :3].all() and mask[1, 0, 7:, 7:].all()  # the last rows and columns
+    monkeypatch.setattr(_Square, "reference_window_range", True)
+    mask, _, _ = run.window(u, u, 3)
+    assert mask[1, 0, 6:9, 6:9].all() and not mask[:, 0, 9].any() and not mask[:, 0, :, 9].any()
