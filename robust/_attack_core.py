@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from robust.checks import SettingError, check_choice, check_real
 from robust.cpu_memory import MMAP_THRESHOLD
 from robust.modes import eval_mode
-from robust.one_channel_conv import replace_one_channel_convs
 from robust.pool_first import (
     children_replaced,
     rewrite_sequentials,
@@ -294,11 +293,6 @@ def largest_outputs(model: nn.Module) -> Iterator[list[int]]:
             handle.remove()
 
 
-def _fast_layers(modules: list[nn.Module | None]) -> list[nn.Module | None]:
-    """A sequential's modules with ReLU after max-pooling and faster one-channel convolutions."""
-    return replace_one_channel_convs(swap_relu_pool(modules))
-
-
 def _default_channels_last(model: object, x: Tensor) -> bool:
     """Channels-last weights by default for float32 4-D images on CPUs (faster there)."""
     return x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
@@ -317,10 +311,9 @@ class Forward:
     does not depend on its slice, up to float rounding. With ``channels_last``, modules also run
     with ReLU after max-pooling (:mod:`robust.pool_first`: the same function; on 2 CPU cores 6-8%
     faster in that layout and 5-9% slower in the contiguous one, where max-pooling rectified
-    values is the cheaper order), and one-channel convolutions take their input gradient from a
-    transposed convolution (:mod:`robust.one_channel_conv`: the same gradient up to float
-    rounding, 2-3x faster on CPUs). Both also reach a network held by another module (a
-    LightningModule's), swapped in for each call (:func:`robust.pool_first.children_replaced`).
+    values is the cheaper order), also in a network held by another module (a LightningModule's),
+    swapped in for each call (:func:`robust.pool_first.children_replaced`; 7% faster PGD on a
+    LeNet classifier module there).
     Compiled (``_orig_mod``) and non-module callables are called as they are.
     """
 
@@ -334,10 +327,9 @@ class Forward:
         self.replacements: list[tuple[nn.Module, str, nn.Module]] = []
         if channels_last and isinstance(model, nn.Module) and not hasattr(model, "_orig_mod"):
             # ReLU after max-pooling: the same function, faster in the channels-last layout;
-            # one-channel convolutions' input gradients by the faster transposed convolution;
             # networks held by other modules (a LightningModule's) swapped in during each call
-            self.model = rewrite_sequentials(model, _fast_layers)
-            self.replacements = sequential_replacements(model, _fast_layers)
+            self.model = rewrite_sequentials(model, swap_relu_pool)
+            self.replacements = sequential_replacements(model, swap_relu_pool)
             # clone, not contiguous(): a weight with one input channel counts as contiguous in
             # both formats, yet only explicit channels-last strides make convolutions use it
             self.weights = {

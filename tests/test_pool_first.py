@@ -244,3 +244,22 @@ def test_holders_inside_plain_sequentials_are_found_and_compiled_ones_left_alone
         (inner, "inner")
     ]
     assert sequential_replacements(Opaque(torch.compile(small())), swap_relu_pool) == []
+
+
+def test_the_attacks_reach_the_network_of_a_lightning_module() -> None:
+    from lightning_modules.standard import StandardClassifier
+    from robust._attack_core import Forward
+
+    module = StandardClassifier(LeNet)
+    network = module.model
+    forward = Forward(module, channels_last=True)
+    assert forward.model is module  # the module itself runs, with its network swapped in
+    seen = []
+    hook = module.register_forward_hook(
+        lambda m, inputs, output: seen.append([type(layer) for layer in m.model[1]][:3])
+    )
+    forward(torch.rand(2, 1, 28, 28))
+    hook.remove()
+    assert seen == [[nn.Conv2d, nn.MaxPool2d, nn.ReLU]]  # pool first during the call
+    assert module.model is network and type(network[1][1]) is nn.ReLU  # restored after
+    assert Forward(module, channels_last=False).replacements == []
