@@ -277,20 +277,23 @@ def find_run_checkpoint(which: str, run_dir: Path, dirpath: str | os.PathLike | 
     A new process logs to a new ``version_N`` folder, so Lightning's own ``"last"``/``"best"``
     would find nothing there and silently evaluate an untrained model; this finds the checkpoint
     that the latest ``fit`` of the same config wrote. Where ``checkpoint.dirpath`` is set
-    (``dirpath``), ``fit`` wrote its checkpoints there, and only there is searched: an older run
-    of the logger's folder is not this config's.
+    (``dirpath``), ``fit`` wrote its checkpoints there, and only there is searched (the newest
+    ``last*.ckpt``: a later run's is ``last-v1.ckpt``): an older run of the logger's folder is not
+    this config's.
 
     Raises:
         SettingError: When no such checkpoint exists.
     """
-    pattern = "last.ckpt" if which == "last" else "best-*.ckpt"
-    where = Path(dirpath) if dirpath else run_dir / "version_*" / "checkpoints"
-    found = sorted(
-        Path(dirpath).glob(pattern)
-        if dirpath
-        else run_dir.glob(f"version_*/checkpoints/{pattern}"),
-        key=lambda p: p.stat().st_mtime,
-    )
+    if dirpath:
+        # a shared folder: Lightning names a later run's files last-v1.ckpt, best-...-v1.ckpt
+        folder = Path(os.path.expanduser(os.fspath(dirpath)))
+        pattern = "last*.ckpt" if which == "last" else "best-*.ckpt"
+        where, found = folder, list(folder.glob(pattern))
+    else:
+        pattern = "last.ckpt" if which == "last" else "best-*.ckpt"
+        where = run_dir / "version_*" / "checkpoints"
+        found = list(run_dir.glob(f"version_*/checkpoints/{pattern}"))
+    found.sort(key=lambda p: p.stat().st_mtime)
     if not found:
         refuse(
             f"ckpt_path {which!r}: no {pattern} under {where}; "
@@ -1012,19 +1015,24 @@ class RobustCLI(LightningCLI):
 
         ``fit`` records the data module's ``identity()`` in every checkpoint (the class, dataset,
         split method, seed and fractions). Another seed or fraction makes another split, so the
-        test images may have been training images: ``validate``, ``test``, ``predict`` and a
-        resumed ``fit`` are refused, naming what differs, unless ``--allow_other_data true``.
+        test images may have been training images: ``validate``, ``test`` and a resumed ``fit``
+        are refused, naming what differs, unless ``--allow_other_data true`` (``predict``, which
+        applies a model to any images, is not checked).
         Checkpoints without the record (older ones, or data modules without ``identity``) are
         not checked.
 
         Raises:
             SettingError: Naming the differing entries, both values and the way out.
         """
+        if self.config.get("subcommand") not in ("fit", "validate", "test"):
+            return  # predict applies a model to whatever images it is given
         recorded = (self.checkpoint or {}).get(DATA_IDENTITY_KEY)
         identity = getattr(self.datamodule, "identity", None)
         if not isinstance(recorded, Mapping) or not callable(identity):
             return
-        current = json.loads(json.dumps(identity()))  # tuples as lists, as the file has them
+        # both as JSON values (tuples as lists); the file's may hold anything
+        current = json.loads(json.dumps(identity(), default=repr))
+        recorded = json.loads(json.dumps(recorded, default=repr))
         names = sorted(
             set(current) | set(recorded),
             key=lambda k: (k not in ("data_module", "dataset", "seed"), str(k)),

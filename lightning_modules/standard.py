@@ -1,5 +1,6 @@
 """Standard (clean) training: the base LightningModule that the robust trainings extend."""
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,6 +88,11 @@ class StandardClassifier(LightningModule):
                 f"expected (1, {self.num_classes}) logits"
             )
 
+    whole_sequentials = ("model",)
+    """``forward`` only calls ``self.model(x)``: the attacks may run a rewritten copy of it
+    (:func:`robust.pool_first.sequential_replacements`). A subclass with its own ``forward``
+    does not inherit this."""
+
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(B, num_classes)`` for pixel-space images ``(B, C, H, W)`` in [0, 1]."""
         return self.model(x)
@@ -100,7 +106,8 @@ class StandardClassifier(LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         identity = getattr(datamodule, "identity", None)
         if callable(identity):
-            checkpoint[DATA_IDENTITY_KEY] = identity()
+            # JSON values (lists, not tuples): what the CLI compares it with
+            checkpoint[DATA_IDENTITY_KEY] = json.loads(json.dumps(identity()))
 
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Loss to minimise on one training batch.
@@ -124,16 +131,17 @@ class StandardClassifier(LightningModule):
         self, batch: Sequence[Tensor], batch_idx: int, stage: str, metric: MulticlassAccuracy
     ) -> None:
         x, y = batch[0], batch[1]
+        logits = self(x)
         padded = sampler_padding(self._trainer, stage, batch_idx, len(y)) if self._trainer else None
-        if padded is not None and bool(padded.any()):
+        if padded is not None and bool(padded.any()) and not bool(padded.all()):
             # the distributed sampler's repeats: counted once, as on one process
             keep = ~padded.to(y.device)
-            x, y = x[keep], y[keep]
-        if len(y):
-            logits = self(x)
+            logits, y = logits[keep], y[keep]
+        if padded is None or not bool(padded.all()):
             metric.update(logits, y)
-            loss = F.cross_entropy(logits, y)
-            self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(y))
+        # logged on every process and batch: its epoch-end reduction is a collective call
+        loss = F.cross_entropy(logits, y)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(y))
         self.log(f"{stage}/acc", metric, prog_bar=True)
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:

@@ -311,9 +311,10 @@ class Forward:
     does not depend on its slice, up to float rounding. With ``channels_last``, modules also run
     with ReLU after max-pooling (:mod:`robust.pool_first`: the same function; on 2 CPU cores 6-8%
     faster in that layout and 5-9% slower in the contiguous one, where max-pooling rectified
-    values is the cheaper order), also in a network held by another module (a LightningModule's),
-    swapped in for each call (:func:`robust.pool_first.children_replaced`; 7% faster PGD on a
-    LeNet classifier module there).
+    values is the cheaper order), also in the network of a module that declares calling it whole
+    (``whole_sequentials``, as the project's LightningModules do), swapped in for each call
+    (:func:`robust.pool_first.sequential_replacements`; 7% faster PGD on a LeNet classifier
+    module).
     Compiled (``_orig_mod``) and non-module callables are called as they are.
     """
 

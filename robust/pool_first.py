@@ -23,7 +23,6 @@ import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
-import torch
 from torch import nn
 
 __all__ = [
@@ -118,17 +117,19 @@ def rewrite_sequentials(model: nn.Module, rewrite: ListRewrite) -> nn.Module:
 def sequential_replacements(
     model: nn.Module, rewrite: ListRewrite
 ) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Where plain sequentials held by other modules change under :func:`rewrite_sequentials`.
+    """Rewritten networks for the children a module declares it only calls whole.
 
-    For a network inside a module with a ``forward`` of its own (a LightningModule holding
-    ``self.model``, say): the ``(holder, name, rewritten)`` triples that :func:`children_replaced`
-    puts in place for the duration of a call, so the holder's own ``forward``, attributes and
-    hooks stay the caller's (a copy of the holder would count queries or cache values in the
-    copy). Sequentials inside a plain sequential are :func:`rewrite_sequentials`' own work and
-    not listed. Compiled (``_orig_mod``) and scripted modules are not entered.
+    A module with a ``forward`` of its own (a LightningModule holding ``self.model``) may use a
+    child sequential in ways a rewrite would break (slicing it, reading an attribute of it), so
+    only a class that declares ``whole_sequentials`` (the names of children its ``forward`` calls
+    as a whole and nothing else), in the class that defines its ``forward``, takes part. Returns
+    the ``(model, name, rewritten)`` triples that :func:`children_replaced` puts in place for the
+    duration of a call, so the module's own ``forward``, attributes and hooks stay the caller's
+    (a copy of the module would count queries or cache values in the copy).
 
     Examples:
         >>> class Holder(nn.Module):
+        ...     whole_sequentials = ("net",)  # forward is self.net(x)
         ...     def __init__(self):
         ...         super().__init__()
         ...         self.net = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
@@ -143,23 +144,22 @@ def sequential_replacements(
         'MaxPool2d'
         >>> type(holder.net[0]).__name__
         'ReLU'
+        >>> class Slicer(Holder):
+        ...     def forward(self, x):  # its own forward: Holder's declaration does not hold
+        ...         return self.net[:1](x)
+        >>> sequential_replacements(Slicer(), swap_relu_pool)
+        []
     """
-    found: list[tuple[nn.Module, str, nn.Module]] = []
-
-    def walk(module: nn.Module) -> None:
-        if hasattr(module, "_orig_mod") or isinstance(module, torch.jit.ScriptModule):
-            return
-        plain = _plain_sequential(module)
-        for name, child in module._modules.items():
-            if child is None:
-                continue
-            if not plain and _plain_sequential(child):
-                new = rewrite_sequentials(child, rewrite)
-                if new is not child:
-                    found.append((module, name, new))
-            walk(child)  # holders further down, also inside plain sequentials
-
-    walk(model)
+    declaring = next((c for c in type(model).__mro__ if "whole_sequentials" in vars(c)), None)
+    if declaring is None or type(model).forward is not declaring.forward:
+        return []
+    found = []
+    for name in declaring.whole_sequentials:
+        child = model._modules.get(name)
+        if child is not None and _plain_sequential(child):
+            new = rewrite_sequentials(child, rewrite)
+            if new is not child:
+                found.append((model, name, new))
     return found
 
 

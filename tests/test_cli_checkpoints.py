@@ -147,6 +147,7 @@ def test_a_checkpoint_is_not_evaluated_on_other_data_without_a_word(
     assert not (in_tmp / "runs").exists()  # refused before anything ran
     line = refusal(capsys, "fit", *args)  # resuming on another split: refused too
     assert expected in line
+    cli.main(["predict", *args, "--trainer.limit_predict_batches", "1"])  # any images: not checked
     allowed = cli.main(
         ["test", *args, "--allow_other_data", "true", "--trainer.limit_test_batches", "1"]
     )
@@ -189,7 +190,7 @@ def test_last_follows_checkpoint_dirpath_not_an_older_run_of_the_logger(in_tmp, 
     line = refusal(
         capsys, "test", *args, "--checkpoint.dirpath", str(elsewhere), "--ckpt_path", "last"
     )
-    assert f"no last.ckpt under {elsewhere}" in line  # not the older run's file
+    assert f"no last*.ckpt under {elsewhere}" in line  # not the older run's file
     cli.main(["fit", *args, "--checkpoint.dirpath", str(elsewhere)])
     capsys.readouterr()
     test = ["test", *args, "--trainer.limit_test_batches", "1", "--ckpt_path", "last"]
@@ -197,6 +198,11 @@ def test_last_follows_checkpoint_dirpath_not_an_older_run_of_the_logger(in_tmp, 
     assert f"ckpt_path 'last' is {elsewhere / 'last.ckpt'}" in capsys.readouterr().err
     cli.main(test)  # without dirpath: the logger's runs, as before
     assert "version_" in capsys.readouterr().err
+    cli.main(["fit", *args, "--checkpoint.dirpath", str(elsewhere)])  # a second run writes -v1
+    assert (elsewhere / "last-v1.ckpt").exists()
+    capsys.readouterr()
+    cli.main([*test, "--checkpoint.dirpath", str(elsewhere)])
+    assert f"ckpt_path 'last' is {elsewhere / 'last-v1.ckpt'}" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- item 4 of issue 10

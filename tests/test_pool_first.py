@@ -199,7 +199,7 @@ def test_pgd_images_equal_those_on_the_relu_first_model(channels_last, wrapped) 
     model = classifier(LeNet)
     x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
     generators = [torch.Generator().manual_seed(i) for i in range(8)]
-    attacked = Opaque(model) if wrapped else model  # the attacks also reach a wrapped network
+    attacked = Declared(model) if wrapped else model  # the attacks also reach a held network
     ours = pgd(
         attacked, x, y, 0.3, "inf", steps=5, generator=generators, channels_last=channels_last
     )
@@ -217,9 +217,18 @@ def test_pgd_images_equal_those_on_the_relu_first_model(channels_last, wrapped) 
     torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)
 
 
+class Declared(Opaque):
+    """Calls its sequential whole, and says so: the attacks may swap a rewritten copy in."""
+
+    whole_sequentials = ("inner",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
 def test_a_network_inside_another_module_is_swapped_in_for_the_call_only() -> None:
     model = classifier(LeNet)
-    holder = Opaque(model)
+    holder = Declared(model)
     assert pool_before_relu(holder) is holder  # a module with its own forward: not copied
     replacements = sequential_replacements(holder, swap_relu_pool)
     assert [(h, name) for h, name, _ in replacements] == [(holder, "inner")]
@@ -237,13 +246,23 @@ def test_a_network_inside_another_module_is_swapped_in_for_the_call_only() -> No
     assert holder.inner is model
 
 
-def test_holders_inside_plain_sequentials_are_found_and_compiled_ones_left_alone() -> None:
-    inner = Opaque(small())
-    outer = nn.Sequential(nn.Identity(), inner)
-    assert [(h, name) for h, name, _ in sequential_replacements(outer, swap_relu_pool)] == [
-        (inner, "inner")
-    ]
-    assert sequential_replacements(Opaque(torch.compile(small())), swap_relu_pool) == []
+class Slicing(Declared):
+    """Its own forward uses part of the sequential: conv and ReLU, then a square root."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner[:2](x).sqrt().flatten(1)[:, :10]
+
+
+def test_only_modules_that_declare_calling_their_network_whole_are_swapped_into() -> None:
+    network = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2))
+    assert sequential_replacements(Opaque(network), swap_relu_pool) == []  # undeclared
+    assert sequential_replacements(Slicing(network), swap_relu_pool) == []  # forward overridden
+    assert sequential_replacements(Declared(torch.compile(network)), swap_relu_pool) == []
+    # the reviewer's case: swapped in, the slice would be conv then max-pool, with no ReLU
+    x, y = torch.randn(3, 1, 8, 8), torch.arange(3)
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    adv = pgd(Slicing(network), x, y, 0.1, "inf", steps=2, generator=generators, channels_last=True)
+    assert torch.isfinite(Slicing(network)(adv)).all()
 
 
 def test_the_attacks_reach_the_network_of_a_lightning_module() -> None:
