@@ -1032,7 +1032,13 @@ class RobustCLI(LightningCLI):
             return
         # both as JSON values (tuples as lists); the file's may hold anything
         current = json.loads(json.dumps(identity(), default=repr))
-        recorded = json.loads(json.dumps(recorded, default=repr))
+        try:
+            recorded = json.loads(json.dumps(recorded, default=repr))
+        except (TypeError, ValueError):  # keys that are not strings, a cycle
+            refuse(
+                f"ckpt_path {self.checkpoint_path or self.config.get('ckpt_path')!r}: its "
+                f"'{DATA_IDENTITY_KEY}' is not a mapping of plain values (as fit writes it)"
+            )
         names = sorted(
             set(current) | set(recorded),
             key=lambda k: (k not in ("data_module", "dataset", "seed"), str(k)),

@@ -383,6 +383,10 @@ def _first_weight(checkpoint) -> str:
             "the normalization mean 'model.0.mean' is [0.2",
         ),
         (
+            lambda c: c.__setitem__("data_identity", {("seed",): 0}),
+            "its 'data_identity' is not a mapping of plain values",
+        ),
+        (
             lambda c: c["state_dict"].__setitem__(
                 _first_weight(c), c["state_dict"][_first_weight(c)].to_sparse()
             ),
@@ -416,6 +420,7 @@ def _first_weight(checkpoint) -> str:
         "std-inf",
         "std-other",
         "mean-other",
+        "identity-tuple-key",
         "sparse",
         "integer",
     ],
