@@ -1024,8 +1024,11 @@ class RobustCLI(LightningCLI):
         Raises:
             SettingError: Naming the differing entries, both values and the way out.
         """
-        if self.config.get("subcommand") not in ("fit", "validate", "test"):
+        subcommand = self.config.get("subcommand")
+        if subcommand not in ("fit", "validate", "test"):
             return  # predict applies a model to whatever images it is given
+        config = self.config[subcommand]
+        path = self.checkpoint_path or config.get("ckpt_path")
         recorded = (self.checkpoint or {}).get(DATA_IDENTITY_KEY)
         identity = getattr(self.datamodule, "identity", None)
         if not isinstance(recorded, Mapping) or not callable(identity):
@@ -1036,25 +1039,21 @@ class RobustCLI(LightningCLI):
             recorded = json.loads(json.dumps(recorded, default=repr))
         except (TypeError, ValueError):  # keys that are not strings, a cycle
             refuse(
-                f"ckpt_path {self.checkpoint_path or self.config.get('ckpt_path')!r}: its "
-                f"'{DATA_IDENTITY_KEY}' is not a mapping of plain values (as fit writes it)"
+                f"ckpt_path {path!r}: its '{DATA_IDENTITY_KEY}' is not a mapping of plain "
+                "values (as fit writes it)"
             )
         names = sorted(
             set(current) | set(recorded),
             key=lambda k: (k not in ("data_module", "dataset", "seed"), str(k)),
         )
         differing = [k for k in names if not same(current.get(k), recorded.get(k))]
-        if not differing:
-            return
-        subcommand = self.config.get("subcommand")
-        config = self.config[subcommand] if subcommand else self.config
-        if config.get("allow_other_data"):
+        if not differing or config.get("allow_other_data"):
             return
         shown = "; ".join(
             f"{k} {recorded.get(k)!r} there, {current.get(k)!r} here" for k in differing[:3]
         )
         refuse(
-            f"the checkpoint {self.checkpoint_path or config.get('ckpt_path')} was trained on "
+            f"the checkpoint {path} was trained on "
             f"other data than the data module gives ({shown}): its test images may have been "
             "among its training images; use the data settings it was trained with, or pass "
             "--allow_other_data true to use these images anyway"

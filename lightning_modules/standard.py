@@ -133,11 +133,12 @@ class StandardClassifier(LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         padded = sampler_padding(self._trainer, stage, batch_idx, len(y)) if self._trainer else None
-        if padded is not None and bool(padded.any()) and not bool(padded.all()):
+        repeats = 0 if padded is None else int(padded.sum())
+        if 0 < repeats < len(y):
             # the distributed sampler's repeats: counted once, as on one process
             keep = ~padded.to(y.device)
             logits, y = logits[keep], y[keep]
-        if padded is None or not bool(padded.all()):
+        if repeats < len(y):
             metric.update(logits, y)
         # logged on every process and batch: its epoch-end reduction is a collective call
         loss = F.cross_entropy(logits, y)

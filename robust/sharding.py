@@ -60,6 +60,14 @@ def image_seed(seed: int, key: str, index: int) -> int:
     return int(state) & (2**63 - 1)
 
 
+def _stage_loader(trainer: Any, stage: str) -> Any:
+    """The running stage's first data loader ("test" or "val"), or None."""
+    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+    if isinstance(loaders, Sequence):
+        return loaders[0] if loaders else None
+    return loaders
+
+
 def evaluation_dataset(trainer: Any, stage: str) -> Dataset:
     """The unshuffled dataset the trainer is evaluating in ``stage`` ("test" or "val").
 
@@ -72,11 +80,9 @@ def evaluation_dataset(trainer: Any, stage: str) -> Dataset:
         >>> evaluation_dataset(SimpleNamespace(test_dataloaders=loader), "test") is loader.dataset
         True
     """
-    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
-    if isinstance(loaders, Sequence) and loaders:
-        loaders = loaders[0]
-    if isinstance(loaders, DataLoader):
-        return loaders.dataset
+    loader = _stage_loader(trainer, stage)
+    if isinstance(loader, DataLoader):
+        return loader.dataset
     dataset = getattr(getattr(trainer, "datamodule", None), f"{stage}_set", None)
     if dataset is None:
         raise RuntimeError(f"no {stage} dataset found: give the Trainer a {stage} data loader")
@@ -104,10 +110,7 @@ def evaluated_images(trainer: Any, stage: str, dataset_size: int) -> int:
     limit = trainer.limit_test_batches if stage == "test" else trainer.limit_val_batches
     if limit is None or (isinstance(limit, float) and limit >= 1.0):
         return dataset_size
-    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
-    if isinstance(loaders, Sequence):
-        loaders = loaders[0] if loaders else None
-    batch = getattr(loaders, "batch_size", None)
+    batch = getattr(_stage_loader(trainer, stage), "batch_size", None)
     counts = trainer.num_test_batches if stage == "test" else trainer.num_val_batches
     world = max(int(trainer.world_size), 1)
     if batch and counts and math.isfinite(counts[0]):
@@ -128,8 +131,7 @@ def sampler_padding(trainer: Any, stage: str, batch_idx: int, batch_len: int) ->
     the first images until every process has ``ceil(size / N)``: process ``r``'s ``k``-th sample
     is dataset position ``r + k * N``, a repeat when that is ``>= size``. Metrics that count
     those twice (a clean accuracy through torchmetrics) differ between 1 and N processes. None
-    where nothing is padded or the loader is not of that kind (one process, a shuffled or
-    custom sampler).
+    where the loader is not of that kind (one process, a shuffled or custom sampler).
 
     Examples:
         >>> from types import SimpleNamespace
@@ -143,11 +145,9 @@ def sampler_padding(trainer: Any, stage: str, batch_idx: int, batch_len: int) ->
     """
     if int(getattr(trainer, "world_size", 1)) <= 1:
         return None
-    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
-    if isinstance(loaders, Sequence):
-        loaders = loaders[0] if loaders else None
-    sampler = getattr(loaders, "sampler", None)
-    batch_size = getattr(loaders, "batch_size", None)
+    loader = _stage_loader(trainer, stage)
+    sampler = getattr(loader, "sampler", None)
+    batch_size = getattr(loader, "batch_size", None)
     if type(sampler) is not DistributedSampler or sampler.shuffle or sampler.drop_last:
         return None
     if not batch_size:

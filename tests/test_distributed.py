@@ -84,24 +84,31 @@ def evaluation_config(path: Path, tsv: Path) -> Path:
     return path
 
 
+def evaluated_on(checkpoint: Path, devices: int, strategy: str, tmp_path: Path, *extra: str) -> str:
+    """``test`` of the trained LeNet on ``devices`` CPU processes; the printed output."""
+    return run_cli(
+        "test",
+        "--config", str(ROOT / "configs/mnist/standard.yaml"),
+        "--model.init_args.backbone", "lightning_modules.backbones.LeNet",
+        *extra,
+        "--ckpt_path", str(checkpoint),
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", str(devices),
+        "--trainer.strategy", strategy,
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        cwd=tmp_path,
+    )  # fmt: skip
+
+
 def test_two_processes_give_the_numbers_and_rows_of_one(trained_checkpoint, tmp_path):
     results = {}
     for devices, strategy in ((1, "auto"), (2, "ddp")):
         tsv = tmp_path / f"certify_{devices}.tsv"
         config = evaluation_config(tmp_path / f"eval_{devices}.yaml", tsv)
-        output = run_cli(
-            "test",
-            "--config", str(ROOT / "configs/mnist/standard.yaml"),
-            "--model.init_args.backbone", "lightning_modules.backbones.LeNet",
-            "--config", str(config),
-            "--ckpt_path", str(trained_checkpoint),
-            "--trainer.accelerator", "cpu",
-            "--trainer.devices", str(devices),
-            "--trainer.strategy", strategy,
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-            cwd=tmp_path,
-        )  # fmt: skip
+        output = evaluated_on(
+            trained_checkpoint, devices, strategy, tmp_path, "--config", str(config)
+        )
         if devices == 2:
             assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
         rows, torn = read_tsv(tsv)
@@ -123,19 +130,9 @@ def test_clean_accuracy_counts_each_image_once_on_three_processes(trained_checkp
     # 500 test images on 3 processes: the sampler repeats one image to give each 167
     accuracy = {}
     for devices, strategy in ((1, "auto"), (3, "ddp")):
-        output = run_cli(
-            "test",
-            "--config", str(ROOT / "configs/mnist/standard.yaml"),
-            "--model.init_args.backbone", "lightning_modules.backbones.LeNet",
-            "--ckpt_path", str(trained_checkpoint),
-            "--trainer.accelerator", "cpu",
-            "--trainer.devices", str(devices),
-            "--trainer.strategy", strategy,
-            "--trainer.callbacks", "[]",
-            "--data.init_args.batch_size", "32",
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-            cwd=tmp_path,
+        output = evaluated_on(
+            trained_checkpoint, devices, strategy, tmp_path,
+            "--trainer.callbacks", "[]", "--data.init_args.batch_size", "32",
         )  # fmt: skip
         accuracy[devices] = logged(output, "test/acc")["test/acc"]
     assert accuracy[1] == accuracy[3]
