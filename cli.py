@@ -778,7 +778,10 @@ def check_scheduler_steps(scheduler: Any) -> None:
 
 # Keys that a model logs only in validation epochs after the sanity check, and the model setting
 # that must be > 0 for it to log them.
-LOGGED_AFTER_SANITY_CHECK = {"val/robust_acc": "robust_val_images"}
+LOGGED_AFTER_SANITY_CHECK = {
+    "val/robust_acc": "robust_val_images",  # AdversarialClassifier
+    "val/noisy_acc": "noisy_val_images",  # NoiseAugmentedClassifier
+}
 
 
 def check_monitor_can_be_logged(monitor: str | None, model: Any) -> None:
@@ -793,8 +796,7 @@ def check_monitor_can_be_logged(monitor: str | None, model: Any) -> None:
     if not hasattr(model, setting):
         refuse(
             f"checkpoint.monitor {monitor!r} is never logged: {type(model).__name__} has no "
-            f"{setting} setting to log it (AdversarialClassifier has); monitor another key such "
-            "as val/acc"
+            f"{setting} setting to log it; monitor another key such as val/acc"
         )
     value = getattr(model, setting)
     if not (_is_index(value) and value > 0):

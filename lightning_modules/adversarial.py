@@ -19,16 +19,7 @@ from lightning_modules.standard import BackboneFactory, StandardClassifier, _ada
 from robust.attacks import AttackSpec, attack, check_ball
 from robust.checks import SettingError, check_choice, check_int, check_real, check_unused_at_default
 from robust.modes import eval_mode
-from robust.sharding import (
-    FAST_DEV_IMAGES,
-    batches,
-    evaluated_images,
-    evaluation_dataset,
-    gather_rows,
-    image_seed,
-    rounds,
-    shard,
-)
+from robust.sharding import image_seed
 from robust.trades import trades_loss, trades_perturb
 
 __all__ = [
@@ -474,51 +465,30 @@ class AdversarialClassifier(StandardClassifier):
         if self.trainer.state.fn == TrainerFn.FITTING:
             self._watch_collapse(accuracy)
 
-    def robust_val_count(self, dataset_size: int) -> int:
-        """Images of robust validation: the first ``robust_val_images`` the trainer evaluates.
-
-        Like the evaluation callbacks (:mod:`callbacks.evaluation`): of the whole batches that
-        ``limit_val_batches`` lets Lightning run (:func:`robust.sharding.evaluated_images`);
-        under ``fast_dev_run`` at most 2 images.
-        """
-        trainer = self.trainer
-        total = min(self.robust_val_images, evaluated_images(trainer, "val", dataset_size))
-        if trainer.fast_dev_run:
-            total = min(total, FAST_DEV_IMAGES)
-        return total
-
     def robust_validation_accuracy(self) -> float:
         """Accuracy under ``robust_val_attack`` on the first validation images, on all processes."""
-        trainer = self.trainer
-        dataset = evaluation_dataset(trainer, "val")
-        total = self.robust_val_count(len(dataset))
-        mine = shard(range(total), trainer.global_rank, trainer.world_size)
-        num_rounds = rounds(total, self.robust_val_batch_size, trainer.world_size)
-        spec, device = self.robust_val_attack, self.device
-        rows: list[Tensor] = []
-        with eval_mode(self), trainer.precision_plugin.forward_context():
-            for indices, x, y in batches(dataset, mine, self.robust_val_batch_size, num_rounds):
-                if not indices:
-                    continue
-                x = trainer.precision_plugin.convert_input(x.to(device))
-                y = y.to(device)
-                generators = None
-                if spec.resolved_random_start:
-                    generators = [
-                        torch.Generator(device=device).manual_seed(
-                            image_seed(self.robust_val_seed, spec.key, i)
-                        )
-                        for i in indices
-                    ]
-                with torch.no_grad():
-                    clean = self(x).argmax(dim=1)
-                x_adv = attack(self, x, y, spec, generator=generators)
-                with torch.no_grad():
-                    adversarial = self(x_adv).argmax(dim=1)
-                index = torch.as_tensor(indices, device=device)
-                rows.append(torch.stack([index, y, clean, adversarial], dim=1).double().cpu())
-        local = torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.float64)
-        table = gather_rows(trainer, local, device=device)
+        spec = self.robust_val_attack
+
+        def rows_of(indices: list[int], x: Tensor, y: Tensor) -> Tensor:
+            generators = None
+            if spec.resolved_random_start:
+                generators = [
+                    torch.Generator(device=x.device).manual_seed(
+                        image_seed(self.robust_val_seed, spec.key, i)
+                    )
+                    for i in indices
+                ]
+            with torch.no_grad():
+                clean = self(x).argmax(dim=1)
+            x_adv = attack(self, x, y, spec, generator=generators)
+            with torch.no_grad():
+                adversarial = self(x_adv).argmax(dim=1)
+            index = torch.as_tensor(indices, device=x.device)
+            return torch.stack([index, y, clean, adversarial], dim=1)
+
+        table = self.exact_validation_rows(
+            self.robust_val_images, self.robust_val_batch_size, 4, rows_of
+        )
         if len(table) == 0:
             return math.nan
         robust = (table[:, 2] == table[:, 1]) & (table[:, 3] == table[:, 1])

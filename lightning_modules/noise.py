@@ -24,6 +24,7 @@ from lightning_modules.backbones import SmallCNN
 from lightning_modules.standard import BackboneFactory, StandardClassifier, _adam
 from robust.attacks import check_ball
 from robust.checks import SettingError, check_int, check_real, check_unused_at_default
+from robust.sharding import image_seed
 from robust.smoothadv import smoothadv_attack
 
 _OWNER = "NoiseAugmentedClassifier"
@@ -63,6 +64,11 @@ SMOOTHADV_DEFAULTS = {
 }
 """SmoothAdv's settings and their defaults: other values take effect only with smoothadv_eps > 0."""
 
+NOISY_VAL_DEFAULTS = {"noisy_val_samples": 4, "noisy_val_seed": 0}
+"""Noisy validation's settings and defaults: other values act only with noisy_val_images > 0."""
+NOISY_VAL_BATCH_IMAGES = 128
+"""Images per batch of the noisy validation (times ``noisy_val_samples`` copies per forward)."""
+
 
 class NoiseAugmentedClassifier(StandardClassifier):
     """Classifier trained on Gaussian-noisy images: the base classifier for randomized smoothing.
@@ -76,6 +82,17 @@ class NoiseAugmentedClassifier(StandardClassifier):
 
     averaged over the batch; with m = 1 and lambda = eta = 0 it is the plain Gaussian augmentation
     of Cohen et al. (2019). Validation and test measure clean accuracy as in the base class.
+
+    **Noisy validation**: with ``noisy_val_images > 0``, every validation epoch (not the sanity
+    check) also logs ``val/noisy_acc``, the accuracy of the base classifier on
+    ``noisy_val_samples`` noisy copies x + sigma * z of each of the first ``noisy_val_images``
+    validation images: the accuracy that the smoothed classifier's predictions and certificates
+    rest on, where clean ``val/acc`` can prefer an epoch that is worse under noise. Monitor it
+    (``--checkpoint.monitor val/noisy_acc``; the noise configs do) to keep the best checkpoint for
+    certification. Image ``i``'s noise comes from its own generator seeded by
+    :func:`robust.sharding.image_seed` ``(noisy_val_seed, "noise_sigma<sigma>", i)``, and each
+    process evaluates every N-th image, so the number is the same for any batch size and process
+    count (on one kind of device). It honours ``limit_val_batches`` as robust validation does.
 
     **SmoothAdv** (Salman et al. 2019, Sec. 3-4, their "SmoothAdv_PGD"; on with
     ``smoothadv_eps > 0``): the m noises delta_i are drawn first, x is replaced by the adversarial
@@ -109,6 +126,16 @@ class NoiseAugmentedClassifier(StandardClassifier):
         smoothadv_step_size: PGD step length > 0; None: ``2 * eps / steps`` (the authors' code).
         smoothadv_warmup_epochs: Epochs W >= 0 over which SmoothAdv's eps grows linearly (0 or 1:
             the full eps from the start; the authors warm up over 10 epochs on CIFAR-10).
+        noisy_val_images: Validation images of ``val/noisy_acc``, >= 0 (0: off, and the two
+            settings below must keep their defaults).
+        noisy_val_samples: Noisy copies of each of them, >= 1.
+        noisy_val_seed: Seed of their noise, >= 0.
+
+    Examples:
+        >>> from lightning_modules.backbones import LeNet
+        >>> model = NoiseAugmentedClassifier(LeNet, sigma=0.5, noisy_val_images=200)
+        >>> model.add_noise(torch.zeros(3, 1, 28, 28)).shape  # m = 1 noisy copy per image
+        torch.Size([3, 1, 28, 28])
     """
 
     def __init__(
@@ -129,6 +156,9 @@ class NoiseAugmentedClassifier(StandardClassifier):
         smoothadv_steps: int = 1,
         smoothadv_step_size: float | None = None,
         smoothadv_warmup_epochs: int = 0,
+        noisy_val_images: int = 500,
+        noisy_val_samples: int = 4,
+        noisy_val_seed: int = 0,
     ) -> None:
         sigma = check_real("sigma", sigma, low=0, owner=_OWNER)
         num_noise_samples = check_int(
@@ -168,6 +198,19 @@ class NoiseAugmentedClassifier(StandardClassifier):
                 disabled="smoothadv_eps=0",
                 owner=_OWNER,
             )
+        noisy_val_images = check_int("noisy_val_images", noisy_val_images, minimum=0, owner=_OWNER)
+        noisy_val_samples = check_int(
+            "noisy_val_samples", noisy_val_samples, minimum=1, owner=_OWNER
+        )
+        noisy_val_seed = check_int("noisy_val_seed", noisy_val_seed, minimum=0, owner=_OWNER)
+        if noisy_val_images == 0:
+            check_unused_at_default(
+                {"noisy_val_samples": noisy_val_samples, "noisy_val_seed": noisy_val_seed},
+                NOISY_VAL_DEFAULTS,
+                enabled_by="noisy_val_images > 0 (noisy validation on)",
+                disabled="noisy_val_images=0",
+                owner=_OWNER,
+            )
         super().__init__(
             backbone, num_classes, in_channels, image_size, mean, std, optimizer, lr_scheduler
         )
@@ -181,6 +224,9 @@ class NoiseAugmentedClassifier(StandardClassifier):
         self.smoothadv_steps = smoothadv_steps
         self.smoothadv_step_size = smoothadv_step_size
         self.smoothadv_warmup_epochs = smoothadv_warmup_epochs
+        self.noisy_val_images = noisy_val_images
+        self.noisy_val_samples = noisy_val_samples
+        self.noisy_val_seed = noisy_val_seed
 
     def smoothadv_eps_at_epoch(self, epoch: int) -> float:
         """SmoothAdv's eps in (0-based) ``epoch``: ``smoothadv_eps * min(1, (epoch + 1) / W)``."""
@@ -231,3 +277,41 @@ class NoiseAugmentedClassifier(StandardClassifier):
                 self.log("train/consistency_kl", kl.mean().detach())
                 self.log("train/entropy", entropy.mean().detach())
         return loss, logits, targets
+
+    # Noisy validation ---------------------------------------------------------------------------
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/noisy_acc`` (if ``noisy_val_images > 0``; not in the sanity check)."""
+        if self.noisy_val_images == 0 or self._trainer is None or self.trainer.sanity_checking:
+            return
+        self.log("val/noisy_acc", self.noisy_validation_accuracy(), sync_dist=True)
+
+    def noisy_validation_accuracy(self) -> float:
+        """Accuracy on seeded noisy copies of the first validation images, on all processes."""
+        key, copies = f"noise_sigma{self.sigma:g}", self.noisy_val_samples
+
+        def rows_of(indices: list[int], x: Tensor, y: Tensor) -> Tensor:
+            noise = torch.stack(
+                [
+                    torch.randn(
+                        (copies, *x.shape[1:]),
+                        generator=torch.Generator(device=x.device).manual_seed(
+                            image_seed(self.noisy_val_seed, key, i)
+                        ),
+                        device=x.device,
+                    )
+                    for i in indices
+                ]
+            )  # (B, copies, C, H, W)
+            noisy = (x.unsqueeze(1) + self.sigma * noise).to(x.dtype).flatten(0, 1)
+            with torch.no_grad():
+                predictions = self(noisy).argmax(dim=1).view(len(indices), copies)
+            correct = (predictions == y.unsqueeze(1)).sum(dim=1)
+            return torch.stack([torch.as_tensor(indices, device=x.device), correct], dim=1)
+
+        table = self.exact_validation_rows(
+            self.noisy_val_images, NOISY_VAL_BATCH_IMAGES, 2, rows_of
+        )
+        if len(table) == 0:
+            return math.nan
+        return (table[:, 1].sum() / (len(table) * copies)).item()

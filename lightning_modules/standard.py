@@ -13,12 +13,23 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.backbones import Normalize, SmallCNN
 from robust.modes import eval_mode
-from robust.sharding import sampler_padding
+from robust.sharding import (
+    FAST_DEV_IMAGES,
+    batches,
+    evaluated_images,
+    evaluation_dataset,
+    gather_rows,
+    rounds,
+    sampler_padding,
+    shard,
+)
 
 DATA_IDENTITY_KEY = "data_identity"
 """Checkpoint entry holding the training data module's ``identity()``."""
 
 BackboneFactory = Callable[[int, int], nn.Module]
+RowFunction = Callable[[list[int], Tensor, Tensor], Tensor]
+"""``(dataset indices, images, labels) -> (B, k)`` result rows of one batch of images."""
 
 
 def _adam(params) -> torch.optim.Optimizer:
@@ -157,6 +168,55 @@ class StandardClassifier(LightningModule):
         """Predicted classes ``(B,)`` for a batch of images (with or without labels)."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
         return self(x).argmax(dim=1)
+
+    # Exact validation on a fixed set of images (robust and noisy validation) -------------------
+
+    def validation_image_count(self, requested: int) -> int:
+        """How many of the first ``requested`` validation images an exact validation evaluates.
+
+        Like the evaluation callbacks (:mod:`callbacks.evaluation`): of the whole batches that
+        ``limit_val_batches`` lets Lightning run (:func:`robust.sharding.evaluated_images`); under
+        ``fast_dev_run`` at most 2 images.
+        """
+        trainer = self.trainer
+        dataset = evaluation_dataset(trainer, "val")
+        total = min(requested, evaluated_images(trainer, "val", len(dataset)))  # type: ignore[arg-type]
+        return min(total, FAST_DEV_IMAGES) if trainer.fast_dev_run else total
+
+    def exact_validation_rows(
+        self, requested: int, batch_size: int, width: int, rows_of: RowFunction
+    ) -> Tensor:
+        """Rows of ``rows_of`` for the first ``requested`` validation images, each image once.
+
+        Each process evaluates every N-th image (no padding, no repeats) in eval mode under the
+        trainer's precision, and the rows of all processes are gathered
+        (:func:`robust.sharding.gather_rows`), so the result depends neither on ``batch_size`` nor
+        on the number of processes when ``rows_of`` seeds its random parts per image.
+
+        Args:
+            requested: Images wanted (fewer where :meth:`validation_image_count` says so).
+            batch_size: Images per batch on each process.
+            width: Columns of each row (a process with no images sends ``(0, width)``).
+            rows_of: Called as ``rows_of(indices, images, labels)`` (images in [0, 1] on the
+                module's device and in the precision's input dtype); returns ``(B, width)`` rows
+                whose column 0 is the dataset index.
+
+        Returns:
+            ``(images, width)`` float64 rows on the CPU, the same on every process, sorted by index.
+        """
+        trainer = self.trainer
+        dataset = evaluation_dataset(trainer, "val")
+        total = self.validation_image_count(requested)
+        mine = shard(range(total), trainer.global_rank, trainer.world_size)
+        num_rounds = rounds(total, batch_size, trainer.world_size)
+        parts: list[Tensor] = []
+        with eval_mode(self), trainer.precision_plugin.forward_context():
+            for indices, x, y in batches(dataset, mine, batch_size, num_rounds):
+                if indices:
+                    x = trainer.precision_plugin.convert_input(x.to(self.device))
+                    parts.append(rows_of(indices, x, y.to(self.device)).double().cpu())
+        local = torch.cat(parts) if parts else torch.zeros(0, width, dtype=torch.float64)
+        return gather_rows(trainer, local, device=self.device)
 
     def configure_optimizers(self):  # noqa: D102 (Lightning hook)
         optimizer = self.optimizer_factory(self.parameters())

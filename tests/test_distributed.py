@@ -179,3 +179,24 @@ def test_every_module_trains_and_tests_in_bf16_mixed(config, in_tmp, monkeypatch
         for k in ("fgm_l2_eps5", "fgm_linf_eps0.3", "pgd40_l2_eps5", "pgd40_linf_eps0.3")
     }
     assert all(value > 0 for value in norms.values())  # the attacks move the images under bf16
+
+
+def test_noisy_validation_on_two_processes_equals_one(tmp_path):
+    common = ["--config", str(ROOT / "configs/mnist/smoothing.yaml")]
+    common += ["--model.init_args.backbone", "lightning_modules.backbones.LeNet"]
+    common += ["--model.init_args.noisy_val_images", "301", "--trainer.callbacks", "[]"]
+    common += ["--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
+    common += ["--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    run_cli("fit", *common, "--trainer.max_steps", "20", "--trainer.limit_val_batches", "1",
+            cwd=tmp_path)  # fmt: skip
+    (checkpoint,) = (tmp_path / "runs").rglob("last.ckpt")
+    accuracy = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp")):
+        output = run_cli(
+            "validate", *common, "--ckpt_path", str(checkpoint),
+            "--trainer.devices", str(devices), "--trainer.strategy", strategy,
+            cwd=tmp_path,
+        )  # fmt: skip
+        accuracy[devices] = logged(output, "val/noisy_acc")["val/noisy_acc"]
+    assert accuracy[1] == accuracy[2]
+    assert round(accuracy[1] * 301 * 4, 2) == round(accuracy[1] * 301 * 4)  # a count of 1,204

@@ -216,6 +216,10 @@ def test_a_val_fraction_that_leaves_a_split_empty_is_refused(tmp_path, val_fract
         ("0," * 783 + "0\n", "holds rows of 784 values, not 784 pixels and a label"),
         ("0," * 783 + "256,1\n", "holds values that are not integers in [0, 255]"),
         ("0,1\n0\n", "cannot be read (ValueError"),
+        (
+            "0," * 784 + "3\n",
+            "holds other digits than the project's (sha256 ",
+        ),  # valid, but not ours
     ],
 )
 def test_a_broken_embedded_file_is_one_clear_error(tmp_path, monkeypatch, rows, words):

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer
 from torch import nn
 
 import cli
@@ -18,6 +19,8 @@ import lightning_modules.noise as noise_module
 from lightning_modules import NoiseAugmentedClassifier
 from lightning_modules.noise import consistency_terms
 from robust.checks import SettingError
+from robust.sharding import image_seed
+from tests.tensor_data import TensorData
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -142,6 +145,9 @@ def test_consistency_loss_value():
         ({"smoothadv_steps": 0}, "smoothadv_steps must be an integer >= 1"),
         ({"smoothadv_step_size": 0.0}, "smoothadv_step_size must be a number > 0"),
         ({"smoothadv_warmup_epochs": -1}, "smoothadv_warmup_epochs must be an integer >= 0"),
+        ({"noisy_val_images": -1}, "noisy_val_images must be an integer >= 0"),
+        ({"noisy_val_samples": 0}, "noisy_val_samples must be an integer >= 1"),
+        ({"noisy_val_seed": -2}, "noisy_val_seed must be an integer >= 0"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs, message):
@@ -254,3 +260,102 @@ def test_smoothadv_settings_without_smoothadv_eps_are_refused(kwargs):
         make(**kwargs)
     assert getattr(make(smoothadv_eps=0.5, **kwargs), name) == value  # enabled: accepted
     make(smoothadv_steps=1, smoothadv_step_size=None, smoothadv_warmup_epochs=0)  # the defaults
+
+
+# Noisy validation --------------------------------------------------------------------------------
+
+
+def noisy_correct(model, x, y, sigma, copies, seed=0):
+    """Correct noisy copies per image, each image's noise from its own seeded generator, by hand."""
+    counts = []
+    for i in range(len(x)):
+        generator = torch.Generator().manual_seed(image_seed(seed, f"noise_sigma{sigma:g}", i))
+        noise = torch.randn((copies, *x.shape[1:]), generator=generator)
+        with torch.no_grad():
+            counts.append(int((model(x[i] + sigma * noise).argmax(1) == y[i]).sum()))
+    return torch.tensor(counts, dtype=torch.float64)
+
+
+def noisy_validate(net, x, y, **kwargs) -> float:
+    trainer = Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        **kwargs,
+    )
+    trainer.validate(net, datamodule=TensorData(x, y, batch_size=8), verbose=False)
+    return float(trainer.callback_metrics["val/noisy_acc"])
+
+
+def test_noisy_validation_accuracy_is_exact_and_does_not_depend_on_the_batch(monkeypatch):
+    x, y = images(24)
+    with torch.no_grad():  # labels that the clean model gets right, so the noise matters
+        y = make()(x).argmax(1)
+    net = make(sigma=0.5, noisy_val_images=19, noisy_val_samples=3)
+    got = noisy_validate(net, x, y)
+    correct = noisy_correct(net.eval(), x, y, 0.5, 3)
+    expected = correct[:19].sum().item() / (19 * 3)
+    assert 0.2 < expected < 0.9  # the noise changes predictions: the count matters
+    assert got == pytest.approx(expected, abs=1e-6)
+    monkeypatch.setattr(noise_module, "NOISY_VAL_BATCH_IMAGES", 5)
+    assert noisy_validate(make(sigma=0.5, noisy_val_images=19, noisy_val_samples=3), x, y) == got
+    other_seed = make(sigma=0.5, noisy_val_images=19, noisy_val_samples=3, noisy_val_seed=1)
+    assert noisy_validate(other_seed, x, y) == pytest.approx(
+        noisy_correct(net, x, y, 0.5, 3, seed=1)[:19].sum().item() / 57, abs=1e-6
+    )
+    # limit_val_batches: the first 2 loader batches of 8 images
+    limited = make(sigma=0.5, noisy_val_images=1000, noisy_val_samples=3)
+    assert noisy_validate(limited, x, y, limit_val_batches=2) == pytest.approx(
+        correct[:16].sum().item() / 48, abs=1e-6
+    )
+
+
+def test_noisy_validation_logs_each_epoch_but_not_in_the_sanity_check():
+    x, y = images(16)
+    logged = []
+
+    class Spy(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            logged.append((trainer.sanity_checking, "val/noisy_acc" in trainer.callback_metrics))
+
+    trainer = Trainer(
+        max_epochs=2,
+        num_sanity_val_steps=1,
+        limit_train_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[Spy()],
+    )
+    trainer.fit(make(noisy_val_images=8), datamodule=TensorData(x, y, batch_size=8))
+    assert logged == [(True, False), (False, True), (False, True)]
+    off = make(noisy_val_images=0)
+    trainer = Trainer(logger=False, enable_progress_bar=False, accelerator="cpu")
+    trainer.validate(off, datamodule=TensorData(x, y, batch_size=8), verbose=False)
+    assert "val/noisy_acc" not in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("kwargs", [{"noisy_val_samples": 2}, {"noisy_val_seed": 3}])
+def test_noisy_validation_settings_without_noisy_val_images_are_refused(kwargs):
+    ((name, value),) = kwargs.items()
+    with pytest.raises(
+        SettingError,
+        match=rf"NoiseAugmentedClassifier {name} applies only with noisy_val_images > 0 .*"
+        rf"got {name}={value!r} with noisy_val_images=0",
+    ):
+        make(noisy_val_images=0, **kwargs)
+    assert getattr(make(**kwargs), name) == value  # on by default: accepted
+
+
+def test_noise_configs_keep_the_checkpoint_of_best_noisy_accuracy():
+    root = cli.Path(__file__).resolve().parents[1] / "configs/mnist"
+    for name in ("smoothing", "smoothadv"):  # the sigma and consistency configs extend smoothing
+        text = (root / f"{name}.yaml").read_text()
+        assert "monitor: val/noisy_acc" in text, name
+    cli.check_monitor_can_be_logged("val/noisy_acc", make())
+    with pytest.raises(SettingError, match=r"only with model\.init_args\.noisy_val_images > 0"):
+        cli.check_monitor_can_be_logged("val/noisy_acc", make(noisy_val_images=0))

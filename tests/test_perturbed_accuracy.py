@@ -325,6 +325,21 @@ def test_validation_every_n_epochs_and_never_in_sanity_check(mnist, class_means)
     assert calls == [("val", 0, False)]  # a standalone validate evaluates
 
 
+def test_validate_after_fit_evaluates_the_images_given_to_validate(mnist, class_means):
+    # Lightning's trainer.val_dataloaders prefers the fit loop's loader; once fit has ended it
+    # must not, or a later validate(other data) would evaluate the fit's validation images.
+    x, y = mnist[2], mnist[3]
+    callback = PerturbedAccuracy([FGM_L2], 1)
+    run = trainer(max_epochs=1, num_sanity_val_steps=0, callbacks=[callback])
+    run.fit(make_model(class_means).train(), datamodule=TensorData(x[:16], y[:16], batch_size=8))
+    assert callback.results["val"][FGM_L2.key]["num_images"] == 16
+    (logged,) = run.validate(run.lightning_module, datamodule=TensorData(x, y), verbose=False)
+    assert logged[f"val/perturbed_num_images/{FGM_L2.key}"] == len(x)
+    model = run.lightning_module.eval()
+    accuracy, _ = direct(model, x, y, FGM_L2)
+    assert logged[f"val/perturbed_acc/{FGM_L2.key}"] == pytest.approx(accuracy, abs=1e-6)
+
+
 def test_trainer_limits_and_max_images_choose_the_first_images(mnist, class_means):
     x, y = mnist[2], mnist[3]
     for kwargs, settings, expected in [
