@@ -37,7 +37,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 import cli
 from robust.checks import SettingError
-from robust.report import write_report
+from robust.report import REPORT_RUN, write_report
 
 
 @dataclass
@@ -121,6 +121,11 @@ def check_names(trainings: list[Training]) -> None:
                 "'_', '-' and '.', not starting with '.' or '-'): it names the model's folder "
                 "under output_dir"
             )
+        if training.name == REPORT_RUN:  # the report rewrites that folder whole
+            raise SettingError(
+                f"trainings: name {REPORT_RUN!r} is the report's TensorBoard run "
+                f"(output_dir/tensorboard/{REPORT_RUN}); give the training another name"
+            )
         if training.name in seen:
             raise SettingError(f"trainings: name {training.name!r} is given twice")
         seen.add(training.name)
@@ -191,13 +196,15 @@ def read_record(path: Path, fields: dict[str, type]) -> dict | None:
 
 
 def valid_metrics(metrics: dict) -> bool:
-    """Numbers by name (NaN: nothing was evaluated), accuracies and rates in [0, 1]."""
+    """Numbers by name (NaN: nothing was evaluated), accuracies and rates in [0, 1], whole counts."""
     for name, value in metrics.items():
         if not isinstance(value, int | float) or isinstance(value, bool) or math.isinf(value):
             return False
         last = name.split("/")[-1]
         if ("acc" in last or "rate" in last) and not 0 <= value <= 1 and not math.isnan(value):
             return False
+        if "num_images" in name and not (value >= 0 and float(value).is_integer()):
+            return False  # an image count (NaN included: a count is never unknown)
     return True
 
 

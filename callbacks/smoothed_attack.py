@@ -141,6 +141,12 @@ class SmoothedAttack(EvaluationCallback):
             noise_block=self.noise_block,
             device=images.device,
         )
+        # the attack's iterates in the noise's dtype, cast to the model's as PREDICT casts its
+        # noisy images (bf16-true, 64-true: the dataset's float32 images are not the model's)
+        images = images.to(smooth.noise_dtype)
+        attacked = base
+        if smooth.model_dtype != images.dtype:
+            attacked = lambda v: base(v.to(smooth.model_dtype))  # noqa: E731
         columns = [torch.as_tensor(indices, dtype=torch.float64), labels.double().cpu()]
         clean = smooth.predict_batch(images, indices, self.n, self.alpha)
         columns.append(torch.tensor(clean, dtype=torch.float64))
@@ -152,7 +158,7 @@ class SmoothedAttack(EvaluationCallback):
                 for i in indices
             ]
             x_adv = smoothadv_attack(
-                base,
+                attacked,
                 images,
                 labels,
                 sigma=sigma,

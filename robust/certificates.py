@@ -422,7 +422,7 @@ def selected_rows(
     if type(first) is not int or first < 0:
         raise SettingError(f"first_image must be an integer >= 0, got {first!r}")
     end = image_range if image_range is not None else max((r.idx + 1 for r in rows), default=0)
-    wanted = set(selected_indices(end, skip, first, limit))
+    wanted = selected_indices(end, skip, first, limit)  # a range: membership is arithmetic
     return [row for row in rows if row.idx in wanted]
 
 

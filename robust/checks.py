@@ -16,6 +16,7 @@ Examples:
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Iterable
@@ -178,6 +179,9 @@ def check_choice(name: str, value: object, choices: Iterable[object], *, owner: 
 def check_radii(name: str, values: object, *, owner: str | None = None, zero: bool = True):
     """Return a sorted list of distinct radii: numbers >= 0 (> 0 when ``zero`` is False).
 
+    Each radius names its metrics (``certified_acc@0.25``) as ``f"{r:g}"``: two radii that print
+    alike (equal to 6 significant digits) would log under one name, so they are refused.
+
     Examples:
         >>> check_radii("radii", [0.5, 0.25, 0.5])
         [0.25, 0.5]
@@ -187,7 +191,14 @@ def check_radii(name: str, values: object, *, owner: str | None = None, zero: bo
         raise SettingError(
             f"{_name(name, owner)} must be a non-empty list of numbers {bound}; got {values!r}"
         )
-    return sorted({check_real(name, r, low=0, low_inclusive=zero, owner=owner) for r in values})
+    radii = sorted({check_real(name, r, low=0, low_inclusive=zero, owner=owner) for r in values})
+    for low, high in itertools.pairwise(radii):
+        if f"{low:g}" == f"{high:g}":
+            raise SettingError(
+                f"{_name(name, owner)} holds {low!r} and {high!r}, which name the same metrics "
+                f"(@{low:g}); give radii that differ within 6 significant digits"
+            )
+    return radii
 
 
 def check_unused_at_default(

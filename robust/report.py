@@ -6,6 +6,7 @@ evaluation callbacks logged and the per-image certification TSVs (locuslab/smoot
 """
 
 import json
+import math
 import re
 import shutil
 import zipfile
@@ -226,6 +227,10 @@ PUBLISHED = [
 ]
 
 REPORT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+MAX_EXAMPLE_COLUMNS = 32
+"""Example images drawn per model at most (a column each; ``num_image_grid`` may ask for more)."""
+REPORT_RUN = "comparison"
+"""The report's TensorBoard run, ``<output_dir>/tensorboard/comparison``: not a training's name."""
 
 
 def _fraction(count: float, total: int) -> str:
@@ -339,6 +344,25 @@ def _seed_beside_ours(
     return markdown_table(header, rows)
 
 
+def _image_counts(metrics_of: Mapping[str, Mapping[str, float]], name: str) -> str:
+    """The image count logged under ``name``: one number, or each model's where they differ.
+
+    Examples:
+        >>> _image_counts({"a": {"n": 500.0}, "b": {"n": 500.0}}, "n")
+        '500'
+        >>> _image_counts({"a": {"n": 500.0}, "b": {"n": 50.0}, "c": {}}, "n")
+        '500 (a), 50 (b)'
+    """
+    found = {
+        model: int(value)
+        for model, metrics in metrics_of.items()
+        if isinstance(value := metrics.get(name), int | float) and math.isfinite(value)
+    }
+    if len(set(found.values())) <= 1:
+        return f"{next(iter(found.values()))}" if found else ""
+    return ", ".join(f"{count} ({model})" for model, count in found.items())
+
+
 def _ordinal(k: int) -> str:
     suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
     return f"{k}{suffix}"
@@ -360,9 +384,10 @@ def _certification_sentence(
             continue
         subset = f"every {_ordinal(skip)} test image, " if skip > 1 else ""
         cap = largest_certified_radius(sigma, n, alpha)
+        limit = f"no radius above {cap:.3g}" if cap > 0 else "only radius 0"
         text = (
-            f"sigma {sigma:g}, n0 {stored.get('n0')}, n {n:,}, alpha {alpha:g} (no radius above"
-            f" {cap:.3g} can be certified), on {subset}{certified[name][1]} images"
+            f"sigma {sigma:g}, n0 {stored.get('n0')}, n {n:,}, alpha {alpha:g} ({limit} can be"
+            f" certified), on {subset}{certified[name][1]} images"
         )
         described.setdefault(text, []).append(name)
     parts = [f"{text} ({', '.join(names)})" for text, names in described.items()]
@@ -374,8 +399,10 @@ def read_examples(
 ) -> tuple[np.ndarray, dict[str, np.ndarray], list[int], dict[str, list[int]]] | None:
     """``adversarial_examples.npz`` (clean images, attacked images, labels, predictions), checked.
 
-    A file we read back: numbers only (no pickles), images of one shape with one label and one
-    prediction each. Returns None for anything else.
+    A file we read back: numbers only (no pickles), at least one image, images of one shape with
+    1 or 3 channels, one integer label each, and integer predictions of the clean images and of
+    every attack's. Returns None for anything else. At most :data:`MAX_EXAMPLE_COLUMNS` images
+    are kept (the figure's width).
     """
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -391,13 +418,18 @@ def read_examples(
         v.shape == labels.shape for v in predictions.values()
     )
     numeric = all(v.dtype.kind in "biuf" for v in arrays.values())
-    if not (arrays_ok and numeric):
+    integers = all(v.dtype.kind in "iu" for v in (labels, *predictions.values()))
+    predicted = set(predictions) >= {"clean", *adversarial}  # a title for every image
+    if not (arrays_ok and numeric and integers and predicted) or len(clean) == 0:
         return None
+    if clean.shape[1] not in (1, 3):  # gray or RGB: what the figure can draw
+        return None
+    k = MAX_EXAMPLE_COLUMNS
     return (
-        clean,
-        adversarial,
-        labels.tolist(),
-        {key: value.tolist() for key, value in predictions.items()},
+        clean[:k],
+        {name: images[:k] for name, images in adversarial.items()},
+        labels[:k].tolist(),
+        {key: value[:k].tolist() for key, value in predictions.items()},
     )
 
 
@@ -427,7 +459,7 @@ def write_report(
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from robust.certificates import read_settings, read_tsv, selected_rows, summarize
+    from robust.certificates import read_certificates, selected_rows, summarize
 
     metrics_of = {name: r["metrics"] for name, r in results.items()}
     logged = {
@@ -438,18 +470,15 @@ def write_report(
     }
     attack_keys = sorted((k for k in logged if "/after_" not in k), key=_attack_rank)
     staged = sorted({k.split("/after_")[0] for k in logged if "/after_" in k}, key=_attack_rank)
-    counts: dict[int, list[str]] = {}
+    # images per attack, per model (a training's own args may evaluate other images)
+    counts: dict[str, list[str]] = {}
     for key in attack_keys:
-        number = next(
-            (
-                m[f"test/perturbed_num_images/{key}"]
-                for m in metrics_of.values()
-                if f"test/perturbed_num_images/{key}" in m
-            ),
-            None,
-        )
-        if number is not None:
-            counts.setdefault(int(number), []).append(key)
+        described = _image_counts(metrics_of, f"test/perturbed_num_images/{key}")
+        if described:
+            counts.setdefault(described, []).append(key)
+    smoothed_count = _image_counts(metrics_of, "test/smoothed_num_images")
+    if smoothed_count:
+        counts.setdefault(smoothed_count, []).append("SmoothAdv on g")
     smoothed_keys = sorted(
         {
             k.split("/", 1)[1]
@@ -464,15 +493,13 @@ def write_report(
     for name, result in results.items():
         metrics = result["metrics"]
         tsv = Path(result.get("log_dir") or "") / "certify_test.tsv"
-        rows = read_tsv(tsv)[0] if tsv.is_file() else []
-        sidecar = tsv.with_name(tsv.name + ".json")
-        if rows and sidecar.is_file():
-            try:
-                certify_settings[name] = read_settings(sidecar)
-                # a TSV resumed by runs with other selections: the latest run's images only
+        rows = []
+        if tsv.is_file():  # a file we read: each row checked against the sidecar's settings
+            rows, _, certify_settings[name] = read_certificates(tsv)
+            try:  # a TSV resumed by runs with other selections: the latest run's images only
                 rows = selected_rows(rows, certify_settings[name])
             except SettingError as err:
-                certify_settings[name] = {"error": str(err)}
+                raise SettingError(f"settings file {tsv}.json: {err}") from None
         summary = summarize(rows, REPORT_RADII)
         certified[name] = (summary, len(rows))
         curves[name] = ([r.radius for r in rows], [r.correct for r in rows])
@@ -534,7 +561,7 @@ def write_report(
         figures[example_files[name]] = plot_example_grid(
             clean, adversarial, labels, predictions, title=name
         )
-    board = out / "tensorboard" / "comparison"
+    board = out / "tensorboard" / REPORT_RUN
     if board.is_dir():  # written whole each time: an earlier run's models would stay beside these
         shutil.rmtree(board)
     writer = SummaryWriter(str(board))
@@ -547,7 +574,7 @@ def write_report(
                 writer.add_scalar(f"comparison/{column}/{row[0]}", value)
     writer.close()
 
-    evaluated = "; ".join(f"{', '.join(keys)} on {n}" for n, keys in sorted(counts.items()))
+    evaluated = "; ".join(f"{', '.join(keys)} on {n}" for n, keys in counts.items())
     masking = masking_findings(
         {name: {k: v for k, v in acc.items() if k != "clean"} for name, acc in accuracies.items()}
     )
@@ -563,7 +590,10 @@ def write_report(
         " attack can push an image certified just beyond r to a near-tie where PREDICT abstains,"
         " g unchanged); it can never exceed, beyond the certificates' failure probability, the"
         " share of images on which PREDICT names no wrong class after the attack (1 -"
-        " `smoothed_misclassified@r`, in TensorBoard). `correct_certified` counts the certified"
+        " `smoothed_misclassified@r`, in TensorBoard). Both hold image by image: where the attack"
+        " and the certification evaluated different images (the counts below), the columns are"
+        " two estimates and compare only within their sampling error. `correct_certified` counts"
+        " the certified"
         " images that randomized smoothing certifies with the correct class; ACR is the average"
         " certified L2 radius (0 for wrong or abstained images); `cert acc @r` is the fraction"
         " certified correct at radius r.",

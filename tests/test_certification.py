@@ -262,6 +262,14 @@ def test_selection_from_a_bad_sidecar_is_refused(settings):
         selected_rows([], {"first_image": -1})
 
 
+def test_selection_of_a_huge_image_range_is_arithmetic_not_a_set():
+    # a sidecar's image_range of 10**15 once built a set of every selected index
+    rows = [CertifiedImage(i, 0, 0, 0.1, 1, 0.0) for i in (0, 3, 10, 10**14 + 1)]
+    selection = {"image_range": 10**15, "skip": 2, "first_image": 1}
+    assert [r.idx for r in selected_rows(rows, selection)] == [10]
+    assert [r.idx for r in selected_rows(rows, {**selection, "skip": 1, "max_images": 3})] == [3]
+
+
 def test_a_run_split_with_first_image_gives_the_whole_runs_rows(tmp_path):
     whole = certify(tmp_path / "whole", sigma=SIGMA, skip=2)
     head = certify(

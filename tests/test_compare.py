@@ -200,20 +200,52 @@ def test_a_changed_config_named_in_the_arguments_changes_the_stage_key(tmp_path)
         assert compare.stage_key(*compare.with_config_contents(args)) == before
 
 
-@pytest.mark.parametrize("sidecar", ["not json", '{"sigma": "x", "n": null}', "[1, 2]"])
-def test_report_states_a_bad_certification_settings_file_instead_of_failing(tmp_path, sidecar):
+SIDECAR = {"sigma": 0.25, "n0": 100, "n": 10000, "alpha": 0.001}
+
+
+@pytest.mark.parametrize(
+    ("radius", "sidecar", "words"),
+    [
+        (0.4, "not json", "is not JSON"),
+        (0.4, '{"sigma": "x", "n": null, "alpha": 0.001}', "sigma must be a number > 0"),
+        (0.4, "[1, 2]", "does not hold a JSON object"),
+        (0.4, None, "has no settings file"),
+        (0.4, json.dumps({**SIDECAR, "skip": 2.0}), "skip must be a positive integer, got 2.0"),
+        (5.0, json.dumps(SIDECAR), "row 0 has radius 5, beyond 0.799644"),  # cannot be certified
+    ],
+)
+def test_report_refuses_certificates_it_cannot_check(tmp_path, radius, sidecar, words):
     from robust.certificates import CertifiedImage, write_tsv
     from robust.report import write_report
 
     log_dir = tmp_path / "run"
     log_dir.mkdir()
-    write_tsv(log_dir / "certify_test.tsv", [CertifiedImage(0, 1, 1, 0.4, 1, 0.0)])
-    (log_dir / "certify_test.tsv.json").write_text(sidecar)
+    write_tsv(log_dir / "certify_test.tsv", [CertifiedImage(0, 1, 1, radius, 1, 0.0)])
+    if sidecar is not None:
+        (log_dir / "certify_test.tsv.json").write_text(sidecar)
     metrics = {"test/acc": 0.9}
+    with pytest.raises(compare.SettingError, match=re.escape(words)) as info:
+        write_report(tmp_path, {"m": {"metrics": metrics, "log_dir": str(log_dir)}}, {})
+    assert "certify_test.tsv" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "report.md").exists()
+    (log_dir / "certify_test.tsv.json").write_text(json.dumps(SIDECAR))
+    write_tsv(log_dir / "certify_test.tsv", [CertifiedImage(0, 1, 1, 0.4, 1, 0.0)])
     report = write_report(tmp_path, {"m": {"metrics": metrics, "log_dir": str(log_dir)}}, {})
-    line = next(x for x in report.read_text().splitlines() if x.startswith("Certification:"))
-    assert "unknown settings" in line and "(m)" in line
     assert table_rows(report.read_text())["m"]["correct_certified"] == "1 of 1 (100.0%)"
+
+
+def test_report_says_when_only_radius_zero_can_be_certified(tmp_path):
+    from robust.certificates import CertifiedImage, write_tsv
+    from robust.report import write_report
+
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    write_tsv(log_dir / "certify_test.tsv", [CertifiedImage(0, 1, 1, 0.0, 1, 0.0)])
+    tiny = {**SIDECAR, "n0": 5, "n": 5}  # 5 samples cannot bound pA above 1/2 at alpha 0.001
+    (log_dir / "certify_test.tsv.json").write_text(json.dumps(tiny))
+    report = write_report(tmp_path, {"m": {"metrics": {}, "log_dir": str(log_dir)}}, {})
+    line = next(x for x in report.read_text().splitlines() if x.startswith("Certification:"))
+    assert "(only radius 0 can be certified)" in line and "-0." not in line
 
 
 def test_report_counts_only_the_latest_runs_images_of_a_resumed_tsv(tmp_path):
@@ -245,6 +277,7 @@ def test_report_draws_and_links_only_the_figures_of_what_was_evaluated(tmp_path)
     certified = tmp_path / "certified"
     certified.mkdir()
     write_tsv(certified / "certify_test.tsv", [CertifiedImage(0, 1, 1, 0.4, 1, 0.0)])
+    (certified / "certify_test.tsv.json").write_text(json.dumps(SIDECAR))
     only_certified = {"m": {"metrics": {"test/acc": 0.9}, "log_dir": str(certified)}}
     report = write_report(tmp_path / "a", only_certified, {}).read_text()
     assert "(certified_accuracy.png)" in report and "attack_accuracy" not in report
@@ -304,6 +337,7 @@ def test_a_bad_optimizer_of_the_last_training_is_refused_before_any_training(tmp
         (["a", "a"], "name 'a' is given twice"),
         (["a", "../escape"], "name '../escape' must be a plain folder name"),
         (["a/b"], "name 'a/b' must be a plain folder name"),
+        (["a", "comparison"], "name 'comparison' is the report's TensorBoard run"),
     ],
 )
 def test_training_names_are_distinct_folder_names(names, expected, tmp_path, capsys):
@@ -348,6 +382,10 @@ def test_a_malformed_stage_record_is_ignored_not_trusted(record, fields, tmp_pat
         ({"test/perturbed_acc/pgd": float("nan")}, True),  # an attack on no images
         ({"certify/abstain_rate": 1.5}, False),
         ({"test/acc": "0.9"}, False),
+        ({"test/perturbed_num_images/pgd": 500.0}, True),
+        ({"test/perturbed_num_images/pgd": float("nan")}, False),
+        ({"test/smoothed_num_images": 2.5}, False),
+        ({"test/perturbed_num_images/pgd": -1}, False),
     ],
 )
 def test_recorded_metrics_are_checked(metrics, valid):
@@ -375,6 +413,11 @@ def test_example_images_files_are_checked_before_use(tmp_path):
         {**good, "adv/fgm": np.ones((2, 1, 4, 4), np.float32)},  # a shape that does not fit
         {**good, "pred/fgm": np.array([0, 1])},
         {**good, "labels": np.array(["a", "b", "c"])},  # not numbers
+        {k: v for k, v in good.items() if k != "pred/fgm"},  # attacked images without predictions
+        {k: v for k, v in good.items() if k != "pred/clean"},
+        {**good, "clean": np.zeros((3, 2, 4, 4)), "adv/fgm": np.zeros((3, 2, 4, 4))},  # 2 channels
+        {k: v[:0] for k, v in good.items()},  # no image
+        {**good, "labels": np.array([1.0, 2.0, 3.0])},  # labels that are not integers
     ]
     for arrays in bad:
         np.savez(path, **arrays)
@@ -383,6 +426,10 @@ def test_example_images_files_are_checked_before_use(tmp_path):
     assert read_examples(path) is None  # a pickle inside is never loaded
     path.write_bytes(b"not a zip")
     assert read_examples(path) is None
+    many = {k: np.repeat(v, 40, axis=0) for k, v in good.items()}  # 120 images: the first 32 drawn
+    np.savez(path, **many)
+    clean, adversarial, labels, predictions = read_examples(path)
+    assert len(clean) == len(adversarial["fgm"]) == len(labels) == len(predictions["fgm"]) == 32
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
@@ -438,3 +485,15 @@ def test_the_comparison_board_holds_only_this_run_and_each_model_its_own_example
     linked = re.findall(r"\]\((examples_[^)]+)\)", report)
     assert len(linked) == 2 and len(set(linked)) == 2
     assert all((tmp_path / "out" / name).is_file() for name in linked)
+
+
+def test_report_names_the_images_of_each_attack_and_model(tmp_path):
+    from robust.report import write_report
+
+    key = "pgd40_linf_eps0.3"
+    a = {"test/acc": 0.9, f"test/perturbed_acc/{key}": 0.5, f"test/perturbed_num_images/{key}": 500}
+    b = {**a, f"test/perturbed_num_images/{key}": 50.0}
+    smoothed = {"test/smoothed_robust_acc@0.25": 0.6, "test/smoothed_num_images": 100.0}
+    report = write_report(tmp_path, {"a": {"metrics": {**a, **smoothed}}, "b": {"metrics": b}}, {})
+    line = next(x for x in report.read_text().splitlines() if x.startswith("Test images per"))
+    assert line == f"Test images per attack: {key} on 500 (a), 50 (b); SmoothAdv on g on 100."

@@ -86,6 +86,29 @@ def test_linear_classifier_falls_exactly_where_the_boundary_is():
         assert near.any() and far.any()
 
 
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_models_in_another_dtype_are_attacked(precision):
+    # the dataset's float32 images are cast to the model's dtype, as PREDICT casts its noise
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(16, generator=generator)
+    w = w / w.norm()
+    centre = torch.full((16,), 0.5)
+    distances = torch.tensor([1.2, -1.2, 0.1, -0.1])
+    x = (centre + distances[:, None] * w).clamp(0, 1).view(-1, 1, 4, 4)
+    b = -float(w @ centre)
+    distances = (x.flatten(1) @ w) + b
+    y = (distances > 0).long()
+    callback = SmoothedAttack(radii=[0.5], steps=10, num_noise_samples=32, n=2000, alpha=0.001)
+    quiet_trainer(callbacks=[callback], precision=precision).test(
+        Linear(w, b), datamodule=TensorData(x, y), verbose=False
+    )
+    rows = callback.rows
+    far, near = distances.abs() > 0.6, distances.abs() < 0.4
+    assert (rows[:, 2] == rows[:, 1])[far].all()
+    assert (rows[far, 3] == rows[far, 1]).all()  # beyond 0.5 from the boundary: still right
+    assert (rows[near, 3] != rows[near, 1]).all()  # within it: moved across
+
+
 @pytest.fixture(scope="module")
 def noise_model():
     """LeNet trained for 2 epochs on 1,000 shuffled embedded digits with noise sigma = 0.25."""
@@ -150,6 +173,7 @@ def test_results_do_not_depend_on_batch_size(noise_model):
         ({"sigma": 0}, "sigma"),
         ({"radii": []}, "radii"),
         ({"radii": [0.0]}, "radii"),
+        ({"radii": [0.25, 0.2500001]}, "radii holds 0.25 and 0.2500001, which name the same"),
         ({"steps": 0}, "steps"),
         ({"num_noise_samples": 0}, "num_noise_samples"),
         ({"n": 0}, "n "),
