@@ -80,8 +80,10 @@ def combine(
         >>> import json, tempfile
         >>> folder = Path(tempfile.mkdtemp())
         >>> settings = dict.fromkeys(DEFINING, "x") | {"sigma": 0.25, "n": 1000, "alpha": 0.001}
+        >>> from robust.statistics import certifiable_neighbours
+        >>> radius = float(certifiable_neighbours([0.5], 0.25, 1000, 0.001)[1][0])  # one CERTIFY gives
         >>> for name, first in (("a", 0), ("b", 2)):
-        ...     write_tsv(folder / f"{name}.tsv", [CertifiedImage(i, 1, 1, 0.5, 1, 0.1)
+        ...     write_tsv(folder / f"{name}.tsv", [CertifiedImage(i, 1, 1, radius, 1, 0.1)
         ...                                        for i in range(first, first + 2)])
         ...     _ = (folder / f"{name}.tsv.json").write_text(json.dumps(settings))
         >>> rows, settings = combine([folder / "a.tsv", folder / "b.tsv"], images=4)
@@ -104,6 +106,8 @@ def combine(
         if differ:
             raise SettingError(f"{path} certifies something else: {'; '.join(differ)}")
         skips[path] = settings.get("skip", 1)
+        if type(skips[path]) is not int or skips[path] < 1:
+            raise SettingError(f"{path}: skip must be a positive integer; got {skips[path]!r}")
         for row in rows:
             if row.idx in by_index:
                 raise SettingError(
@@ -126,8 +130,6 @@ def combine(
         listed = ", ".join(f"skip={skip!r} in {path}" for path, skip in skips.items())
         raise SettingError(f"the parts select images differently: {listed}")
     skip = next(iter(skips.values()))
-    if not isinstance(skip, int) or isinstance(skip, bool) or skip < 1:
-        raise SettingError(f"{paths[0]}: skip must be a positive integer; got {skip!r}")
     end = images if images is not None else max(by_index) + 1
     selected = set(range(0, end, skip))
     missing = sorted(selected - set(by_index))
@@ -148,6 +150,8 @@ def combine(
     assert first_settings is not None
     joined = {key: first_settings.get(key) for key in DEFINING}
     joined |= {"data": first_settings.get("data"), "model": first_settings.get("model")}
+    if first_settings.get("num_classes") is not None:  # rows read back are checked against it
+        joined["num_classes"] = first_settings["num_classes"]
     joined |= {"skip": skip, "first_image": 0, "max_images": None, "image_range": end}
     return rows, joined | {"gaps": len(missing), "parts": parts}
 
@@ -192,11 +196,20 @@ def check_output(out: Path, parts: Sequence[Path]) -> None:
 
 
 def write_output(out: Path, rows: Sequence[CertifiedImage], settings: dict[str, Any]) -> None:
-    """Write the joined TSV and its sidecar; ``SettingError`` (nothing half-written) if it fails."""
+    """Write the joined TSV and its sidecar; ``SettingError`` (nothing half-written) if it fails.
+
+    The sidecar is written first and removed again if the TSV cannot be: a TSV never stands
+    beside another run's sidecar.
+    """
+    sidecar = out.with_name(out.name + ".json")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_tsv(out, rows)
-        atomic_write(out.with_name(out.name + ".json"), json.dumps(settings, indent=2) + "\n")
+        atomic_write(sidecar, json.dumps(settings, indent=2) + "\n")
+        try:
+            write_tsv(out, rows)
+        except OSError:
+            sidecar.unlink(missing_ok=True)
+            raise
     except OSError as err:
         raise SettingError(
             f"--out {out} cannot be written ({err.strerror or err}); give a path in a writable folder"

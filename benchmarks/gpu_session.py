@@ -29,7 +29,6 @@ import argparse
 import fcntl
 import json
 import math
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from datamodules import MNISTDataModule
 from lightning_modules import AdversarialClassifier, NoiseAugmentedClassifier
 from lightning_modules.backbones import LeNet
 from robust.attacks import AttackSpec
+from robust.certificates import atomic_write
 from robust.checks import SettingError, check_int, check_real
 from robust.cpu_memory import retain_freed_memory
 
@@ -162,7 +162,7 @@ def record(out: Path, stage: str, values: dict) -> None:
             attempt += 1
             key = f"{stage} (run {attempt})"
         results[key] = values
-        path.write_text(json.dumps(results, indent=2, default=str))
+        atomic_write(path, json.dumps(results, indent=2, default=str))  # never half a file
     print(f"[{key}] {json.dumps(values, default=str)}", flush=True)
 
 
@@ -291,7 +291,7 @@ def load_state(model: nn.Module, path: Path, writer: str) -> None:
         raise SettingError(f"{path} is missing; {remedy}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as err:
+    except Exception as err:  # a damaged pickle fails in many ways (KeyError from its memo)
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise SettingError(f"{path} is not a state dict of tensors ({reason}); {remedy}") from None
     if not isinstance(state, dict) or not all(
@@ -308,6 +308,11 @@ def load_state(model: nn.Module, path: Path, writer: str) -> None:
         )
     for key, tensor in expected.items():
         stored = state[key]
+        if stored.layout != torch.strided or stored.device.type != "cpu":  # sparse, meta
+            raise SettingError(
+                f"{path}: {key} is a {stored.layout} tensor on {stored.device.type}, not the "
+                f"dense CPU tensor the stage saves; {remedy}"
+            )
         if stored.shape != tensor.shape or stored.dtype != tensor.dtype:
             raise SettingError(
                 f"{path}: {key} is {stored.dtype} of shape {tuple(stored.shape)}, the model's is "

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from robust.checks import SettingError, check_int, check_real
-from robust.statistics import largest_certified_radius
+from robust.statistics import largest_certified_radius, nearest_certifiable_radius
 
 __all__ = [
     "ABSTAIN",
@@ -65,6 +65,12 @@ __all__ = [
 SELECTION_SETTINGS = ("skip", "first_image", "max_images", "image_range")
 """The settings that say which images a run certified; a resumed file's sidecar gets the latest."""
 
+MAX_SECONDS = float(datetime.timedelta.max.days * 86_400)
+"""The longest time a row can hold (whole days of a ``datetime.timedelta``, as the TSV writes it)."""
+MAX_SAMPLES = 2**53
+"""The largest n a sidecar may name (beyond, n is no longer exact as a float)."""
+LATTICE_TOLERANCE = 1e-9
+"""Relative distance a radius may lie from the nearest one its settings can give (float noise)."""
 CERTIFICATE_SETTINGS = ("sigma", "n", "alpha")
 """The sidecar settings that bound a file's radii: :func:`read_certificates` requires them."""
 
@@ -154,8 +160,8 @@ class CertifiedImage:
                 f"correct={self.correct} but predict {self.predict} "
                 f"{'==' if self.predict == self.label else '!='} label {self.label}"
             )
-        if not math.isfinite(self.time) or self.time < 0:
-            raise ValueError(f"time {self.time} is not a duration")
+        if not math.isfinite(self.time) or not 0 <= self.time <= MAX_SECONDS:
+            raise ValueError(f"time {self.time} is not a duration (0 to {MAX_SECONDS:.0f} s)")
 
     @classmethod
     def from_numbers(cls, row: Sequence[float]) -> CertifiedImage:
@@ -486,11 +492,13 @@ def _radius_cap(settings: Mapping[str, Any]) -> float:
 def check_radius_cap(
     rows: Iterable[CertifiedImage], settings: Mapping[str, Any], where: str, remedy: str = ""
 ) -> None:
-    """Refuse a row whose radius is beyond the largest that ``settings`` can certify.
+    """Refuse a row whose radius ``settings`` cannot give: beyond their largest, or off their lattice.
 
     The cap is ``sigma * Phi^-1(alpha ** (1 / n))`` (all n samples on the top class, see
-    :func:`robust.statistics.largest_certified_radius`); settings without sigma, n and alpha
-    bound nothing (:func:`read_certificates` requires them).
+    :func:`robust.statistics.largest_certified_radius`). Below it, CERTIFY gives only the radii
+    of whole counts k of n (:func:`robust.statistics.nearest_certifiable_radius`), so a row
+    certified at another sigma or n is refused too, within :data:`LATTICE_TOLERANCE`. Settings
+    without sigma, n and alpha bound nothing (:func:`read_certificates` requires them).
 
     Args:
         rows: The rows to check.
@@ -503,14 +511,17 @@ def check_radius_cap(
 
     Examples:
         >>> settings = {"sigma": 0.25, "n": 1000, "alpha": 0.001}
-        >>> check_radius_cap([CertifiedImage(0, 1, 1, 0.5, 1, 0.0)], settings, "c.tsv")
-        >>> try:
-        ...     check_radius_cap([CertifiedImage(0, 1, 1, 99.0, 1, 0.0)], settings, "c.tsv")
-        ... except SettingError as err:
-        ...     print(str(err).split(", the largest")[0])
-        c.tsv: row 0 has radius 99, beyond 0.615816
+        >>> check_radius_cap([CertifiedImage(0, 1, 1, 0.5011494758808173, 1, 0.0)], settings, "c")
+        >>> for radius in (99.0, 0.5):
+        ...     try:
+        ...         check_radius_cap([CertifiedImage(0, 1, 1, radius, 1, 0.0)], settings, "c")
+        ...     except SettingError as err:
+        ...         print(str(err).split(", the largest")[0].split(" (the nearest")[0])
+        c: row 0 has radius 99, beyond 0.615816
+        c: row 0 has radius 0.5, which sigma 0.25, n 1000 and alpha 0.001 cannot give
     """
     cap = _radius_cap(settings)
+    rows = list(rows)
     for row in rows:
         if row.radius > cap:
             raise SettingError(
@@ -519,6 +530,21 @@ def check_radius_cap(
                 f"{settings['alpha']} can certify; the file is corrupt or was written "
                 f"otherwise{remedy}"
             )
+    if math.isinf(cap):
+        return
+    certified = [row for row in rows if not row.abstained]
+    radii = np.array([row.radius for row in certified], dtype=np.float64)
+    nearest = nearest_certifiable_radius(radii, settings["sigma"], settings["n"], settings["alpha"])
+    off = np.abs(nearest - radii) > LATTICE_TOLERANCE * np.maximum(radii, 1e-12)
+    if np.any(off):
+        row = certified[int(np.argmax(off))]
+        closest = float(nearest[int(np.argmax(off))])
+        raise SettingError(
+            f"{where}: row {row.idx} has radius {row.radius!r}, which sigma "
+            f"{settings['sigma']}, n {settings['n']} and alpha {settings['alpha']} cannot give "
+            f"(the nearest they can: {closest!r}); the row was certified otherwise or the file "
+            f"is corrupt{remedy}"
+        )
 
 
 def read_certificates(
@@ -544,12 +570,12 @@ def read_certificates(
     Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "c.tsv"
-        >>> write_tsv(path, [CertifiedImage(0, 1, 1, 0.5, 1, 0.1)])
+        >>> write_tsv(path, [CertifiedImage(0, 1, 1, 0.5011494758808173, 1, 0.1)])
         >>> sidecar = path.with_name("c.tsv.json")
         >>> _ = sidecar.write_text('{"sigma": 0.25, "n": 1000, "alpha": 0.001}')
         >>> rows, torn, settings = read_certificates(path)
-        >>> rows[0].radius, torn, settings["n"]
-        (0.5, False, 1000)
+        >>> rows[0].radius, torn, settings["n"]  # 991 of 1,000 samples on class 1
+        (0.5011494758808173, False, 1000)
         >>> _ = sidecar.write_text('{"sigma": 0.25, "n": 1000}')
         >>> try:
         ...     read_certificates(path)
@@ -575,7 +601,7 @@ def read_certificates(
     num_classes = settings.get("num_classes")
     try:
         check_real("sigma", settings["sigma"], low=0)
-        check_int("n", settings["n"], minimum=1)
+        check_int("n", settings["n"], minimum=1, maximum=MAX_SAMPLES)
         check_real("alpha", settings["alpha"], low=0, high=1)
         if num_classes is not None:
             check_int("num_classes", num_classes, minimum=2)

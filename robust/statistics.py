@@ -18,8 +18,10 @@ from robust.checks import SettingError, check_real
 
 __all__ = [
     "binomial_pvalue",
+    "certifiable_neighbours",
     "clopper_pearson_lower",
     "largest_certified_radius",
+    "nearest_certifiable_radius",
     "smallest_useful_n",
     "warn_if_useless_n",
 ]
@@ -75,6 +77,56 @@ def largest_certified_radius(sigma: float, n: int, alpha: float) -> float:
     """
     bound = clopper_pearson_lower(n, n, alpha)
     return float(sigma) * float(norm.ppf(bound))
+
+
+def certifiable_neighbours(
+    radii: ArrayLike, sigma: float, n: int, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each radius, the certifiable radii next to it: the largest below, the smallest at or above.
+
+    CERTIFY returns ``sigma * Phi^-1(p)`` with ``p`` the Clopper-Pearson lower bound of a whole
+    count k of n samples (Cohen et al. 2019, Algorithm 1), so its radii are a lattice of at most
+    n + 1 values, increasing in k. A bisection on k (about log2(n) steps for all radii at once)
+    finds the neighbours. Beyond the largest (k = n), both are the largest.
+
+    Examples:
+        >>> below, above = certifiable_neighbours([0.5], 0.25, 1000, 0.001)
+        >>> bool(below[0] < 0.5 <= above[0]), round(float(above[0] - below[0]), 4)
+        (True, 0.0066)
+    """
+    radii = np.asarray(radii, dtype=np.float64)
+
+    def radius_of(k: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore"):  # k = 0: p = 0, radius -inf
+            return float(sigma) * norm.ppf(clopper_pearson_lower(k, n, alpha))
+
+    low = np.zeros(radii.shape, dtype=np.int64)  # radius(low) < r (radius(0) = -inf)
+    high = np.full(radii.shape, int(n), dtype=np.int64)  # radius(high) >= r, or high = n
+    while np.any(high - low > 1):
+        middle = (low + high) // 2
+        above = radius_of(middle) >= radii
+        high, low = np.where(above, middle, high), np.where(above, low, middle)
+    at_or_above = radius_of(high)
+    below = np.where(at_or_above >= radii, radius_of(low), at_or_above)
+    return below, at_or_above
+
+
+def nearest_certifiable_radius(radii: ArrayLike, sigma: float, n: int, alpha: float) -> np.ndarray:
+    """For each radius, the nearest one CERTIFY can return with these settings.
+
+    A row whose radius is far from it was not certified with these settings
+    (:func:`certifiable_neighbours`).
+
+    Examples:
+        >>> r = 0.25 * float(norm.ppf(clopper_pearson_lower(990, 1000, 0.001)))
+        >>> bool(nearest_certifiable_radius([r], 0.25, 1000, 0.001)[0] == r)
+        True
+        >>> float(nearest_certifiable_radius([0.3382], 0.25, 1000, 0.001)[0]) != 0.3382
+        True
+    """
+    radii = np.asarray(radii, dtype=np.float64)
+    below, at_or_above = certifiable_neighbours(radii, sigma, n, alpha)
+    return np.where(np.abs(at_or_above - radii) <= np.abs(radii - below), at_or_above, below)
 
 
 def binomial_pvalue(n_a: int, n_b: int) -> float:

@@ -472,6 +472,16 @@ def test_tsv_line_round_trip_is_exact_and_locuslab_shaped():
     assert CertifiedImage.from_line(line) == row
 
 
+def test_a_time_no_tsv_line_can_hold_is_refused_when_read():
+    # 1e14 s parsed, then overflowed datetime.timedelta when the row was written again
+    with pytest.raises(
+        ValueError, match=r"time 100000000000000\.0 is not a duration \(0 to 86399999913600 s\)"
+    ):
+        CertifiedImage.from_line("0\t1\t1\t0.5\t1\t1e14")
+    longest = CertifiedImage(0, 1, 1, 0.5, 1, 86_399_999_913_600.0)
+    assert CertifiedImage.from_line(longest.to_line()).time == longest.time
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from robust.certificates import CertifiedImage, read_settings, read_tsv, write_tsv
+from tests.certified_rows import on_lattice
 
 SETTINGS = {
     **{"sigma": 0.25, "seed": 0, "noise_block": 1000, "noise_scheme": "s", "autocast": None},
@@ -17,10 +18,12 @@ SETTINGS = {
 
 
 def part(folder: Path, name: str, indices, radius: float = 0.5, **changes) -> Path:
-    """A TSV of ``indices`` (all correct at ``radius``) with its sidecar."""
+    """A TSV of ``indices`` (all correct at the certifiable radius just above ``radius``)."""
     path = folder / f"{name}.tsv"
-    write_tsv(path, [CertifiedImage(i, i % 10, i % 10, radius, 1, 0.1) for i in indices])
-    Path(f"{path}.json").write_text(json.dumps(SETTINGS | changes))
+    settings = SETTINGS | changes
+    rows = [CertifiedImage(i, i % 10, i % 10, radius, 1, 0.1) for i in indices]
+    write_tsv(path, on_lattice(rows, settings["sigma"], settings["n"], settings["alpha"]))
+    Path(f"{path}.json").write_text(json.dumps(settings))
     return path
 
 
@@ -30,20 +33,27 @@ def combine(load_script):
 
 
 def test_parts_join_into_the_whole_with_their_numerics(tmp_path, combine, capsys):
-    gpu = part(tmp_path, "gpu", range(0, 6), radius=0.5, tf32=True, gpu="NVIDIA H200")
-    cpu = part(tmp_path, "cpu", range(6, 10), radius=1.0, tf32=False, device_type="cpu")
+    gpu = part(
+        tmp_path, "gpu", range(0, 6), radius=0.5, tf32=True, gpu="NVIDIA H200", num_classes=10
+    )
+    cpu = part(
+        tmp_path, "cpu", range(6, 10), radius=1.0, tf32=False, device_type="cpu", num_classes=10
+    )
     out = tmp_path / "all" / "joined.tsv"
     combine.main([str(gpu), str(cpu), "--images", "10", "--out", str(out)])
     rows, torn = read_tsv(out)
     assert not torn and [r.idx for r in rows] == list(range(10))
     stored = read_settings(Path(f"{out}.json"))
     assert stored["sigma"] == 0.25 and stored["image_range"] == 10
+    assert stored["num_classes"] == 10  # the joined rows are checked against it when read back
     assert [(p["images"], p["first"], p["last"], p["tf32"]) for p in stored["parts"]] == [
         (6, 0, 5, True),
         (4, 6, 9, False),
     ]
     printed = capsys.readouterr().out
-    assert "ACR 0.7000" in printed  # (6 * 0.5 + 4 * 1.0) / 10
+    # (6 * 0.5 + 4 * 1.0) / 10, with the radii on the lattice of n = 1,000,000 (1.0 -> 1.0008)
+    acr = sum(row.radius for row in rows) / 10
+    assert acr == pytest.approx(0.7, abs=5e-4) and f"ACR {acr:.4f}" in printed
     assert "100.00 / 100.00 / 100.00 / 40.00 / 40.00" in printed  # r = 0, 0.25, 0.5, 0.75, 1
 
 
@@ -134,14 +144,18 @@ def test_an_output_path_that_cannot_be_written_is_refused(tmp_path, combine, cap
     [
         ({}, r"lacks sigma, n, alpha, seed, noise_block"),
         ({"alpha": None}, r"a\.tsv\.json: alpha must be a number in \(0, 1\); got None"),
-        ({"n": 0}, r"n must be an integer >= 1; got 0"),
+        ({"n": 0}, r"n must be an integer in \[1, 9007199254740992\]; got 0"),
         ({"sigma": "0.25"}, r"sigma must be a number > 0; got '0\.25'"),
         ({"num_classes": 5}, r"a\.tsv line 7 .*label 5 is not a class in \[0, 5\)"),
+        ({"n": 10**400}, r"n must be an integer in \[1, 9007199254740992\]"),  # not a float
+        ({"skip": [1]}, r"a\.tsv: skip must be a positive integer; got \[1\]"),  # unhashable
     ],
 )
 def test_a_sidecar_without_valid_settings_is_refused(tmp_path, combine, capsys, sidecar, message):
     first, second = part(tmp_path, "a", range(0, 6)), part(tmp_path, "b", range(6, 10))
     Path(f"{first}.json").write_text(json.dumps(SETTINGS | sidecar if sidecar else {}))
+    if "skip" in sidecar:
+        Path(f"{second}.json").write_text(json.dumps(SETTINGS | sidecar))
     out = tmp_path / "joined.tsv"
     error = refusal(combine, capsys, [str(first), str(second), "--out", str(out)])
     assert re.search(message, error), error

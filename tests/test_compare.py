@@ -9,6 +9,7 @@ import yaml
 
 import compare
 from robust.certificates import read_tsv, summarize
+from robust.statistics import certifiable_neighbours
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,17 +202,21 @@ def test_a_changed_config_named_in_the_arguments_changes_the_stage_key(tmp_path)
 
 
 SIDECAR = {"sigma": 0.25, "n0": 100, "n": 10000, "alpha": 0.001}
+R04 = float(certifiable_neighbours([0.4], 0.25, 10_000, 0.001)[1][0])
+"""The radius CERTIFY gives just above 0.4 at the settings of ``SIDECAR`` (files read back are
+refused when their radii are not ones their settings give)."""
 
 
 @pytest.mark.parametrize(
     ("radius", "sidecar", "words"),
     [
-        (0.4, "not json", "is not JSON"),
-        (0.4, '{"sigma": "x", "n": null, "alpha": 0.001}', "sigma must be a number > 0"),
-        (0.4, "[1, 2]", "does not hold a JSON object"),
-        (0.4, None, "has no settings file"),
-        (0.4, json.dumps({**SIDECAR, "skip": 2.0}), "skip must be a positive integer, got 2.0"),
+        (R04, "not json", "is not JSON"),
+        (R04, '{"sigma": "x", "n": null, "alpha": 0.001}', "sigma must be a number > 0"),
+        (R04, "[1, 2]", "does not hold a JSON object"),
+        (R04, None, "has no settings file"),
+        (R04, json.dumps({**SIDECAR, "skip": 2.0}), "skip must be a positive integer, got 2.0"),
         (5.0, json.dumps(SIDECAR), "row 0 has radius 5, beyond 0.799644"),  # cannot be certified
+        (0.4, json.dumps(SIDECAR), "row 0 has radius 0.4, which sigma 0.25, n 10000 and alpha"),
     ],
 )
 def test_report_refuses_certificates_it_cannot_check(tmp_path, radius, sidecar, words):
@@ -229,7 +234,7 @@ def test_report_refuses_certificates_it_cannot_check(tmp_path, radius, sidecar, 
     assert "certify_test.tsv" in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "report.md").exists()
     (log_dir / "certify_test.tsv.json").write_text(json.dumps(SIDECAR))
-    write_tsv(log_dir / "certify_test.tsv", [CertifiedImage(0, 1, 1, 0.4, 1, 0.0)])
+    write_tsv(log_dir / "certify_test.tsv", [CertifiedImage(0, 1, 1, R04, 1, 0.0)])
     report = write_report(tmp_path, {"m": {"metrics": metrics, "log_dir": str(log_dir)}}, {})
     assert table_rows(report.read_text())["m"]["correct_certified"] == "1 of 1 (100.0%)"
 
@@ -240,8 +245,8 @@ def test_report_says_when_only_radius_zero_can_be_certified(tmp_path):
 
     log_dir = tmp_path / "run"
     log_dir.mkdir()
-    write_tsv(log_dir / "certify_test.tsv", [CertifiedImage(0, 1, 1, 0.0, 1, 0.0)])
-    tiny = {**SIDECAR, "n0": 5, "n": 5}  # 5 samples cannot bound pA above 1/2 at alpha 0.001
+    write_tsv(log_dir / "certify_test.tsv", [CertifiedImage(0, 1, -1, 0.0, 0, 0.0)])
+    tiny = {**SIDECAR, "n0": 5, "n": 5}  # 5 samples cannot bound pA above 1/2: CERTIFY abstains
     (log_dir / "certify_test.tsv.json").write_text(json.dumps(tiny))
     report = write_report(tmp_path, {"m": {"metrics": {}, "log_dir": str(log_dir)}}, {})
     line = next(x for x in report.read_text().splitlines() if x.startswith("Certification:"))
@@ -256,7 +261,7 @@ def test_report_counts_only_the_latest_runs_images_of_a_resumed_tsv(tmp_path):
     log_dir.mkdir()
     # every 2nd image certified, then a run over every 4th resumed the file (sidecar: skip 4)
     rows = [
-        CertifiedImage(i, 1, 1 if i % 4 == 0 else 2, 0.4, int(i % 4 == 0), 0.0)
+        CertifiedImage(i, 1, 1 if i % 4 == 0 else 2, R04, int(i % 4 == 0), 0.0)
         for i in range(0, 12, 2)
     ]
     write_tsv(log_dir / "certify_test.tsv", rows)
@@ -276,7 +281,7 @@ def test_report_draws_and_links_only_the_figures_of_what_was_evaluated(tmp_path)
 
     certified = tmp_path / "certified"
     certified.mkdir()
-    write_tsv(certified / "certify_test.tsv", [CertifiedImage(0, 1, 1, 0.4, 1, 0.0)])
+    write_tsv(certified / "certify_test.tsv", [CertifiedImage(0, 1, 1, R04, 1, 0.0)])
     (certified / "certify_test.tsv.json").write_text(json.dumps(SIDECAR))
     only_certified = {"m": {"metrics": {"test/acc": 0.9}, "log_dir": str(certified)}}
     report = write_report(tmp_path / "a", only_certified, {}).read_text()

@@ -228,6 +228,8 @@ NOISE_ARGS = {
         ({"fc.weight": 0}, r"holds the weights of another model \(\d+ of the model's tensors"),
         ("shape", r"noise_state\.pt: \S+ is torch\.float32 of shape \(1,\), the model's is"),
         ("nan", r"noise_state\.pt: \S+ holds values that are not finite"),
+        ("sparse", r"noise_state\.pt: \S+ is a torch\.sparse_coo tensor on cpu, not the dense"),
+        ("memo", r"noise_state\.pt is not a state dict of tensors"),  # a KeyError while unpickling
     ],
 )
 def test_certify_refuses_a_bad_state_file(
@@ -247,8 +249,13 @@ def test_certify_refuses_a_bad_state_file(
     elif state is not None:
         weights = session.noise_model(argparse.Namespace(**NOISE_ARGS)).state_dict()
         name = next(iter(weights))
-        weights[name] = torch.zeros(1) if state == "shape" else weights[name] * torch.nan
+        if state == "sparse":
+            weights[name] = weights[name].to_sparse()
+        else:
+            weights[name] = torch.zeros(1) if state == "shape" else weights[name] * torch.nan
         torch.save(weights, path)
+        if state == "memo":  # a pickle that refers to a memo entry it never stored
+            path.write_bytes(b"\x80\x02h\x71.")
     error = run_main(
         session, monkeypatch, capsys, "certify", "--out", str(tmp_path), "--accelerator", "cpu"
     )

@@ -1,5 +1,6 @@
 """benchmarks/paired_acr.py: the paired ACR comparison of a subset TSV with full ones."""
 
+import contextlib
 import doctest
 import json
 import math
@@ -8,16 +9,25 @@ from pathlib import Path
 
 import pytest
 
-from robust.certificates import CertifiedImage, write_tsv
+from robust.certificates import CertifiedImage, read_tsv, write_tsv
+from robust.checks import SettingError
+from tests.certified_rows import on_lattice
 
 SETTINGS = {"sigma": 0.25, "n0": 100, "n": 100_000, "alpha": 0.001, "num_classes": 10}
 """A sidecar: at these settings no certificate exceeds radius 0.9529."""
 
 
 def write_certificates(path: Path, rows, **changes) -> Path:
-    """A TSV of ``rows`` with its sidecar (``SETTINGS`` with ``changes``)."""
+    """A TSV of ``rows`` with its sidecar (``SETTINGS`` with ``changes``).
+
+    The radii are moved onto the sidecar's lattice (:func:`tests.certified_rows.on_lattice`)
+    where its settings are valid.
+    """
+    settings = SETTINGS | changes
+    with contextlib.suppress(SettingError):  # a sidecar made invalid on purpose: rows as given
+        rows = on_lattice(rows, settings["sigma"], settings["n"], settings["alpha"])
     write_tsv(path, rows)
-    Path(f"{path}.json").write_text(json.dumps(SETTINGS | changes))
+    Path(f"{path}.json").write_text(json.dumps(settings))
     return path
 
 
@@ -29,20 +39,42 @@ def test_paired_difference_and_estimate_on_nested_subsets(tmp_path, load_script,
     subset[1] = CertifiedImage(2, 1, -1, 0.0, 0, 0.0)  # an abstention counts radius 0
     write_certificates(tmp_path / "ref.tsv", reference)
     write_certificates(tmp_path / "sub.tsv", subset)
+    # the radii as written: moved onto the lattice of n = 100,000 (by up to 1e-5)
+    reference, subset = (read_tsv(tmp_path / name)[0] for name in ("ref.tsv", "sub.tsv"))
     mine = {row.idx: row for row in subset}
     result = paired_acr.paired(mine, {row.idx: row for row in reference})
-    differences = [0.1] * 20
-    differences[1] = -(0.2 + 0.02)
+    differences = [row.radius * row.correct - reference[row.idx].radius for row in subset]
+    assert differences[0] == pytest.approx(0.1, abs=1e-4) and differences[1] < -0.2
     mean = sum(differences) / 20
     assert result["images"] == 20 and result["difference"] == pytest.approx(mean)
-    variance = sum((d - mean) ** 2 for d in differences) / 19
-    assert result["standard_error"] == pytest.approx(math.sqrt(variance / 20))
-    reference_all = sum(0.2 + 0.01 * i for i in range(40)) / 40
-    assert result["estimate_all"] == pytest.approx(reference_all + mean)
+    # image 0 is the exact stratum (image 1 is not shared); images 2, 4, ... sample the other 39
+    assert result["exact_images"] == 1
+    sampled = differences[1:]
+    sampled_mean = sum(sampled) / 19
+    variance = sum((d - sampled_mean) ** 2 for d in sampled) / 18
+    assert result["standard_error"] == pytest.approx(39 / 40 * math.sqrt(variance / 19))
+    reference_all = sum(row.radius for row in reference) / 40
+    on_all = (differences[0] + 39 * sampled_mean) / 40
+    assert result["estimate_all"] == pytest.approx(reference_all + on_all)
     paired_acr.main([str(tmp_path / "sub.tsv"), str(tmp_path / "ref.tsv"), "--every", "2", "4"])
     printed = capsys.readouterr().out
     assert "index % 2 == 0: 20 of sub.tsv" in printed
     assert "index % 4 == 0: 10 of sub.tsv" in printed
+
+
+def test_a_resumed_prefix_is_weighted_by_its_size_not_counted_k_times(load_script):
+    # images 0-20 all certified, then every 5th: the prefix is 21 of the 100 images, not 21 of 36
+    paired_acr = load_script("benchmarks/paired_acr.py")
+    reference = {i: CertifiedImage(i, 1, 1, 0.5, 1, 0.0) for i in range(100)}
+    shared = [*range(20), *range(20, 100, 5)]
+    # ours is 0.1 better on the first 20 images and equal on the rest: 0.02 better on all 100
+    subset = {i: CertifiedImage(i, 1, 1, 0.6 if i < 20 else 0.5, 1, 0.0) for i in shared}
+    result = paired_acr.paired(subset, reference)
+    assert result["exact_images"] == 21
+    assert result["difference"] == pytest.approx(20 * 0.1 / 36)  # the unweighted mean: biased
+    assert result["difference_all"] == pytest.approx(0.02)
+    assert result["estimate_all"] == pytest.approx(0.52)
+    assert result["standard_error"] == 0.0  # the sampled images all differ by 0
 
 
 @pytest.mark.parametrize(
@@ -105,6 +137,7 @@ def test_empty_selections_are_one_error_line(tmp_path, load_script, capsys):
     ("forge", "message"),
     [
         ("radius", r"sub\.tsv: row 2 has radius 99, beyond 0\.9528"),
+        ("off lattice", r"sub\.tsv: row 2 has radius 0\.5, which sigma 0\.25, n 100000 and alpha"),
         ("no sidecar", r"sub\.tsv has no settings file"),
         ("empty sidecar", r"sub\.tsv\.json lacks sigma, n, alpha"),
         ("bad alpha", r"sub\.tsv\.json: alpha must be a number in \(0, 1\); got 2"),
@@ -116,8 +149,11 @@ def test_rows_are_checked_against_their_sidecar(tmp_path, load_script, capsys, f
     reference = write_certificates(tmp_path / "ref.tsv", rows)
     subset = write_certificates(tmp_path / "sub.tsv", rows)
     sidecar = Path(f"{subset}.json")
+    written = read_tsv(subset)[0]
     if forge == "radius":
-        write_tsv(subset, [*rows[:2], CertifiedImage(2, 1, 1, 99.0, 1, 0.0)])
+        write_tsv(subset, [*written[:2], CertifiedImage(2, 1, 1, 99.0, 1, 0.0)])
+    elif forge == "off lattice":  # a radius no count of n = 100,000 gives at sigma 0.25
+        write_tsv(subset, [*written[:2], CertifiedImage(2, 1, 1, 0.5, 1, 0.0)])
     elif forge == "no sidecar":
         sidecar.unlink()
     elif forge == "empty sidecar":
