@@ -279,7 +279,10 @@ def _example_files(results: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     return files
 
 
-def masking_findings(accuracies: Mapping[str, Mapping[str, float]]) -> list[str]:
+def masking_findings(
+    accuracies: Mapping[str, Mapping[str, float]],
+    counts: Mapping[str, Mapping[str, float]] | None = None,
+) -> list[str]:
     """Sentences naming each model whose one-step (FGM) accuracy exceeds a stronger attack's by far.
 
     A one-step attack far weaker than PGD or AutoAttack at the same ball is the signature of
@@ -287,6 +290,8 @@ def masking_findings(accuracies: Mapping[str, Mapping[str, float]]) -> list[str]
 
     Attacks compare when their balls (norm and eps) are equal, whatever their options (restarts,
     queries, random start); targeted attacks, whose accuracy means something else, are left out.
+    ``counts`` (model to attack key to images evaluated) names the image counts of the two where
+    they differ (the gap is then partly sampling error).
 
     Examples:
         >>> masking_findings({"m": {"fgm_l2_eps5": 0.78, "pgd40_l2_eps5": 0.0}})[0][:44]
@@ -295,6 +300,9 @@ def masking_findings(accuracies: Mapping[str, Mapping[str, float]]) -> list[str]
         []
         >>> masking_findings({"m": {"fgm_linf_eps0.3_rand": 0.9, "pgd40_linf_eps0.3_r5": 0.0}})[0][-18:]
         '(gradient masking)'
+        >>> numbers = {"m": {"fgm_l2_eps5": 500, "pgd40_l2_eps5": 100}}
+        >>> masking_findings({"m": {"fgm_l2_eps5": 0.78, "pgd40_l2_eps5": 0.0}}, numbers)[0][-23:]
+        '(on 500 and 100 images)'
     """
     findings = []
     for model, accuracy in accuracies.items():
@@ -311,9 +319,13 @@ def masking_findings(accuracies: Mapping[str, Mapping[str, float]]) -> list[str]
             }
             if stronger and weak_acc - min(stronger.values()) > MASKING_GAP:
                 best = min(stronger, key=stronger.__getitem__)
+                images = (counts or {}).get(model, {})
+                sizes = (images.get(weak), images.get(best))
+                differ = None not in sizes and sizes[0] != sizes[1]
                 findings.append(
                     f"{model}: {100 * weak_acc:.1f}% under {weak} but {100 * stronger[best]:.1f}%"
                     f" under {best}: the one-step attack overstates robustness (gradient masking)"
+                    + (f" (on {sizes[0]:.0f} and {sizes[1]:.0f} images)" if differ else "")
                 )
     return findings
 
@@ -576,7 +588,15 @@ def write_report(
 
     evaluated = "; ".join(f"{', '.join(keys)} on {n}" for n, keys in counts.items())
     masking = masking_findings(
-        {name: {k: v for k, v in acc.items() if k != "clean"} for name, acc in accuracies.items()}
+        {name: {k: v for k, v in acc.items() if k != "clean"} for name, acc in accuracies.items()},
+        {
+            name: {
+                k: metrics[f"test/perturbed_num_images/{k}"]
+                for k in attack_keys
+                if f"test/perturbed_num_images/{k}" in metrics
+            }
+            for name, metrics in metrics_of.items()
+        },
     )
     lines = [
         "# Robustness comparison",
