@@ -29,6 +29,7 @@ import argparse
 import fcntl
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,7 +91,9 @@ class FastMNIST(LightningDataModule):
         return DataLoader(self.val_set, batch_size=1000)
 
     def test_dataloader(self):
-        return DataLoader(self.test_set, batch_size=1000, num_workers=4)
+        # up to 4 workers decode the images, leaving a core to the model (1 on a 2-core machine)
+        workers = min(4, len(os.sched_getaffinity(0)) - 1)
+        return DataLoader(self.test_set, batch_size=1000, num_workers=workers)
 
 
 EPOCHS = {"value": 30}
