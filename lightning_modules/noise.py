@@ -91,8 +91,10 @@ class NoiseAugmentedClassifier(StandardClassifier):
     (``--checkpoint.monitor val/noisy_acc``; the noise configs do) to keep the best checkpoint for
     certification. Image ``i``'s noise comes from its own generator seeded by
     :func:`robust.sharding.image_seed` ``(noisy_val_seed, "noise_sigma<sigma>", i)``, and each
-    process evaluates every N-th image, so the number is the same for any batch size and process
-    count (on one kind of device). It honours ``limit_val_batches`` as robust validation does.
+    process evaluates every N-th image, so each image counts once and the number is the same for
+    any batch size and process count on a CPU (on a GPU, kernels chosen by batch shape may round
+    differently and rarely flip a near-tie). It honours ``limit_val_batches`` as robust
+    validation does.
 
     **SmoothAdv** (Salman et al. 2019, Sec. 3-4, their "SmoothAdv_PGD"; on with
     ``smoothadv_eps > 0``): the m noises delta_i are drawn first, x is replaced by the adversarial

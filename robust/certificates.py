@@ -67,10 +67,12 @@ SELECTION_SETTINGS = ("skip", "first_image", "max_images", "image_range")
 
 MAX_SECONDS = float(datetime.timedelta.max.days * 86_400)
 """The longest time a row can hold (whole days of a ``datetime.timedelta``, as the TSV writes it)."""
-MAX_SAMPLES = 2**53
-"""The largest n a sidecar may name (beyond, n is no longer exact as a float)."""
+MAX_SAMPLES = 10**12
+"""The largest n a sidecar may name (far beyond any run; the radius lattice is exact up to it)."""
 LATTICE_TOLERANCE = 1e-9
-"""Relative distance a radius may lie from the nearest one its settings can give (float noise)."""
+"""Distance a radius may lie from the nearest one its settings give, relative to the larger of the
+radius and sigma: float noise. Neighbouring counts of n = 100,000 lie some 1e-5 sigma apart, so
+a radius of other settings is refused; for n beyond some 10**9 neighbours blur within it."""
 CERTIFICATE_SETTINGS = ("sigma", "n", "alpha")
 """The sidecar settings that bound a file's radii: :func:`read_certificates` requires them."""
 
@@ -535,7 +537,7 @@ def check_radius_cap(
     certified = [row for row in rows if not row.abstained]
     radii = np.array([row.radius for row in certified], dtype=np.float64)
     nearest = nearest_certifiable_radius(radii, settings["sigma"], settings["n"], settings["alpha"])
-    off = np.abs(nearest - radii) > LATTICE_TOLERANCE * np.maximum(radii, 1e-12)
+    off = np.abs(nearest - radii) > LATTICE_TOLERANCE * np.maximum(radii, settings["sigma"])
     if np.any(off):
         row = certified[int(np.argmax(off))]
         closest = float(nearest[int(np.argmax(off))])

@@ -220,11 +220,16 @@ def test_a_val_fraction_that_leaves_a_split_empty_is_refused(tmp_path, val_fract
             "0," * 784 + "3\n",
             "holds other digits than the project's (sha256 ",
         ),  # valid, but not ours
+        ("", "cannot be read (error: Error -3 while decompressing"),  # damaged: zlib.error
     ],
 )
 def test_a_broken_embedded_file_is_one_clear_error(tmp_path, monkeypatch, rows, words):
     path = tmp_path / "mnist_5k.csv.gz"
     path.write_bytes(gzip.compress(rows.encode()))
+    if not rows:  # a byte flipped inside the deflate stream
+        data = bytearray(gzip.compress(("0," * 784 + "3\n").encode() * 50))
+        data[10] ^= 0xFF  # the first byte of the deflate stream: its block header
+        path.write_bytes(bytes(data))
     monkeypatch.setattr(embedded_mnist, "embedded_mnist_path", lambda: path)
     with pytest.raises(DataNotFoundError) as info:
         embedded_mnist.load_embedded_mnist()

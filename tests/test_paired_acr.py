@@ -77,6 +77,20 @@ def test_a_resumed_prefix_is_weighted_by_its_size_not_counted_k_times(load_scrip
     assert result["standard_error"] == 0.0  # the sampled images all differ by 0
 
 
+def test_a_subset_of_only_the_first_images_is_the_sample_itself(load_script):
+    # an interrupted run of images 0-59 of 100: nothing samples 60-99, so the 60 shared images
+    # are the sample of the whole (weighting them as an exact prefix assumed 0 difference beyond)
+    paired_acr = load_script("benchmarks/paired_acr.py")
+    reference = {i: CertifiedImage(i, 1, 1, 0.5, 1, 0.0) for i in range(100)}
+    subset = {i: CertifiedImage(i, 1, 1, 0.6 if i % 2 else 0.55, 1, 0.0) for i in range(60)}
+    for shared in (subset, {**subset, 80: CertifiedImage(80, 1, 1, 0.6, 1, 0.0)}):
+        result = paired_acr.paired(shared, reference)
+        assert result["exact_images"] == 0
+        assert result["difference_all"] == pytest.approx(result["difference"])
+        assert result["estimate_all"] == pytest.approx(0.5 + result["difference"])
+        assert 0 < result["standard_error"] < 0.01
+
+
 @pytest.mark.parametrize(
     ("other", "expected"),
     [
