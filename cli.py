@@ -271,36 +271,73 @@ def with_choices(message: str) -> str:
 # checks the file itself)
 
 
-def find_run_checkpoint(which: str, run_dir: Path, dirpath: str | os.PathLike | None = None) -> str:
-    """Newest ``last.ckpt`` (``which="last"``) or ``best-*.ckpt`` of the runs in ``run_dir``.
+def find_run_checkpoint(
+    which: str, run_dir: Path, dirpath: str | os.PathLike | None = None, version: str | None = None
+) -> str:
+    """Newest ``last.ckpt`` (``which="last"``) or the best checkpoint of the runs in ``run_dir``.
 
     A new process logs to a new ``version_N`` folder, so Lightning's own ``"last"``/``"best"``
     would find nothing there and silently evaluate an untrained model; this finds the checkpoint
-    that the latest ``fit`` of the same config wrote. Where ``checkpoint.dirpath`` is set
-    (``dirpath``), ``fit`` wrote its checkpoints there, and only there is searched (the newest
-    ``last*.ckpt``: a later run's is ``last-v1.ckpt``): an older run of the logger's folder is not
-    this config's.
+    that the latest ``fit`` of the same config wrote: in ``run_dir`` (the logger's
+    ``save_dir/name``), or, where the logger's ``version`` folder is set, in that run only.
+    Where ``checkpoint.dirpath`` is set (``dirpath``), ``fit`` wrote its checkpoints there, and
+    only there is searched (the newest ``last*.ckpt``: a later run's is ``last-v1.ckpt``): an
+    older run of the logger's folder is not this config's.
+
+    ``"best"`` is the ``best_model_path`` that the newest checkpoint there records (with
+    ``save_top_k > 1`` the newest ``best-*.ckpt`` need not be the best; a resumed run's best can
+    be an earlier run's file), else the newest ``best-*.ckpt``.
 
     Raises:
         SettingError: When no such checkpoint exists.
     """
     if dirpath:
         # a shared folder: Lightning names a later run's files last-v1.ckpt, best-...-v1.ckpt
-        folder = Path(os.path.expanduser(os.fspath(dirpath)))
-        pattern = "last*.ckpt" if which == "last" else "best-*.ckpt"
-        where, found = folder, list(folder.glob(pattern))
-    else:
-        pattern = "last.ckpt" if which == "last" else "best-*.ckpt"
-        where = run_dir / "version_*" / "checkpoints"
-        found = list(run_dir.glob(f"version_*/checkpoints/{pattern}"))
-    found.sort(key=lambda p: p.stat().st_mtime)
-    if not found:
+        where = Path(os.path.expanduser(os.fspath(dirpath)))
+        folders = [where]
+        last = "last*.ckpt"
+    else:  # a run's own folder, where a second fit into the same version writes last-v1.ckpt
+        where = run_dir / (version or "version_*") / "checkpoints"
+        folders = [where] if version else sorted(run_dir.glob("version_*/checkpoints"))
+        last = "last*.ckpt" if version else "last.ckpt"
+    pattern = last if which == "last" else "best-*.ckpt"
+    newest = _newest([path for folder in folders for path in folder.glob(pattern)])
+    if which == "best":
+        recorded = _recorded_best(_newest([p for f in folders for p in f.glob("*.ckpt")]))
+        newest = recorded or newest
+    if newest is None:
         refuse(
             f"ckpt_path {which!r}: no {pattern} under {where}; "
             "run fit with this config first, or give the path of a .ckpt file"
         )
-    print(f"ckpt_path {which!r} is {found[-1]}", file=sys.stderr)
-    return str(found[-1])
+    print(f"ckpt_path {which!r} is {newest}", file=sys.stderr)
+    return str(newest)
+
+
+def _newest(paths: Sequence[Path]) -> Path | None:
+    """The most recently written of ``paths`` (None for none)."""
+    return max(paths, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def _recorded_best(checkpoint: Path | None) -> Path | None:
+    """The ``best_model_path`` a checkpoint's ModelCheckpoint state records, if that file exists.
+
+    Read with ``torch.load(weights_only=True)``; a file that does not load, or records no
+    existing best, gives None (the caller falls back to the newest ``best-*.ckpt``).
+    """
+    if checkpoint is None:
+        return None
+    try:
+        states = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
+        states = states.get("callbacks") if isinstance(states, dict) else None
+    except Exception:  # checked properly once chosen; here only a hint is read
+        return None
+    for key, state in (states or {}).items():
+        if "Checkpoint" in str(key) and isinstance(state, dict):
+            best = state.get("best_model_path")
+            if isinstance(best, str) and best and Path(best).is_file():
+                return Path(best)
+    return None
 
 
 def logger_run_dir(trainer_config) -> Path:
@@ -308,6 +345,15 @@ def logger_run_dir(trainer_config) -> Path:
     logger = trainer_config.get("logger")
     init_args = getattr(logger, "init_args", None) or {}
     return Path(init_args.get("save_dir") or "runs") / str(init_args.get("name") or "default")
+
+
+def logger_version(trainer_config) -> str | None:
+    """The configured logger's run folder where its version is set (``version_N`` for a number)."""
+    logger = trainer_config.get("logger")
+    version = (getattr(logger, "init_args", None) or {}).get("version")
+    if version is None or version == "":
+        return None
+    return version if isinstance(version, str) else f"version_{version}"
 
 
 def _resolve(path: str) -> Any:
@@ -933,7 +979,7 @@ class RobustCLI(LightningCLI):
         if ckpt_path in {"last", "best"}:
             dirpath = (config.get("checkpoint") or {}).get("dirpath")
             ckpt_path = config.ckpt_path = find_run_checkpoint(
-                ckpt_path, logger_run_dir(config.trainer), dirpath
+                ckpt_path, logger_run_dir(config.trainer), dirpath, logger_version(config.trainer)
             )
         if not ckpt_path:
             return

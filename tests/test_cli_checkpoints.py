@@ -205,6 +205,35 @@ def test_last_follows_checkpoint_dirpath_not_an_older_run_of_the_logger(in_tmp, 
     assert f"ckpt_path 'last' is {elsewhere / 'last-v1.ckpt'}" in capsys.readouterr().err
 
 
+def test_best_is_the_best_checkpoint_not_the_newest_of_the_top_k(in_tmp, capsys):
+    # top-2 by the smallest step keeps epochs 0 and 1: the newer file, epoch 1, is not the best
+    args = ["--config", STANDARD, *TINY, "--checkpoint.monitor", "step", "--checkpoint.mode", "min"]
+    cli.main(["fit", *args, "--trainer.max_epochs", "3", "--checkpoint.save_top_k", "2"])
+    folder = in_tmp / "runs/mnist_standard/version_0/checkpoints"
+    assert {"best-epoch00.ckpt", "best-epoch01.ckpt"} <= {p.name for p in folder.iterdir()}
+    capsys.readouterr()
+    cli.main(["test", *args, "--trainer.limit_test_batches", "1", "--ckpt_path", "best"])
+    chosen = capsys.readouterr().err
+    assert (
+        "ckpt_path 'best' is runs/mnist_standard/version_0/checkpoints/best-epoch00.ckpt" in chosen
+    )
+
+
+def test_last_and_best_search_only_the_logger_version_that_is_set(in_tmp, capsys):
+    args = ["--config", STANDARD, *TINY, "--trainer.max_epochs", "1"]
+    version = ["--trainer.logger.init_args.version", "exp2"]
+    cli.main(["fit", *args, *version])
+    cli.main(["fit", *args])  # a newer run in version_0 of the same logger folder
+    test = ["test", *args, "--trainer.limit_test_batches", "1"]
+    for which in ("last", "best"):
+        capsys.readouterr()
+        cli.main([*test, *version, "--ckpt_path", which])
+        chosen = capsys.readouterr().err
+        assert f"ckpt_path '{which}' is runs/mnist_standard/exp2/checkpoints/" in chosen
+    line = refusal(capsys, *test, "--trainer.logger.init_args.version", "3", "--ckpt_path", "last")
+    assert "no last*.ckpt under runs/mnist_standard/version_3/checkpoints" in line
+
+
 # --------------------------------------------------------------------------- item 4 of issue 10
 
 
