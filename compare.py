@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -37,7 +36,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 import cli
 from robust.checks import SettingError
-from robust.report import REPORT_RUN, write_report
+from robust.report import REPORT_FILES, REPORT_RUN, write_report
 
 
 @dataclass
@@ -94,6 +93,8 @@ def parse(argv: list[str]):
             parser.error(
                 f"trainings: config file {training.config!r} of {training.name} does not exist"
             )
+    if not settings.output_dir.strip():  # Path("") is the current folder
+        parser.error("output_dir must name a folder; got ''")
     if settings.reference not in ("embedded", "full"):
         parser.error(f"reference must be 'embedded' or 'full'; got {settings.reference!r}")
     check_names(settings.trainings)
@@ -126,6 +127,11 @@ def check_names(trainings: list[Training]) -> None:
                 f"trainings: name {REPORT_RUN!r} is the report's TensorBoard run "
                 f"(output_dir/tensorboard/{REPORT_RUN}); give the training another name"
             )
+        if REPORT_FILES.fullmatch(training.name):  # its folder would sit where the report writes
+            raise SettingError(
+                f"trainings: name {training.name!r} is a file or folder the report writes in "
+                "output_dir; give the training another name"
+            )
         if training.name in seen:
             raise SettingError(f"trainings: name {training.name!r} is given twice")
         seen.add(training.name)
@@ -140,14 +146,19 @@ def check_names(trainings: list[Training]) -> None:
         shown[label] = training.name
 
 
-def check_stages(settings, out: Path) -> None:
+def check_stages(settings, out: Path) -> dict[str, dict[str, str]]:
     """Check the settings of every stage (parse and build, nothing run) before any training.
 
     So a typo in the last evaluation config is refused before the first model trains.
 
+    Returns:
+        Per training name, per stage ("training", "evaluation"): the digest of the stage's whole
+        parsed config (:func:`config_digest`), which keys its record.
+
     Raises:
         SettingError: The stage's refusal, naming the training.
     """
+    digests: dict[str, dict[str, str]] = {}
     for training in settings.trainings:
         stages = {
             "training": stage_args("fit", settings, training, out, "check"),
@@ -159,8 +170,63 @@ def check_stages(settings, out: Path) -> None:
                     checked = run_cli(args, check_only=True)
                 if stage == "training":
                     checked.check_optimizer()
+                check_certification_outputs(checked)
             except SettingError as err:
                 raise SettingError(f"{training.name} ({stage}): {err}") from None
+            digests.setdefault(training.name, {})[stage] = config_digest(checked)
+    return digests
+
+
+# Settings that name where a stage writes or which checkpoint it reads, not what it computes
+PLACEMENT = ("config", "ckpt_path", "trainer.logger.init_args.save_dir",
+             "trainer.logger.init_args.name", "trainer.logger.init_args.version",
+             "checkpoint.dirpath")  # fmt: skip
+
+
+def config_digest(checked: cli.RobustCLI) -> str:
+    """Digest of a stage's whole parsed config, where it writes left out.
+
+    The parsed config holds what every config file (``--config``, ``-c``, ``--data=file.yaml``,
+    files named inside files) and argument set, so a change in any of them redoes the stage.
+    """
+    config = checked.config[checked.subcommand].clone()
+    for key in PLACEMENT:
+        if key in config:
+            config[key] = None
+    text = json.dumps(config.as_dict(), sort_keys=True, default=_stable_text)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _stable_text(value: object) -> str:
+    """A parsed value JSON cannot hold, as text that is the same in every process.
+
+    Examples:
+        >>> _stable_text(Path)
+        'pathlib.Path'
+    """
+    name = getattr(value, "__qualname__", None)
+    return f"{getattr(value, '__module__', '')}.{name}" if name else str(value)
+
+
+def check_certification_outputs(checked: cli.RobustCLI) -> None:
+    """Refuse two Certification callbacks writing one TSV (say, a config listed twice).
+
+    Raises:
+        SettingError: Naming the TSV.
+    """
+    from callbacks import Certification
+
+    outputs = [
+        str(callback.output or "<log_dir>/certify_test.tsv")
+        for callback in checked.trainer.callbacks
+        if isinstance(callback, Certification)
+    ]
+    repeated = next((path for path in outputs if outputs.count(path) > 1), None)
+    if repeated is not None:
+        raise SettingError(
+            f"two Certification callbacks write {repeated} (an evaluation config listed twice, "
+            "or two that certify): give each its own output, or keep one"
+        )
 
 
 @contextlib.contextmanager
@@ -256,32 +322,15 @@ def stage_key(*parts: str) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def with_config_contents(args: list[str]) -> list[str]:
-    """``args`` followed by the content of each ``--config`` file they name.
-
-    So a stage whose arguments name a config file is redone when that file changes.
-
-    Examples:
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "extra.yaml"
-        >>> _ = path.write_text("model: {init_args: {sigma: 0.5}}")
-        >>> with_config_contents(["--seed_everything=0", f"--config={path}"])[2]
-        'model: {init_args: {sigma: 0.5}}'
-    """
-    named = [a.removeprefix("--config=") for a in args if a.startswith("--config=")]
-    named += [b for a, b in itertools.pairwise(args) if a == "--config"]
-    return [*args, *(Path(path).read_text() for path in named if Path(path).is_file())]
-
-
-def fit(settings, training: Training, out: Path) -> dict:
-    """Train one model, or reuse the finished training of the same config and arguments."""
-    arguments = with_config_contents([*settings.common_args, *training.args])
-    key = stage_key(Path(training.config).read_text(), *arguments)
+def fit(settings, training: Training, out: Path, digest: str) -> dict:
+    """Train one model, or reuse the finished training of the same parsed config (``digest``)."""
+    key = stage_key(digest)
     marker = out / training.name / "fit.json"
     done = read_record(marker, {"key": str, "ckpt_path": str, "train_time_s": float})
     if done and done["key"] == key and Path(done["ckpt_path"]).is_file():
         print(f"[compare] {training.name}: reusing trained checkpoint {done['ckpt_path']}")
-        return done
+        note_other_code(done, training.name)
+        return {**done, "checkpoint_sha256": file_sha256(Path(done["ckpt_path"]))}
     print(f"[compare] {training.name}: training with {training.config}")
     start = time.perf_counter()
     checkpoints = str(out / training.name / "checkpoints" / key)
@@ -291,14 +340,67 @@ def fit(settings, training: Training, out: Path) -> dict:
         )
     )
     best = run.trainer.checkpoint_callback
+    ckpt_path = (best.best_model_path or best.last_model_path) if best else ""
+    if not ckpt_path:
+        raise SettingError(
+            f"{training.name} (training) wrote no checkpoint to test (fast_dev_run, or "
+            "checkpoint.save_top_k 0 without save_last): let fit save one"
+        )
     done = {
         "key": key,
-        "ckpt_path": best.best_model_path or best.last_model_path,
+        "ckpt_path": ckpt_path,
         "train_time_s": time.perf_counter() - start,
+        "code": CODE_VERSION,
     }
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(done, indent=2))
-    return done
+    return {**done, "checkpoint_sha256": file_sha256(Path(ckpt_path))}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (a checkpoint: the evaluation is redone when it changes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+ROOT = Path(__file__).resolve().parent
+
+
+def source_digest(root: Path = ROOT) -> str:
+    """Digest of the project's Python source (what trains, attacks and certifies).
+
+    Examples:
+        >>> len(source_digest())
+        12
+    """
+    digest = hashlib.sha256()
+    files = [root / "cli.py", root / "compare.py", root / "checkpoint_checks.py"]
+    for folder in ("robust", "callbacks", "lightning_modules", "datamodules"):
+        files += sorted((root / folder).glob("*.py"))
+    for path in files:
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+CODE_VERSION = source_digest()
+"""The digest of the source that ran a stage, recorded with it (:func:`note_other_code`)."""
+
+
+def note_other_code(done: dict, name: str) -> None:
+    """Say so when a reused stage ran with other source code than this run's.
+
+    Stages are not redone on a code change (a full-scale training takes hours, and most
+    changes do not touch its numbers); the note names the record to delete to redo it.
+    """
+    if done.get("code") != CODE_VERSION:
+        print(
+            f"[compare] note: {name}'s stage was run by other code (source {done.get('code')}, "
+            f"now {CODE_VERSION}); delete its record to redo it with this code"
+        )
 
 
 def report_inputs(done: dict) -> list[Path]:
@@ -314,18 +416,21 @@ def report_inputs(done: dict) -> list[Path]:
     return [Path(done["log_dir"]) / "certify_test.tsv"] if certified else []
 
 
-def evaluate(settings, training: Training, out: Path, trained: dict) -> dict:
-    """Test one model with the evaluation callbacks, or reuse a finished identical evaluation."""
+def evaluate(settings, training: Training, out: Path, trained: dict, digest: str) -> dict:
+    """Test one model with the evaluation callbacks, or reuse a finished identical evaluation.
+
+    The record is keyed by the training, the checkpoint's path and bytes (a model retrained
+    into the same file is evaluated again) and the stage's parsed config (``digest``).
+    """
     marker = out / training.name / "metrics.json"
-    texts = [Path(path).read_text() for path in settings.evaluation]
-    arguments = with_config_contents(settings.eval_args)
-    key = stage_key(trained["key"], trained["ckpt_path"], *texts, *arguments)
+    key = stage_key(trained["key"], trained["ckpt_path"], trained["checkpoint_sha256"], digest)
     done = read_record(marker, {"key": str, "log_dir": str, "metrics": dict})
     if done and done["key"] == key:
         inside = Path(done["log_dir"]).resolve().is_relative_to(out.resolve())
         missing = [path for path in report_inputs(done) if not path.is_file()]
         if inside and valid_metrics(done["metrics"]) and not missing:
             print(f"[compare] {training.name}: reusing evaluation {marker}")
+            note_other_code(done, training.name)
             return done
         reason = (
             f"{missing[0]}, which the report reads, is gone"
@@ -339,11 +444,14 @@ def evaluate(settings, training: Training, out: Path, trained: dict) -> dict:
             "test", settings, training, out, f"test-{key}", "--ckpt_path", trained["ckpt_path"]
         )
     )
-    done = {
-        "key": key,
-        "log_dir": run.trainer.log_dir,
-        "metrics": {k: float(v) for k, v in run.trainer.callback_metrics.items()},
-    }
+    metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
+    certified, selected = metrics.get("certify/num_images"), metrics.get("certify/selected_images")
+    if certified is not None and selected is not None and certified < selected:
+        raise SettingError(
+            f"{training.name} (evaluation): the certification stopped after {certified:.0f} of "
+            f"its {selected:.0f} images (stop_after); run the same command again to resume it"
+        )
+    done = {"key": key, "log_dir": run.trainer.log_dir, "metrics": metrics, "code": CODE_VERSION}
     marker.write_text(json.dumps(done, indent=2, sort_keys=True))
     return done
 
@@ -356,12 +464,13 @@ def compare(argv: list[str]) -> Path:
     """
     settings = parse(argv)
     out = Path(settings.output_dir)
-    check_stages(settings, out)
+    digests = check_stages(settings, out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for training in settings.trainings:
-        trained = fit(settings, training, out)
-        evaluated = evaluate(settings, training, out, trained)
+        stages = digests[training.name]
+        trained = fit(settings, training, out, stages["training"])
+        evaluated = evaluate(settings, training, out, trained, stages["evaluation"])
         results[training.label or training.name] = {**evaluated, **trained, "name": training.name}
     recorded = {
         "trainings": [vars(t) for t in settings.trainings],

@@ -62,8 +62,9 @@ class Certification(EvaluationCallback):
     """Certify the evaluation set with randomized smoothing; log, write a TSV, plot, resume.
 
     Logged on every process (``certify/`` after testing, ``val_certify/`` after validation):
-    ``certified_acc@<r>`` for each radius, ``acr``, ``correct_certified``, ``abstain_rate`` and
-    ``num_images``. After testing, rank 0 also writes ``output``, its ``.json`` settings, a PNG of
+    ``certified_acc@<r>`` for each radius, ``acr``, ``correct_certified``, ``abstain_rate``,
+    ``num_images`` and ``selected_images`` (more than ``num_images`` when ``stop_after`` stopped
+    the run early). After testing, rank 0 also writes ``output``, its ``.json`` settings, a PNG of
     certified accuracy against radius (also sent to TensorBoard). Validation writes no files.
     Under ``fast_dev_run``: 2 images, n0 <= 16, n <= 64, no files.
 
@@ -325,6 +326,8 @@ class Certification(EvaluationCallback):
         selected = self.select(trainer, stage, len(dataset))  # type: ignore[arg-type]
         results = [done[i] for i in selected if i in done]
         summary = summarize(results, self.radii)
+        if summary:  # fewer than selected: stopped early (stop_after), resumed by the next run
+            summary["selected_images"] = float(len(selected))
         if testing and self._file is not None:
             self._file.close()  # in dataset-index order
         if testing:

@@ -231,6 +231,9 @@ MAX_EXAMPLE_COLUMNS = 32
 """Example images drawn per model at most (a column each; ``num_image_grid`` may ask for more)."""
 REPORT_RUN = "comparison"
 """The report's TensorBoard run, ``<output_dir>/tensorboard/comparison``: not a training's name."""
+REPORT_FILES = re.compile(r"report\.md|tensorboard|certified_accuracy\.png|attack_accuracy\.png"
+                          r"|examples_.*\.png")  # fmt: skip
+"""What the report writes in ``<output_dir>`` beside the trainings' folders: not their names."""
 
 
 def _fraction(count: float, total: int) -> str:

@@ -345,8 +345,11 @@ class _Square:
         old = delta * mask
         old_norm = _channel_norm(old)
         fresh = placed + old / (old_norm + 1e-12)
+        # each channel's share of the room left in the ball, plus that channel's own mass in the
+        # two windows (the authors' code and fra31's since its 2021 fix; torchattacks takes the
+        # whole image's window mass for every channel, which overshoots eps on RGB images)
         budget = (self.eps**2 - _image_norm(delta) ** 2).clamp_(min=0.0) / self.c
-        budget += _image_norm(delta * (mask | mask2)) ** 2
+        budget = budget + _channel_norm(delta * (mask | mask2)) ** 2  # (B, c, 1, 1)
         fresh = fresh / (_channel_norm(fresh) + 1e-12) * budget.sqrt()
         delta = torch.where(mask | mask2, 0.0, delta) + fresh
         return (x + _to_norm(delta, self.eps)).clamp_(0.0, 1.0)

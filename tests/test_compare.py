@@ -5,10 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import compare
 from robust.certificates import read_tsv, summarize
+from robust.checks import SettingError
 from robust.statistics import certifiable_neighbours
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,6 +154,38 @@ def test_compare_end_to_end_report_matches_metrics_and_tsvs(tmp_path, capsys):
     assert len(read_tsv(gone / "certify_test.tsv")[0]) == 3
     assert table_rows((out / "report.md").read_text())[name] == third[name]
 
+    # a model retrained into the same checkpoint file is evaluated again (the record was keyed
+    # by the file's path only, so the old model's numbers were reported for the new one)
+    checkpoint = Path(json.loads((out / name / "fit.json").read_text())["ckpt_path"])
+    state = torch.load(checkpoint, weights_only=True)
+    weights = state["state_dict"]
+    first = next(key for key in weights if key.endswith("weight"))
+    weights[first] = weights[first] * 0.5
+    torch.save(state, checkpoint)
+    compare.compare(["--config", str(settings)])
+    printed = capsys.readouterr().out
+    assert len(re.findall(r"reusing trained checkpoint", printed)) == 3
+    assert len(re.findall(r"reusing evaluation", printed)) == 2
+    assert f"{name}: attacking and certifying {checkpoint}" in printed
+
+
+def test_a_certification_stopped_early_is_not_recorded_and_resumes(tmp_path, capsys):
+    settings = yaml.safe_load(tiny_settings(tmp_path).read_text())
+    settings["trainings"] = settings["trainings"][:1]
+    settings["eval_args"] = ["--trainer.callbacks.init_args.stop_after=2"]
+    path = tmp_path / "stopping.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    out = tmp_path / "results" / "standard"
+    for done in (2, 4):
+        with pytest.raises(SettingError, match=f"stopped after {done} of its 5 images"):
+            compare.compare(["--config", str(path)])
+        assert not (out / "metrics.json").exists()  # not a finished evaluation
+    compare.compare(["--config", str(path)])
+    printed = capsys.readouterr().out
+    assert "reusing trained checkpoint" in printed
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["certify/num_images"] == metrics["certify/selected_images"] == 5
+
 
 def test_compare_refuses_missing_configs_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -190,15 +224,43 @@ def test_compare_reports_a_refusal_as_one_error_line(tmp_path, capsys):
     assert err[-1].startswith("error: ") and "batch_size" in err[-1]
 
 
-def test_a_changed_config_named_in_the_arguments_changes_the_stage_key(tmp_path):
+@pytest.mark.parametrize("form", ["--config=", "--config", "-c", "--data="])
+def test_a_changed_file_named_in_any_way_changes_the_stage_key(tmp_path, form):
+    # only --config files were hashed: -c, --data=file.yaml and files named inside files reused
+    # a stale training or evaluation
     extra = tmp_path / "extra.yaml"
-    extra.write_text("model: {init_args: {sigma: 0.5}}")
-    for args in (["--seed_everything=0", f"--config={extra}"], ["--config", str(extra)]):
-        before = compare.stage_key(*compare.with_config_contents(args))
-        extra.write_text("model: {init_args: {sigma: 1.0}}")
-        assert compare.stage_key(*compare.with_config_contents(args)) != before
-        extra.write_text("model: {init_args: {sigma: 0.5}}")
-        assert compare.stage_key(*compare.with_config_contents(args)) == before
+    texts = {
+        "sigma": ("model: {init_args: {sigma: 0.5}}", "model: {init_args: {sigma: 1.0}}"),
+        "data": (
+            "class_path: datamodules.EmbeddedMNISTDataModule\ninit_args: {batch_size: 32}",
+            "class_path: datamodules.EmbeddedMNISTDataModule\ninit_args: {batch_size: 8}",
+        ),
+    }["data" if form == "--data=" else "sigma"]
+    args = [f"{form}{extra}"] if form.endswith("=") else [form, str(extra)]
+    training = {"name": "noise", "config": str(ROOT / "configs/mnist/smoothing.yaml"), "args": args}
+
+    def digests(out: str) -> dict:
+        settings = compare.parse(["--trainings", json.dumps([training]), "--output_dir", out])
+        return compare.check_stages(settings, Path(out))["noise"]
+
+    extra.write_text(texts[0])
+    before = digests(str(tmp_path / "a"))
+    assert digests(str(tmp_path / "b")) == before  # where a stage writes is not what it computes
+    extra.write_text(texts[1])
+    changed = digests(str(tmp_path / "a"))
+    assert changed["training"] != before["training"]
+    assert changed["evaluation"] != before["evaluation"]
+    extra.write_text(texts[0])
+    assert digests(str(tmp_path / "a")) == before
+
+
+def test_two_certifications_writing_one_tsv_are_refused_before_training(tmp_path, capsys):
+    quick = str(ROOT / "configs/compare/certify_quick.yaml")
+    trainings = [{"name": "a", "config": str(ROOT / "configs/mnist/smoothing.yaml")}]
+    argv = ["--trainings", json.dumps(trainings), "--output_dir", str(tmp_path / "out")]
+    line = refused(capsys, [*argv, "--evaluation", json.dumps([quick, quick])])
+    assert "a (evaluation): two Certification callbacks write <log_dir>/certify_test.tsv" in line
+    assert not (tmp_path / "out").exists()
 
 
 SIDECAR = {"sigma": 0.25, "n0": 100, "n": 10000, "alpha": 0.001}
@@ -343,6 +405,9 @@ def test_a_bad_optimizer_of_the_last_training_is_refused_before_any_training(tmp
         (["a", "../escape"], "name '../escape' must be a plain folder name"),
         (["a/b"], "name 'a/b' must be a plain folder name"),
         (["a", "comparison"], "name 'comparison' is the report's TensorBoard run"),
+        (["report.md"], "name 'report.md' is a file or folder the report writes in output_dir"),
+        (["examples_a.png"], "name 'examples_a.png' is a file or folder the report writes"),
+        (["tensorboard"], "name 'tensorboard' is a file or folder the report writes"),
     ],
 )
 def test_training_names_are_distinct_folder_names(names, expected, tmp_path, capsys):
@@ -357,6 +422,9 @@ def test_an_output_dir_behind_a_file_is_refused(tmp_path, capsys):
     for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
         line = refused(capsys, ["--trainings", json.dumps(trainings), "--output_dir", str(out)])
         assert f"output_dir {out} cannot be a folder" in line
+    for empty in ("", "  "):  # Path("") is the current folder: a whole comparison written there
+        line = refused(capsys, ["--trainings", json.dumps(trainings), "--output_dir", empty])
+        assert "output_dir must name a folder; got ''" in line
 
 
 @pytest.mark.parametrize(

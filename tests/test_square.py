@@ -247,3 +247,28 @@ def test_windows_reach_every_position_the_reference_code_skips_the_last(monkeypa
     monkeypatch.setattr(_Square, "reference_window_range", True)
     mask, _, _ = run.window(u, u, 3)
     assert mask[1, 0, 6:9, 6:9].all() and not mask[:, 0, 9].any() and not mask[:, 0, :, 9].any()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_an_l2_step_keeps_the_perturbation_on_the_sphere_of_radius_eps(channels):
+    # Andriushchenko et al. (2020), Alg. 3: the new windows take each channel's own mass there
+    # plus its share of the room left, so a perturbation of norm eps keeps norm eps and the
+    # final rescale leaves the rest of it untouched. Summing the whole image's window mass into
+    # every channel (torchattacks, fra31 before its 2021 fix) overshot on RGB images, and the
+    # rescale then shrank the rest of the perturbation at every step.
+    generator = torch.Generator().manual_seed(0)
+    eps, size = 0.5, 12
+    x = torch.full((4, channels, size, size), 0.5)
+    delta = torch.randn(x.shape, generator=generator)
+    delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps
+    y = torch.zeros(4, dtype=torch.long)
+    model = small_cnn(channels=channels, size=size)
+    run = _Square(Forward(model, False), x, y, eps, "2", 100, 0.3, False)
+    u = torch.rand(4, run.k, generator=generator)
+    proposed = run.propose(10, x, x + delta, u)
+    s = run.side(10)
+    windows = run.window(u[:, 0], u[:, 1], s)[0] | run.window(u[:, 2], u[:, 3], s)[0]
+    new = proposed - x
+    assert new.flatten(1).norm(dim=1) == pytest.approx(eps, rel=1e-5)
+    torch.testing.assert_close(torch.where(windows, 0.0, new), torch.where(windows, 0.0, delta))
+    assert (new - delta).abs().amax() > 0.01  # the windows did change
