@@ -10,7 +10,9 @@ Every stage is the command line's own ``fit`` and ``test`` (:func:`cli.main`):
    depends on), so an interrupted certification resumes and a changed one starts afresh;
 3. write ``report.md``, the figures and a TensorBoard ``comparison`` run (:mod:`robust.report`).
 
-A stage that already finished is reused when the command runs again.
+A stage that already finished is reused when the command runs again (keyed by its whole parsed
+config, and an evaluation also by the checkpoint's bytes); an interrupted training resumes from
+its last epoch, an interrupted certification from its TSV.
 
     robust-compare --config configs/compare/mnist.yaml      # or: python compare.py --config ...
 """
@@ -331,14 +333,22 @@ def fit(settings, training: Training, out: Path, digest: str) -> dict:
         print(f"[compare] {training.name}: reusing trained checkpoint {done['ckpt_path']}")
         note_other_code(done, training.name)
         return {**done, "checkpoint_sha256": file_sha256(Path(done["ckpt_path"]))}
-    print(f"[compare] {training.name}: training with {training.config}")
+    checkpoints = out / training.name / "checkpoints" / key
+    args = stage_args("fit", settings, training, out, f"fit-{key}")
+    args += ["--checkpoint.dirpath", str(checkpoints)]
     start = time.perf_counter()
-    checkpoints = str(out / training.name / "checkpoints" / key)
-    run = run_cli(
-        stage_args(
-            "fit", settings, training, out, f"fit-{key}", "--checkpoint.dirpath", checkpoints
-        )
-    )
+    # an interrupted training of the same config left its last epoch there: go on from it
+    interrupted = max(checkpoints.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime, default=None)
+    run = None
+    if interrupted is not None:
+        print(f"[compare] {training.name}: resuming the interrupted training from {interrupted}")
+        try:
+            run = run_cli([*args, "--ckpt_path", str(interrupted)])
+        except SettingError as err:  # a checkpoint cut short by the interruption, say
+            print(f"[compare] {training.name}: cannot resume ({err}); training afresh")
+    if run is None:
+        print(f"[compare] {training.name}: training with {training.config}")
+        run = run_cli(args)
     best = run.trainer.checkpoint_callback
     ckpt_path = (best.best_model_path or best.last_model_path) if best else ""
     if not ckpt_path:
@@ -349,8 +359,9 @@ def fit(settings, training: Training, out: Path, digest: str) -> dict:
     done = {
         "key": key,
         "ckpt_path": ckpt_path,
-        "train_time_s": time.perf_counter() - start,
+        "train_time_s": time.perf_counter() - start,  # of this run (a resumed one: its part)
         "code": CODE_VERSION,
+        "resumed_from": str(interrupted) if interrupted is not None else None,
     }
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(done, indent=2))

@@ -570,3 +570,39 @@ def test_report_names_the_images_of_each_attack_and_model(tmp_path):
     report = write_report(tmp_path, {"a": {"metrics": {**a, **smoothed}}, "b": {"metrics": b}}, {})
     line = next(x for x in report.read_text().splitlines() if x.startswith("Test images per"))
     assert line == f"Test images per attack: {key} on 500 (a), 50 (b); SmoothAdv on g on 100."
+
+
+def test_an_interrupted_training_resumes_from_its_last_epoch(tmp_path, capsys, monkeypatch):
+    from lightning_modules import StandardClassifier
+
+    settings = yaml.safe_load(tiny_settings(tmp_path).read_text())
+    settings["trainings"] = settings["trainings"][:1]
+    settings["common_args"] = [
+        *(a for a in settings["common_args"] if not a.startswith("--trainer.max_epochs")),
+        "--trainer.max_epochs=2",
+    ]
+    path = tmp_path / "two_epochs.yaml"
+    path.write_text(yaml.safe_dump(settings))
+
+    def interrupt_in_the_second_epoch(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise RuntimeError("the machine went away")
+        return original(self, batch, batch_idx)
+
+    original = StandardClassifier.training_step
+    monkeypatch.setattr(StandardClassifier, "training_step", interrupt_in_the_second_epoch)
+    with pytest.raises(RuntimeError, match="the machine went away"):
+        compare.compare(["--config", str(path)])
+    monkeypatch.undo()
+    folder = tmp_path / "results" / "standard"
+    assert not (folder / "fit.json").exists()
+    (last,) = folder.glob("checkpoints/*/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 3  # the first epoch's 3 steps
+    capsys.readouterr()
+    compare.compare(["--config", str(path)])
+    printed = capsys.readouterr().out
+    assert f"standard: resuming the interrupted training from {last}" in printed
+    assert "standard: training with" not in printed
+    record = json.loads((folder / "fit.json").read_text())
+    assert record["resumed_from"] == str(last)
+    assert torch.load(last, weights_only=True)["global_step"] == 6  # one more epoch, not two
