@@ -326,8 +326,6 @@ class Certification(EvaluationCallback):
         selected = self.select(trainer, stage, len(dataset))  # type: ignore[arg-type]
         results = [done[i] for i in selected if i in done]
         summary = summarize(results, self.radii)
-        if summary:  # fewer than selected: stopped early (stop_after), resumed by the next run
-            summary["selected_images"] = float(len(selected))
         if testing and self._file is not None:
             self._file.close()  # in dataset-index order
         if testing:
@@ -344,4 +342,7 @@ class Certification(EvaluationCallback):
             if testing and self.output_path is not None:
                 figure.savefig(self.output_path.with_suffix(".png"), dpi=120)
             self.add_figure(trainer, f"{self.metric_prefix(stage)}/certified_accuracy", figure)
-        return summary
+        if not summary:
+            return summary
+        # fewer than selected: stopped early (stop_after); the next run resumes the rest
+        return {**summary, "selected_images": float(len(selected))}
