@@ -346,6 +346,7 @@ def fit(settings, training: Training, out: Path, digest: str) -> dict:
             run = run_cli([*args, "--ckpt_path", str(interrupted)])
         except SettingError as err:  # a checkpoint cut short by the interruption, say
             print(f"[compare] {training.name}: cannot resume ({err}); training afresh")
+            interrupted = None
     if run is None:
         print(f"[compare] {training.name}: training with {training.config}")
         run = run_cli(args)
