@@ -606,3 +606,10 @@ def test_an_interrupted_training_resumes_from_its_last_epoch(tmp_path, capsys, m
     record = json.loads((folder / "fit.json").read_text())
     assert record["resumed_from"] == str(last)
     assert torch.load(last, weights_only=True)["global_step"] == 6  # one more epoch, not two
+    # a last.ckpt cut short by the interruption: trained afresh, and said so
+    (folder / "fit.json").unlink()
+    last.write_bytes(last.read_bytes()[:1000])
+    compare.compare(["--config", str(path)])
+    printed = capsys.readouterr().out
+    assert "standard: cannot resume (ckpt_path" in printed and "training afresh" in printed
+    assert json.loads((folder / "fit.json").read_text())["resumed_from"] is None
