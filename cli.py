@@ -803,6 +803,11 @@ def check_scheduler_steps(scheduler: Any) -> None:
         and isinstance(v, int | float | str)
     )
     name = f"model lr_scheduler {type(scheduler).__name__}({settings})"
+    if isinstance(scheduler, ReduceLROnPlateau) and scheduler.mode != "max":
+        refuse(
+            f"{name} would lower the learning rate while val/acc, its monitor, rises; "
+            "set its mode to max"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # stepping before the optimizer steps
@@ -828,6 +833,31 @@ LOGGED_AFTER_SANITY_CHECK = {
     "val/robust_acc": "robust_val_images",  # AdversarialClassifier
     "val/noisy_acc": "noisy_val_images",  # NoiseAugmentedClassifier
 }
+
+
+def monitor_direction(monitor: str) -> str | None:
+    """``"min"`` for a loss, ``"max"`` for an accuracy or ACR key, None where the name says neither."""
+    parts = monitor.split("/")
+    if any("loss" in part for part in parts):
+        return "min"
+    if any(part.startswith(("acc", "acr")) or "_acc" in part for part in parts):
+        return "max"
+    return None
+
+
+def check_monitor_mode(monitor: str | None, mode: str) -> None:
+    """Refuse a checkpoint mode that would keep the worst epoch of the monitored key.
+
+    Raises:
+        SettingError: Naming the monitor, the mode and the mode it needs.
+    """
+    wanted = None if monitor is None else monitor_direction(monitor)
+    if wanted is not None and mode != wanted:
+        worst = "highest" if wanted == "min" else "lowest"
+        refuse(
+            f"checkpoint.mode {mode!r} would keep the epoch of the {worst} {monitor}; "
+            f"monitoring {monitor} needs checkpoint.mode {wanted}"
+        )
 
 
 def check_monitor_can_be_logged(monitor: str | None, model: Any) -> None:
@@ -1057,6 +1087,7 @@ class RobustCLI(LightningCLI):
         if self.subcommand == "fit":
             for callback in self.trainer.checkpoint_callbacks:
                 check_monitor_can_be_logged(getattr(callback, "monitor", None), self.model)
+                check_monitor_mode(getattr(callback, "monitor", None), callback.mode)
 
     def check_data_identity(self) -> None:
         """Refuse a checkpoint trained on other data than the data module's (unless allowed).

@@ -393,6 +393,12 @@ class AdversarialClassifier(StandardClassifier):
         """Number of perturbed images in a batch: ``perturbed_fraction * batch_size``, rounded half up."""
         return min(batch_size, math.floor(self.perturbed_fraction * batch_size + 0.5))
 
+    def first_full_strength_epoch(self) -> tuple[str, int] | None:
+        """Epoch ``W`` is the first at the full eps (``eps * e / W`` before it)."""
+        if self.eps_warmup_epochs == 0 or self.attack.eps == 0:
+            return None
+        return "eps_warmup_epochs", self.eps_warmup_epochs
+
     def attack_at_epoch(self, epoch: int) -> AttackSpec:
         """The training attack of (0-based) ``epoch``, with eps scaled by the warm-up."""
         if self.eps_warmup_epochs == 0 or epoch >= self.eps_warmup_epochs:
@@ -404,7 +410,7 @@ class AdversarialClassifier(StandardClassifier):
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The loss of ``method`` on one batch (see the class docstring)."""
         spec = self.attack_at_epoch(self.current_epoch)
-        self.log("train/eps", float(spec.eps), on_step=False, on_epoch=True)
+        self.log("train/eps", float(spec.eps), on_step=False, on_epoch=True, sync_dist=True)
         if self.method == "trades":
             return self._trades_loss(x, y, spec)
         return self._at_loss(x, y, spec)
@@ -420,7 +426,9 @@ class AdversarialClassifier(StandardClassifier):
         if self.grad_align_weight > 0 and spec.eps > 0:
             penalty = grad_align_penalty(self, clean, y, spec.eps, spec.norm)
             loss = loss + self.grad_align_weight * penalty
-            self.log("train/grad_align", penalty.detach(), on_step=False, on_epoch=True)
+            self.log(
+                "train/grad_align", penalty.detach(), on_step=False, on_epoch=True, sync_dist=True
+            )
         detached = logits.detach()
         if k > 0:
             self.train_adv_acc(detached[:k], y[:k])
@@ -451,7 +459,7 @@ class AdversarialClassifier(StandardClassifier):
         self.train_clean_acc(logits.detach(), y)
         self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True)
         self.log("train/clean_acc", self.train_clean_acc, on_step=False, on_epoch=True)
-        self.log("train/kl", kl.detach(), on_step=False, on_epoch=True)
+        self.log("train/kl", kl.detach(), on_step=False, on_epoch=True, sync_dist=True)
         return loss, logits, y
 
     # Robust validation --------------------------------------------------------------------------

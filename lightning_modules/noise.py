@@ -230,6 +230,12 @@ class NoiseAugmentedClassifier(StandardClassifier):
         self.noisy_val_samples = noisy_val_samples
         self.noisy_val_seed = noisy_val_seed
 
+    def first_full_strength_epoch(self) -> tuple[str, int] | None:
+        """Epoch ``W - 1`` is the first at SmoothAdv's full eps."""
+        if self.smoothadv_eps == 0 or self.smoothadv_warmup_epochs <= 1:
+            return None
+        return "smoothadv_warmup_epochs", self.smoothadv_warmup_epochs - 1
+
     def smoothadv_eps_at_epoch(self, epoch: int) -> float:
         """SmoothAdv's eps in (0-based) ``epoch``: ``smoothadv_eps * min(1, (epoch + 1) / W)``."""
         if self.smoothadv_warmup_epochs == 0 or epoch + 1 >= self.smoothadv_warmup_epochs:
@@ -268,7 +274,7 @@ class NoiseAugmentedClassifier(StandardClassifier):
         else:
             noisy = self.add_noise(x)
         if self.smoothadv_eps > 0 and self._trainer is not None:
-            self.log("train/smoothadv_eps", eps, on_step=False, on_epoch=True)
+            self.log("train/smoothadv_eps", eps, on_step=False, on_epoch=True, sync_dist=True)
         logits = self(noisy)
         targets = y.repeat(m)
         loss = F.cross_entropy(logits, targets)  # = mean over copies of the per-copy mean CE

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.backbones import Normalize, SmallCNN
+from robust.checks import SettingError
 from robust.modes import eval_mode
 from robust.sharding import (
     FAST_DEV_IMAGES,
@@ -19,10 +20,14 @@ from robust.sharding import (
     evaluated_images,
     evaluation_dataset,
     gather_rows,
+    image_seed,
     rounds,
     sampler_padding,
     shard,
 )
+
+TRAINING_RNG_KEY = "training_rng_of_process"
+"""Key of :func:`robust.sharding.image_seed` that derives process ``r``'s training RNG seed."""
 
 DATA_IDENTITY_KEY = "data_identity"
 """Checkpoint entry holding the training data module's ``identity()``."""
@@ -54,6 +59,10 @@ class StandardClassifier(LightningModule):
         std: Per-channel normalization std (linked from the data module).
         optimizer: Optimizer factory; Adam with lr 1e-3 by default.
         lr_scheduler: Optional LR scheduler factory.
+
+    Under DDP every process starts with the same global RNG (``seed_everything``); at the start of
+    ``fit`` process ``r > 0`` reseeds it from ``(initial seed, r)`` (:meth:`on_fit_start`), so the
+    processes draw different training noise and random starts. One process is left as it was.
     """
 
     def __init__(
@@ -98,6 +107,33 @@ class StandardClassifier(LightningModule):
                 f"backbone {name} returned shape {tuple(out.shape)} for one {shape} image; "
                 f"expected (1, {self.num_classes}) logits"
             )
+
+    def on_fit_start(self) -> None:
+        """Refuse a warm-up the run never finishes; give each DDP process its own RNG stream.
+
+        Raises:
+            SettingError: When ``trainer.max_epochs`` ends the run before the first epoch at full
+                strength (:meth:`first_full_strength_epoch`); not in a ``fast_dev_run``.
+        """
+        trainer = self.trainer
+        warmup = self.first_full_strength_epoch()
+        max_epochs = trainer.max_epochs
+        if warmup and not trainer.fast_dev_run and max_epochs is not None and max_epochs >= 0:
+            setting, first = warmup
+            if max_epochs <= first:
+                raise SettingError(
+                    f"model {setting} {getattr(self, setting)} leaves no epoch at full strength "
+                    f"in trainer.max_epochs {max_epochs}: it begins with epoch {first + 1} "
+                    f"(counting from 1); set trainer.max_epochs >= {first + 1} or a shorter "
+                    f"{setting}"
+                )
+        if trainer.global_rank > 0:
+            seed = image_seed(torch.initial_seed(), TRAINING_RNG_KEY, trainer.global_rank)
+            torch.manual_seed(seed)
+
+    def first_full_strength_epoch(self) -> tuple[str, int] | None:
+        """``(warm-up setting, first 0-based epoch trained at full strength)``, None without one."""
+        return None
 
     whole_sequentials = ("model",)
     """``forward`` only calls ``self.model(x)``: the attacks may run a rewritten copy of it

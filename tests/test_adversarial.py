@@ -1,4 +1,5 @@
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -151,6 +152,38 @@ def test_eps_warmup_grows_linearly_then_stays():
     assert AdversarialClassifier(attack=spec).attack_at_epoch(0) == spec
 
 
+def fit_start(module, max_epochs: int | None, fast_dev_run: bool = False, rank: int = 0):
+    """Run ``module.on_fit_start`` under a stand-in trainer of the given length."""
+    module.trainer = SimpleNamespace(
+        max_epochs=max_epochs, fast_dev_run=fast_dev_run, global_rank=rank
+    )
+    module.on_fit_start()
+
+
+@pytest.mark.parametrize("warmup", [1, 2, 4])
+def test_a_run_that_ends_before_the_full_eps_is_refused_at_fit_start(warmup):
+    spec = AttackSpec("pgd", "inf", 0.3, steps=7)
+    net = AdversarialClassifier(attack=spec, eps_warmup_epochs=warmup)
+    for max_epochs in range(1, 8):
+        # the oracle is the schedule itself: some epoch of the run trains at the full eps
+        reaches = any(net.attack_at_epoch(e).eps == 0.3 for e in range(max_epochs))
+        if reaches:
+            fit_start(net, max_epochs)
+            continue
+        with pytest.raises(SettingError) as info:
+            fit_start(net, max_epochs)
+        assert str(info.value) == (
+            f"model eps_warmup_epochs {warmup} leaves no epoch at full strength in "
+            f"trainer.max_epochs {max_epochs}: it begins with epoch {warmup + 1} (counting from "
+            f"1); set trainer.max_epochs >= {warmup + 1} or a shorter eps_warmup_epochs"
+        )
+        fit_start(net, max_epochs, fast_dev_run=True)  # a smoke run is not refused
+    fit_start(net, -1)  # no epoch limit (max_steps ends the run)
+    fit_start(
+        AdversarialClassifier(attack=dataclasses.replace(spec, eps=0.0), eps_warmup_epochs=4), 1
+    )
+
+
 @pytest.mark.filterwarnings(NO_TRAINER)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.key)
 def test_training_loss_perturbs_the_first_part_and_leaves_no_parameter_grads(spec, monkeypatch):
@@ -240,7 +273,7 @@ def test_bf16_mixed_training_step_attacks_under_autocast(monkeypatch):
 def test_checkpoint_restores_the_attack(tmp_path):
     spec = AttackSpec("pgd", "inf", 0.1, steps=2)
     net = model(attack=spec, perturbed_fraction=0.25, eps_warmup_epochs=3)
-    trainer = fit(net, max_epochs=1, limit_train_batches=1, default_root_dir=tmp_path)
+    trainer = fit(net, max_epochs=4, limit_train_batches=1, default_root_dir=tmp_path)
     path = tmp_path / "adv.ckpt"
     trainer.save_checkpoint(path)
     hparams = torch.load(path, weights_only=False)["hyper_parameters"]

@@ -20,6 +20,7 @@ from robust.checks import SettingError
 ROOT = Path(__file__).resolve().parents[1]
 STANDARD = str(ROOT / "configs/mnist/standard.yaml")
 SMOOTHING = str(ROOT / "configs/mnist/smoothing.yaml")
+ADVERSARIAL = str(ROOT / "configs/mnist/pgd_at.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 ONE_BATCH = ["--trainer.limit_test_batches", "1", *QUIET]
 
@@ -231,6 +232,57 @@ def test_a_scheduler_failing_its_first_step_is_refused_before_training(
     scheduler += ["--model.init_args.lr_scheduler.init_args.step_size", "1"]
     line = refusal(capsys, "fit", "--config", STANDARD, *scheduler, *args, *QUIET)
     assert line == expected
+
+
+def test_a_plateau_scheduler_must_raise_the_lr_on_falling_accuracy_not_rising(
+    in_tmp, capsys, monkeypatch
+):
+    # ReduceLROnPlateau's default mode min read the rising val/acc as no progress: lr / 10 per epoch
+    plateau = ["--model.init_args.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"]
+    monkeypatch.setattr(Trainer, "fit", _never("it was trained"))
+    line = refusal(capsys, "fit", "--config", STANDARD, *plateau, *QUIET)
+    assert line.startswith("error: model lr_scheduler ReduceLROnPlateau(") and "mode='min'" in line
+    assert line.endswith(
+        "would lower the learning rate while val/acc, its monitor, rises; set its mode to max"
+    )
+    monkeypatch.setattr(Trainer, "fit", lambda *args, **kwargs: None)
+    mode_max = ["--model.init_args.lr_scheduler.init_args.mode", "max"]
+    fitted = cli.main(["fit", "--config", STANDARD, *plateau, *mode_max, *QUIET])
+    assert fitted.model.configure_optimizers()["lr_scheduler"]["scheduler"].mode == "max"
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode", "wanted"),
+    [("val/loss", "max", "min"), ("val/acc", "min", "max"), ("val/robust_acc", "min", "max")],
+)
+def test_a_checkpoint_mode_that_keeps_the_worst_epoch_is_refused(
+    monitor, mode, wanted, in_tmp, capsys, monkeypatch
+):
+    monkeypatch.setattr(Trainer, "fit", _never("it was trained"))
+    config = ADVERSARIAL if "robust" in monitor else STANDARD
+    args = ["--checkpoint.monitor", monitor, "--checkpoint.mode", mode]
+    line = refusal(capsys, "fit", "--config", config, *args, *QUIET)
+    worst = "highest" if wanted == "min" else "lowest"
+    assert line == (
+        f"error: checkpoint.mode {mode!r} would keep the epoch of the {worst} {monitor}; "
+        f"monitoring {monitor} needs checkpoint.mode {wanted}"
+    )
+    monkeypatch.setattr(Trainer, "fit", lambda *args, **kwargs: None)
+    args[-1] = wanted
+    fitted = cli.main(["fit", "--config", config, *args, *QUIET])
+    assert fitted.trainer.checkpoint_callback.mode == wanted
+
+
+def test_a_warm_up_longer_than_the_run_is_one_line_before_training(in_tmp, capsys):
+    # a 1-epoch SmoothAdv run warmed up over 2 epochs never trained at its eps 0.5
+    args = ["--config", str(ROOT / "configs/mnist/smoothadv.yaml"), *TINY_FIT]
+    line = refusal(capsys, "fit", *args)
+    assert line == (
+        "error: model smoothadv_warmup_epochs 2 leaves no epoch at full strength in "
+        "trainer.max_epochs 1: it begins with epoch 2 (counting from 1); set "
+        "trainer.max_epochs >= 2 or a shorter smoothadv_warmup_epochs"
+    )
+    assert not list(in_tmp.rglob("*.ckpt"))
 
 
 def _never(failure: str):

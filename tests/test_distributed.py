@@ -1,18 +1,27 @@
 """Multi-process runs through the real CLI: DDP on 2 CPU processes (gloo) equals 1 process."""
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from lightning.pytorch import Callback
 
 import cli
 from robust.certificates import read_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 300  # a hung collective fails the test instead of the whole CI run
+TIMEOUT = 300
+EPOCH_METRICS = {
+    "standard": [],
+    "adversarial": ["train/eps"],
+    "smoothing": [],
+    "trades": ["train/eps", "train/kl"],
+}  # a hung collective fails the test instead of the whole CI run
 
 
 def run_cli(*args: str, cwd: Path) -> str:
@@ -139,8 +148,22 @@ def test_clean_accuracy_counts_each_image_once_on_three_processes(trained_checkp
     assert round(accuracy[1] * 500, 3) == round(accuracy[1] * 500)  # a count out of 500
 
 
-@pytest.mark.parametrize("config", ["standard", "adversarial", "smoothing"])
+class RecordTrainingRng(Callback):
+    """Writes each process's first training draw and epoch-level train metrics to rank<r>.json."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.draw = torch.randn(4).tolist()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        record = {k: float(v) for k, v in metrics.items() if k.startswith("train/")}
+        record["draw"] = self.draw
+        Path(f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("config", ["standard", "adversarial", "smoothing", "trades"])
 def test_every_module_trains_with_ddp_on_two_processes(config, tmp_path):
+    recorder = "[{class_path: tests.test_distributed.RecordTrainingRng}]"
     output = run_cli(
         "fit",
         "--config", str(ROOT / f"configs/mnist/{config}.yaml"),
@@ -151,12 +174,18 @@ def test_every_module_trains_with_ddp_on_two_processes(config, tmp_path):
         "--trainer.limit_val_batches", "2",
         "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_progress_bar", "false",
-        "--trainer.callbacks", "[]",
+        "--trainer.callbacks", recorder,
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         cwd=tmp_path,
     )  # fmt: skip
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
     assert list((tmp_path / "runs").rglob("last.ckpt"))
+    first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # each process draws its own training noise and random starts (they were the same)
+    assert first.pop("draw") != second.pop("draw")
+    # epoch-level training metrics are the mean over both processes, the same on each
+    for key in ("train/acc", *EPOCH_METRICS[config]):
+        assert first[key] == second[key], key
 
 
 @pytest.mark.parametrize("config", ["standard", "adversarial", "smoothing"])

@@ -7,6 +7,7 @@ and the authors' formulation (``F.kl_div`` against the mean softmax, entropy of 
 
 import math
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -175,6 +176,25 @@ def test_smoothadv_eps_warms_up_as_in_the_authors_code():
     assert make(smoothadv_eps=1.0).smoothadv_eps_at_epoch(0) == 1.0
 
 
+@pytest.mark.parametrize("warmup", [2, 3, 5])
+def test_a_run_that_ends_before_smoothadvs_full_eps_is_refused_at_fit_start(warmup):
+    module = make(smoothadv_eps=1.0, smoothadv_warmup_epochs=warmup)
+    for max_epochs in range(1, 7):
+        module.trainer = SimpleNamespace(max_epochs=max_epochs, fast_dev_run=False, global_rank=0)
+        if any(module.smoothadv_eps_at_epoch(e) == 1.0 for e in range(max_epochs)):
+            module.on_fit_start()
+            continue
+        with pytest.raises(SettingError, match=rf"^model smoothadv_warmup_epochs {warmup} leaves "):
+            module.on_fit_start()
+    one_epoch = SimpleNamespace(max_epochs=1, fast_dev_run=False, global_rank=0)
+    for other in (
+        make(smoothadv_eps=1.0, smoothadv_warmup_epochs=1),  # full eps from the first epoch
+        make(),  # no SmoothAdv: nothing warms up
+    ):
+        other.trainer = one_epoch
+        other.on_fit_start()
+
+
 class AttackSpy:
     """Wraps smoothadv_attack in the module under test and records its calls."""
 
@@ -234,12 +254,16 @@ def test_smoothadv_trains_on_the_attacks_noisy_copies(consistency, monkeypatch):
 def test_smoothadv_off_leaves_gaussian_training_unchanged(monkeypatch):
     spy = AttackSpy(monkeypatch)
     x, y = images(4)
+    module = make(sigma=0.25, num_noise_samples=2, smoothadv_eps=0.0)
     torch.manual_seed(3)
-    plain = make(sigma=0.25, num_noise_samples=2).training_loss(x, y)[0]
-    torch.manual_seed(3)
-    zero = make(sigma=0.25, num_noise_samples=2, smoothadv_eps=0.0).training_loss(x, y)[0]
+    loss = module.training_loss(x, y)[0]
     assert spy.calls == []
-    assert plain.item() == zero.item()
+    # the oracle: cross-entropy on x + sigma z for two copies, z the same draws from seed 3
+    torch.manual_seed(3)
+    copies = x.repeat(2, 1, 1, 1)
+    noisy = copies + 0.25 * torch.randn_like(copies)
+    expected = F.cross_entropy(module(noisy), y.repeat(2))
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
