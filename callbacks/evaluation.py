@@ -121,6 +121,7 @@ class EvaluationCallback(Callback):
         for evaluated in self._stages(trainer, stage):
             self.check(trainer, pl_module, evaluated)
             self.check_selection(trainer, evaluated, self._setup_dataset(trainer, evaluated))
+        self.check_outputs_are_own(trainer, stage)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refuse an empty selection of the test images (their loader is known now)."""
@@ -179,6 +180,15 @@ class EvaluationCallback(Callback):
         """Prefix of the logged metrics of ``stage`` (default: the stage name)."""
         return stage
 
+    def claimed_outputs(self, stage: str) -> frozenset[str]:
+        """Metric names (prefix included) and files that evaluating ``stage`` always writes.
+
+        No two evaluation callbacks of one trainer may claim the same one
+        (:meth:`check_outputs_are_own`): Lightning would log the mean of their values, and a
+        file would hold the last one's. Default: none.
+        """
+        return frozenset()
+
     def check(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Refuse settings the module cannot honour, before any work (default: none).
 
@@ -189,6 +199,25 @@ class EvaluationCallback(Callback):
         """
 
     # ------------------------------------------------------------------ checks
+    def check_outputs_are_own(self, trainer: Trainer, fn: str) -> None:
+        """Refuse another evaluation callback of the trainer that writes one of this one's outputs.
+
+        Raises:
+            SettingError: Naming both callbacks and the metric or file they share.
+        """
+        for other in trainer.callbacks:
+            if other is self or not isinstance(other, EvaluationCallback):
+                continue
+            for stage in set(self._stages(trainer, fn)) & set(other._stages(trainer, fn)):
+                shared = sorted(self.claimed_outputs(stage) & other.claimed_outputs(stage))
+                if shared:
+                    raise SettingError(
+                        f"two evaluation callbacks ({type(self).__name__}, "
+                        f"{type(other).__name__}) would both write {shared[0]} in {stage}: "
+                        "Lightning would log the mean of the two, and a file would keep only "
+                        "one; keep one of them (a PerturbedAccuracy takes a list of attacks)"
+                    )
+
     def _stages(self, trainer: Trainer, fn: str) -> list[str]:
         """The stages this callback evaluates in the trainer function ``fn`` (fit, test, ...)."""
         if fn == "test":

@@ -226,6 +226,12 @@ class PerturbedAccuracy(EvaluationCallback):
             self._example_rows.append(torch.cat([numbers, *(p.double() for p in pixels)], dim=1))
         return torch.stack([c.double() for c in columns + staged], dim=1)
 
+    def claimed_outputs(self, stage: str) -> frozenset[str]:  # noqa: D102
+        claimed = {f"{self.metric_prefix(stage)}/perturbed_acc/{spec.key}" for spec in self.attacks}
+        if stage == "test" and self.num_image_grid:
+            claimed.add("<log_dir>/adversarial_examples.npz")
+        return frozenset(claimed)
+
     def finish(  # noqa: D102
         self, trainer: Trainer, pl_module: LightningModule, stage: str, rows: Tensor
     ) -> dict[str, float]:

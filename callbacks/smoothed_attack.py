@@ -171,6 +171,9 @@ class SmoothedAttack(EvaluationCallback):
             columns.append(torch.tensor(predicted, dtype=torch.float64))
         return torch.stack(columns, dim=1)
 
+    def claimed_outputs(self, stage: str) -> frozenset[str]:  # noqa: D102
+        return frozenset({f"{self.metric_prefix(stage)}/smoothed_num_images"})
+
     def finish(  # noqa: D102
         self, trainer: Trainer, pl_module: LightningModule, stage: str, rows: Tensor
     ) -> dict[str, float]:

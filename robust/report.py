@@ -448,6 +448,21 @@ def read_examples(
     )
 
 
+def certificates_path(result: Mapping) -> Path:
+    """The certification TSV of one evaluation: its ``certificates`` entry, else the default.
+
+    Examples:
+        >>> certificates_path({"log_dir": "runs/x"})
+        PosixPath('runs/x/certify_test.tsv')
+        >>> certificates_path({"log_dir": "runs/x", "certificates": "/data/own.tsv"})
+        PosixPath('/data/own.tsv')
+    """
+    named = result.get("certificates")
+    if isinstance(named, str) and named:
+        return Path(named)
+    return Path(result.get("log_dir") or "") / "certify_test.tsv"
+
+
 def write_report(
     out: Path, results: Mapping[str, Mapping], settings: Mapping, reference: str = "embedded"
 ) -> Path:
@@ -457,6 +472,7 @@ def write_report(
         out: The comparison's folder.
         results: Model label to ``{"metrics": logged test metrics, "log_dir": the test run's log
             directory (holding ``certify_test.tsv`` and ``adversarial_examples.npz``),
+            "certificates": the certification TSV where it is not the log directory's (optional),
             "train_time_s": ..., "name": the training's name (matched with the seed's rows)}``.
         settings: The comparison's settings, written at the end of the report.
         reference: ``"embedded"`` (5,000 digits) or ``"full"`` (official MNIST): which reference
@@ -507,7 +523,7 @@ def write_report(
     certify_settings: dict[str, dict] = {}
     for name, result in results.items():
         metrics = result["metrics"]
-        tsv = Path(result.get("log_dir") or "") / "certify_test.tsv"
+        tsv = certificates_path(result)
         rows = []
         if tsv.is_file():  # a file we read: each row checked against the sidecar's settings
             rows, _, certify_settings[name] = read_certificates(tsv)

@@ -500,6 +500,7 @@ def test_a_time_no_tsv_line_can_hold_is_refused_when_read():
         ({"radii": []}, "radii"),
         ({"autocast": "fp8"}, "autocast"),
         ({"stop_after": -1}, "stop_after"),
+        ({"stop_after": 0}, "stop_after must be an integer >= 1"),
         ({"n": 1000 * 1024 + 1}, r"n must be an integer in \[1, 1024000\]; got 1024001 \(at most"),
         ({"n0": 10 * 1024 + 1, "noise_block": 10}, r"n0 must be an integer in \[1, 10240\]"),
         ({"val_n": 2**30, "every_n_val_epochs": 1}, r"val_n must be an integer in \[1, 1024000\]"),

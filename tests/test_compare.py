@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -187,6 +188,29 @@ def test_a_certification_stopped_early_is_not_recorded_and_resumes(tmp_path, cap
     assert metrics["certify/num_images"] == metrics["certify/selected_images"] == 5
 
 
+def test_a_certification_with_its_own_output_is_reported_and_reused(tmp_path, capsys):
+    settings = yaml.safe_load(tiny_settings(tmp_path).read_text())
+    settings["trainings"] = settings["trainings"][:1]
+    own = tmp_path / "elsewhere" / "own.tsv"
+    evaluation = yaml.safe_load((tmp_path / "eval.yaml").read_text())
+    evaluation["trainer"]["callbacks+"][1]["init_args"]["output"] = str(own)
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation))
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    compare.compare(["--config", str(path)])
+    out = tmp_path / "results"
+    record = json.loads((out / "standard" / "metrics.json").read_text())
+    assert record["certificates"] == str(own)
+    rows, _ = read_tsv(own)
+    summary = summarize(rows, [0.0])
+    report_row = table_rows((out / "report.md").read_text())["standard"]  # it showed n/a
+    assert float(report_row["ACR"]) == pytest.approx(summary["acr"], abs=5e-5)
+    assert report_row["correct_certified"].startswith(f"{summary['correct_certified']:.0f} of 5 (")
+    capsys.readouterr()
+    compare.compare(["--config", str(path)])  # it was evaluated again on every run
+    assert "standard: reusing evaluation" in capsys.readouterr().out
+
+
 def test_compare_refuses_missing_configs_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         compare.console(
@@ -259,7 +283,10 @@ def test_two_certifications_writing_one_tsv_are_refused_before_training(tmp_path
     trainings = [{"name": "a", "config": str(ROOT / "configs/mnist/smoothing.yaml")}]
     argv = ["--trainings", json.dumps(trainings), "--output_dir", str(tmp_path / "out")]
     line = refused(capsys, [*argv, "--evaluation", json.dumps([quick, quick])])
-    assert "a (evaluation): two Certification callbacks write <log_dir>/certify_test.tsv" in line
+    assert (
+        "a (evaluation): two Certification callbacks (<log_dir>/certify_test.tsv, "
+        "<log_dir>/certify_test.tsv; an evaluation config listed twice" in line
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -606,9 +633,32 @@ def test_an_interrupted_training_resumes_from_its_last_epoch(tmp_path, capsys, m
     record = json.loads((folder / "fit.json").read_text())
     assert record["resumed_from"] == str(last)
     assert torch.load(last, weights_only=True)["global_step"] == 6  # one more epoch, not two
-    # a last.ckpt cut short by the interruption: trained afresh, and said so
+    assert not list(folder.glob("checkpoints/*/started.json"))  # finished: never resumed again
+
+    # a finished training whose record is deleted is trained afresh, not "resumed" (its
+    # last.ckpt is at max_epochs: Lightning trained nothing and the record named this code)
     (folder / "fit.json").unlink()
+    compare.compare(["--config", str(path)])
+    printed = capsys.readouterr().out
+    assert "resuming" not in printed and "standard: training with" in printed
+    record = json.loads((folder / "fit.json").read_text())
+    assert record["resumed_from"] is None and Path(record["ckpt_path"]).is_file()
+    assert torch.load(record["ckpt_path"], weights_only=True)["global_step"] in (3, 6)
+    # its best checkpoint deleted (a FileNotFoundError traceback on every run): trained afresh
+    Path(record["ckpt_path"]).unlink()
+    compare.compare(["--config", str(path)])
+    assert "standard: training with" in capsys.readouterr().out
+    assert Path(json.loads((folder / "fit.json").read_text())["ckpt_path"]).is_file()
+
+    # a last.ckpt cut short by the interruption: trained afresh, and said so
+    shutil.rmtree(tmp_path / "results")
+    monkeypatch.setattr(StandardClassifier, "training_step", interrupt_in_the_second_epoch)
+    with pytest.raises(RuntimeError, match="the machine went away"):
+        compare.compare(["--config", str(path)])
+    monkeypatch.undo()
+    (last,) = folder.glob("checkpoints/*/last.ckpt")
     last.write_bytes(last.read_bytes()[:1000])
+    capsys.readouterr()
     compare.compare(["--config", str(path)])
     printed = capsys.readouterr().out
     assert "standard: cannot resume (ckpt_path" in printed and "training afresh" in printed

@@ -10,7 +10,7 @@ from lightning.pytorch.plugins.precision import Precision
 from torch import nn
 
 import callbacks.evaluation as evaluation
-from callbacks import PerturbedAccuracy
+from callbacks import Certification, PerturbedAccuracy
 from callbacks.perturbed_accuracy import GradientMaskingWarning
 from datamodules import load_embedded_mnist
 from lightning_modules import StandardClassifier
@@ -117,6 +117,43 @@ def test_logs_attacked_accuracy_inside_trainer_test_in_inference_mode(mnist, cla
         assert result["attack"] == spec
         assert accuracy < clean  # the attack hurts; the numbers are not trivial
     assert logged["test/acc"] == pytest.approx(clean, abs=1e-6)
+
+
+def test_two_callbacks_writing_one_metric_or_file_are_refused_before_any_work(
+    mnist, class_means, monkeypatch
+):
+    x, y = mnist[2][:8], mnist[3][:8]
+    model = make_model(class_means)
+    for kind in (PerturbedAccuracy, Certification):
+        monkeypatch.setattr(kind, "run", lambda *a: pytest.fail("it evaluated"))
+    smoothing = dict(sigma=0.25, n0=8, n=16)
+    cases = [  # Lightning logged the mean of the two values; the file held the last one's
+        (FGM_L2, FGSM_RS), (FGSM_RS,), f"test/perturbed_acc/{FGSM_RS.key}",
+        (FGM_L2,), (PGD_L2,), "<log_dir>/adversarial_examples.npz",  # the default grid of each
+    ]  # fmt: skip
+    pairs = [
+        (
+            PerturbedAccuracy(list(cases[0])),
+            PerturbedAccuracy(list(cases[1]), num_image_grid=0),
+            cases[2],
+        ),
+        (PerturbedAccuracy(list(cases[3])), PerturbedAccuracy(list(cases[4])), cases[5]),
+        (Certification(**smoothing), Certification(**smoothing), "certify/num_images"),
+    ]
+    for first, second, shared in pairs:
+        with pytest.raises(SettingError) as info:
+            trainer(callbacks=[first, second]).test(model, TensorData(x, y), verbose=False)
+        kind = type(first).__name__
+        assert str(info.value).startswith(
+            f"two evaluation callbacks ({kind}, {kind}) would both write {shared} in test: "
+        )
+    # other attacks and one example grid: each callback logs its own numbers
+    monkeypatch.undo()
+    apart = [PerturbedAccuracy([FGM_L2]), PerturbedAccuracy([PGD_L2], num_image_grid=0)]
+    (logged,) = trainer(callbacks=apart).test(model, TensorData(x, y), verbose=False)
+    for spec in (FGM_L2, PGD_L2):
+        accuracy = direct(model, x, y, spec)[0]
+        assert logged[f"test/perturbed_acc/{spec.key}"] == pytest.approx(accuracy, abs=1e-6)
 
 
 def same_table(a: torch.Tensor, b: torch.Tensor) -> None:
