@@ -130,7 +130,9 @@ def paired(
     size, and its standard error comes from the sampled stratum alone (where fewer than 2 shared
     images lie beyond the prefix, all shared images are the sample instead). An unweighted mean would
     count the prefix's images k times over, and the test set's images are not in random order
-    of difficulty (MNIST's reference ACR differs by 0.02 between its halves).
+    of difficulty (MNIST's reference ACR differs by 0.02 between its halves). So the sample must
+    be every k-th image of the rest, one lattice (``uniform_sample``); otherwise (a first block
+    only, or parts sampled at different densities) the estimate on all and its SE are NaN.
 
     Examples:
         >>> a = {i: CertifiedImage(i, 0, 0, 0.5, 1, 0.0) for i in (0, 2)}
@@ -138,10 +140,10 @@ def paired(
         >>> result = paired(a, b)
         >>> result["difference"], result["reference_all"], result["estimate_all"]
         (0.25, 0.375, 0.625)
-        >>> prefix = {i: CertifiedImage(i, 0, 0, 0.5, 1, 0.0) for i in (0, 1, 2, 4, 5)}
-        >>> result = paired(prefix, {i: CertifiedImage(i, 0, 0, 0.1 * i, 1, 0.0) for i in range(6)})
-        >>> result["exact_images"], round(result["estimate_all"], 4)  # 0-2 exact, 4 and 5 for 3-5
-        (3.0, 0.475)
+        >>> prefix = {i: CertifiedImage(i, 0, 0, 0.5, 1, 0.0) for i in (0, 1, 2, 4, 6)}
+        >>> result = paired(prefix, {i: CertifiedImage(i, 0, 0, 0.1 * i, 1, 0.0) for i in range(8)})
+        >>> result["exact_images"], round(result["estimate_all"], 4)  # 0-2 exact, 4 and 6 for 3-7
+        (3.0, 0.5)
     """
     shared = sorted(set(subset) & set(reference))
     if not shared:
@@ -165,8 +167,12 @@ def paired(
     in_prefix = np.array([i < order[exact] if exact < len(order) else True for i in shared])
     sampled = difference[~in_prefix]
     total, rest = len(order), len(order) - exact
+    uniform = is_lattice_sample([i for i in shared if exact < len(order) and i >= order[exact]],
+                                order[exact:])  # fmt: skip
     weighted = difference[in_prefix].sum() + rest * (sampled.mean() if len(sampled) else 0.0)
-    if len(sampled) > 1:
+    if not uniform:
+        weighted, standard_error = math.nan, math.nan
+    elif len(sampled) > 1:
         standard_error = float(rest / total * sampled.std(ddof=1) / math.sqrt(len(sampled)))
     else:
         standard_error = 0.0 if rest == 0 else math.nan
@@ -174,6 +180,7 @@ def paired(
     return {
         "images": float(len(shared)),
         "exact_images": float(exact),
+        "uniform_sample": uniform,
         "acr_subset": float(mine.mean()),
         "acr_reference": float(theirs.mean()),
         "difference": float(difference.mean()),
@@ -183,6 +190,22 @@ def paired(
         "reference_images": float(total),
         "estimate_all": reference_all + float(weighted / total),
     }
+
+
+def is_lattice_sample(sample: Sequence[int], population: Sequence[int]) -> bool:
+    """Whether ``sample`` is every k-th index of ``population`` (one k, one offset), or all of it.
+
+    Examples:
+        >>> is_lattice_sample([5, 10, 15], range(3, 18)), is_lattice_sample([5, 10], range(3, 18))
+        (True, False)
+        >>> is_lattice_sample([4, 6, 8, 18], range(3, 20))  # denser at first: not one lattice
+        False
+    """
+    sample = sorted(sample)
+    if len(sample) < 2:
+        return len(sample) == len(population)
+    step = sample[1] - sample[0]
+    return sample == [i for i in population if i % step == sample[0] % step]
 
 
 def report(subset_path: Path, reference_paths: Sequence[Path], every: Sequence[int]) -> str:
@@ -211,12 +234,19 @@ def report(subset_path: Path, reference_paths: Sequence[Path], every: Sequence[i
         for path, reference in references.items():
             p = paired(subset, reference)
             half = Z95 * p["standard_error"]
+            on_all = (
+                (
+                    f"{p['difference_all']:+.4f} ({p['standard_error']:.4f})",
+                    f"{p['estimate_all']:.4f} +- {half:.4f}",
+                )
+                if p["uniform_sample"]
+                else ("none: not every k-th image of the rest", "none")
+            )
             lines.append(
                 f"| {path.name} | {p['images']:.0f} ({p['exact_images']:.0f}) | "
                 f"{p['acr_subset']:.4f} | {p['acr_reference']:.4f} | {p['difference']:+.4f} | "
-                f"{p['difference_all']:+.4f} ({p['standard_error']:.4f}) | "
-                f"{p['reference_all']:.4f} on {p['reference_images']:.0f} | "
-                f"{p['estimate_all']:.4f} +- {half:.4f} |"
+                f"{on_all[0]} | {p['reference_all']:.4f} on {p['reference_images']:.0f} | "
+                f"{on_all[1]} |"
             )
         lines += [
             "",

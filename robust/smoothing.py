@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -129,7 +128,6 @@ class Certificate:
 # ---------------------------------------------------------------------------- seeded noise blocks
 
 
-@functools.lru_cache(maxsize=64)
 def check_num_samples(name: str, value: object, noise_block: int, owner: str | None = None) -> int:
     """A number of noise samples per image: an integer in [1, MAX_BLOCKS * noise_block].
 
@@ -664,10 +662,14 @@ class Smooth:
     def noisy_inputs(
         self, x: torch.Tensor, num: int, *, index: int = 0, stream: int = SELECTION_STREAM
     ) -> torch.Tensor:
-        """The first ``num`` noisy copies x + sigma * z of one image's stream, before f's cast.
+        """The noisy copies x + sigma * z that a call with n = ``num`` classifies, before f's cast.
 
-        Exactly the noise that CERTIFY/PREDICT classify (same blocks, seeds and arithmetic), in
-        ``noise_dtype``: for looking at, and for checking that it is Gaussian.
+        Exactly the noise that CERTIFY/PREDICT classify with that many samples (same blocks,
+        seeds and arithmetic), in ``noise_dtype``: for looking at, and for checking that it is
+        Gaussian. The last block is drawn at its own size, and PyTorch's CPU generator fills a
+        tensor whose element count is not a multiple of 16 differently from the start of a longer
+        one, so the copies of a smaller ``num`` need not be the first ones of a larger (they are
+        for 28 x 28 images: 784 values).
 
         Args:
             x: One image, shape (C, H, W).

@@ -77,18 +77,32 @@ def test_a_resumed_prefix_is_weighted_by_its_size_not_counted_k_times(load_scrip
     assert result["standard_error"] == 0.0  # the sampled images all differ by 0
 
 
-def test_a_subset_of_only_the_first_images_is_the_sample_itself(load_script):
-    # an interrupted run of images 0-59 of 100: nothing samples 60-99, so the 60 shared images
-    # are the sample of the whole (weighting them as an exact prefix assumed 0 difference beyond)
+def test_a_subset_that_is_not_every_kth_image_gives_no_estimate_on_all(load_script):
+    # an interrupted run of images 0-59 of 100 says nothing of 60-99 (taking the first images as
+    # a sample of all printed +0.075 +- 0.007 here, whatever the rest holds)
     paired_acr = load_script("benchmarks/paired_acr.py")
     reference = {i: CertifiedImage(i, 1, 1, 0.5, 1, 0.0) for i in range(100)}
     subset = {i: CertifiedImage(i, 1, 1, 0.6 if i % 2 else 0.55, 1, 0.0) for i in range(60)}
     for shared in (subset, {**subset, 80: CertifiedImage(80, 1, 1, 0.6, 1, 0.0)}):
         result = paired_acr.paired(shared, reference)
-        assert result["exact_images"] == 0
-        assert result["difference_all"] == pytest.approx(result["difference"])
-        assert result["estimate_all"] == pytest.approx(0.5 + result["difference"])
-        assert 0 < result["standard_error"] < 0.01
+        assert result["exact_images"] == 0 and not result["uniform_sample"]
+        assert result["difference"] == pytest.approx(0.075, abs=0.003)  # on the shared images
+        assert math.isnan(result["estimate_all"]) and math.isnan(result["standard_error"])
+    # a first block, then every 2nd image below 500 and every 10th above: 0.1 better below 500
+    # and 0.1 worse above, 0 on all; the equal-weight estimate was +0.064 +- 0.009
+    reference = {i: CertifiedImage(i, 1, 1, 0.5, 1, 0.0) for i in range(1000)}
+    kept = sorted({*range(100), *range(100, 500, 2), *range(500, 1000, 10)})
+    denser = {i: CertifiedImage(i, 1, 1, 0.6 if i < 500 else 0.4, 1, 0.0) for i in kept}
+    result = paired_acr.paired(denser, reference)
+    assert result["exact_images"] == 101 and not result["uniform_sample"]
+    assert math.isnan(result["estimate_all"])
+    # the same densities on one lattice (every 10th beyond the block) do give the estimate
+    even = {i: row for i, row in denser.items() if i < 100 or i % 10 == 0}
+    result = paired_acr.paired(even, reference)
+    assert result["uniform_sample"] and result["exact_images"] == 101
+    # 0-100 exact (+0.1 each); the 89 multiples of 10 from 110 sample the other 899 images
+    sampled_mean = (39 * 0.1 - 50 * 0.1) / 89
+    assert result["estimate_all"] == pytest.approx(0.5 + (101 * 0.1 + 899 * sampled_mean) / 1000)
 
 
 @pytest.mark.parametrize(

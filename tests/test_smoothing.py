@@ -423,6 +423,18 @@ def test_call_validation(n0: int, n: int, alpha: float, name: str) -> None:
             smooth.predict(torch.rand(1, 4, 4), n, alpha)
 
 
+def test_a_float_or_bool_count_is_refused_even_after_its_integer_was_accepted() -> None:
+    # the check was cached by value, and 100 == 100.0, 1 == True: a bad value then passed
+    smooth = Smooth(Constant(3, 0), 3, 0.5)
+    for good, bad in ((100, 100.0), (1, True)):
+        assert smoothing.check_num_samples("n", good, 1000) == good
+        smooth.predict(torch.rand(1, 4, 4), good, 0.01)
+        with pytest.raises(ValueError, match=r"^n must be an integer"):
+            smoothing.check_num_samples("n", bad, 1000)
+        with pytest.raises(ValueError, match=r"^n must be an integer"):
+            smooth.predict(torch.rand(1, 4, 4), bad, 0.01)
+
+
 def test_batch_validation() -> None:
     smooth = Smooth(Constant(3, 0), 3, 0.5)
     with pytest.raises(ValueError, match="indices"):
