@@ -24,6 +24,9 @@ differs:
         docs/cpu_consistency_split/certify_consistency_0.5_paper_from6950.tsv \
         --images 10000 --out docs/cpu_consistency_split/certify_consistency_0.5_paper_all.tsv
 
+A part given as ``PATH@A-B`` contributes only its images ``A..B-1`` (the sidecar records the
+range): a machine that went on past the split point keeps its extra rows in its own file.
+
 It writes the joined TSV, its sidecar (the shared settings and the parts) and prints the
 certified accuracy and ACR of the whole. A refusal is one ``error:`` line, exit status 2.
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +65,10 @@ RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
 
 def combine(
-    paths: Sequence[Path], images: int | None = None, allow_gaps: bool = False
+    paths: Sequence[Path],
+    images: int | None = None,
+    allow_gaps: bool = False,
+    ranges: Sequence[tuple[int, int] | None] | None = None,
 ) -> tuple[list[CertifiedImage], dict[str, Any]]:
     """The rows of all parts in index order, and the joined sidecar.
 
@@ -69,6 +76,7 @@ def combine(
         paths: The parts' TSVs, each with its ``.json`` sidecar.
         images: Require the selected images of ``0..images-1`` exactly (None: up to the last).
         allow_gaps: Join parts that miss selected images (the sidecar counts them as ``gaps``).
+        ranges: Per part, ``(A, B)`` to take only its images ``A..B-1``, or None for all.
 
     Raises:
         SettingError: A part without its sidecar, or whose sidecar lacks a defining setting; a
@@ -92,10 +100,13 @@ def combine(
     """
     by_index: dict[int, tuple[CertifiedImage, Path]] = {}
     parts, first_settings, skips = [], None, {}
-    for path in paths:
+    for path, taken in zip(paths, ranges or [None] * len(paths), strict=True):
         rows, torn, settings = read_certificates(path, required=DEFINING)
         if torn:
             raise SettingError(f"{path} ends in a torn line: resume that part first")
+        held = len(rows)
+        if taken is not None:
+            rows = [row for row in rows if taken[0] <= row.idx < taken[1]]
         if first_settings is None:
             first_settings = settings
         differ = [
@@ -124,6 +135,8 @@ def combine(
                 **{key: settings.get(key) for key in NUMERICS},
             }
         )
+        if taken is not None:  # the part's other rows stay in its own file
+            parts[-1] |= {"range": list(taken), "left_out": held - len(rows)}
     if not by_index:
         raise SettingError("the parts hold no rows")
     if len(set(skips.values())) > 1:
@@ -154,6 +167,19 @@ def combine(
         joined["num_classes"] = first_settings["num_classes"]
     joined |= {"skip": skip, "first_image": 0, "max_images": None, "image_range": end}
     return rows, joined | {"gaps": len(missing), "parts": parts}
+
+
+def part_and_range(given: str) -> tuple[Path, tuple[int, int] | None]:
+    """``PATH`` or ``PATH@A-B`` (only images ``A..B-1``) as the path and the range.
+
+    Examples:
+        >>> part_and_range("cpu.tsv@0-3800"), part_and_range("gpu.tsv")
+        ((PosixPath('cpu.tsv'), (0, 3800)), (PosixPath('gpu.tsv'), None))
+    """
+    match = re.fullmatch(r"(.+)@(\d+)-(\d+)", given)
+    if match is None or Path(given).is_file():
+        return Path(given), None
+    return Path(match[1]), (int(match[2]), int(match[3]))
 
 
 def check_output(out: Path, parts: Sequence[Path]) -> None:
@@ -219,7 +245,11 @@ def write_output(out: Path, rows: Sequence[CertifiedImage], settings: dict[str, 
 def main(argv: list[str] | None = None) -> None:
     """Join the parts named on the command line; print the whole's summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", type=Path, nargs="+", help="TSVs, each with its .json sidecar")
+    parser.add_argument(
+        "parts",
+        nargs="+",
+        help="TSVs, each with its .json sidecar; PATH@A-B takes only its images A..B-1",
+    )
     parser.add_argument("--out", type=Path, required=True, help="the joined TSV")
     parser.add_argument("--images", type=int, default=None, help="require images 0..N-1")
     parser.add_argument(
@@ -228,12 +258,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.images is not None and args.images < 1:
         parser.exit(2, "error: --images takes an integer >= 1\n")
-    for path in args.parts:
+    paths, ranges = [], []
+    for given in args.parts:
+        path, taken = part_and_range(given)
+        if taken is not None and not taken[0] < taken[1]:
+            parser.exit(2, f"error: {given}: the range A-B of PATH@A-B needs A < B\n")
         if not path.is_file():
             parser.exit(2, f"error: {path} is not a file\n")
+        paths.append(path)
+        ranges.append(taken)
+    args.parts = paths
     try:
         check_output(args.out, args.parts)
-        rows, settings = combine(args.parts, args.images, args.allow_gaps)
+        rows, settings = combine(args.parts, args.images, args.allow_gaps, ranges)
         write_output(args.out, rows, settings)
     except SettingError as err:
         parser.exit(2, f"error: {err}\n")
@@ -242,8 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(rows)} images from {len(args.parts)} parts -> {args.out}")
     for part in settings["parts"]:
         numerics = ", ".join(f"{k}={part[k]}" for k in NUMERICS if part[k] is not None)
+        taken = (
+            f" of its images {part['range'][0]}-{part['range'][1] - 1}" if "range" in part else ""
+        )
         print(
-            f"  {part['path']}: {part['images']} images {part['first']}-{part['last']} ({numerics})"
+            f"  {part['path']}: {part['images']} images {part['first']}-{part['last']}{taken} "
+            f"({numerics})"
         )
     print(f"certified accuracy at r = {' / '.join(f'{r:g}' for r in RADII)}: {accuracy}%")
     print(f"ACR {summary['acr']:.4f}, abstained {100 * summary['abstain_rate']:.2f}%")

@@ -221,3 +221,21 @@ def test_parts_of_cpu_and_cuda_are_noted_as_independent_draws(tmp_path, combine,
     same = part(tmp_path, "c", range(5, 10), device_type="cuda")
     combine.main([str(head), str(same), "--out", str(tmp_path / "joined2.tsv")])
     assert "note:" not in capsys.readouterr().out
+
+
+def test_a_part_can_give_only_a_range_of_its_images(tmp_path, combine, capsys):
+    # the CPU went on past the split point while the GPU certified from it: images 6-9 are in both
+    cpu = part(tmp_path, "cpu", range(0, 10), radius=1.0, device_type="cpu")
+    gpu = part(tmp_path, "gpu", range(6, 10), radius=0.5, device_type="cuda")
+    out = tmp_path / "joined.tsv"
+    both = [str(gpu), "--images", "10", "--out", str(out)]
+    assert "image 6 is certified in both" in refusal(combine, capsys, [str(cpu), *both])
+    combine.main([f"{cpu}@0-6", *both])
+    rows, _ = read_tsv(out)
+    assert [r.idx for r in rows] == list(range(10))
+    assert [round(r.radius, 1) for r in rows] == [1.0] * 6 + [0.5] * 4  # the GPU's rows 6-9
+    first = read_settings(Path(f"{out}.json"))["parts"][0]
+    assert (first["images"], first["range"], first["left_out"]) == (6, [0, 6], 4)
+    assert "6 images 0-5 of its images 0-5" in capsys.readouterr().out
+    assert "needs A < B" in refusal(combine, capsys, [f"{cpu}@6-6", *both])
+    assert "is not a file" in refusal(combine, capsys, [f"{tmp_path}/none.tsv@0-6", *both])
