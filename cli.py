@@ -286,7 +286,8 @@ def find_run_checkpoint(
 
     ``"best"`` is the ``best_model_path`` that the newest checkpoint there records (with
     ``save_top_k > 1`` the newest ``best-*.ckpt`` need not be the best; a resumed run's best can
-    be an earlier run's file), else the newest ``best-*.ckpt``.
+    be an earlier run's file), else the newest ``best-*.ckpt`` beside that checkpoint: a run
+    that saved no best (its monitor never logged) is refused, not replaced by an older run's.
 
     Raises:
         SettingError: When no such checkpoint exists.
@@ -303,8 +304,11 @@ def find_run_checkpoint(
     pattern = last if which == "last" else "best-*.ckpt"
     newest = _newest([path for folder in folders for path in folder.glob(pattern)])
     if which == "best":
-        recorded = _recorded_best(_newest([p for f in folders for p in f.glob("*.ckpt")]))
-        newest = recorded or newest
+        # the newest run's best: an older run's best-*.ckpt is not this config's latest model
+        latest = _newest([p for f in folders for p in f.glob("*.ckpt")])
+        if latest is not None:
+            where = latest.parent
+            newest = _recorded_best(latest) or _newest(list(where.glob(pattern)))
     if newest is None:
         refuse(
             f"ckpt_path {which!r}: no {pattern} under {where}; "
@@ -765,6 +769,35 @@ def check_trainer_settings(trainer: Mapping[str, Any]) -> None:
             check_real("trainer.gradient_clip_val", clip, low=0, low_inclusive=True)
         except SettingError as err:
             refuse(f"{err} (0 or null: no clipping)")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool) and interval < 1:
+        refuse(
+            f"trainer.val_check_interval must be an integer >= 1 (training batches) or a "
+            f"fraction in (0, 1] of an epoch; got {interval}"
+        )
+    if isinstance(interval, float) and not 0 < interval <= 1:
+        refuse(
+            f"trainer.val_check_interval must be a fraction in (0, 1] of an epoch or an "
+            f"integer >= 1 (training batches); got {interval}"
+        )
+
+
+def check_fit_trains(trainer: Mapping[str, Any]) -> None:
+    """Refuse a ``fit`` that would train nothing (and so save no checkpoint) without a word.
+
+    Raises:
+        SettingError: Naming ``max_epochs`` or ``limit_train_batches``.
+    """
+    max_steps = trainer.get("max_steps")
+    if trainer.get("max_epochs") == 0 and (max_steps is None or max_steps < 0):
+        refuse("trainer.max_epochs 0 trains nothing; fit needs max_epochs >= 1 (or max_steps)")
+    if trainer.get("limit_train_batches") in (0, 0.0):
+        refuse(
+            "trainer.limit_train_batches 0 trains nothing; fit needs a number of batches >= 1 "
+            "or a fraction in (0, 1]"
+        )
+    if max_steps == 0:
+        refuse("trainer.max_steps 0 trains nothing; fit needs max_steps >= 1 (or -1: no limit)")
 
 
 def _optimizers_and_schedulers(built: Any) -> tuple[list[torch.optim.Optimizer], list[Any]]:
@@ -860,6 +893,30 @@ def check_monitor_mode(monitor: str | None, mode: str) -> None:
         )
 
 
+def check_validation_runs(monitor: str | None, trainer: Trainer) -> None:
+    """Refuse a ``val/`` checkpoint monitor when no validation epoch will run in this fit.
+
+    Lightning only warns, saves no best checkpoint, and ``--ckpt_path best`` would then find
+    none of this run's.
+
+    Raises:
+        SettingError: Naming the monitor and the trainer setting that turns validation off.
+    """
+    if monitor is None or not monitor.startswith("val"):
+        return
+    every, max_epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+    reason = None
+    if not trainer.limit_val_batches:
+        reason = f"trainer.limit_val_batches is {trainer.limit_val_batches}"
+    elif every is not None and max_epochs is not None and 0 <= max_epochs < every:
+        reason = f"trainer.check_val_every_n_epoch {every} > trainer.max_epochs {max_epochs}"
+    if reason is not None:
+        refuse(
+            f"checkpoint.monitor {monitor!r} is never logged: no validation runs ({reason}); "
+            "let validation run, or monitor another key (null keeps the last epoch)"
+        )
+
+
 def check_monitor_can_be_logged(monitor: str | None, model: Any) -> None:
     """Refuse a checkpoint monitor that the model's settings never log.
 
@@ -896,6 +953,33 @@ def _undecodable_file(args: Any) -> str:
         except OSError:
             continue
     return "a config file"
+
+
+def check_config_sections(args: Any) -> None:
+    """Refuse a config file whose ``trainer`` or ``checkpoint`` section is not a mapping.
+
+    jsonargparse drops such a section without a word when other trainer settings follow (a
+    later ``--trainer.x``), so the files named on the command line are read here first.
+
+    Raises:
+        SettingError: Naming the file and the section.
+    """
+    tokens = [t for t in args if isinstance(t, str)] if isinstance(args, Sequence) else []
+    for token in tokens:
+        value = token.partition("=")[2] if token.startswith("-") else token
+        try:
+            if not (value.endswith((".yaml", ".yml")) and Path(value).is_file()):
+                continue
+            loaded = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # jsonargparse reports what it cannot read
+        for section in ("trainer", "checkpoint"):
+            found = loaded.get(section) if isinstance(loaded, dict) else None
+            if found is not None and not isinstance(found, dict):
+                refuse(
+                    f"{section} in {value} must be a mapping of settings (e.g. {section}: "
+                    f"{{...}}); got the {type(found).__name__} {_one_line(repr(found))}"
+                )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -976,6 +1060,7 @@ class RobustCLI(LightningCLI):
                 checkpoint, or one whose model class or hyperparameters disagree with the
                 settings given.
         """
+        check_config_sections(sys.argv[1:] if args is None else args)
         try:
             super().parse_arguments(parser, args)
         except UnicodeDecodeError as err:
@@ -985,7 +1070,16 @@ class RobustCLI(LightningCLI):
             )
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        for section in ("trainer", "checkpoint"):
+            value = config.get(section)
+            if value is not None and not isinstance(value, Namespace | Mapping):
+                refuse(
+                    f"{section} must be a mapping of settings (e.g. {section}: {{...}} in YAML); "
+                    f"got the {type(value).__name__} {_one_line(repr(value))}"
+                )
         check_trainer_settings(config.get("trainer") or {})
+        if subcommand == "fit":
+            check_fit_trains(config.get("trainer") or {})
         if config.get("weights_only") is False:
             refuse(
                 "weights_only false is not allowed: checkpoints are always loaded with "
@@ -1056,6 +1150,20 @@ class RobustCLI(LightningCLI):
                     "data): use the data the checkpoint was trained with"
                 )
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """LightningCLI's, with Lightning's refusals of ``devices``/``accelerator`` as one line.
+
+        For a CPU ``devices`` of -2 or ``"abc"`` Lightning raises a ``TypeError``, for
+        ``accelerator tpu`` without torch_xla a ``ModuleNotFoundError``.
+
+        Raises:
+            SettingError: With Lightning's reason.
+        """
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (TypeError, ModuleNotFoundError) as err:
+            raise SettingError(f"trainer: {_one_line(str(err))}") from err
+
     def instantiate_classes(self) -> None:
         """Instantiate; a refused setting becomes a :class:`SettingError` with its one line.
 
@@ -1088,6 +1196,7 @@ class RobustCLI(LightningCLI):
             for callback in self.trainer.checkpoint_callbacks:
                 check_monitor_can_be_logged(getattr(callback, "monitor", None), self.model)
                 check_monitor_mode(getattr(callback, "monitor", None), callback.mode)
+                check_validation_runs(getattr(callback, "monitor", None), self.trainer)
 
     def check_data_identity(self) -> None:
         """Refuse a checkpoint trained on other data than the data module's (unless allowed).
@@ -1110,7 +1219,12 @@ class RobustCLI(LightningCLI):
         path = self.checkpoint_path or config.get("ckpt_path")
         recorded = (self.checkpoint or {}).get(DATA_IDENTITY_KEY)
         identity = getattr(self.datamodule, "identity", None)
-        if not isinstance(recorded, Mapping) or not callable(identity):
+        if recorded is not None and not isinstance(recorded, Mapping):
+            refuse(
+                f"ckpt_path {path!r}: its '{DATA_IDENTITY_KEY}' is a {type(recorded).__name__}, "
+                "not the mapping fit writes"
+            )
+        if recorded is None or not callable(identity):
             return
         # both as JSON values (tuples as lists); the file's may hold anything
         current = json.loads(json.dumps(identity(), default=repr))

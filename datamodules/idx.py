@@ -117,17 +117,18 @@ def file_md5(path: Path) -> str:
 
 
 def _stamp(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    stat = path.stat()  # ctime too: os.utime can set a file's mtime back, not its ctime
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
 def md5_problems(folder: Path, expected: Mapping[str, str]) -> dict[str, str]:
     """Check files in ``folder`` against ``expected`` MD5 sums, hashing each file only once.
 
-    A file whose size, modification time and inode match the cache (``MD5_CACHE_NAME`` in the
-    folder) from an earlier successful check is not read again; any change is hashed anew, so a
-    corrupted or replaced file is never taken for the official one. The cache is written
-    atomically, and a folder that cannot be written only loses the caching.
+    A file whose size, modification and change times and inode match the cache
+    (``MD5_CACHE_NAME`` in the folder) from an earlier successful check is not read again; a file
+    written or replaced since (even with its mtime set back) is hashed anew. Bits that rot on disk
+    without a write are not seen until the cache is deleted. The cache is written atomically,
+    and a folder that cannot be written only loses the caching.
 
     Returns:
         ``{name: problem}`` for each file that is missing or differs; empty when all match.

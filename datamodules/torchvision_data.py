@@ -182,6 +182,10 @@ class TorchvisionDataModule(ImageDataModule):
 
     # --- datasets -------------------------------------------------------------------------------
 
+    def _shadowing_files(self) -> list[Path]:
+        """Files torchvision would read instead of the checked ones (default: none)."""
+        return []
+
     def _dataset(self, train: bool) -> datasets.VisionDataset:
         return self.dataset_class(
             str(self.data_dir), train=train, transform=transforms.ToTensor(), download=False
@@ -219,6 +223,12 @@ class TorchvisionDataModule(ImageDataModule):
         if problems:
             raise self._not_found(
                 "; ".join(problems.values()) + "; run prepare_data with download on to fetch them"
+            )
+        shadowing = self._shadowing_files()
+        if shadowing:
+            raise DataNotFoundError(
+                f"{self.dataset_name}: {shadowing[0]} is there, and torchvision reads it instead "
+                "of the checked files (a cache of an older torchvision, never checked); delete it"
             )
         try:
             full_train = self._dataset(train=True)
@@ -264,6 +274,13 @@ class IDXDataModule(TorchvisionDataModule):
             (self.raw_dir / name).is_file() or (self.raw_dir / f"{name}.gz").is_file()
             for name in _MNIST_RAW
         )
+
+    def _shadowing_files(self) -> list[Path]:
+        """``processed/training.pt`` and ``test.pt``: torchvision's MNIST reads them when present."""
+        processed = self.raw_dir.parent / "processed"
+        return [
+            processed / name for name in ("training.pt", "test.pt") if (processed / name).exists()
+        ]
 
     def _file_problem(self, path: Path, name: str) -> str | None:
         """Why the file at ``path`` (holding ``name``) cannot be used, or None."""

@@ -219,6 +219,24 @@ def test_best_is_the_best_checkpoint_not_the_newest_of_the_top_k(in_tmp, capsys)
     )
 
 
+def test_best_of_a_newest_run_that_saved_none_is_refused_not_an_older_runs(in_tmp):
+    run_dir = in_tmp / "runs" / "x"
+    older, newer = (run_dir / f"version_{v}" / "checkpoints" for v in (0, 1))
+    for folder in (older, newer):
+        folder.mkdir(parents=True)
+    torch.save({"callbacks": {}}, older / "best-epoch00.ckpt")
+    torch.save({"callbacks": {}}, older / "last.ckpt")
+    # a later run whose monitor was never logged: its ModelCheckpoint recorded no best
+    torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/acc'}": {"best_model_path": ""}}},
+               newer / "last.ckpt")  # fmt: skip
+    os.utime(newer / "last.ckpt", (time.time() + 10, time.time() + 10))
+    with pytest.raises(SettingError, match=r"no best-\*\.ckpt under .*version_1/checkpoints"):
+        cli.find_run_checkpoint("best", run_dir)
+    assert cli.find_run_checkpoint("last", run_dir) == str(newer / "last.ckpt")
+    torch.save({"callbacks": {}}, newer / "best-epoch01.ckpt")  # it did save one
+    assert cli.find_run_checkpoint("best", run_dir) == str(newer / "best-epoch01.ckpt")
+
+
 def test_last_and_best_search_only_the_logger_version_that_is_set(in_tmp, capsys):
     args = ["--config", STANDARD, *TINY, "--trainer.max_epochs", "1"]
     version = ["--trainer.logger.init_args.version", "exp2"]
@@ -415,6 +433,10 @@ def _first_weight(checkpoint) -> str:
             lambda c: c.__setitem__("data_identity", {("seed",): 0}),
             "its 'data_identity' is not a mapping of plain values",
         ),
+        (  # it was taken for no record, and the data check skipped
+            lambda c: c.__setitem__("data_identity", "x"),
+            "its 'data_identity' is a str, not the mapping fit writes",
+        ),
         (
             lambda c: c["state_dict"].__setitem__(
                 _first_weight(c), c["state_dict"][_first_weight(c)].to_sparse()
@@ -450,6 +472,7 @@ def _first_weight(checkpoint) -> str:
         "std-other",
         "mean-other",
         "identity-tuple-key",
+        "identity-str",
         "sparse",
         "integer",
     ],

@@ -285,6 +285,53 @@ def test_a_warm_up_longer_than_the_run_is_one_line_before_training(in_tmp, capsy
     assert not list(in_tmp.rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--trainer.devices", "-2"], "error: trainer: `devices` selected with `CPUAccelerator`"),
+        (["--trainer.devices", "abc"], "error: trainer: `devices` selected with `CPUAccelerator`"),
+        (["--trainer.accelerator", "tpu"], "error: trainer: Requirement 'torch_xla"),
+        (["--trainer.val_check_interval", "0"], "error: trainer.val_check_interval must be an integer"),
+        (["--trainer.val_check_interval", "0.0"], "error: trainer.val_check_interval must be a fraction"),
+        (["--trainer.max_epochs", "0"], "error: trainer.max_epochs 0 trains nothing"),
+        (["--trainer.limit_train_batches", "0"], "error: trainer.limit_train_batches 0 trains nothing"),
+        (
+            ["--trainer.limit_val_batches", "0"],
+            "error: checkpoint.monitor 'val/acc' is never logged: no validation runs "
+            "(trainer.limit_val_batches is 0)",
+        ),
+        (
+            ["--trainer.check_val_every_n_epoch", "3", "--trainer.max_epochs", "2"],
+            "error: checkpoint.monitor 'val/acc' is never logged: no validation runs "
+            "(trainer.check_val_every_n_epoch 3 > trainer.max_epochs 2)",
+        ),
+    ],
+)  # fmt: skip
+def test_fit_settings_that_crash_or_train_nothing_are_one_line_before_training(
+    args, expected, in_tmp, capsys, monkeypatch
+):
+    # each was a traceback (exit 1), or a fit that trained or kept nothing with exit 0
+    monkeypatch.setattr(Trainer, "fit", _never("it was trained"))
+    line = refusal(capsys, "fit", "--config", STANDARD, *args, *QUIET)
+    assert line.startswith(expected), line
+
+
+@pytest.mark.parametrize("section", ["trainer: [1, 2]", "trainer: 5", "checkpoint: [1]"])
+def test_a_config_section_that_is_not_a_mapping_is_one_line(section, in_tmp, capsys, monkeypatch):
+    # jsonargparse dropped it without a word where trainer settings followed: trained anyway
+    config = in_tmp / "bad.yaml"
+    config.write_text(
+        f"{section}\nmodel: {{class_path: lightning_modules.StandardClassifier}}\n"
+        "data: {class_path: datamodules.EmbeddedMNISTDataModule}\n"
+    )
+    line = refusal(capsys, "fit", "--config", str(config), *QUIET)  # --trainer.x follow
+    name = section.split(":")[0]
+    assert line.startswith(f"error: {name} in {config} must be a mapping of settings"), line
+    monkeypatch.setattr(Trainer, "fit", _never("it was trained"))
+    line = refusal(capsys, "fit", "--config", STANDARD, f"--config={config}")  # after another
+    assert line.startswith(f"error: {name} in {config} must be a mapping of settings"), line
+
+
 def _never(failure: str):
     """``Trainer.fit``'s signature (LightningCLI reads it) with a body that fails the test."""
 

@@ -2,12 +2,14 @@
 
 import gzip
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
 import pytest
+import torch
 import torchvision
 
 from datamodules import (
@@ -95,6 +97,30 @@ def test_broken_fashion_file_is_one_clear_error_naming_it(tmp_path, how):
     with pytest.raises(DataNotFoundError, match="FashionMNIST files not found or unusable") as info:
         dm.setup()
     assert str(path) in str(info.value) and words in str(info.value)
+
+
+@pytest.mark.parametrize("module", [MNISTDataModule, FashionMNISTDataModule])
+def test_torchvisions_old_processed_files_are_refused_not_read(tmp_path, monkeypatch, module):
+    # torchvision reads <dataset>/processed/{training,test}.pt when they exist, instead of the
+    # raw files we check: random images labelled 0 were trained on, the official MD5 reported
+    name = module.dataset_class.__name__
+    write_mnist_like(tmp_path, name)
+    trust_files(monkeypatch, tmp_path / name / "raw")
+    processed = tmp_path / name / "processed"
+    processed.mkdir()
+    fake = (torch.zeros(3, 28, 28, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64))
+    torch.save(fake, processed / "training.pt")
+    torch.save(fake, processed / "test.pt")
+    with pytest.raises(DataNotFoundError) as info:
+        module(data_dir=str(tmp_path), val_fraction=0.5).setup()
+    assert str(info.value).startswith(f"{name}: {processed / 'training.pt'} is there, and")
+    (processed / "training.pt").unlink()
+    with pytest.raises(DataNotFoundError, match=r"test\.pt is there"):
+        module(data_dir=str(tmp_path), val_fraction=0.5).setup()
+    (processed / "test.pt").unlink()
+    dm = module(data_dir=str(tmp_path), val_fraction=0.5)
+    dm.setup()
+    assert len(dm.test_set) > 3  # the raw files' images
 
 
 def test_images_and_labels_of_different_counts_are_refused(tmp_path):
@@ -321,6 +347,22 @@ def test_md5_is_checked_once_and_again_after_any_change(tmp_path, monkeypatch):
     ):
         MNISTDataModule(data_dir=str(tmp_path)).setup()
     assert hashed == ["t10k-images-idx3-ubyte"]
+
+
+def test_a_file_changed_in_place_with_its_mtime_set_back_is_hashed_again(tmp_path, monkeypatch):
+    write_mnist_like(tmp_path, "MNIST")
+    raw = tmp_path / "MNIST" / "raw"
+    trust_files(monkeypatch, raw)
+    MNISTDataModule(data_dir=str(tmp_path)).prepare_data()  # cached
+    path = raw / "train-labels-idx1-ubyte"
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] = (data[-1] + 1) % 10  # another label, same size
+    with path.open("r+b") as file:  # in place: the same inode
+        file.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(DataNotFoundError, match=r"train-labels-idx1-ubyte has MD5 \w+, not the"):
+        MNISTDataModule(data_dir=str(tmp_path), val_fraction=0.5).setup()
 
 
 def test_unwritable_cache_only_loses_the_caching(tmp_path, monkeypatch):
