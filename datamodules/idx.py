@@ -203,18 +203,44 @@ def write_all_atomically(files: Mapping[Path, bytes]) -> None:
             os.replace(temporary, path)
 
 
+def declared_size(head: bytes) -> int | None:
+    """The file size an IDX header at the start of ``head`` declares, or None if it is no header.
+
+    Examples:
+        >>> declared_size(bytes([0, 0, 8, 3]) + struct.pack(">3I", 2, 28, 28))
+        1584
+        >>> declared_size(b"PK")
+    """
+    item = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+    if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in item:
+        return None
+    ndim = head[3]
+    if len(head) < 4 + 4 * ndim:
+        return None
+    dims = struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim])
+    return 4 + 4 * ndim + math.prod(dims) * item[head[2]]
+
+
 def extract_gz(source: Path, target: Path, check: Callable[[Path], str | None]) -> str | None:
     """Decompress ``source`` into ``target`` if the result passes ``check``; None, or why not.
 
     The result is moved into place only if the whole stream decompressed and ``check`` (given the
     decompressed temporary file) returned None, so a truncated or corrupt ``.gz`` never leaves a
-    partial or wrong ``target`` and never replaces one.
+    partial or wrong ``target`` and never replaces one. Decompression stops once the output passes
+    the size its IDX header declares (or after the first MiB without one), so a small ``.gz`` of
+    gigabytes of padding fills no disk.
     """
     try:
         with _temporary_beside(target) as temporary:
             with gzip.open(source, "rb") as compressed, temporary.open("wb") as out:
+                limit, written = None, 0
                 for block in iter(lambda: compressed.read(1 << 20), b""):
+                    if written == 0:
+                        limit = declared_size(block)  # None: no IDX header, one block is enough
                     out.write(block)
+                    written += len(block)
+                    if limit is None or written > limit:
+                        break  # a header-less or overlong stream: check says so (no bomb)
             problem = check(temporary)
             if problem is not None:
                 return f"{source} does not hold a valid copy: {problem}"

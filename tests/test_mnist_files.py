@@ -262,13 +262,35 @@ def test_a_broken_embedded_file_is_one_clear_error(tmp_path, monkeypatch, rows, 
     assert str(info.value).startswith(f"{path} {words}") and "\n" not in str(info.value)
 
 
-def test_corrupt_cifar_file_is_a_clear_error_not_a_traceback(tmp_path):
+def test_corrupt_cifar_file_is_named_and_fetched_again_with_download_on(tmp_path, monkeypatch):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     for name in CIFAR10DataModule.expected_files:
-        (tmp_path / name).write_bytes(b"")
-    with pytest.raises(DataNotFoundError, match=r"torchvision cannot read them \(RuntimeError"):
+        (tmp_path / name).write_bytes(b"junk")
+    # named by its MD5 (it was only "torchvision cannot read them", and never fetched again)
+    with pytest.raises(DataNotFoundError) as info:
         CIFAR10DataModule(data_dir=str(tmp_path)).setup()
+    empty = hashlib.md5(b"junk").hexdigest()
+    assert f"{folder / 'data_batch_1'} has MD5 {empty}, not the official" in str(info.value)
+    fetched = []
+
+    def fetch(self):  # stands in for torchvision's download: writes good (fake) files
+        fetched.append(sorted(p.name for p in folder.iterdir() if p.name != idx.MD5_CACHE_NAME))
+        shutil.rmtree(folder)
+        write_cifar_like(tmp_path, monkeypatch)
+
+    monkeypatch.setattr(CIFAR10DataModule, "_torchvision_download", fetch)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), download=True, val_fraction=0.2)
+    dm.prepare_data()
+    assert fetched == [[]]  # the broken files were removed, then fetched
+    dm.setup()
+    assert len(dm.test_set) == 10
+    # with download on and failing, the advice is not "set download: true"
+    monkeypatch.setattr(CIFAR10DataModule, "_torchvision_download", lambda self: 1 / 0)
+    (folder / "test_batch").write_bytes(b"junk")
+    with pytest.raises(DataNotFoundError) as info:
+        CIFAR10DataModule(data_dir=str(tmp_path), download=True).prepare_data()
+    assert "download: true" not in str(info.value) and "can reach its source" in str(info.value)
 
 
 # --- re-fetching with download on ------------------------------------------------------------------
@@ -449,3 +471,26 @@ def test_a_val_fraction_too_small_for_the_official_set_is_refused_at_constructio
         "MNISTDataModule val_fraction must be at least 7.42e-05 for the 60000 training images "
         "(6742 in the largest class); got 5e-05"
     )
+
+
+def test_a_gz_padded_far_beyond_its_header_is_not_decompressed_whole(tmp_path):
+    # 200 images of 28 x 28 declared, then 64 MiB of zeros (64 kB compressed): it was all
+    # written to disk before the size check
+    declared = 16 + 200 * 28 * 28
+    header = bytes([0, 0, 8, 3]) + (200).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    packed = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(packed, "wb") as file:
+        file.write(header + bytes(declared - 16))
+        for _ in range(64):
+            file.write(bytes(1 << 20))
+    sizes = []
+
+    def check(temporary):
+        sizes.append(temporary.stat().st_size)
+        return idx.idx_problem(temporary, ndim=3)
+
+    target = tmp_path / "train-images-idx3-ubyte"
+    problem = idx.extract_gz(packed, target, check)
+    assert problem is not None and "does not hold a valid copy" in problem
+    assert declared < sizes[0] <= declared + (1 << 20)  # stopped within a block of the end
+    assert not target.exists()
