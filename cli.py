@@ -308,7 +308,13 @@ def find_run_checkpoint(
         latest = _newest([p for f in folders for p in f.glob("*.ckpt")])
         if latest is not None:
             where = latest.parent
-            newest = _recorded_best(latest) or _newest(list(where.glob(pattern)))
+            recorded = _recorded_best(latest)
+            if recorded == Path():
+                refuse(
+                    f"ckpt_path 'best': the newest checkpoint {latest} records no best one (its "
+                    "checkpoint.monitor was never logged, or save_top_k 0); give 'last' or a path"
+                )
+            newest = recorded or _newest(list(where.glob(pattern)))
     if newest is None:
         refuse(
             f"ckpt_path {which!r}: no {pattern} under {where}; "
@@ -327,7 +333,8 @@ def _recorded_best(checkpoint: Path | None) -> Path | None:
     """The ``best_model_path`` a checkpoint's ModelCheckpoint state records, if that file exists.
 
     Read with ``torch.load(weights_only=True)``; a file that does not load, or records no
-    existing best, gives None (the caller falls back to the newest ``best-*.ckpt``).
+    existing best, gives None (the caller falls back to the newest ``best-*.ckpt``); a state
+    that records no best at all (``best_model_path`` empty) gives ``Path()``.
     """
     if checkpoint is None:
         return None
@@ -339,7 +346,9 @@ def _recorded_best(checkpoint: Path | None) -> Path | None:
     for key, state in (states or {}).items():
         if "Checkpoint" in str(key) and isinstance(state, dict):
             best = state.get("best_model_path")
-            if isinstance(best, str) and best and Path(best).is_file():
+            if best == "":
+                return Path()
+            if isinstance(best, str) and Path(best).is_file():
                 return Path(best)
     return None
 
@@ -789,8 +798,8 @@ def check_fit_trains(trainer: Mapping[str, Any]) -> None:
         SettingError: Naming ``max_epochs`` or ``limit_train_batches``.
     """
     max_steps = trainer.get("max_steps")
-    if trainer.get("max_epochs") == 0 and (max_steps is None or max_steps < 0):
-        refuse("trainer.max_epochs 0 trains nothing; fit needs max_epochs >= 1 (or max_steps)")
+    if trainer.get("max_epochs") == 0:  # Lightning stops at once, whatever max_steps says
+        refuse("trainer.max_epochs 0 trains nothing; fit needs max_epochs >= 1 (or -1: no limit)")
     if trainer.get("limit_train_batches") in (0, 0.0):
         refuse(
             "trainer.limit_train_batches 0 trains nothing; fit needs a number of batches >= 1 "
@@ -975,7 +984,7 @@ def check_config_sections(args: Any) -> None:
             continue  # jsonargparse reports what it cannot read
         for section in ("trainer", "checkpoint"):
             found = loaded.get(section) if isinstance(loaded, dict) else None
-            if found is not None and not isinstance(found, dict):
+            if found is not None and not isinstance(found, dict | str):  # str: a nested file
                 refuse(
                     f"{section} in {value} must be a mapping of settings (e.g. {section}: "
                     f"{{...}}); got the {type(found).__name__} {_one_line(repr(found))}"

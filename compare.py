@@ -350,34 +350,42 @@ def fit(settings, training: Training, out: Path, digest: str) -> dict:
     checkpoints = out / training.name / "checkpoints" / key
     args = stage_args("fit", settings, training, out, f"fit-{key}")
     args += ["--checkpoint.dirpath", str(checkpoints)]
-    started = read_record(checkpoints / STARTED, {"key": str, "code": str, "started_at": float})
+    fields = {"key": str, "code": str, "created_at": float, "started_at": float, "earlier_s": float}
+    started = read_record(checkpoints / STARTED, fields)
     interrupted = None
-    if (
-        started and started["key"] == key
-    ):  # it started and did not finish: go on from its last epoch
-        interrupted = max(
-            checkpoints.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime, default=None
-        )
-    if interrupted is None:
-        started = {"key": key, "code": CODE_VERSION, "started_at": time.time()}
+    if started and started["key"] == key:  # started, not finished: go on from its last epoch
+        written = [  # by this training: a finished one's files may share the folder
+            p for p in checkpoints.glob("last*.ckpt") if p.stat().st_mtime >= started["created_at"]
+        ]
+        interrupted = max(written, key=lambda p: p.stat().st_mtime, default=None)
+
+    def mark(resumed: Path | None) -> dict:
+        """Write the marker: afresh, or with a resumed training's time up to its checkpoint."""
+        now = time.time()
+        if resumed is None:
+            record = {"key": key, "code": CODE_VERSION, "created_at": now, "earlier_s": 0.0}
+        else:
+            before = max(0.0, resumed.stat().st_mtime - started["started_at"])
+            record = {**started, "earlier_s": started["earlier_s"] + before}
+        record["started_at"] = now
         checkpoints.mkdir(parents=True, exist_ok=True)
-        atomic_write(checkpoints / STARTED, json.dumps(started, indent=2))
-    start = time.perf_counter()
-    earlier = 0.0
+        atomic_write(checkpoints / STARTED, json.dumps(record, indent=2))
+        return record
+
     run = None
+    start = time.perf_counter()
     if interrupted is not None:
         print(f"[compare] {training.name}: resuming the interrupted training from {interrupted}")
         note_other_code(started, training.name, [checkpoints], "its interrupted part")
+        started = mark(interrupted)
         try:
             run = run_cli([*args, "--ckpt_path", str(interrupted)])
-            earlier = max(0.0, interrupted.stat().st_mtime - started["started_at"])
         except SettingError as err:  # a checkpoint cut short by the interruption, say
             print(f"[compare] {training.name}: cannot resume ({err}); training afresh")
             interrupted = None
-            started = {"key": key, "code": CODE_VERSION, "started_at": time.time()}
-            atomic_write(checkpoints / STARTED, json.dumps(started, indent=2))
-            start = time.perf_counter()
     if run is None:
+        started = mark(None)
+        start = time.perf_counter()
         print(f"[compare] {training.name}: training with {training.config}")
         run = run_cli(args)
     best = run.trainer.checkpoint_callback
@@ -395,8 +403,8 @@ def fit(settings, training: Training, out: Path, digest: str) -> dict:
     done = {
         "key": key,
         "ckpt_path": ckpt_path,
-        # wall time of this run, plus (resumed) the interrupted run's up to its last checkpoint
-        "train_time_s": earlier + time.perf_counter() - start,
+        # wall time of this run, plus (resumed) the interrupted runs' up to their last checkpoints
+        "train_time_s": started["earlier_s"] + time.perf_counter() - start,
         "code": started["code"],  # the code that started it (the note names a resumed mix)
         "resumed_from": str(interrupted) if interrupted is not None else None,
     }
@@ -473,8 +481,12 @@ def evaluate(settings, training: Training, out: Path, trained: dict, digest: str
         missing = [path for path in report_inputs(done) if not path.is_file()]
         if inside and valid_metrics(done["metrics"]) and not missing:
             print(f"[compare] {training.name}: reusing evaluation {marker}")
-            # its certification TSV would be resumed, not redone: delete its folder too
-            note_other_code(done, training.name, [marker, Path(done["log_dir"])])
+            # its certification TSV would be resumed, not redone: delete it (and its folder) too
+            redo = [marker, Path(done["log_dir"])]
+            tsv = certificates_path(done)
+            if report_inputs(done) and not tsv.is_relative_to(redo[1]):
+                redo += [tsv, tsv.with_name(tsv.name + ".json")]
+            note_other_code(done, training.name, redo)
             return done
         reason = (
             f"{missing[0]}, which the report reads, is gone"

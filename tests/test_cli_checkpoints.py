@@ -230,10 +230,18 @@ def test_best_of_a_newest_run_that_saved_none_is_refused_not_an_older_runs(in_tm
     torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/acc'}": {"best_model_path": ""}}},
                newer / "last.ckpt")  # fmt: skip
     os.utime(newer / "last.ckpt", (time.time() + 10, time.time() + 10))
-    with pytest.raises(SettingError, match=r"no best-\*\.ckpt under .*version_1/checkpoints"):
+    with pytest.raises(
+        SettingError, match=r"newest checkpoint .*version_1/checkpoints/last\.ckpt records no best"
+    ):
         cli.find_run_checkpoint("best", run_dir)
     assert cli.find_run_checkpoint("last", run_dir) == str(newer / "last.ckpt")
-    torch.save({"callbacks": {}}, newer / "best-epoch01.ckpt")  # it did save one
+    torch.save({"callbacks": {}}, newer / "best-epoch01.ckpt")  # it did save one, and says so
+    state = {"best_model_path": str(newer / "best-epoch01.ckpt")}
+    torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/acc'}": state}}, newer / "last.ckpt")
+    os.utime(newer / "last.ckpt", (time.time() + 10, time.time() + 10))
+    assert cli.find_run_checkpoint("best", run_dir) == str(newer / "best-epoch01.ckpt")
+    # a newest checkpoint with no ModelCheckpoint state: the newest best-*.ckpt beside it
+    torch.save({"callbacks": {}}, newer / "last.ckpt")
     assert cli.find_run_checkpoint("best", run_dir) == str(newer / "best-epoch01.ckpt")
 
 

@@ -294,6 +294,7 @@ def test_a_warm_up_longer_than_the_run_is_one_line_before_training(in_tmp, capsy
         (["--trainer.val_check_interval", "0"], "error: trainer.val_check_interval must be an integer"),
         (["--trainer.val_check_interval", "0.0"], "error: trainer.val_check_interval must be a fraction"),
         (["--trainer.max_epochs", "0"], "error: trainer.max_epochs 0 trains nothing"),
+        (["--trainer.max_epochs", "0", "--trainer.max_steps", "5"], "error: trainer.max_epochs 0 trains"),
         (["--trainer.limit_train_batches", "0"], "error: trainer.limit_train_batches 0 trains nothing"),
         (
             ["--trainer.limit_val_batches", "0"],
@@ -330,6 +331,13 @@ def test_a_config_section_that_is_not_a_mapping_is_one_line(section, in_tmp, cap
     monkeypatch.setattr(Trainer, "fit", _never("it was trained"))
     line = refusal(capsys, "fit", "--config", STANDARD, f"--config={config}")  # after another
     assert line.startswith(f"error: {name} in {config} must be a mapping of settings"), line
+    # a section given as the path of a nested config file is jsonargparse's, and fine
+    (in_tmp / "trainer.yaml").write_text("max_epochs: 3\n")
+    nested = in_tmp / "nested.yaml"
+    nested.write_text(f"trainer: {in_tmp / 'trainer.yaml'}\n")
+    monkeypatch.setattr(Trainer, "fit", lambda *args, **kwargs: None)
+    fitted = cli.main(["fit", "--config", STANDARD, "--config", str(nested), *QUIET])
+    assert fitted.trainer.max_epochs == 3
 
 
 def _never(failure: str):

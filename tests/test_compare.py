@@ -1,7 +1,9 @@
 import json
+import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -625,13 +627,21 @@ def test_an_interrupted_training_resumes_from_its_last_epoch(tmp_path, capsys, m
     assert not (folder / "fit.json").exists()
     (last,) = folder.glob("checkpoints/*/last.ckpt")
     assert torch.load(last, weights_only=True)["global_step"] == 3  # the first epoch's 3 steps
+    # say the first epoch took 50 s: the record adds them (it added the time up to the end of
+    # the resumed run, idle gap included, read after that run had rewritten last.ckpt)
+    (marker,) = folder.glob("checkpoints/*/started.json")
+    began = json.loads(marker.read_text())["started_at"]
+    os.utime(last, (began + 50, began + 50))
     capsys.readouterr()
+    before = time.perf_counter()
     compare.compare(["--config", str(path)])
+    resumed_wall = time.perf_counter() - before
     printed = capsys.readouterr().out
     assert f"standard: resuming the interrupted training from {last}" in printed
     assert "standard: training with" not in printed
     record = json.loads((folder / "fit.json").read_text())
     assert record["resumed_from"] == str(last)
+    assert 50 < record["train_time_s"] < 50 + resumed_wall
     assert torch.load(last, weights_only=True)["global_step"] == 6  # one more epoch, not two
     assert not list(folder.glob("checkpoints/*/started.json"))  # finished: never resumed again
 
@@ -644,6 +654,22 @@ def test_an_interrupted_training_resumes_from_its_last_epoch(tmp_path, capsys, m
     record = json.loads((folder / "fit.json").read_text())
     assert record["resumed_from"] is None and Path(record["ckpt_path"]).is_file()
     assert torch.load(record["ckpt_path"], weights_only=True)["global_step"] in (3, 6)
+    # retrained afresh and interrupted in its first epoch: the finished run's last.ckpt in the
+    # folder is not this training's, so the next run trains afresh again (it "resumed" from it)
+    (folder / "fit.json").unlink()
+
+    def interrupt_at_once(self, batch, batch_idx):
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(StandardClassifier, "training_step", interrupt_at_once)
+    with pytest.raises(RuntimeError, match="the machine went away"):
+        compare.compare(["--config", str(path)])
+    monkeypatch.undo()
+    capsys.readouterr()
+    compare.compare(["--config", str(path)])
+    printed = capsys.readouterr().out
+    assert "resuming" not in printed and "standard: training with" in printed
+    record = json.loads((folder / "fit.json").read_text())
     # its best checkpoint deleted (a FileNotFoundError traceback on every run): trained afresh
     Path(record["ckpt_path"]).unlink()
     compare.compare(["--config", str(path)])

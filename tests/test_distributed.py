@@ -15,13 +15,10 @@ import cli
 from robust.certificates import read_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 300
-EPOCH_METRICS = {
-    "standard": [],
-    "adversarial": ["train/eps"],
-    "smoothing": [],
-    "trades": ["train/eps", "train/kl"],
-}  # a hung collective fails the test instead of the whole CI run
+TIMEOUT = 300  # a hung collective fails the test instead of the whole CI run
+EPOCH_METRICS = {"trades": ["train/kl"]}
+"""Epoch-level metrics each process computes from its own batches (the same value on all only
+when synchronized; torchmetrics' train/acc and train/eps are the same anyway)."""
 
 
 def run_cli(*args: str, cwd: Path) -> str:
@@ -184,7 +181,7 @@ def test_every_module_trains_with_ddp_on_two_processes(config, tmp_path):
     # each process draws its own training noise and random starts (they were the same)
     assert first.pop("draw") != second.pop("draw")
     # epoch-level training metrics are the mean over both processes, the same on each
-    for key in ("train/acc", *EPOCH_METRICS[config]):
+    for key in EPOCH_METRICS.get(config, []):
         assert first[key] == second[key], key
 
 
