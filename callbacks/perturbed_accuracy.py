@@ -19,7 +19,7 @@ from torch import Tensor
 
 import robust.attacks as attack_lib
 from callbacks.evaluation import EvaluationCallback
-from robust.attacks import AttackSpec
+from robust.attacks import AttackSpec, check_ball
 from robust.autoattack import STAGES
 from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
@@ -156,14 +156,20 @@ class PerturbedAccuracy(EvaluationCallback):
 
     # ------------------------------------------------------------------ evaluation hooks
     def check(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Refuse attacks the module's ``num_classes`` cannot honour (e.g. APGD-T's targets).
+        """Refuse attacks the module's ``num_classes`` or images cannot honour.
 
-        A module without ``num_classes`` is checked by the attack itself, at its first batch.
+        APGD-T's targets need classes; an L2 eps beyond the diameter of the module's
+        ``image_shape`` holds every image. A module without them is checked by the attack itself,
+        at its first batch.
         """
         num_classes = getattr(pl_module, "num_classes", None)
-        if isinstance(num_classes, int) and not isinstance(num_classes, bool):
-            for spec in self.attacks:
-                spec.check_num_classes(num_classes, owner=f"PerturbedAccuracy attack {spec.key}")
+        shape = getattr(pl_module, "image_shape", None)
+        for spec in self.attacks:
+            owner = f"PerturbedAccuracy attack {spec.key}"
+            if isinstance(num_classes, int) and not isinstance(num_classes, bool):
+                spec.check_num_classes(num_classes, owner=owner)
+            if isinstance(shape, tuple):
+                check_ball(spec.eps, spec.norm, owner, torch.zeros(1, *shape))
 
     def pending(  # noqa: D102
         self, trainer: Trainer, pl_module: LightningModule, stage: str, selected: list[int]

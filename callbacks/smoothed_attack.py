@@ -29,6 +29,7 @@ from callbacks.evaluation import (
     module_num_classes,
     module_sigma,
 )
+from robust._attack_core import check_ball
 from robust.checks import check_int, check_radii, check_real
 from robust.sharding import image_seed
 from robust.smoothadv import smoothadv_attack
@@ -117,9 +118,16 @@ class SmoothedAttack(EvaluationCallback):
         self.results: dict[str, dict[str, float]] = {}
 
     def check(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Refuse a module without ``num_classes`` or, with ``sigma`` unset, a positive ``sigma``."""
+        """Refuse a module that cannot be attacked with these settings.
+
+        Without ``num_classes``; with ``sigma`` unset, without a positive ``sigma``; with radii
+        (the attack's L2 eps) beyond the diameter of its ``image_shape``.
+        """
         module_num_classes(pl_module, "SmoothedAttack")
         module_sigma(pl_module, self.sigma, "SmoothedAttack")
+        shape = getattr(pl_module, "image_shape", None)
+        if isinstance(shape, tuple):
+            check_ball(max(self.radii), "2", "SmoothedAttack radii", torch.zeros(1, *shape))
 
     def evaluate_batch(  # noqa: D102
         self,

@@ -28,6 +28,7 @@ shared by every attack here (and by :mod:`robust.apgd`, :mod:`robust.square`,
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -332,16 +333,18 @@ for a model of 10 classes (APGD-T targets the other classes); got 50
         E.g. ``fgm_l2_eps5``, ``pgd40_linf_eps0.3``, ``apgd-ce_linf_eps0.3``, ``square_l2_eps2``,
         ``autoattack_linf_eps0.3``. Non-default choices add suffixes: ``rand`` (fgm with random
         start), ``norand`` (pgd or apgd without), ``r<restarts>``, ``tgt`` (targeted),
-        ``t<n_target_classes>``, ``q<n_queries>``, ``p<p_init>``, ``rho<rho>``; APGD's and
-        AutoAttack's steps follow the method name when not 100 (``apgd-ce50``), e.g.
-        ``pgd10_l2_eps1_r5``.
+        ``t<n_target_classes>``, ``q<n_queries>``, ``p<p_init>``, ``rho<rho>``, ``a<step_size>``
+        (fgm or pgd with a step other than the default); APGD's and AutoAttack's steps follow
+        the method name when not 100 (``apgd-ce50``), e.g. ``pgd10_l2_eps1_r5``. Numbers are
+        written as ``:g`` where that is exact, else in full (``eps0.03137254901960784`` for 8/255),
+        so different settings never share a key.
         """
         if self.name is not None:
             return self.name
         method = self.method
         if method == "pgd" or (method != "fgm" and self.resolved_steps != _DEFAULT_STEPS[method]):
             method = f"{method}{self.resolved_steps}"
-        parts = [method, f"l{self.norm}", f"eps{self.eps:g}"]
+        parts = [method, f"l{self.norm}", f"eps{_exact(self.eps)}"]
         if self.resolved_random_start != (self.method != "fgm"):
             parts.append("rand" if self.resolved_random_start else "norand")
         if self.restarts > 1:
@@ -355,7 +358,24 @@ for a model of 10 classes (APGD-T targets the other classes); got 50
         rho = self.resolved_rho
         if rho is not None and rho != _DEFAULTS["rho"]:
             parts.append(f"rho{rho:g}")
+        if self.step_size is not None and "step_size" in _SETTINGS[self.method]:
+            default = _default_step_size(
+                self.method, self.eps, self.resolved_steps, self.resolved_random_start
+            )
+            if not math.isclose(self.step_size, default, rel_tol=1e-12):
+                parts.append(f"a{_exact(self.step_size)}")
         return "_".join(parts)
+
+
+def _exact(value: float) -> str:
+    """``value`` as ``:g`` where that reads back as the same float, else in full.
+
+    Examples:
+        >>> _exact(0.3), _exact(5.0), _exact(8 / 255)
+        ('0.3', '5', '0.03137254901960784')
+    """
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def _default_step_size(method: str, eps: float, steps: int, random_start: bool) -> float:
@@ -552,7 +572,8 @@ def fgm(
             float32 images on CPUs.
 
     Returns:
-        Adversarial inputs in [0, 1] with ``||x_adv - x||_norm <= eps``.
+        Adversarial inputs in [0, 1] with ``||x_adv - x||_norm <= eps`` (bf16 or fp16 inputs:
+        up to half a unit in the last place of their dtype beyond it, where the iterate rounds).
 
     Examples:
         >>> import torch
@@ -622,7 +643,8 @@ def pgd(
             float32 images on CPUs.
 
     Returns:
-        Adversarial inputs in [0, 1] with ``||x_adv - x||_norm <= eps``.
+        Adversarial inputs in [0, 1] with ``||x_adv - x||_norm <= eps`` (bf16 or fp16 inputs:
+        up to half a unit in the last place of their dtype beyond it, where the iterate rounds).
 
     Examples:
         >>> import torch

@@ -409,13 +409,16 @@ def test_bf16_autocast_gradients_nonzero_and_bounds():
         assert per_sample_loss(model, a, y).mean() > per_sample_loss(model, x, y).mean()
 
 
-def test_parameter_grads_untouched():
+@pytest.mark.parametrize("channels_last", [None, False])
+def test_parameter_grads_untouched(channels_last):
+    # None: on CPUs the attack runs a detached channels-last copy, whose parameters cannot get
+    # grads anyway; False runs the model itself, as on GPUs
     model = small_cnn(3)
     params = list(model.parameters())
     params[0].grad = torch.full_like(params[0], 3.0)
     x, y = batch(8, 3)
-    pgd(model, x, y, 0.1, "2", steps=2)
-    fgm(model, x, y, 0.1, "inf")
+    pgd(model, x, y, 0.1, "2", steps=2, channels_last=channels_last)
+    fgm(model, x, y, 0.1, "inf", channels_last=channels_last)
     assert torch.equal(params[0].grad, torch.full_like(params[0], 3.0))
     assert all(p.grad is None for p in params[1:])
 
@@ -446,6 +449,24 @@ def test_eval_during_attack_and_modes_restored():
 
 
 # ------------------------------------------------------------------ AttackSpec
+
+
+def test_different_steps_or_eps_never_share_a_key():
+    # an explicit step size added nothing, and eps was printed to 6 digits: the weaker attack
+    # was logged, reported and seeded under the standard attack's name
+    standard = AttackSpec(method="pgd", norm="inf", eps=0.3)
+    assert AttackSpec(method="pgd", norm="inf", eps=0.3, step_size=0.001).key == (
+        "pgd40_linf_eps0.3_a0.001"
+    )
+    assert AttackSpec(method="pgd", norm="inf", eps=0.3, step_size=2.5 * 0.3 / 40).key == (
+        standard.key
+    )  # the default step, given: the same attack, the same key
+    assert AttackSpec(method="fgm", norm="inf", eps=0.3, step_size=0.05).key == (
+        "fgm_linf_eps0.3_a0.05"
+    )
+    eight = AttackSpec(method="pgd", norm="inf", eps=8 / 255)
+    rounded = AttackSpec(method="pgd", norm="inf", eps=0.0313725)
+    assert eight.key == "pgd40_linf_eps0.03137254901960784" and rounded.key != eight.key
 
 
 def test_spec_defaults_and_keys():

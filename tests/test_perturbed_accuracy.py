@@ -156,6 +156,19 @@ def test_two_callbacks_writing_one_metric_or_file_are_refused_before_any_work(
         assert logged[f"test/perturbed_acc/{spec.key}"] == pytest.approx(accuracy, abs=1e-6)
 
 
+def test_an_l2_eps_beyond_the_image_diameter_is_refused_before_any_callback_works(
+    mnist, class_means, monkeypatch
+):
+    # it was refused at the first attack batch, after the other callbacks' work
+    x, y = mnist[2][:8], mnist[3][:8]
+    monkeypatch.setattr(PerturbedAccuracy, "run", lambda *a: pytest.fail("it evaluated"))
+    wide = PerturbedAccuracy([AttackSpec("pgd", "2", 30.0)], num_image_grid=0)
+    callbacks = [PerturbedAccuracy([FGM_L2]), wide]
+    expected = r"^PerturbedAccuracy attack pgd40_l2_eps30 eps for norm 2 must be <= 28"
+    with pytest.raises(SettingError, match=expected):
+        trainer(callbacks=callbacks).test(make_model(class_means), TensorData(x, y), verbose=False)
+
+
 def same_table(a: torch.Tensor, b: torch.Tensor) -> None:
     """Indices, labels and predictions equal; norms equal up to float32 rounding.
 
