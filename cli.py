@@ -949,11 +949,15 @@ def check_monitor_can_be_logged(monitor: str | None, model: Any) -> None:
         )
 
 
+def _named_values(args: Any) -> list[str]:
+    """The values among command line ``args``: ``x`` of ``--key=x``, and the bare tokens."""
+    tokens = [t for t in args if isinstance(t, str)] if isinstance(args, Sequence) else []
+    return [token.partition("=")[2] if token.startswith("-") else token for token in tokens]
+
+
 def _undecodable_file(args: Any) -> str:
     """The first file named among command line ``args`` that is not UTF-8 text, for a message."""
-    tokens = [t for t in args if isinstance(t, str)] if isinstance(args, Sequence) else []
-    for token in tokens:
-        value = token.partition("=")[2] if token.startswith("-") else token
+    for value in _named_values(args):
         try:
             if value and Path(value).is_file():
                 Path(value).read_text(encoding="utf-8")
@@ -973,9 +977,7 @@ def check_config_sections(args: Any) -> None:
     Raises:
         SettingError: Naming the file and the section.
     """
-    tokens = [t for t in args if isinstance(t, str)] if isinstance(args, Sequence) else []
-    for token in tokens:
-        value = token.partition("=")[2] if token.startswith("-") else token
+    for value in _named_values(args):
         try:
             if not (value.endswith((".yaml", ".yml")) and Path(value).is_file()):
                 continue

@@ -72,7 +72,7 @@ def idx_problem(path: Path, ndim: int) -> str | None:
             f"(magic {magic}, expected {(IDX_UBYTE << 8) | ndim})"
         )
     dims = struct.unpack(f">{ndim}I", header[4:])
-    expected = 4 + 4 * ndim + math.prod(dims)
+    expected = declared_size(header)
     if size != expected:
         state = "truncated" if size < expected else "too long"
         return f"{path} is {state}: {size} bytes, its header {dims} needs {expected}"
@@ -204,21 +204,19 @@ def write_all_atomically(files: Mapping[Path, bytes]) -> None:
 
 
 def declared_size(head: bytes) -> int | None:
-    """The file size an IDX header at the start of ``head`` declares, or None if it is no header.
+    """The file size the unsigned-byte IDX header at the start of ``head`` declares, else None.
 
     Examples:
         >>> declared_size(bytes([0, 0, 8, 3]) + struct.pack(">3I", 2, 28, 28))
         1584
         >>> declared_size(b"PK")
     """
-    item = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
-    if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in item:
+    if len(head) < 4 or head[:3] != bytes([0, 0, IDX_UBYTE]):
         return None
     ndim = head[3]
     if len(head) < 4 + 4 * ndim:
         return None
-    dims = struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim])
-    return 4 + 4 * ndim + math.prod(dims) * item[head[2]]
+    return 4 + 4 * ndim + math.prod(struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim]))
 
 
 def extract_gz(source: Path, target: Path, check: Callable[[Path], str | None]) -> str | None:
