@@ -7,13 +7,16 @@ In one process, with one model (LeNet or SmallCNN on 28x28 MNIST-sized inputs) a
   cuDNN/matmuls, ``bf16`` = bfloat16 autocast) plus flags ``cl`` (channels_last), ``compile``
   (``torch.compile``, static shapes), ``graph`` (CUDA graph), ``cb`` (cuDNN autotuning:
   ``torch.backends.cudnn.benchmark``), ``pf`` (ReLU after max-pooling, the default with ``cl``),
+  ``pb`` (convolution biases added after their max-pools; with ``pf`` for LeNet),
   ``pp`` / ``mp`` (2x2 max-pools as two elementwise maxima, the CPU default / as written),
   ``nbN`` (noise_block N instead of ``--noise-block``) and ``ntN`` (N noise threads instead of
   Smooth's default), e.g. ``bf16+compile+graph+nb10000``;
 * ``forward``: the bare forward pass and argmax of the same model, variant and batch size on one
   pre-made noisy batch (the ceiling: no noise, no counting); the ratio certify/forward says how
   close certification comes to it, and certify/best is against the fastest forward of any
-  variant of the same precision;
+  variant of the same precision; ``same_logits`` says whether the variant's rewritten model
+  (``pf``, ``pb``, ``pp``, eager) gave bit-identical logits to the model as written on that batch
+  (layout and compile aside: ``cl`` and ``compile`` may round differently);
 * ``noise``: drawing the seeded noise blocks alone (``torch.randn`` per block);
 * the FLOP rate of a large matmul per precision and the model's FLOPs per sample
   (``torch.utils.flop_counter``), giving the fraction of that ceiling each variant reaches;
@@ -61,6 +64,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .`
 
 from benchmarks.options import check_device, refuse  # noqa: E402
 from robust import smoothing  # noqa: E402
+from robust.bias_after_pool import bias_after_pool  # noqa: E402
 from robust.checks import SettingError, check_int, check_real  # noqa: E402
 from robust.cpu_memory import retain_freed_memory  # noqa: E402
 from robust.pairwise_pool import pairwise_max_pool  # noqa: E402
@@ -187,7 +191,8 @@ def parse_variant(name: str, option: str = "--variants") -> dict:
     """``bf16+cl+compile+graph+nb10000`` -> Smooth options.
 
     Flags: nbN (noise_block N, else --noise-block), ntN (noise_threads N, else Smooth's default),
-    pp / mp (2x2 max-pools as pairwise maxima / as written; else Smooth's default: pp on CPUs).
+    pp / mp (2x2 max-pools as pairwise maxima / as written; else Smooth's default: pp on CPUs),
+    pb (biases after max-pooling).
 
     Raises:
         SystemExit: For an unknown variant, after one ``error:`` line naming ``option`` and the
@@ -204,7 +209,7 @@ def parse_variant(name: str, option: str = "--variants") -> dict:
         prefix: [int(f[2:]) for f in flags if f[:2] == prefix and f[2:].isdigit()]
         for prefix in ("nb", "nt")
     }
-    plain = {"cl", "compile", "graph", "cb", "pf", "pp", "mp"}
+    plain = {"cl", "compile", "graph", "cb", "pf", "pb", "pp", "mp"}
     unknown = {f for f in flags if f[:2] not in numbers} - plain
     if (
         precision not in ("fp32", "tf32", "bf16")
@@ -216,7 +221,7 @@ def parse_variant(name: str, option: str = "--variants") -> dict:
         refuse(
             SettingError(
                 f"{option} must be comma-separated variants PRECISION[+cl][+compile][+graph][+cb]"
-                "[+pf][+pp|+mp][+nbN][+ntN] with PRECISION fp32, tf32 or bf16 and N >= 1; "
+                "[+pf][+pb][+pp|+mp][+nbN][+ntN] with PRECISION fp32, tf32 or bf16 and N >= 1; "
                 f"got {name!r}"
             )
         )
@@ -230,6 +235,7 @@ def parse_variant(name: str, option: str = "--variants") -> dict:
         "cudnn_benchmark": "cb" in flags,
         # ReLU after max-pooling: always with +pf, else as Smooth's default (with channels_last)
         "pool_first": "pf" in flags or "cl" in flags,
+        "bias_after_pool": "pb" in flags,
         "pairwise_pool": True if "pp" in flags else False if "mp" in flags else None,
         "noise_block": numbers["nb"][0] if numbers["nb"] else None,
         "noise_threads": numbers["nt"][0] if numbers["nt"] else None,
@@ -299,6 +305,62 @@ def matmul_tflops(device: torch.device, precision: str, size: int, repeats: int 
     return best
 
 
+def evaluated_model(
+    model: nn.Module, options: dict, device: torch.device, pool_first: bool = True
+) -> nn.Module:
+    """A private copy of ``model`` as ``Smooth`` evaluates it under the variant's options.
+
+    Its layout, ReLU after max-pooling (robust.pool_first; ``pool_first=False`` keeps the model
+    as written, which shows the lever), biases after max-pooling and pairwise max-pools.
+    """
+    private = copy.deepcopy(model).eval().requires_grad_(False)
+    if options["channels_last"]:
+        private = private.to(memory_format=torch.channels_last)
+    if pool_first and options["pool_first"]:
+        private = pool_before_relu(private)
+    if pool_first and options["bias_after_pool"]:
+        private = bias_after_pool(private)
+    pairwise = options["pairwise_pool"]
+    if pairwise or (pairwise is None and device.type == "cpu"):  # as Smooth evaluates f
+        private = pairwise_max_pool(private)
+    return private
+
+
+def noisy_batch(batch: int, sample_shape: tuple, device: torch.device) -> torch.Tensor:
+    """One fixed batch of noisy [0, 1] images (sigma 0.25), the same for every variant."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(batch, *sample_shape, device=device, generator=generator)
+    return x + 0.25 * torch.randn(x.shape, device=device, generator=generator)
+
+
+def same_logits(
+    model: nn.Module, options: dict, batch: int, sample_shape: tuple, device: torch.device
+) -> dict:
+    """Whether the variant's rewritten model (eager) gives the written model's logits, bit for bit.
+
+    Both run in the variant's precision, TF32 and cuDNN settings; a channels-last variant is
+    compared with the written model in channels-last too, so only the rewrites are tested.
+    """
+    written = copy.deepcopy(model).eval().requires_grad_(False)
+    if options["channels_last"]:
+        written = written.to(memory_format=torch.channels_last)
+    rewritten = evaluated_model(model, options, device)
+    x = noisy_batch(batch, sample_shape, device)
+    dtype = options["autocast_dtype"]
+    flags = (device, options["tf32"], options["cudnn_benchmark"])
+    with (
+        torch.inference_mode(),
+        precision_flags(*flags),
+        torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+    ):
+        expected, got = written(x).float(), rewritten(x).float()
+    return {
+        "same_logits": bool(torch.equal(expected, got)),
+        "max_logit_difference": float((expected - got).abs().max()),
+        "same_predictions": float((expected.argmax(1) == got.argmax(1)).float().mean()),
+    }
+
+
 def bare_forward(
     model: nn.Module,
     options: dict,
@@ -309,20 +371,10 @@ def bare_forward(
 ) -> Callable[[], torch.Tensor]:
     """f(x).argmax on one pre-made noisy batch, with the variant's layout/precision/compile/graph.
 
-    With the variant's ``pool_first``, ReLU after max-pooling, as ``Smooth`` then evaluates f
-    (robust.pool_first); ``pool_first=False`` times the model as written, which shows the lever.
+    f is :func:`evaluated_model`: with ``pool_first=False``, the model as written.
     """
-    private = copy.deepcopy(model).eval().requires_grad_(False)
-    if options["channels_last"]:
-        private = private.to(memory_format=torch.channels_last)
-    if pool_first and options["pool_first"]:
-        private = pool_before_relu(private)
-    pairwise = options["pairwise_pool"]
-    if pairwise or (pairwise is None and device.type == "cpu"):  # as Smooth evaluates f
-        private = pairwise_max_pool(private)
-    generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.rand(batch, *sample_shape, device=device, generator=generator)
-    x = x + 0.25 * torch.randn(x.shape, device=device, generator=generator)
+    private = evaluated_model(model, options, device, pool_first)
+    x = noisy_batch(batch, sample_shape, device)
     dtype = options["autocast_dtype"]
 
     def classify(inputs: torch.Tensor) -> torch.Tensor:
@@ -442,6 +494,7 @@ class Bench:
             tf32=options["tf32"],
             cudnn_benchmark=options["cudnn_benchmark"],
             pool_first=options["pool_first"],
+            bias_after_pool=options["bias_after_pool"],
             pairwise_pool=options["pairwise_pool"],
             noise_threads=options["noise_threads"],
             device=self.device,
@@ -475,6 +528,7 @@ class Bench:
         self.results.setdefault("variants", {})[name] = {
             "options": {k: str(v) for k, v in options.items()},
             **{key: summary(values) for key, values in rates.items()},
+            **same_logits(self.model, options, min(args.batch_size, 4096), shape, device),
         }
 
     def noise(self) -> None:
@@ -663,9 +717,9 @@ def report(bench: Bench) -> str:
         best_forward[precision] = max(best_forward.get(precision, 0.0), row["forward"]["best"])
     header = (
         f"{'variant':24s} {'certify/s med':>14s} {'[best]':>12s} {'forward/s best':>15s} "
-        f"{'cert/fwd':>8s} {'cert/best':>9s} {'TFLOP/s':>8s} {'%matmul':>8s}"
+        f"{'cert/fwd':>8s} {'cert/best':>9s} {'TFLOP/s':>8s} {'%matmul':>8s} {'same':>5s}"
     )
-    lines += [header, "-" * len(header)]
+    lines += [header, "-" * len(header)]  # same: the rewritten model's logits, bit for bit
     for name, row in variants.items():
         precision = name.split("+")[0]
         cert, fwd = row["certify"], row["forward"]
@@ -677,7 +731,8 @@ def report(bench: Bench) -> str:
         row.update(ratio=ratio, ratio_to_best_forward=ratio_best, tflops=achieved)
         lines.append(
             f"{name:24s} {cert['median']:14,.0f} {cert['best']:12,.0f} {fwd['best']:15,.0f} "
-            f"{ratio:8.2f} {ratio_best:9.2f} {achieved:8.3f} {percent:>8s}"
+            f"{ratio:8.2f} {ratio_best:9.2f} {achieved:8.3f} {percent:>8s} "
+            f"{'yes' if row.get('same_logits') else 'no':>5s}"
         )
     if flops and variants:
         lines.append("forward pass alone (best of each variant):")

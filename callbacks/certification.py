@@ -99,6 +99,10 @@ class Certification(EvaluationCallback):
         tf32: Allow TF32 on CUDA (off: the IEEE float32 classifier is certified).
         cudnn_benchmark: Let cuDNN time its convolution algorithms and keep the fastest (CUDA
             only; the same classifier up to float rounding; no gain for LeNet on an H200).
+        pool_first: ReLU after max-pooling (exactly the same function; see ``Smooth``);
+            ``None``: with channels-last forward passes.
+        bias_after_pool: Add each convolution's bias after the max-pool that follows it (the
+            same values; see ``Smooth``); a GPU lever, off by default until measured.
         stop_after: Stop after this many (>= 1) newly certified test images, as if interrupted.
         noise_block: Samples per independently seeded noise block (see ``Smooth``).
 
@@ -136,6 +140,8 @@ class Certification(EvaluationCallback):
         cuda_graph: bool = False,
         tf32: bool = False,
         cudnn_benchmark: bool = False,
+        pool_first: bool | None = None,
+        bias_after_pool: bool = False,
         stop_after: int | None = None,
         noise_block: int = DEFAULT_NOISE_BLOCK,
     ) -> None:
@@ -167,6 +173,8 @@ class Certification(EvaluationCallback):
             "cuda_graph": (cuda_graph, [True, False]),
             "tf32": (tf32, [True, False]),
             "cudnn_benchmark": (cudnn_benchmark, [True, False]),
+            "pool_first": (pool_first, [None, True, False]),
+            "bias_after_pool": (bias_after_pool, [True, False]),
         }
         for name, (value, allowed) in choices.items():
             setattr(self, name, check_choice(name, value, allowed, owner=owner))
@@ -249,6 +257,8 @@ class Certification(EvaluationCallback):
             cuda_graph=self.cuda_graph and on_cuda,
             **{k: getattr(self, k) for k in ("seed", "noise_block", "compile", "tf32")},
             cudnn_benchmark=self.cudnn_benchmark and on_cuda,
+            pool_first=self.pool_first,
+            bias_after_pool=self.bias_after_pool,
             device=device,
         )
 

@@ -37,6 +37,16 @@ def options(session, tmp_path, capsys, rates: dict[str, float], seconds: float) 
         ({"fp32": 3.2e6, "tf32": 3.9e6, "tf32+cb": 3.8e6}, 500, "--tf32"),
         ({"fp32": 3.2e6, "fp32+compile": 4.1e6, "tf32": 5e6}, 500, "--compile"),
         ({"fp32+compile": 3.6e6, "tf32": 3.9e6, "tf32+compile": 4.6e6}, 500, "--tf32 --compile"),
+        # the rewrites and the layout are certify options too, named in one order
+        ({"fp32": 3.2e6, "fp32+pb+pf": 4.1e6, "tf32": 5e6}, 500, "--pool-first --bias-after-pool"),
+        (
+            {"fp32+cl": 4.1e6, "fp32+pf+pb+compile": 4.2e6},
+            500,
+            "--pool-first --bias-after-pool --compile",
+        ),
+        ({"fp32+cl": 4.1e6, "fp32+pf+pb+graph": 4.0e6}, 500, "--channels-last"),
+        # another noise block or pooling kernel is no speed option of the certify stage
+        ({"fp32": 3.2e6, "fp32+nb10000": 9e6, "fp32+pp": 9e6, "fp32+pf+pf": 9e6}, 500, "--tf32"),
         # nothing fits: TF32, the fastest mode that is still a float32 model
         ({"fp32": 3.2e6, "tf32": 3.9e6}, 100, "--tf32"),
         ({"fp32": 3.2e6}, 100, "--tf32"),

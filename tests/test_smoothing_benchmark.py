@@ -54,11 +54,15 @@ def test_tiny_cpu_run_without_art(bench, tmp_path, monkeypatch, capsys) -> None:
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--images", "1", "--n", "300", "--batch-size", "200"]
     argv += ["--noise-block", "128", "--repeats", "1", "--matmul-size", "128", "--peers"]
-    argv += ["--variants", "fp32,fp32+cl+graph+nb64,fp32+cb", "--json", str(out), "--profile"]
-    results = bench.main(argv)
+    argv += ["--variants", "fp32,fp32+cl+graph+nb64,fp32+cb+pf+pb", "--json", str(out)]
+    results = bench.main([*argv, "--profile"])
     printed = capsys.readouterr().out
     assert "errors" not in results
-    for name in ("fp32", "fp32+cl+graph+nb64", "fp32+cb"):
+    # the written model's logits: exactly, unless a CPU convolution's fused bias rounds otherwise
+    assert results["variants"]["fp32"]["same_logits"] is True
+    moved = results["variants"]["fp32+cb+pf+pb"]
+    assert moved["max_logit_difference"] < 1e-4 and moved["same_predictions"] >= 0.99
+    for name in ("fp32", "fp32+cl+graph+nb64", "fp32+cb+pf+pb"):
         row = results["variants"][name]
         assert row["certify"]["best"] > 0 and row["forward"]["best"] > 0
         assert row["forward_relu_first"]["best"] > 0  # the model as written: the lever's effect
@@ -73,6 +77,24 @@ def test_tiny_cpu_run_without_art(bench, tmp_path, monkeypatch, capsys) -> None:
     assert profile["variant"] == "fp32" and profile["total_us_per_forward"] > 0
     assert any("conv" in row["name"] for row in profile["top"][:5])
     assert "profile of the fp32 forward" in printed
+
+
+def test_same_logits_fails_for_a_rewrite_that_changes_the_model(bench, monkeypatch) -> None:
+    lenet = bench.load_backbones().LeNet(1, 10)
+    options = bench.parse_variant("fp32+pf+pb+mp")
+    device = torch.device("cpu")
+    assert bench.same_logits(lenet, options, 64, (1, 28, 28), device)["same_predictions"] == 1.0
+    real = bench.evaluated_model
+
+    def nudged(model, options, device, pool_first=True):
+        private = real(model, options, device, pool_first)
+        with torch.no_grad():
+            private[-1].bias.add_(1e-3)
+        return private
+
+    monkeypatch.setattr(bench, "evaluated_model", nudged)
+    check = bench.same_logits(lenet, options, 64, (1, 28, 28), device)
+    assert check["same_logits"] is False and check["max_logit_difference"] > 5e-4
 
 
 def test_budget_skips_instead_of_overrunning(bench, capsys) -> None:
