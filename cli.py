@@ -24,6 +24,7 @@ import numbers
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import warnings
@@ -37,7 +38,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from checkpoint_checks import (
@@ -1415,6 +1416,18 @@ def main(
             parser_class=RobustArgumentParser,
             args=args,
         )
+    except SIGTERMException as err:
+        if err.code not in (None, 0):  # ours: the evaluation callbacks said what they kept
+            raise
+        # Lightning's loops stop a fit on SIGTERM with SystemExit(None): exit status 0, as if
+        # the training had finished
+        print(
+            "stopped by SIGTERM before the end; what was saved is kept (a training goes on "
+            "with `fit --ckpt_path last` and the same settings)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SIGTERMException(128 + signal.SIGTERM) from None
     except (SettingError, DataNotFoundError) as err:
         message = essential_message(err)
         if not exit_on_refusal:

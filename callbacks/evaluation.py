@@ -27,6 +27,7 @@ the selection is checked again at the start of each evaluation loop, when its da
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 from typing import Any
@@ -307,6 +308,7 @@ class EvaluationCallback(Callback):
         num_rounds = rounds(len(todo), per_round, trainer.world_size)
         device = pl_module.device
         parts: list[Tensor] = []
+        stopped = False
         bar = self.progress_bar(trainer, stage, len(todo))
         try:
             for indices, images, labels in batches(dataset, mine, per_round, num_rounds):
@@ -321,18 +323,22 @@ class EvaluationCallback(Callback):
                 parts.append(gathered)
                 if bar is not None:
                     bar.update(len(gathered))
-                self.stop_on_sigterm(trainer, stage, sum(map(len, parts)), len(todo))
+                stopped = self.stop_on_sigterm(trainer, stage, sum(map(len, parts)), len(todo))
+                if stopped:
+                    break
         finally:
             if bar is not None:
                 bar.close()
         rows = torch.cat(parts) if parts else torch.zeros(0, self.width, dtype=torch.float64)
         metrics = self.finish(trainer, pl_module, stage, rows)
+        if stopped:  # a part of the images: no number of this epoch stands for all of them
+            metrics = dict.fromkeys(metrics, math.nan)
         prefix = self.metric_prefix(stage)
         for name, value in metrics.items():
             pl_module.log(f"{prefix}/{name}", float(value), sync_dist=False, rank_zero_only=False)
         return metrics
 
-    def stop_on_sigterm(self, trainer: Trainer, stage: str, done: int, total: int) -> None:
+    def stop_on_sigterm(self, trainer: Trainer, stage: str, done: int, total: int) -> bool:
         """Stop after a round, its rows saved, once any process has received SIGTERM.
 
         Lightning's handler only notes the signal (``trainer.received_sigterm``), and its loops
@@ -341,18 +347,35 @@ class EvaluationCallback(Callback):
         together (:meth:`~lightning.pytorch.strategies.Strategy.reduce_boolean_decision`), so
         none waits for another in the next round.
 
+        During ``fit`` the evaluation of the validation set only stops (returns True; its
+        metrics are then NaN): raising there would lose the epoch just trained, whose
+        checkpoints Lightning saves after the validation; its fit loop then stops.
+
+        Returns:
+            Whether to stop (False: go on).
+
         Raises:
-            SIGTERMException: With exit status 143 (128 + SIGTERM).
+            SIGTERMException: Outside ``fit``, with exit status 143 (128 + SIGTERM).
         """
         if not trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False):
-            return
+            return False
+        fitting = stage == "val" and trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            kept = (
+                f"this epoch's {self.metric_prefix(stage)}/ metrics are NaN; the epoch's "
+                "checkpoints are saved, then training stops"
+            )
+        else:
+            kept = self.saved_rows_note(stage)
         if trainer.is_global_zero:
             print(
                 f"{type(self).__name__}: stopped by SIGTERM after {done} of {total} {stage} "
-                f"images; {self.saved_rows_note(stage)}",
+                f"images; {kept}",
                 file=sys.stderr,
                 flush=True,
             )
+        if fitting:
+            return True
         raise SIGTERMException(128 + signal.SIGTERM)
 
     def saved_rows_note(self, stage: str) -> str:

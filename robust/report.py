@@ -383,6 +383,29 @@ def _ordinal(k: int) -> str:
     return f"{k}{suffix}"
 
 
+def _check_certified_count(
+    name: str, tsv: Path, count: int, torn: bool, recorded: float | None
+) -> None:
+    """Refuse a TSV that no longer holds what its certification recorded (changed since).
+
+    Raises:
+        SettingError: When its last line is torn or its selected rows are not the
+            ``certify/num_images`` the evaluation logged, naming what to delete to redo it.
+    """
+    if torn:
+        problem = "its last line is torn"
+    elif recorded is not None and recorded != count:
+        problem = (
+            f"it holds {count} rows of its selection where the evaluation certified {recorded:g}"
+        )
+    else:
+        return
+    raise SettingError(
+        f"{name}: {tsv} changed after its certification finished ({problem}); delete it, its "
+        f".json and {name}'s metrics.json to certify again"
+    )
+
+
 def _certification_sentence(
     settings: Mapping[str, Mapping], certified: Mapping[str, tuple[Mapping[str, float], int]]
 ) -> str:
@@ -394,10 +417,19 @@ def _certification_sentence(
             n = check_int("n", stored.get("n"), minimum=1)
             alpha = check_real("alpha", stored.get("alpha"), low=0, high=1)
             skip = check_int("skip", stored.get("skip", 1), minimum=1)
+            first = check_int("first_image", stored.get("first_image", 0), minimum=0)
+            limit, end = stored.get("max_images"), stored.get("image_range")
+            limit = None if limit is None else check_int("max_images", limit, minimum=1)
+            end = None if end is None else check_int("image_range", end, minimum=1)
         except SettingError as err:
             described.setdefault(f"unknown settings ({err})", []).append(name)
             continue
-        subset = f"every {_ordinal(skip)} test image, " if skip > 1 else ""
+        # the whole selection (a part of a split run, a batch limit), as selected_rows reads it
+        subset = f"every {_ordinal(skip)} test image" if skip > 1 else "the test images"
+        subset += f" from index {first:,}" if first else ""
+        subset += f" of the first {end:,}" if end is not None else ""
+        subset += f" (at most {limit:,})" if limit is not None else ""
+        subset = "" if subset == "the test images" else f"{subset}, "
         cap = largest_certified_radius(sigma, n, alpha)
         limit = f"no radius above {cap:.3g}" if cap > 0 else "only radius 0"
         text = (
@@ -526,14 +558,16 @@ def write_report(
         tsv = certificates_path(result)
         rows = []
         if tsv.is_file():  # a file we read: each row checked against the sidecar's settings
-            rows, _, certify_settings[name] = read_certificates(tsv)
+            rows, torn, certify_settings[name] = read_certificates(tsv)
             try:  # a TSV resumed by runs with other selections: the latest run's images only
                 rows = selected_rows(rows, certify_settings[name])
             except SettingError as err:
                 raise SettingError(f"settings file {tsv}.json: {err}") from None
+            _check_certified_count(name, tsv, len(rows), torn, metrics.get("certify/num_images"))
         summary = summarize(rows, REPORT_RADII)
         certified[name] = (summary, len(rows))
-        curves[name] = ([r.radius for r in rows], [r.correct for r in rows])
+        if rows:  # a model not certified has no curve (not a flat line at 0)
+            curves[name] = ([r.radius for r in rows], [r.correct for r in rows])
         accuracies[name] = {"clean": metrics.get("test/acc", float("nan"))}
         accuracies[name] |= {
             k: metrics.get(f"test/perturbed_acc/{k}", float("nan")) for k in attack_keys

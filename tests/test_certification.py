@@ -662,6 +662,54 @@ def test_a_signal_during_certification_then_the_same_command_resumes(tmp_path, s
     assert certificates_only(stopped) == certificates_only(whole)
 
 
+VAL_SIGTERM_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from callbacks import Certification
+from tests.test_certification import TinyData, TinyModule
+
+class NoticeDuringValidation(Callback):  # a scheduler's notice while the epoch's validation ends
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+class Logged(Callback):
+    def on_validation_end(self, trainer, pl_module):
+        print("acr", float(trainer.callback_metrics["val_certify/acr"]), flush=True)
+
+out = Path(sys.argv[1])
+certification = Certification(sigma=0.5, n0=20, n=2000, alpha=0.01, batch_size=64,
+                              every_n_val_epochs=1, val_n=2000)
+# the notice comes first: the certification then stops after its first round
+callbacks = [NoticeDuringValidation(), certification, Logged(),
+             ModelCheckpoint(dirpath=out, save_last=True, monitor="val_certify/acr", mode="max")]
+trainer = Trainer(accelerator="cpu", callbacks=callbacks, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, max_epochs=3, num_sanity_val_steps=0)
+trainer.fit(TinyModule(), datamodule=TinyData(11))
+"""
+
+
+def test_sigterm_during_validation_certification_keeps_the_epoch_trained(tmp_path):
+    """It used to raise inside the validation: the epoch just trained was never checkpointed."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(VAL_SIGTERM_SCRIPT.format(root=str(ROOT))))
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "Certification: stopped by SIGTERM after 1 of 11 val images" in run.stderr, run.stderr
+    assert "val_certify/ metrics are NaN; the epoch's checkpoints are saved" in run.stderr
+    assert "acr nan" in run.stdout  # not the ACR of the one image certified
+    saved = sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt"))
+    assert saved == ["epoch=0-step=3.ckpt", "last.ckpt"], (saved, run.stderr[-2000:])
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["epoch"] == 0
+
+
 def test_a_tsv_that_is_not_text_is_refused_naming_it(tmp_path):
     output = tmp_path / "binary.tsv"
     certify(tmp_path / "a", sigma=SIGMA, output=str(output), stop_after=2)

@@ -226,3 +226,20 @@ def test_a_certification_part_is_one_command_line_setting(in_tmp):
     assert refused.returncode == 2
     assert "first_image must be an integer >= 0; got -1" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("code", [None, 143])
+def test_a_fit_stopped_by_sigterm_exits_143_not_0(code, monkeypatch, capsys):
+    """Lightning's loops stop on SIGTERM with SystemExit(None): status 0, as if finished."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def stopped(*args, **kwargs):
+        raise SIGTERMException(code)
+
+    monkeypatch.setattr(cli, "RobustCLI", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", "configs/mnist/standard.yaml"])
+    assert exit_info.value.code == 143
+    said = capsys.readouterr().err
+    # the evaluation callbacks' own 143 comes with their own note: nothing added
+    assert ("stopped by SIGTERM before the end" in said) == (code is None), said

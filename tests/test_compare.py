@@ -689,3 +689,68 @@ def test_an_interrupted_training_resumes_from_its_last_epoch(tmp_path, capsys, m
     printed = capsys.readouterr().out
     assert "standard: cannot resume (ckpt_path" in printed and "training afresh" in printed
     assert json.loads((folder / "fit.json").read_text())["resumed_from"] is None
+
+
+def certified_log_dir(tmp_path, count: int = 4, **sidecar_changes):
+    """A log folder with ``count`` certified rows and their sidecar."""
+    from robust.certificates import CertifiedImage, write_tsv
+
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    rows = [CertifiedImage(i, 1, 1, R04, 1, 0.0) for i in range(count)]
+    write_tsv(log_dir / "certify_test.tsv", rows)
+    sidecar = {"sigma": 0.25, "n0": 100, "n": 10000, "alpha": 0.001, **sidecar_changes}
+    (log_dir / "certify_test.tsv.json").write_text(json.dumps(sidecar))
+    return log_dir
+
+
+@pytest.mark.parametrize("damage", ["torn", "fewer", None])
+def test_report_refuses_a_tsv_changed_after_its_certification(tmp_path, damage):
+    """A torn last row was dropped, and a TSV of fewer rows than recorded read, without a note."""
+    from robust.report import write_report
+
+    log_dir = certified_log_dir(tmp_path)
+    tsv = log_dir / "certify_test.tsv"
+    if damage == "torn":
+        tsv.write_text(tsv.read_text().rstrip("\n"))
+    recorded = 3.0 if damage == "fewer" else 4.0
+    results = {"m": {"metrics": {"certify/num_images": recorded}, "log_dir": str(log_dir)}}
+    if damage is None:
+        write_report(tmp_path, results, {})
+        return
+    problem = "its last line is torn" if damage == "torn" else "holds 4 rows of its selection"
+    with pytest.raises(SettingError, match=f"m: {tsv} changed after its certification finished "):
+        write_report(tmp_path, results, {})
+    with pytest.raises(SettingError, match=problem):
+        write_report(tmp_path, results, {})
+
+
+def test_report_draws_no_curve_for_a_model_not_certified(tmp_path, monkeypatch):
+    from robust import report as report_module
+
+    drawn = {}
+    real = report_module.plot_certified_curves
+
+    def spy(curves, **kwargs):
+        drawn.update(curves)
+        return real(curves, **kwargs)
+
+    monkeypatch.setattr(report_module, "plot_certified_curves", spy)
+    log_dir = certified_log_dir(tmp_path)
+    results = {
+        "certified": {"metrics": {"certify/num_images": 4.0}, "log_dir": str(log_dir)},
+        "attacked only": {"metrics": {"test/acc": 0.9}, "log_dir": str(tmp_path / "none")},
+    }
+    report_module.write_report(tmp_path, results, {})
+    assert list(drawn) == ["certified"]
+
+
+def test_report_names_the_whole_selection_of_a_certification(tmp_path):
+    from robust.report import write_report
+
+    log_dir = certified_log_dir(
+        tmp_path, count=8, skip=2, first_image=2, max_images=3, image_range=8
+    )
+    report = write_report(tmp_path, {"m": {"metrics": {}, "log_dir": str(log_dir)}}, {})
+    line = next(x for x in report.read_text().splitlines() if x.startswith("Certification:"))
+    assert "on every 2nd test image from index 2 of the first 8 (at most 3), 3 images" in line
