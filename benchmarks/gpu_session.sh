@@ -23,8 +23,10 @@ log=$OUT/log.txt
 for f in .gpu_data/MNIST/raw/*.gz; do
   [ -f "$f" ] && gunzip -c "$f" > "data/MNIST/raw/$(basename "$f" .gz)"
 done
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee -a "$log"
-python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee -a "$log"
+fi
+python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" 2>&1 | tee -a "$log"
 quiet='LeafSpec|litlogger|UserWarning|warnings.warn|check_worker_number|GPU available|TPU available|LOCAL_RANK'
 END=$(( $(date +%s) + ${BUDGET_S:-100000} ))  # BUDGET_S: every stage's limit ends by then
 stage() {
