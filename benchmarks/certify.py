@@ -7,7 +7,8 @@ In one process, with one model (LeNet or SmallCNN on 28x28 MNIST-sized inputs) a
   cuDNN/matmuls, ``bf16`` = bfloat16 autocast) plus flags ``cl`` (channels_last), ``compile``
   (``torch.compile``, static shapes), ``graph`` (CUDA graph), ``cb`` (cuDNN autotuning:
   ``torch.backends.cudnn.benchmark``), ``pf`` (ReLU after max-pooling, the default with ``cl``),
-  ``pb`` (convolution biases added after their max-pools; with ``pf`` for LeNet),
+  ``pb`` (convolution biases added after their max-pools; with ``pf`` for LeNet), ``fc`` (small
+  convolutions with their pool and ReLU as one Triton kernel, CUDA float32),
   ``pp`` / ``mp`` (2x2 max-pools as two elementwise maxima, the CPU default / as written),
   ``nbN`` (noise_block N instead of ``--noise-block``) and ``ntN`` (N noise threads instead of
   Smooth's default), e.g. ``bf16+compile+graph+nb10000``;
@@ -67,6 +68,7 @@ from robust import smoothing  # noqa: E402
 from robust.bias_after_pool import bias_after_pool  # noqa: E402
 from robust.checks import SettingError, check_int, check_real  # noqa: E402
 from robust.cpu_memory import retain_freed_memory  # noqa: E402
+from robust.fused_conv_pool import fuse_conv_pool, fusion_available  # noqa: E402
 from robust.pairwise_pool import pairwise_max_pool  # noqa: E402
 from robust.pool_first import pool_before_relu  # noqa: E402
 from robust.smoothing import Smooth, check_num_samples  # noqa: E402
@@ -192,7 +194,7 @@ def parse_variant(name: str, option: str = "--variants") -> dict:
 
     Flags: nbN (noise_block N, else --noise-block), ntN (noise_threads N, else Smooth's default),
     pp / mp (2x2 max-pools as pairwise maxima / as written; else Smooth's default: pp on CPUs),
-    pb (biases after max-pooling).
+    pb (biases after max-pooling), fc (fused convolution-pool kernels).
 
     Raises:
         SystemExit: For an unknown variant, after one ``error:`` line naming ``option`` and the
@@ -209,7 +211,7 @@ def parse_variant(name: str, option: str = "--variants") -> dict:
         prefix: [int(f[2:]) for f in flags if f[:2] == prefix and f[2:].isdigit()]
         for prefix in ("nb", "nt")
     }
-    plain = {"cl", "compile", "graph", "cb", "pf", "pb", "pp", "mp"}
+    plain = {"cl", "compile", "graph", "cb", "pf", "pb", "fc", "pp", "mp"}
     unknown = {f for f in flags if f[:2] not in numbers} - plain
     if (
         precision not in ("fp32", "tf32", "bf16")
@@ -221,7 +223,7 @@ def parse_variant(name: str, option: str = "--variants") -> dict:
         refuse(
             SettingError(
                 f"{option} must be comma-separated variants PRECISION[+cl][+compile][+graph][+cb]"
-                "[+pf][+pb][+pp|+mp][+nbN][+ntN] with PRECISION fp32, tf32 or bf16 and N >= 1; "
+                "[+pf][+pb][+fc][+pp|+mp][+nbN][+ntN] with PRECISION fp32, tf32 or bf16 and N >= 1; "
                 f"got {name!r}"
             )
         )
@@ -236,6 +238,7 @@ def parse_variant(name: str, option: str = "--variants") -> dict:
         # ReLU after max-pooling: always with +pf, else as Smooth's default (with channels_last)
         "pool_first": "pf" in flags or "cl" in flags,
         "bias_after_pool": "pb" in flags,
+        "fused_conv_pool": "fc" in flags,
         "pairwise_pool": True if "pp" in flags else False if "mp" in flags else None,
         "noise_block": numbers["nb"][0] if numbers["nb"] else None,
         "noise_threads": numbers["nt"][0] if numbers["nt"] else None,
@@ -318,6 +321,8 @@ def evaluated_model(
         private = private.to(memory_format=torch.channels_last)
     if pool_first and options["pool_first"]:
         private = pool_before_relu(private)
+    if pool_first and options["fused_conv_pool"] and fusion_available(device):
+        private = fuse_conv_pool(private)
     if pool_first and options["bias_after_pool"]:
         private = bias_after_pool(private)
     pairwise = options["pairwise_pool"]
@@ -495,6 +500,7 @@ class Bench:
             cudnn_benchmark=options["cudnn_benchmark"],
             pool_first=options["pool_first"],
             bias_after_pool=options["bias_after_pool"],
+            fused_conv_pool=options["fused_conv_pool"],
             pairwise_pool=options["pairwise_pool"],
             noise_threads=options["noise_threads"],
             device=self.device,

@@ -358,6 +358,7 @@ def certify(args) -> None:
         channels_last=args.channels_last,
         pool_first=args.pool_first,
         bias_after_pool=args.bias_after_pool,
+        fused_conv_pool=args.fused_conv_pool,
     )
     run = trainer(args.out, f"certify_{name}", args.accelerator, callbacks=[callback])
     start = time.perf_counter()
@@ -458,6 +459,7 @@ LEVERS = {
     "cl": "--channels-last",
     "pf": "--pool-first",
     "pb": "--bias-after-pool",
+    "fc": "--fused-conv-pool",
     "cb": "--cudnn-benchmark",
     "compile": "--compile",
     "graph": "--cuda-graph",
@@ -597,6 +599,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--bias-after-pool", action="store_true", help="certify with biases added after pooling"
+    )
+    parser.add_argument(
+        "--fused-conv-pool", action="store_true", help="certify with fused conv-pool kernels"
     )
     parser.add_argument(
         "--training", default="gaussian", choices=list(NOISE_TRAININGS), help="noise stages"

@@ -103,6 +103,8 @@ class Certification(EvaluationCallback):
             ``None``: with channels-last forward passes.
         bias_after_pool: Add each convolution's bias after the max-pool that follows it (the
             same values; see ``Smooth``); a GPU lever, off by default until measured.
+        fused_conv_pool: Run small convolutions with their 2x2 max-pool and ReLU as one Triton
+            kernel on CUDA (the same classifier up to rounding; see ``Smooth``); off by default.
         stop_after: Stop after this many (>= 1) newly certified test images, as if interrupted.
         noise_block: Samples per independently seeded noise block (see ``Smooth``).
 
@@ -142,6 +144,7 @@ class Certification(EvaluationCallback):
         cudnn_benchmark: bool = False,
         pool_first: bool | None = None,
         bias_after_pool: bool = False,
+        fused_conv_pool: bool = False,
         stop_after: int | None = None,
         noise_block: int = DEFAULT_NOISE_BLOCK,
     ) -> None:
@@ -175,6 +178,7 @@ class Certification(EvaluationCallback):
             "cudnn_benchmark": (cudnn_benchmark, [True, False]),
             "pool_first": (pool_first, [None, True, False]),
             "bias_after_pool": (bias_after_pool, [True, False]),
+            "fused_conv_pool": (fused_conv_pool, [True, False]),
         }
         for name, (value, allowed) in choices.items():
             setattr(self, name, check_choice(name, value, allowed, owner=owner))
@@ -259,6 +263,7 @@ class Certification(EvaluationCallback):
             cudnn_benchmark=self.cudnn_benchmark and on_cuda,
             pool_first=self.pool_first,
             bias_after_pool=self.bias_after_pool,
+            fused_conv_pool=self.fused_conv_pool,
             device=device,
         )
 

@@ -33,6 +33,7 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
+import robust.fused_conv_pool as fusion
 from robust.bias_after_pool import bias_after_pool
 from robust.checks import SettingError, check_choice, check_int, check_real
 from robust.modes import eval_mode
@@ -356,6 +357,11 @@ class Smooth:
             convolution adds its bias separately, as cuDNN's does; rounding apart on CPUs);
             applies after ``pool_first`` has brought a ReLU behind its pool. Off by default:
             a GPU lever (the bias adds took 2.3 of LeNet's 15.0 ms on an H200), not yet timed.
+        fused_conv_pool: Evaluate each small convolution with its 2x2 max-pool and ReLU (LeNet's
+            first block) as one Triton kernel on CUDA float32 inputs outside autocast
+            (``robust.fused_conv_pool``: the same classifier up to the rounding of the
+            convolution's sums; checked against PyTorch's layers at its first call); elsewhere
+            the layers run as written. Off by default: a GPU lever not yet timed.
         pairwise_pool: Evaluate f with its plain 2x2 (and adaptive) max-pools as two
             elementwise maxima (``robust.pairwise_pool``: the same values, without the CPU
             pooling kernel's indices); ``None``: on CPUs, where LeNet's channels-last forward
@@ -396,6 +402,7 @@ class Smooth:
         cudnn_benchmark: bool = False,
         pool_first: bool | None = None,
         bias_after_pool: bool = False,
+        fused_conv_pool: bool = False,
         pairwise_pool: bool | None = None,
         noise_threads: int | None = None,
         device: torch.device | str | None = None,
@@ -424,6 +431,9 @@ class Smooth:
         self.pool_first = channels_last if pool_first is None else pool_first
         self.bias_after_pool = check_choice(
             "bias_after_pool", bias_after_pool, [False, True], owner=owner
+        )
+        self.fused_conv_pool = check_choice(
+            "fused_conv_pool", fused_conv_pool, [False, True], owner=owner
         )
         check_choice("pairwise_pool", pairwise_pool, [None, False, True], owner=owner)
         self.noise_threads = noise_threads
@@ -483,6 +493,7 @@ class Smooth:
             "cudnn_benchmark": self.cudnn_benchmark,
             "pool_first": self.pool_first,
             "bias_after_pool": self.bias_after_pool,
+            "fused_conv_pool": self.fused_conv_pool,
             "pairwise_pool": self.pairwise_pool,
             "noise_threads": self._threads(),
             "batch_size": self.batch_size,
@@ -946,8 +957,10 @@ class Smooth:
         return min(torch.get_num_threads(), 8)
 
     def _view(self, module: nn.Module) -> nn.Module:
-        """``module`` rewritten under ``pool_first``, ``bias_after_pool`` and ``pairwise_pool``."""
+        """``module`` rewritten under ``pool_first``, the fusion, the biases and pairwise pools."""
         module = pool_before_relu(module) if self.pool_first else module
+        fuse = self.fused_conv_pool and fusion.fusion_available(self.device)
+        module = fusion.fuse_conv_pool(module) if fuse else module
         module = bias_after_pool(module) if self.bias_after_pool else module
         return pairwise_max_pool(module) if self.pairwise_pool else module
 

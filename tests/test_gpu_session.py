@@ -45,6 +45,7 @@ def options(session, tmp_path, capsys, rates: dict[str, float], seconds: float) 
             "--pool-first --bias-after-pool --compile",
         ),
         ({"fp32+cl": 4.1e6, "fp32+pf+pb+graph": 4.0e6}, 500, "--channels-last"),
+        ({"fp32+fc+pf": 5e6, "tf32+pf+pb+fc": 6e6}, 500, "--pool-first --fused-conv-pool"),
         # another noise block or pooling kernel is no speed option of the certify stage
         ({"fp32": 3.2e6, "fp32+nb10000": 9e6, "fp32+pp": 9e6, "fp32+pf+pf": 9e6}, 500, "--tf32"),
         # nothing fits: TF32, the fastest mode that is still a float32 model

@@ -54,15 +54,15 @@ def test_tiny_cpu_run_without_art(bench, tmp_path, monkeypatch, capsys) -> None:
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--images", "1", "--n", "300", "--batch-size", "200"]
     argv += ["--noise-block", "128", "--repeats", "1", "--matmul-size", "128", "--peers"]
-    argv += ["--variants", "fp32,fp32+cl+graph+nb64,fp32+cb+pf+pb", "--json", str(out)]
+    argv += ["--variants", "fp32,fp32+cl+graph+nb64,fp32+cb+pf+pb+fc", "--json", str(out)]
     results = bench.main([*argv, "--profile"])
     printed = capsys.readouterr().out
     assert "errors" not in results
     # the written model's logits: exactly, unless a CPU convolution's fused bias rounds otherwise
     assert results["variants"]["fp32"]["same_logits"] is True
-    moved = results["variants"]["fp32+cb+pf+pb"]
+    moved = results["variants"]["fp32+cb+pf+pb+fc"]
     assert moved["max_logit_difference"] < 1e-4 and moved["same_predictions"] >= 0.99
-    for name in ("fp32", "fp32+cl+graph+nb64", "fp32+cb+pf+pb"):
+    for name in ("fp32", "fp32+cl+graph+nb64", "fp32+cb+pf+pb+fc"):
         row = results["variants"][name]
         assert row["certify"]["best"] > 0 and row["forward"]["best"] > 0
         assert row["forward_relu_first"]["best"] > 0  # the model as written: the lever's effect

@@ -1,0 +1,370 @@
+"""A small convolution, its bias, a 2x2 max-pool and a ReLU in one GPU kernel (Triton).
+
+LeNet's first block (conv 1->20 5x5, max-pool 2, ReLU) is where a float32 forward pass on a GPU
+spends most of its time for little arithmetic: on an H200 at batch 50,000 cuDNN's convolution
+took 3.3 ms for 12% of the FLOPs (a generic implicit-GEMM kernel for one input channel), and its
+output (2.3 GB) is written, read by the bias, written, read by the pool, written and read by the
+ReLU (``docs/gpu_h200_consistency/bench.json``). This kernel reads the images once and writes
+only the pooled, rectified values (a quarter of the convolution's output): each program takes a
+block of pooled positions, computes the four convolution outputs of each 2x2 window for every
+output channel as outer products of image values and weights (float32 multiply-adds, never
+TF32), keeps their maximum, adds the bias and rectifies.
+
+The values equal PyTorch's up to the rounding of the convolution's sums, whose order differs
+from cuDNN's (the same classifier up to float rounding, as ``channels_last`` or ``compile``);
+max-pooling and ReLU commute exactly, and NaN propagates as in PyTorch. The kernel runs only for
+CUDA float32 inputs outside autocast and without gradients; everything else, and any layer whose
+settings changed since the rewrite, runs the original modules. The first call of each fused layer
+on a GPU checks the kernel against the original modules on the first rows and refuses (an error,
+never a silent other classifier) if they disagree beyond float rounding.
+
+Under ``TRITON_INTERPRET``-style interpretation (:func:`interpreted_kernel`) the same kernel runs
+on CPU tensors, which is how the tests check it without a GPU.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+try:  # part of PyTorch's CUDA wheels; without it the layers run as written
+    import triton.language as tl
+
+    constexpr = tl.constexpr
+except ImportError:  # pragma: no cover
+    tl = constexpr = None
+
+from robust.pool_first import has_hooks, rewrite_sequentials
+
+__all__ = [
+    "FusedConvPool",
+    "conv_pool",
+    "fuse_conv_pool",
+    "fusion_available",
+    "interpreted_kernel",
+]
+
+MAX_TAPS = 75
+"""Largest C_in * K * K fused: the loop over taps is unrolled (3 RGB channels of 5x5 at most)."""
+
+MAX_CHANNELS = 64
+"""Largest C_out fused: every program holds all output channels of its positions."""
+
+BLOCK = 64
+"""Pooled positions per program of the interpreted kernel (the compiled one is autotuned)."""
+
+
+def _conv_pool_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    total,
+    c_in: constexpr,
+    height: constexpr,
+    width: constexpr,
+    k: constexpr,
+    c_out: constexpr,
+    c_pad: constexpr,
+    hp: constexpr,
+    wp: constexpr,
+    has_bias: constexpr,
+    relu: constexpr,
+    block: constexpr,
+):
+    """y[b, c, i, j] = relu(max over the 2x2 window at (2i, 2j) of conv(x)[b, c] + bias[c])."""
+    p = tl.program_id(0).to(tl.int64) * block + tl.arange(0, block)  # pooled positions (b, i, j)
+    valid = p < total
+    image = p // (hp * wp)
+    i = (p % (hp * wp)) // wp
+    j = p % wp
+    c = tl.arange(0, c_pad)  # output channels, padded to a power of two
+    c_valid = c < c_out
+    corner = image * (c_in * height * width) + (2 * i) * width + 2 * j  # the window's first input
+    best = tl.full((block, c_pad), float("-inf"), tl.float32)
+    for d in tl.static_range(4):  # the window's four convolution outputs
+        acc = tl.full((block, c_pad), 0.0, tl.float32)
+        for ci in tl.static_range(c_in):
+            for kh in tl.static_range(k):
+                for kw in tl.static_range(k):
+                    offset = ci * height * width + (d // 2 + kh) * width + (d % 2 + kw)
+                    xv = tl.load(x_ptr + corner + offset, mask=valid, other=0.0)
+                    tap = ci * k * k + kh * k + kw
+                    wv = tl.load(w_ptr + c * (c_in * k * k) + tap, mask=c_valid, other=0.0)
+                    acc += xv[:, None] * wv[None, :]
+        best = tl.maximum(best, acc, propagate_nan=tl.PropagateNan.ALL)
+    if has_bias:  # after the maximum: the same values (rounding a + b is monotone in a)
+        best = best + tl.load(b_ptr + c, mask=c_valid, other=0.0)[None, :]
+    if relu:
+        best = tl.maximum(best, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    out = image[:, None] * (c_out * hp * wp) + c[None, :] * (hp * wp) + (i * wp + j)[:, None]
+    tl.store(y_ptr + out, best, mask=valid[:, None] & c_valid[None, :])
+
+
+def fusion_available(device: torch.device) -> bool:
+    """Whether the kernel can run on ``device``: a CUDA device, with Triton installed.
+
+    Elsewhere a fused layer would only run its layers as written, and on CPUs lose the rewrites
+    that apply to the layers themselves (``robust.pairwise_pool``), so it is not made there.
+    """
+    return device.type == "cuda" and tl is not None
+
+
+_COMPILED = None
+
+
+def compiled_kernel():
+    """The kernel compiled for GPUs by ``triton.jit``, its block size and warps autotuned (once).
+
+    The autotuner times each configuration at the first call (a fraction of a second) and keeps
+    the fastest for the layer's shape.
+    """
+    global _COMPILED
+    if _COMPILED is None:
+        import triton
+
+        configs = [
+            triton.Config({"block": block}, num_warps=warps)
+            for block in (64, 128, 256)
+            for warps in (4, 8)
+        ]
+        key = ["c_in", "height", "width", "k", "c_out"]
+        _COMPILED = triton.autotune(configs=configs, key=key)(triton.jit(_conv_pool_kernel))
+    return _COMPILED
+
+
+def interpreted_kernel():
+    """The same kernel run by Triton's interpreter on CPU tensors (slow; for tests)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(_conv_pool_kernel)
+
+
+def conv_pool(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    relu: bool,
+    kernel=None,
+) -> torch.Tensor:
+    """``relu(max_pool2d(conv2d(x, weight, bias), 2))`` (ReLU optional) in one kernel launch.
+
+    Args:
+        x: (N, C_in, H, W) float32 images (any memory layout; read as contiguous).
+        weight: (C_out, C_in, K, K) float32, stride-1 convolution without padding.
+        bias: (C_out,) or None.
+        relu: Rectify the pooled values.
+        kernel: The Triton kernel to launch; default :func:`compiled_kernel` (CUDA).
+
+    Returns:
+        (N, C_out, (H - K + 1) // 2, (W - K + 1) // 2), contiguous float32.
+
+    Examples:
+        >>> x, w = torch.randn(2, 1, 8, 8), torch.randn(3, 1, 3, 3)
+        >>> y = conv_pool(x, w, None, True, kernel=interpreted_kernel())
+        >>> reference = torch.relu(torch.max_pool2d(torch.conv2d(x, w), 2))
+        >>> y.shape, torch.allclose(y, reference, atol=1e-5)
+        (torch.Size([2, 3, 3, 3]), True)
+    """
+    x = x.contiguous()
+    weight = weight.contiguous()
+    n, c_in, height, width = x.shape
+    c_out, _, k, _ = weight.shape
+    hp, wp = (height - k + 1) // 2, (width - k + 1) // 2
+    y = torch.empty((n, c_out, hp, wp), device=x.device, dtype=torch.float32)
+    total = n * hp * wp
+    if total == 0:
+        return y
+    tuned = kernel is None  # the autotuner chooses the block size
+    kernel = compiled_kernel() if tuned else kernel
+    block = {} if tuned else {"block": BLOCK}
+
+    def grid(meta: dict) -> tuple[int]:
+        return (math.ceil(total / meta["block"]),)
+
+    kernel[grid if tuned else grid(block)](
+        x,
+        weight,
+        bias if bias is not None else weight,  # not read without a bias
+        y,
+        total,
+        c_in=c_in,
+        height=height,
+        width=width,
+        k=k,
+        c_out=c_out,
+        c_pad=max(2, 1 << (c_out - 1).bit_length()),
+        hp=hp,
+        wp=wp,
+        has_bias=bias is not None,
+        relu=relu,
+        **block,
+    )
+    return y
+
+
+def _fusable_conv(module: nn.Module | None) -> bool:
+    """An exact ``nn.Conv2d`` the kernel computes: stride 1, no padding, square, small, no hooks."""
+    return (
+        type(module) is nn.Conv2d
+        and not has_hooks(module)
+        and module.stride == (1, 1)
+        and module.padding in ((0, 0), "valid")
+        and module.dilation == (1, 1)
+        and module.groups == 1
+        and module.kernel_size[0] == module.kernel_size[1]
+        and module.in_channels * module.kernel_size[0] ** 2 <= MAX_TAPS
+        and module.out_channels <= MAX_CHANNELS
+    )
+
+
+def _two_by_two(module: nn.Module | None) -> bool:
+    """An exact 2x2, stride-2 ``nn.MaxPool2d`` without padding, dilation, ceil mode, indices."""
+
+    def pair(value) -> tuple:
+        return tuple(value) if isinstance(value, tuple | list) else (value, value)
+
+    return (
+        type(module) is nn.MaxPool2d
+        and not has_hooks(module)
+        and pair(module.kernel_size) == (2, 2)
+        and pair(module.stride) == (2, 2)
+        and pair(module.padding) == (0, 0)
+        and pair(module.dilation) == (1, 1)
+        and not module.ceil_mode
+        and not module.return_indices
+    )
+
+
+def _relu(module: nn.Module | None) -> bool:
+    return type(module) is nn.ReLU and not has_hooks(module)
+
+
+class FusedConvPool(nn.Module):
+    """``conv``, ``pool`` and (optionally) a ReLU computed by :func:`conv_pool` where it can.
+
+    The source modules are referenced, not registered, and read at each call: a layer changed
+    in place so that the kernel no longer computes it runs the modules themselves.
+
+    Attributes:
+        kernel: The Triton kernel launched (``None``: :func:`compiled_kernel`, for CUDA).
+        checked: Whether the kernel was checked against the modules (at its first call).
+
+    Examples:
+        >>> conv, pool = nn.Conv2d(1, 4, 3), nn.MaxPool2d(2)
+        >>> x = torch.randn(2, 1, 8, 8)  # a CPU tensor: the modules themselves run
+        >>> torch.equal(FusedConvPool(conv, pool, relu=False)(x), pool(conv(x)))
+        True
+    """
+
+    def __init__(self, conv: nn.Conv2d, pool: nn.MaxPool2d, relu: bool) -> None:
+        super().__init__()
+        self._source = (conv, pool)  # a tuple: not submodules
+        self.relu = relu
+        self.kernel = None
+        self.checked = False
+
+    def _unfused(self, x: torch.Tensor) -> torch.Tensor:
+        conv, pool = self._source
+        y = pool(conv(x))
+        return torch.relu(y) if self.relu else y
+
+    def _kernel_applies(self, x: torch.Tensor) -> bool:
+        conv, pool = self._source
+        weight, bias = conv.weight, conv.bias
+        return (
+            tl is not None
+            and x.is_cuda
+            and x.dim() == 4
+            and x.dtype == weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32)
+            and not torch.is_autocast_enabled("cuda")
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and _fusable_conv(conv)
+            and _two_by_two(pool)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled (and rectified) convolution of ``x``."""
+        if not self._kernel_applies(x):
+            return self._unfused(x)
+        conv, _ = self._source
+        y = conv_pool(x, conv.weight, conv.bias, self.relu, kernel=self.kernel)
+        if not self.checked:
+            self.check(x, y)
+        return y
+
+    def check(self, x: torch.Tensor, y: torch.Tensor, rows: int = 256) -> None:
+        """Compare the kernel's values with the modules' on the first ``rows`` images.
+
+        Two float32 sums of the same T products, in any order, differ by at most
+        ``T * eps * sum(|products|)`` (each within ``T * eps / 2`` of the exact sum), so the
+        tolerance is that bound, from the convolution of ``|x|`` with ``|w|``, plus the bias's
+        rounding.
+
+        Raises:
+            RuntimeError: If they differ by more, or in where NaN is.
+        """
+        conv, _ = self._source
+        with torch.no_grad():
+            expected = self._unfused(x[:rows])
+            magnitude = conv._conv_forward(x[:rows].abs(), conv.weight.abs(), None)
+        got = y[:rows]
+        if not got.numel():
+            return
+        taps = conv.in_channels * conv.kernel_size[0] ** 2
+        eps = torch.finfo(torch.float32).eps
+        bias = conv.bias.abs().max().item() if conv.bias is not None else 0.0
+        tolerance = taps * eps * (magnitude.nan_to_num(posinf=0.0).max().item() + bias) + eps
+        same_nan = torch.equal(got.isnan(), expected.isnan())
+        error = (got - expected).nan_to_num().abs().max().item()
+        if not same_nan or error > tolerance:
+            raise RuntimeError(
+                f"the fused convolution-pool kernel disagrees with PyTorch's layers by {error:.3g} "
+                f"(float32 rounding allows {tolerance:.3g}): not used; certify without "
+                "fused_conv_pool"
+            )
+        self.checked = True
+
+
+def _fuse(modules: list[nn.Module | None]) -> list[nn.Module | None]:
+    """Each conv -> max-pool (-> ReLU) or conv -> ReLU -> max-pool run fused; Identity fills in."""
+    modules, i = list(modules), 0
+    while i + 1 < len(modules):
+        conv, second = modules[i], modules[i + 1]
+        third = modules[i + 2] if i + 2 < len(modules) else None
+        if _fusable_conv(conv) and _two_by_two(second):
+            relu = _relu(third)
+            span = 3 if relu else 2
+            pool = second
+        elif _fusable_conv(conv) and _relu(second) and _two_by_two(third):
+            relu, span, pool = True, 3, third  # relu(pool(v)) == pool(relu(v)) exactly
+        else:
+            i += 1
+            continue
+        modules[i] = FusedConvPool(conv, pool, relu).train(conv.training)
+        for k in range(i + 1, i + span):
+            modules[k] = nn.Identity()
+        i += span
+    return modules
+
+
+def fuse_conv_pool(model: nn.Module) -> nn.Module:
+    """``model`` with each small conv -> 2x2 max-pool (with its ReLU) of its sequentials fused.
+
+    Args:
+        model: Any module; only plain ``nn.Sequential`` containers (nested ones included) change.
+
+    Returns:
+        ``model`` itself when nothing is fused; else a new ``nn.Sequential`` that computes
+        ``model(x)``'s values up to the rounding of the convolutions' sums.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        >>> [type(m).__name__ for m in fuse_conv_pool(net)]
+        ['FusedConvPool', 'Identity', 'Identity', 'Flatten']
+        >>> x = torch.randn(2, 1, 28, 28)
+        >>> torch.equal(fuse_conv_pool(net)(x), net(x))  # on CPUs the modules themselves run
+        True
+    """
+    return rewrite_sequentials(model, _fuse)
