@@ -813,29 +813,40 @@ def main(argv: list[str] | None = None) -> dict:
     if args.malloc == "retain":
         retain_freed_memory()
     bench = Bench(args)
-    bench.guarded("environment", bench.environment, need_s=0)
-    bench.guarded("matmul", bench.matmul)
     names = args.variants.split(",")
     eager = [name for name in names if "compile" not in name.split("+")]
-    for name in eager:  # compiled variants last: their compilation takes the longest
-        bench.guarded(name, lambda name=name: bench.variant(name), need_s=15)
-    bench.guarded("noise", bench.noise)
-    if args.resnet:
-        bench.guarded("resnet18", bench.resnet, need_s=10)
-    for name in (name for name in names if name not in eager):
-        bench.guarded(name, lambda name=name: bench.variant(name), need_s=30)
-    if args.peers:
-        bench.guarded("peers", bench.peers, need_s=10)
-    if args.sweep:
-        bench.guarded("sweep", bench.sweep, need_s=10)
-    if args.profile:
-        bench.guarded("profile", bench.profile, need_s=5)
+    steps: list[tuple[str, Callable[[], object], float]] = [
+        ("environment", bench.environment, 0),
+        ("matmul", bench.matmul, 5),
+        # compiled variants last: their compilation takes the longest
+        *((name, lambda name=name: bench.variant(name), 15) for name in eager),
+        ("noise", bench.noise, 5),
+        *([("resnet18", bench.resnet, 10)] if args.resnet else []),
+        *((n, lambda n=n: bench.variant(n), 30) for n in names if n not in eager),
+        *([("peers", bench.peers, 10)] if args.peers else []),
+        *([("sweep", bench.sweep, 10)] if args.sweep else []),
+        *([("profile", bench.profile, 5)] if args.profile else []),
+    ]
+    try:
+        for name, step, need_s in steps:
+            bench.guarded(name, step, need_s=need_s)
+            save(bench)  # an interrupted run (a time limit's SIGINT) keeps what it measured
+    except KeyboardInterrupt:
+        bench.skipped.append("everything after an interrupt")
+        print("interrupted: the table and the JSON hold what was measured", file=sys.stderr)
     text = report(bench)
     print(text)
-    bench.results["skipped"] = bench.skipped
-    if args.json:
-        args.json.write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
+    save(bench)
     return bench.results
+
+
+def save(bench: Bench) -> None:
+    """Write every number measured so far to ``--json`` (if set), replacing the file whole."""
+    bench.results["skipped"] = bench.skipped
+    if bench.args.json:
+        partial = bench.args.json.with_name(bench.args.json.name + ".partial")
+        partial.write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
+        partial.replace(bench.args.json)
 
 
 if __name__ == "__main__":

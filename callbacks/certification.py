@@ -240,6 +240,7 @@ class Certification(EvaluationCallback):
                 for k in ("n0", "n", "alpha", "skip", "first_image", "max_images")
             },
             "image_range": self.evaluated_range(trainer, "test", len(dataset)),  # type: ignore[arg-type]
+            "dataset_size": len(dataset),  # type: ignore[arg-type]
             "model_sha256": model_fingerprint(base_classifier(pl_module)),
             "dataset_sha256": dataset_sha256,
             "data": identity() if callable(identity) else None,

@@ -349,7 +349,8 @@ class EvaluationCallback(Callback):
 
         During ``fit`` the evaluation of the validation set only stops (returns True; its
         metrics are then NaN): raising there would lose the epoch just trained, whose
-        checkpoints Lightning saves after the validation; its fit loop then stops.
+        checkpoints Lightning saves after the validation; its fit loop then stops, on every
+        process (the signal is noted on those that did not receive it).
 
         Returns:
             Whether to stop (False: go on).
@@ -375,7 +376,12 @@ class EvaluationCallback(Callback):
                 flush=True,
             )
         if fitting:
-            return True
+            connector = getattr(trainer, "_signal_connector", None)
+            if hasattr(connector, "received_sigterm"):
+                # Lightning's fit loop stops only the processes that received the signal
+                # themselves: mark it on every process, so that all of them stop together
+                connector.received_sigterm = True
+                return True
         raise SIGTERMException(128 + signal.SIGTERM)
 
     def saved_rows_note(self, stage: str) -> str:

@@ -297,25 +297,29 @@ class FusedConvPool(nn.Module):
     def check(self, x: torch.Tensor, y: torch.Tensor, rows: int = 256) -> None:
         """Compare the kernel's values with the modules' on the first ``rows`` images.
 
-        Two float32 sums of the same T products, in any order, differ by at most
-        ``T * eps * sum(|products|)`` (each within ``T * eps / 2`` of the exact sum), so the
-        tolerance is that bound, from the convolution of ``|x|`` with ``|w|``, plus the bias's
-        rounding.
+        The reference is the same layers in float64 (whatever TF32 or cuDNN settings are in
+        force). A float32 sum of T products, in any order, lies within ``T * eps / 2 *
+        sum(|products|)`` of the exact sum, so the tolerance is twice that bound, from the
+        convolution of ``|x|`` with ``|w|``, plus the bias's rounding.
 
         Raises:
             RuntimeError: If they differ by more, or in where NaN is.
         """
         conv, _ = self._source
-        with torch.no_grad():
-            expected = self._unfused(x[:rows])
-            magnitude = conv._conv_forward(x[:rows].abs(), conv.weight.abs(), None)
-        got = y[:rows]
+        with torch.no_grad():  # in float64: exact enough, and free of TF32 and cuDNN's choices
+            x64, weight = x[:rows].double(), conv.weight.double()
+            bias = conv.bias.double() if conv.bias is not None else None
+            expected = torch.max_pool2d(conv._conv_forward(x64, weight, bias), 2)
+            expected = torch.relu(expected) if self.relu else expected
+            magnitude = conv._conv_forward(x64.abs(), weight.abs(), None)
+        got = y[:rows].double()
         if not got.numel():
             return
         taps = conv.in_channels * conv.kernel_size[0] ** 2
         eps = torch.finfo(torch.float32).eps
-        bias = conv.bias.abs().max().item() if conv.bias is not None else 0.0
-        tolerance = taps * eps * (magnitude.nan_to_num(posinf=0.0).max().item() + bias) + eps
+        largest_bias = conv.bias.abs().max().item() if conv.bias is not None else 0.0
+        largest_sum = magnitude.nan_to_num(posinf=0.0).max().item()
+        tolerance = taps * eps * (largest_sum + largest_bias) + eps
         same_nan = torch.equal(got.isnan(), expected.isnan())
         error = (got - expected).nan_to_num().abs().max().item()
         if not same_nan or error > tolerance:

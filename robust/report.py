@@ -421,13 +421,16 @@ def _certification_sentence(
             limit, end = stored.get("max_images"), stored.get("image_range")
             limit = None if limit is None else check_int("max_images", limit, minimum=1)
             end = None if end is None else check_int("image_range", end, minimum=1)
+            size = stored.get("dataset_size")
+            size = None if size is None else check_int("dataset_size", size, minimum=1)
         except SettingError as err:
             described.setdefault(f"unknown settings ({err})", []).append(name)
             continue
         # the whole selection (a part of a split run, a batch limit), as selected_rows reads it
         subset = f"every {_ordinal(skip)} test image" if skip > 1 else "the test images"
         subset += f" from index {first:,}" if first else ""
-        subset += f" of the first {end:,}" if end is not None else ""
+        # a batch limit's range, when the sidecar says it is short of the whole test set
+        subset += f" of the first {end:,}" if end is not None and size and end < size else ""
         subset += f" (at most {limit:,})" if limit is not None else ""
         subset = "" if subset == "the test images" else f"{subset}, "
         cap = largest_certified_radius(sigma, n, alpha)

@@ -710,6 +710,42 @@ def test_sigterm_during_validation_certification_keeps_the_epoch_trained(tmp_pat
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["epoch"] == 0
 
 
+def test_a_signal_on_another_process_stops_this_one_after_the_epoch_too(tmp_path):
+    """Under DDP only the signalled processes stopped; the others trained on and hung."""
+    from lightning.pytorch import Callback
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class SignalElsewhere(Callback):  # another process has received SIGTERM; this one has not
+        def on_validation_epoch_start(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                real = trainer.strategy.reduce_boolean_decision
+
+                def any_process(decision, all=True):  # the evaluation's question: any process?
+                    asking = sys._getframe(1).f_code.co_name == "stop_on_sigterm"
+                    return True if asking else real(decision, all=all)
+
+                trainer.strategy.reduce_boolean_decision = any_process
+
+    certification = Certification(
+        sigma=0.5, n0=20, n=200, alpha=0.01, batch_size=64, every_n_val_epochs=1, val_n=200
+    )
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = Trainer(
+        accelerator="cpu",
+        callbacks=[SignalElsewhere(), certification, checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=3,
+        num_sanity_val_steps=0,
+    )
+    with pytest.raises(SIGTERMException):
+        trainer.fit(TinyModule(), datamodule=TinyData(11))
+    assert trainer.received_sigterm and trainer.current_epoch == 1  # one epoch of 3 trained
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=0-step=3.ckpt", "last.ckpt"]
+
+
 def test_a_tsv_that_is_not_text_is_refused_naming_it(tmp_path):
     output = tmp_path / "binary.tsv"
     certify(tmp_path / "a", sigma=SIGMA, output=str(output), stop_after=2)

@@ -749,8 +749,16 @@ def test_report_names_the_whole_selection_of_a_certification(tmp_path):
     from robust.report import write_report
 
     log_dir = certified_log_dir(
-        tmp_path, count=8, skip=2, first_image=2, max_images=3, image_range=8
+        tmp_path, count=8, skip=2, first_image=2, max_images=3, image_range=8, dataset_size=20
     )
     report = write_report(tmp_path, {"m": {"metrics": {}, "log_dir": str(log_dir)}}, {})
     line = next(x for x in report.read_text().splitlines() if x.startswith("Certification:"))
     assert "on every 2nd test image from index 2 of the first 8 (at most 3), 3 images" in line
+    # the whole test set (or a sidecar that does not say its size) is not named as a range
+    for size in (8, None):
+        sidecar = log_dir / "certify_test.tsv.json"
+        settings = {**json.loads(sidecar.read_text()), "dataset_size": size, "max_images": None}
+        sidecar.write_text(json.dumps(settings))
+        report = write_report(tmp_path, {"m": {"metrics": {}, "log_dir": str(log_dir)}}, {})
+        text = report.read_text()
+        assert "on every 2nd test image from index 2, 3 images" in text and "first 8" not in text

@@ -19,10 +19,14 @@ def session(load_script):
     return load_script("benchmarks/gpu_session.py")
 
 
-def options(session, tmp_path, capsys, rates: dict[str, float], seconds: float) -> str:
+def options(
+    session, tmp_path, capsys, rates: dict[str, float], seconds: float, float32_only=False
+) -> str:
     variants = {name: {"certify": {"median": rate}} for name, rate in rates.items()}
     (tmp_path / "bench.json").write_text(json.dumps({"variants": variants}))
-    args = argparse.Namespace(out=tmp_path, certify_images=20_000, seconds=seconds)
+    args = argparse.Namespace(
+        out=tmp_path, certify_images=20_000, seconds=seconds, float32_only=float32_only
+    )
     session.certify_options(args)
     return capsys.readouterr().out.strip()
 
@@ -45,7 +49,7 @@ def options(session, tmp_path, capsys, rates: dict[str, float], seconds: float) 
             "--pool-first --bias-after-pool --compile",
         ),
         ({"fp32+cl": 4.1e6, "fp32+pf+pb+graph": 4.0e6}, 500, "--channels-last"),
-        ({"fp32+fc+pf": 5e6, "tf32+pf+pb+fc": 6e6}, 500, "--pool-first --fused-conv-pool"),
+        ({"fp32+fc+pf": 5e6, "tf32+pf+pb": 6e6}, 500, "--pool-first --fused-conv-pool"),
         # another noise block or pooling kernel is no speed option of the certify stage
         ({"fp32": 3.2e6, "fp32+nb10000": 9e6, "fp32+pp": 9e6, "fp32+pf+pf": 9e6}, 500, "--tf32"),
         # nothing fits: TF32, the fastest mode that is still a float32 model
@@ -57,6 +61,15 @@ def test_certify_options_pick_float32_when_it_fits(
     session, tmp_path, capsys, rates, seconds, expected
 ) -> None:
     assert options(session, tmp_path, capsys, rates, seconds) == expected
+
+
+def test_float32_only_picks_the_fastest_float32_mode_however_slow(session, tmp_path, capsys):
+    rates = {"fp32": 3.2e6, "fp32+pf+pb+fc": 3.5e6, "tf32": 9e6}
+    assert options(session, tmp_path, capsys, rates, 100, float32_only=True) == (
+        "--pool-first --bias-after-pool --fused-conv-pool"
+    )
+    assert options(session, tmp_path, capsys, rates, 100) == "--tf32"  # the control: too slow
+    assert options(session, tmp_path, capsys, {"tf32": 9e6}, 100, float32_only=True) == ""
 
 
 def test_record_keeps_every_attempt(session, tmp_path, capsys) -> None:

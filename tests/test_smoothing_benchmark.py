@@ -97,6 +97,23 @@ def test_same_logits_fails_for_a_rewrite_that_changes_the_model(bench, monkeypat
     assert check["same_logits"] is False and check["max_logit_difference"] > 5e-4
 
 
+def test_an_interrupted_run_keeps_what_it_measured(bench, tmp_path, monkeypatch, capsys) -> None:
+    """A time limit's SIGINT used to lose every number: the JSON was written only at the end."""
+
+    def interrupted(self) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.Bench, "noise", interrupted)  # after the eager variants
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--images", "1", "--n", "200", "--batch-size", "100"]
+    argv += ["--repeats", "1", "--matmul-size", "64", "--no-peers", "--variants", "fp32"]
+    results = bench.main([*argv, "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["variants"]["fp32"]["certify"]["median"] > 0
+    assert "everything after an interrupt" in saved["skipped"] == results["skipped"]
+    assert "interrupted" in capsys.readouterr().err
+
+
 def test_budget_skips_instead_of_overrunning(bench, capsys) -> None:
     argv = ["--device", "cpu", "--images", "1", "--n", "100", "--budget-s", "0", "--no-peers"]
     results = bench.main(argv)
