@@ -72,7 +72,12 @@ def _conv_pool_kernel(
     relu: constexpr,
     block: constexpr,
 ):
-    """y[b, c, i, j] = relu(max over the 2x2 window at (2i, 2j) of conv(x)[b, c] + bias[c])."""
+    """y[b, c, i, j] = relu(max over the 2x2 window at (2i, 2j) of conv(x)[b, c] + bias[c]).
+
+    Tiles are (channels, positions), positions the fast dimension: each thread holds a few
+    channels of a few positions, so its image loads and its stores are few and coalesced (the
+    transposed tile had each thread load 32 positions per tap and spill its registers).
+    """
     p = tl.program_id(0).to(tl.int64) * block + tl.arange(0, block)  # pooled positions (b, i, j)
     valid = p < total
     image = p // (hp * wp)
@@ -81,24 +86,23 @@ def _conv_pool_kernel(
     c = tl.arange(0, c_pad)  # output channels, padded to a power of two
     c_valid = c < c_out
     corner = image * (c_in * height * width) + (2 * i) * width + 2 * j  # the window's first input
-    best = tl.full((block, c_pad), float("-inf"), tl.float32)
+    best = tl.full((c_pad, block), float("-inf"), tl.float32)
     for d in tl.static_range(4):  # the window's four convolution outputs
-        acc = tl.full((block, c_pad), 0.0, tl.float32)
-        for ci in tl.static_range(c_in):
-            for kh in tl.static_range(k):
-                for kw in tl.static_range(k):
-                    offset = ci * height * width + (d // 2 + kh) * width + (d % 2 + kw)
-                    xv = tl.load(x_ptr + corner + offset, mask=valid, other=0.0)
-                    tap = ci * k * k + kh * k + kw
-                    wv = tl.load(w_ptr + c * (c_in * k * k) + tap, mask=c_valid, other=0.0)
-                    acc += xv[:, None] * wv[None, :]
+        acc = tl.full((c_pad, block), 0.0, tl.float32)
+        # a loop, not unrolled: unrolled, the compiler kept every tap's loads live and spilled
+        for tap in range(c_in * k * k):
+            ci, kh, kw = tap // (k * k), (tap % (k * k)) // k, tap % k
+            offset = ci * height * width + (d // 2 + kh) * width + (d % 2 + kw)
+            xv = tl.load(x_ptr + corner + offset, mask=valid, other=0.0)
+            wv = tl.load(w_ptr + c * (c_in * k * k) + tap, mask=c_valid, other=0.0)
+            acc += wv[:, None] * xv[None, :]
         best = tl.maximum(best, acc, propagate_nan=tl.PropagateNan.ALL)
     if has_bias:  # after the maximum: the same values (rounding a + b is monotone in a)
-        best = best + tl.load(b_ptr + c, mask=c_valid, other=0.0)[None, :]
+        best = best + tl.load(b_ptr + c, mask=c_valid, other=0.0)[:, None]
     if relu:
         best = tl.maximum(best, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    out = image[:, None] * (c_out * hp * wp) + c[None, :] * (hp * wp) + (i * wp + j)[:, None]
-    tl.store(y_ptr + out, best, mask=valid[:, None] & c_valid[None, :])
+    out = image[None, :] * (c_out * hp * wp) + c[:, None] * (hp * wp) + (i * wp + j)[None, :]
+    tl.store(y_ptr + out, best, mask=c_valid[:, None] & valid[None, :])
 
 
 def fusion_available(device: torch.device) -> bool:
