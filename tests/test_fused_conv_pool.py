@@ -200,3 +200,22 @@ def test_the_kernel_compiles_for_a_hopper_gpu_with_float32_multiply_adds(tmp_pat
             check=True,
         ).stdout
         assert " STACK:0 " in usage, usage
+
+
+def test_the_check_compares_with_float64_whatever_the_tf32_setting(monkeypatch):
+    """A TF32 reference (cuDNN's with TF32 on) differs by 1e-3: a correct kernel was refused."""
+    forced_kernel(monkeypatch)
+    net = nn.Sequential(nn.Conv2d(1, 4, 5), nn.MaxPool2d(2), nn.ReLU())
+    layer = fuse_conv_pool(net)[0]
+
+    def tf32_like(x):  # what the layers give when their operands are rounded to TF32
+        weight = net[0].weight.detach()
+        rounded = (weight.view(torch.int32) & ~0x1FFF).view(torch.float32)
+        return F.relu(F.max_pool2d(F.conv2d(x, rounded, net[0].bias), 2))
+
+    monkeypatch.setattr(layer, "_unfused", tf32_like)
+    x = torch.randn(6, 1, 12, 12) * 4
+    with torch.no_grad():
+        assert (tf32_like(x) - net(x)).abs().max() > 1e-4  # the reference it must not use
+        layer(x)
+    assert layer.checked
