@@ -38,10 +38,16 @@ __all__ = ["ConvWithoutBias", "PoolBias", "bias_after_pool"]
 _POOLS = (nn.MaxPool2d, nn.AdaptiveMaxPool2d)
 
 
-class ConvWithoutBias(nn.Module):
-    """``source``'s convolution without its bias (``source`` as set at each call).
+class _ReadsConv(nn.Module):
+    """Holds a convolution it reads at each call, referenced, not registered as a submodule."""
 
-    The source is referenced, not registered as a submodule.
+    def __init__(self, source: nn.Conv2d) -> None:
+        super().__init__()
+        self._source = (source,)  # a tuple: not a submodule
+
+
+class ConvWithoutBias(_ReadsConv):
+    """``source``'s convolution without its bias (``source`` as set at each call).
 
     Examples:
         >>> conv = nn.Conv2d(1, 2, 3)
@@ -50,17 +56,13 @@ class ConvWithoutBias(nn.Module):
         True
     """
 
-    def __init__(self, source: nn.Conv2d) -> None:
-        super().__init__()
-        self._source = (source,)  # a tuple: not a submodule
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``conv(x) - bias``, computed as the convolution alone."""
         (source,) = self._source
         return source._conv_forward(x, source.weight, None)
 
 
-class PoolBias(nn.Module):
+class PoolBias(_ReadsConv):
     """Adds ``source``'s per-channel bias (as set at each call; nothing if it has none).
 
     The bias is cast to the values' dtype first, as autocast casts it for the convolution, so a
@@ -74,10 +76,6 @@ class PoolBias(nn.Module):
         >>> torch.equal(PoolBias(conv)(x), x + conv.bias.view(-1, 1, 1))
         True
     """
-
-    def __init__(self, source: nn.Conv2d) -> None:
-        super().__init__()
-        self._source = (source,)  # a tuple: not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` plus the bias of channel c on channel c."""

@@ -34,7 +34,8 @@ try:  # part of PyTorch's CUDA wheels; without it the layers run as written
 except ImportError:  # pragma: no cover
     tl = constexpr = None
 
-from robust.pool_first import has_hooks, rewrite_sequentials
+from robust.pairwise_pool import is_plain_2x2_max_pool
+from robust.pool_first import _is_relu, has_hooks, rewrite_sequentials
 
 __all__ = [
     "FusedConvPool",
@@ -222,28 +223,6 @@ def _fusable_conv(module: nn.Module | None) -> bool:
     )
 
 
-def _two_by_two(module: nn.Module | None) -> bool:
-    """An exact 2x2, stride-2 ``nn.MaxPool2d`` without padding, dilation, ceil mode, indices."""
-
-    def pair(value) -> tuple:
-        return tuple(value) if isinstance(value, tuple | list) else (value, value)
-
-    return (
-        type(module) is nn.MaxPool2d
-        and not has_hooks(module)
-        and pair(module.kernel_size) == (2, 2)
-        and pair(module.stride) == (2, 2)
-        and pair(module.padding) == (0, 0)
-        and pair(module.dilation) == (1, 1)
-        and not module.ceil_mode
-        and not module.return_indices
-    )
-
-
-def _relu(module: nn.Module | None) -> bool:
-    return type(module) is nn.ReLU and not has_hooks(module)
-
-
 class FusedConvPool(nn.Module):
     """``conv``, ``pool`` and (optionally) a ReLU computed by :func:`conv_pool` where it can.
 
@@ -285,7 +264,7 @@ class FusedConvPool(nn.Module):
             and not torch.is_autocast_enabled("cuda")
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and _fusable_conv(conv)
-            and _two_by_two(pool)
+            and is_plain_2x2_max_pool(pool)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -341,11 +320,11 @@ def _fuse(modules: list[nn.Module | None]) -> list[nn.Module | None]:
     while i + 1 < len(modules):
         conv, second = modules[i], modules[i + 1]
         third = modules[i + 2] if i + 2 < len(modules) else None
-        if _fusable_conv(conv) and _two_by_two(second):
-            relu = _relu(third)
+        if _fusable_conv(conv) and is_plain_2x2_max_pool(second):
+            relu = _is_relu(third)
             span = 3 if relu else 2
             pool = second
-        elif _fusable_conv(conv) and _relu(second) and _two_by_two(third):
+        elif _fusable_conv(conv) and _is_relu(second) and is_plain_2x2_max_pool(third):
             relu, span, pool = True, 3, third  # relu(pool(v)) == pool(relu(v)) exactly
         else:
             i += 1

@@ -28,7 +28,7 @@ from torch import nn
 
 from robust.pool_first import has_hooks, rewrite_sequentials
 
-__all__ = ["PairwiseMaxPool2d", "pairwise_max_pool"]
+__all__ = ["PairwiseMaxPool2d", "is_plain_2x2_max_pool", "pairwise_max_pool"]
 
 
 class PairwiseMaxPool2d(nn.Module):
@@ -77,20 +77,30 @@ def _pair(value: int | tuple | None) -> tuple:
     return tuple(value) if isinstance(value, tuple | list) else (value, value)
 
 
-def _replaceable(module: nn.Module | None) -> bool:
-    """A plain 2x2 ``nn.MaxPool2d`` or an ``nn.AdaptiveMaxPool2d``: exact types, no indices or hooks."""
-    if has_hooks(module) or getattr(module, "return_indices", True):
-        return False
-    if type(module) is nn.AdaptiveMaxPool2d:
-        return True
+def is_plain_2x2_max_pool(module: nn.Module | None) -> bool:
+    """Exactly ``nn.MaxPool2d``: 2x2, stride 2, no padding, dilation, ceil mode, indices or hooks.
+
+    Examples:
+        >>> is_plain_2x2_max_pool(nn.MaxPool2d(2)), is_plain_2x2_max_pool(nn.MaxPool2d(3))
+        (True, False)
+    """
     return (
         type(module) is nn.MaxPool2d
+        and not has_hooks(module)
+        and not module.return_indices
         and _pair(module.kernel_size) == (2, 2)
         and _pair(module.stride) == (2, 2)
         and _pair(module.padding) == (0, 0)
         and _pair(module.dilation) == (1, 1)
         and not module.ceil_mode
     )
+
+
+def _replaceable(module: nn.Module | None) -> bool:
+    """A plain 2x2 ``nn.MaxPool2d`` or an ``nn.AdaptiveMaxPool2d``: exact types, no indices or hooks."""
+    if type(module) is nn.AdaptiveMaxPool2d:
+        return not has_hooks(module) and not module.return_indices
+    return is_plain_2x2_max_pool(module)
 
 
 def _replacement(module: nn.Module | None) -> nn.Module | None:
