@@ -53,6 +53,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,11 @@ from robust import smoothing  # noqa: E402
 from robust.bias_after_pool import bias_after_pool  # noqa: E402
 from robust.checks import SettingError, check_int, check_real  # noqa: E402
 from robust.cpu_memory import retain_freed_memory  # noqa: E402
-from robust.fused_conv_pool import fuse_conv_pool, fusion_available  # noqa: E402
+from robust.fused_conv_pool import (  # noqa: E402
+    autotuning_record,
+    fuse_conv_pool,
+    fusion_available,
+)
 from robust.pairwise_pool import pairwise_max_pool  # noqa: E402
 from robust.pool_first import pool_before_relu  # noqa: E402
 from robust.smoothing import Smooth, check_num_samples  # noqa: E402
@@ -477,6 +482,7 @@ class Bench:
         if self.device.type == "cuda":
             info["gpu"] = torch.cuda.get_device_name(self.device)
             info["cudnn_allow_tf32_default"] = torch.backends.cudnn.allow_tf32
+            info["triton"] = importlib.util.find_spec("triton") and version("triton")
         self.results["environment"] = info
         self.results["flops_per_sample"] = flops_per_sample(self.model, self.shape, self.device)
 
@@ -536,6 +542,8 @@ class Bench:
             **{key: summary(values) for key, values in rates.items()},
             **same_logits(self.model, options, min(args.batch_size, 4096), shape, device),
         }
+        if options["fused_conv_pool"] and (tuning := autotuning_record()):
+            self.results["variants"][name]["fused_kernel_autotuning"] = tuning
 
     def noise(self) -> None:
         """Samples/s of drawing the seeded noise blocks alone (what certify adds to the forward)."""

@@ -39,6 +39,7 @@ from robust.pool_first import _is_relu, has_hooks, rewrite_sequentials
 
 __all__ = [
     "FusedConvPool",
+    "autotuning_record",
     "conv_pool",
     "fuse_conv_pool",
     "fusion_available",
@@ -75,9 +76,12 @@ def _conv_pool_kernel(
 ):
     """y[b, c, i, j] = relu(max over the 2x2 window at (2i, 2j) of conv(x)[b, c] + bias[c]).
 
-    Tiles are (channels, positions), positions the fast dimension: each thread holds a few
-    channels of a few positions, so its image loads and its stores are few and coalesced (the
-    transposed tile had each thread load 32 positions per tap and spill its registers).
+    ``w_ptr`` holds the weights as (taps, c_pad), zero beyond ``c_out``: a tap's weights for
+    all channels are one contiguous, unmasked (vectorizable) load. Tiles are (channels,
+    positions), positions the fast dimension, and the loop over taps is outermost: each tap's
+    weights serve the four outputs of every window (four accumulators): a thread issues 2.7 to
+    16 multiply-adds per load, by configuration (PTX for sm_90; with the window's outputs in the
+    outer loop it was about one, and an unrolled loop over taps spilled registers).
     """
     p = tl.program_id(0).to(tl.int64) * block + tl.arange(0, block)  # pooled positions (b, i, j)
     valid = p < total
@@ -85,19 +89,24 @@ def _conv_pool_kernel(
     i = (p % (hp * wp)) // wp
     j = p % wp
     c = tl.arange(0, c_pad)  # output channels, padded to a power of two
+    corner = x_ptr + image * (c_in * height * width) + (2 * i) * width + 2 * j
+    top_left = tl.full((c_pad, block), 0.0, tl.float32)  # the window's four convolution outputs
+    top_right = tl.full((c_pad, block), 0.0, tl.float32)
+    bottom_left = tl.full((c_pad, block), 0.0, tl.float32)
+    bottom_right = tl.full((c_pad, block), 0.0, tl.float32)
+    for tap in range(c_in * k * k):
+        ci, kh, kw = tap // (k * k), (tap % (k * k)) // k, tap % k
+        wv = tl.load(w_ptr + tap * c_pad + c)[:, None]
+        x = corner + (ci * height * width + kh * width + kw)
+        top_left += wv * tl.load(x, mask=valid, other=0.0)[None, :]
+        top_right += wv * tl.load(x + 1, mask=valid, other=0.0)[None, :]
+        bottom_left += wv * tl.load(x + width, mask=valid, other=0.0)[None, :]
+        bottom_right += wv * tl.load(x + width + 1, mask=valid, other=0.0)[None, :]
+    # NaN wins, as in PyTorch's max-pool and ReLU
+    top = tl.maximum(top_left, top_right, propagate_nan=tl.PropagateNan.ALL)
+    bottom = tl.maximum(bottom_left, bottom_right, propagate_nan=tl.PropagateNan.ALL)
+    best = tl.maximum(top, bottom, propagate_nan=tl.PropagateNan.ALL)
     c_valid = c < c_out
-    corner = image * (c_in * height * width) + (2 * i) * width + 2 * j  # the window's first input
-    best = tl.full((c_pad, block), float("-inf"), tl.float32)
-    for d in tl.static_range(4):  # the window's four convolution outputs
-        acc = tl.full((c_pad, block), 0.0, tl.float32)
-        # a loop, not unrolled: unrolled, the compiler kept every tap's loads live and spilled
-        for tap in range(c_in * k * k):
-            ci, kh, kw = tap // (k * k), (tap % (k * k)) // k, tap % k
-            offset = ci * height * width + (d // 2 + kh) * width + (d % 2 + kw)
-            xv = tl.load(x_ptr + corner + offset, mask=valid, other=0.0)
-            wv = tl.load(w_ptr + c * (c_in * k * k) + tap, mask=c_valid, other=0.0)
-            acc += wv[:, None] * xv[None, :]
-        best = tl.maximum(best, acc, propagate_nan=tl.PropagateNan.ALL)
     if has_bias:  # after the maximum: the same values (rounding a + b is monotone in a)
         best = best + tl.load(b_ptr + c, mask=c_valid, other=0.0)[:, None]
     if relu:
@@ -138,6 +147,27 @@ def compiled_kernel():
     return _COMPILED
 
 
+def autotuning_record() -> dict | None:
+    """What the autotuner chose and measured, for benchmark records; None before its first run.
+
+    Triton's code for this kernel differs between releases (3.6 spills registers in some
+    configurations that 3.8 compiles without spills), so the choice is recorded, not assumed.
+    """
+    if _COMPILED is None or getattr(_COMPILED, "best_config", None) is None:
+        return None
+    import triton
+
+    def name(config) -> str:
+        return f"block {config.kwargs['block']}, {config.num_warps} warps"
+
+    timings = getattr(_COMPILED, "configs_timings", None) or {}
+    return {
+        "triton": triton.__version__,
+        "best": name(_COMPILED.best_config),
+        "ms": {name(c): [float(t) for t in times] for c, times in timings.items()},
+    }
+
+
 def interpreted_kernel():
     """The same kernel run by Triton's interpreter on CPU tensors (slow; for tests)."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -172,10 +202,12 @@ def conv_pool(
         (torch.Size([2, 3, 3, 3]), True)
     """
     x = x.contiguous()
-    weight = weight.contiguous()
     n, c_in, height, width = x.shape
     c_out, _, k, _ = weight.shape
     hp, wp = (height - k + 1) // 2, (width - k + 1) // 2
+    c_pad = max(2, 1 << (c_out - 1).bit_length())
+    by_tap = weight.new_zeros((c_in * k * k, c_pad))  # (taps, channels), zero-padded
+    by_tap[:, :c_out] = weight.reshape(c_out, -1).t()
     y = torch.empty((n, c_out, hp, wp), device=x.device, dtype=torch.float32)
     total = n * hp * wp
     if total == 0:
@@ -189,8 +221,8 @@ def conv_pool(
 
     kernel[grid if tuned else grid(block)](
         x,
-        weight,
-        bias if bias is not None else weight,  # not read without a bias
+        by_tap,
+        bias if bias is not None else by_tap,  # not read without a bias
         y,
         total,
         c_in=c_in,
@@ -198,7 +230,7 @@ def conv_pool(
         width=width,
         k=k,
         c_out=c_out,
-        c_pad=max(2, 1 << (c_out - 1).bit_length()),
+        c_pad=c_pad,
         hp=hp,
         wp=wp,
         has_bias=bias is not None,

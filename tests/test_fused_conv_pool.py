@@ -8,6 +8,8 @@ must refuse; and Smooth's certificates with the kernel against those of the mode
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,43 +165,40 @@ def test_the_certification_callback_passes_the_fusion_on():
         Certification(fused_conv_pool="yes")
 
 
-def test_the_kernel_compiles_for_a_hopper_gpu_with_float32_multiply_adds(tmp_path):
-    """Triton compiles for sm_90 (H100, H200) without a GPU: the code a GPU session would run."""
+def test_the_kernel_compiles_for_a_hopper_gpu_with_float32_multiply_adds(load_script):
+    """Triton compiles every autotuned configuration for sm_90 (H100, H200) without a GPU."""
     triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import ASTSource
+    code = load_script("benchmarks/fused_kernel_code.py")
+    for config in fused.compiled_kernel().configs:
+        block, warps = config.kwargs["block"], config.num_warps
+        try:
+            compiled = code.compile_for_hopper(block, warps)
+        except RuntimeError as err:  # no ptxas in this Triton installation
+            pytest.skip(f"Triton {triton.__version__} cannot compile for CUDA here: {err}")
+        ptx = compiled.asm["ptx"]
+        # one loop (over taps) computes the window's 4 outputs: 4 x (32 channels x the block's
+        # positions over the threads) single-rounding float32 multiply-adds per thread, no TF32
+        (loop,) = code.ptx_loops(ptx)
+        fmas = loop.count("fma.rn.f32")
+        assert fmas == 4 * 32 * block // (32 * warps), (block, warps)
+        assert "mma.sync" not in ptx and "wgmma" not in ptx
+        # each tap's weights serve the 4 outputs, and are vector loads where a thread holds
+        # channels in a row: at least 2.5 multiply-adds per load (with a loop per output and
+        # the weights in PyTorch's order, one load per multiply-add)
+        loads = len(re.findall(r"\bld\.global", loop))
+        assert fmas >= 2.5 * loads, (block, warps, fmas, loads)
+        if block >= 32 * warps:  # every warp on positions
+            assert "ld.global.v4.b32" in loop, (block, warps)
+        usage = code.resource_usage(compiled.asm["cubin"])
+        if usage is not None:  # no registers spilled to the stack (with the pinned Triton)
+            assert usage["stack_bytes"] == 0, (block, warps, usage)
 
-    constants = {"c_in": 1, "height": 28, "width": 28, "k": 5, "c_out": 20, "c_pad": 32}
-    constants |= {"hp": 12, "wp": 12, "has_bias": True, "relu": True, "block": 128}
-    signature = {"x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32"}
-    signature |= {"total": "i64", **dict.fromkeys(constants, "constexpr")}
-    source = ASTSource(triton.jit(fused._conv_pool_kernel), signature, constexprs=constants)
-    try:
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    except RuntimeError as err:  # no ptxas in this Triton installation
-        pytest.skip(f"Triton cannot compile for CUDA here: {err}")
-    ptx = kernel.asm["ptx"]
-    # the loop over the 25 taps holds 4 window outputs x (32 channels x 128 positions over 128
-    # threads): 128 single-rounding float32 multiply-adds per thread; no TF32 tensor cores
-    assert ptx.count("fma.rn.f32") == 4 * 32
-    assert "mma.sync" not in ptx and "wgmma" not in ptx
-    assert "cubin" in kernel.asm
-    # no registers spilled to the stack (an unrolled, transposed first version spilled 7 KB
-    # per thread)
-    import subprocess
-    from pathlib import Path
 
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if cuobjdump.is_file():
-        cubin = Path(tmp_path) / "kernel.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run(
-            [str(cuobjdump), "--dump-resource-usage", str(cubin)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        assert " STACK:0 " in usage, usage
+def test_the_kernel_code_script_prints_every_configuration(load_script, capsys):
+    pytest.importorskip("triton")
+    assert load_script("benchmarks/fused_kernel_code.py").main([]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("Triton ") and len(table) == 2 + len(fused.compiled_kernel().configs)
 
 
 def test_the_check_compares_with_float64_whatever_the_tf32_setting(monkeypatch):
@@ -219,3 +218,18 @@ def test_the_check_compares_with_float64_whatever_the_tf32_setting(monkeypatch):
         assert (tf32_like(x) - net(x)).abs().max() > 1e-4  # the reference it must not use
         layer(x)
     assert layer.checked
+
+
+def test_the_autotuners_choice_is_recorded_for_benchmarks(monkeypatch):
+    """Benchmarks record which configuration the autotuner chose and its timings."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(fused, "_COMPILED", None)
+    assert fused.autotuning_record() is None  # nothing compiled yet
+    tuner = fused.compiled_kernel()
+    small, large = tuner.configs[0], tuner.configs[-1]
+    monkeypatch.setattr(tuner, "best_config", large, raising=False)
+    monkeypatch.setattr(tuner, "configs_timings", {small: [2.0], large: [1.5]}, raising=False)
+    record = fused.autotuning_record()
+    assert record["triton"] == triton.__version__
+    assert record["best"] == "block 256, 8 warps"
+    assert record["ms"] == {"block 64, 4 warps": [2.0], "block 256, 8 warps": [1.5]}
