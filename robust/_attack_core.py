@@ -127,6 +127,45 @@ def project_l2(x: Tensor, x_adv: Tensor, eps: float) -> Tensor:
     return delta.mul_(view(factor, delta)).add_(x).clamp_(0.0, 1.0)
 
 
+def into_ball(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:
+    """``x_adv`` with every coordinate that its dtype's rounding took out of the ball moved back.
+
+    In bfloat16 or float16 the iterates ``x + delta`` round to the dtype (an ulp near 1 is 2^-8
+    in bfloat16), so an L-inf bound ``x + eps`` or an L2-projected point can land outside the
+    ball by half an ulp: a robust accuracy "at eps 0.3" would be one at up to 0.302. Here such
+    coordinates move one representable value towards ``x`` at a time (``torch.nextafter``) until
+    ``||x_adv - x||_norm <= eps`` holds in float64; a coordinate never passes ``x``, so each pass
+    shrinks every moved difference and the result stays in [0, 1]. For L2 every coordinate of an
+    image outside the ball moves (its differences each shrink: the norm can only fall). Float32
+    and float64 images are returned as they are: their own rounding is the bound's tolerance.
+
+    Args:
+        x: Clean inputs ``(B, ...)``.
+        x_adv: Adversarial inputs of the same shape and dtype (not modified).
+        eps: Radius.
+        norm: ``"2"`` or ``"inf"``.
+
+    Returns:
+        ``x_adv`` itself (float32 or float64, or nothing outside), else a corrected copy.
+
+    Examples:
+        >>> x = torch.full((1, 2), 0.5, dtype=torch.bfloat16)
+        >>> x_adv = (x.float() + 0.3).to(torch.bfloat16)  # 0.8 rounds to 0.80078125
+        >>> float(x_adv[0, 0] - x[0, 0]) > 0.3, float(into_ball(x, x_adv, 0.3, "inf")[0, 0])
+        (True, 0.796875)
+    """
+    if torch.finfo(x_adv.dtype).bits >= 32:
+        return x_adv
+    wide_x = x.double()
+    while True:
+        delta = x_adv.double() - wide_x
+        beyond = delta.abs() > eps if norm == "inf" else view(norm2(delta) > eps, delta)
+        outside = beyond & (delta != 0)
+        if not outside.any():  # one host sync per attack, after its last step
+            return x_adv
+        x_adv = torch.where(outside, torch.nextafter(x_adv, x), x_adv)
+
+
 def unit_l2(g: Tensor) -> Tensor:
     """``g`` divided per sample by its L2 norm (float64 accumulation); a zero ``g`` stays zero."""
     return g / view(norm2_wide(g).clamp_min_(torch.finfo(g.dtype).tiny), g)

@@ -41,6 +41,7 @@ from robust._attack_core import (
     check_generators,
     draw,
     float_logits,
+    into_ball,
     margin,
     others_minus_true,
     prepared,
@@ -341,7 +342,7 @@ def run_apgd_ce(
         x_adv[index] = torch.where(view(take, point), point, x_adv[index])
         best[index] = torch.where(take, result.loss_best, best[index])
         robust[index] = ~fooled
-    return x_adv
+    return into_ball(x, x_adv, eps, norm)
 
 
 def run_apgd_t(
@@ -378,7 +379,7 @@ def run_apgd_t(
         for _ in range(restarts):
             index = robust.nonzero().squeeze(1)
             if index.numel() == 0:
-                return x_adv
+                return into_ball(x, x_adv, eps, norm)
             gens = subset(generator, index.tolist())
             x_i, y_i = x[index], y[index]
             labels = torch.stack([y_i, ranking[index, k]], dim=1)
@@ -393,7 +394,7 @@ def run_apgd_t(
             x_adv[index] = torch.where(view(take, point), point, x_adv[index])
             best[index] = torch.where(fooled, -math.inf, torch.minimum(gap, best[index]))
             robust[index] = ~fooled
-    return x_adv
+    return into_ball(x, x_adv, eps, norm)
 
 
 def _start(x: Tensor, eps: float, norm: str, random_start: bool, generator: Generators) -> Tensor:

@@ -45,6 +45,7 @@ from robust._attack_core import (
     check_eps,
     check_generators,
     cross_entropy,
+    into_ball,
     norm2,
     norm2_wide,
     others_minus_true,
@@ -572,8 +573,8 @@ def fgm(
             float32 images on CPUs.
 
     Returns:
-        Adversarial inputs in [0, 1] with ``||x_adv - x||_norm <= eps`` (bf16 or fp16 inputs:
-        up to half a unit in the last place of their dtype beyond it, where the iterate rounds).
+        Adversarial inputs in [0, 1] with ``||x_adv - x||_norm <= eps`` (bf16 or fp16 inputs too:
+        coordinates that rounding took outside move back, :func:`~robust._attack_core.into_ball`).
 
     Examples:
         >>> import torch
@@ -643,8 +644,8 @@ def pgd(
             float32 images on CPUs.
 
     Returns:
-        Adversarial inputs in [0, 1] with ``||x_adv - x||_norm <= eps`` (bf16 or fp16 inputs:
-        up to half a unit in the last place of their dtype beyond it, where the iterate rounds).
+        Adversarial inputs in [0, 1] with ``||x_adv - x||_norm <= eps`` (bf16 or fp16 inputs too:
+        coordinates that rounding took outside move back, :func:`~robust._attack_core.into_ball`).
 
     Examples:
         >>> import torch
@@ -758,7 +759,7 @@ def _run(
         for _ in range(restarts):
             x_adv = run(forward, y, generator)
             if restarts == 1:
-                return x_adv
+                return into_ball(x, x_adv, eps, norm)
             with torch.no_grad():
                 logits = forward(x_adv)
                 loss = cross_entropy(logits, y)
@@ -772,7 +773,7 @@ def _run(
             best = torch.where(view(better, x), x_adv, best)
             best_obj = torch.where(better, obj, best_obj)
             best_ok = best_ok | ok
-        return best
+        return into_ball(x, best, eps, norm)
 
 
 class _Run:

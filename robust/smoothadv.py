@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from robust._attack_core import into_ball
 from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
 
@@ -165,7 +166,7 @@ def smoothadv_attack(
 
     Returns:
         Adversarial images, detached, same shape/dtype/device as ``x``, in [0, 1], with
-        ``||x_adv - x||_2 <= eps``.
+        ``||x_adv - x||_2 <= eps`` (in bfloat16 and float16 too: :func:`robust._attack_core.into_ball`).
 
     Examples:
         >>> import torch
@@ -217,7 +218,7 @@ def smoothadv_attack(
                 dnorm = torch.linalg.vector_norm(delta.flatten(1), dim=1)
                 factor = (eps / dnorm.clamp_min(tiny)).clamp_max(1.0)
                 x_adv = (x + delta * _view(factor, delta)).clamp_(0.0, 1.0)
-        return x_adv
+        return into_ball(x, x_adv, eps, "2")  # bf16 and fp16: rounding stays inside too
 
 
 def _view(v: Tensor, like: Tensor) -> Tensor:

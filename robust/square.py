@@ -48,6 +48,7 @@ from robust._attack_core import (
     check_generators,
     draw,
     float_logits,
+    into_ball,
     margin,
     prepared,
     subset,
@@ -195,7 +196,7 @@ def run_square(
             x_adv[index] = torch.where(view(take, point), point, x_adv[index])
             best[index] = torch.minimum(gap, best[index])
             robust[index] = gap > 0
-    return x_adv
+    return into_ball(x, x_adv, eps, norm)
 
 
 @functools.lru_cache(maxsize=64)

@@ -132,6 +132,20 @@ def test_attack_lowers_the_smoothed_probability_under_fresh_noise_and_stays_in_b
     assert after.mean() < 0.9 * before.mean()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_images_stay_inside_the_ball(dtype):
+    # x + delta rounds to the dtype; the attack moves rounded-out coordinates back, so the L2
+    # bound holds exactly (in float64), as the smoothed-attack evaluation claims
+    model = small_net().to(dtype)
+    x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(dim=1)
+    eps = 0.3  # uncorrected, 13 of these 64 images ended up to 0.003 (bf16) outside
+    x_adv = smoothadv_attack(model, x, y, sigma=SIGMA, eps=eps, steps=5, num_noise_samples=4)
+    dist = (x_adv.double() - x.double()).flatten(1).norm(dim=1)
+    assert x_adv.dtype == dtype and (dist <= eps).all() and (dist > 0.9 * eps).any()
+
+
 def test_per_image_generators_make_results_independent_of_the_batch():
     model = small_net().eval()
     x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(6))
