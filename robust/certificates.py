@@ -64,6 +64,8 @@ __all__ = [
 
 SELECTION_SETTINGS = ("skip", "first_image", "max_images", "image_range")
 """The settings that say which images a run certified; a resumed file's sidecar gets the latest."""
+RESUMED_KEY = "resumed_with"
+"""Sidecar list of the resumed runs whose speed settings differ: rows already there, settings."""
 
 MAX_SECONDS = float(datetime.timedelta.max.days * 86_400)
 """The longest time a row can hold (whole days of a ``datetime.timedelta``, as the TSV writes it)."""
@@ -629,7 +631,10 @@ def open_resumable(
     row, or with a row whose label is not the dataset's is refused; a torn last line is dropped
     (its image is certified again). A resumed file's sidecar then holds this run's
     :data:`SELECTION_SETTINGS`, which say the images the latest run selected (see
-    :func:`selected_rows`); its other settings stay those of the run that created the file.
+    :func:`selected_rows`); its other settings stay those of the run that created the file, and
+    a run that resumes it with other values of settings that do not determine the rows (speed
+    options such as ``batch_size`` or ``compile``) appends them to its ``resumed_with`` list,
+    with the number of rows already there: each row's time has its settings on record.
 
     Args:
         path: The TSV; its settings are in ``<path>.json``.
@@ -672,8 +677,15 @@ def open_resumable(
         if torn:
             write_tsv(path, rows)
         selection = {k: settings[k] for k in SELECTION_SETTINGS if k in settings}
-        if any(stored.get(k) != v for k, v in selection.items()):  # the latest run's images
-            atomic_write(sidecar, json.dumps(stored | selection, indent=2) + "\n")
+        updated = stored | selection  # the latest run's images
+        # settings that do not determine the rows (speed options): this run's, where they differ
+        others = set(checked) | set(SELECTION_SETTINGS) | {RESUMED_KEY}
+        changed = {k: v for k, v in settings.items() if k not in others and stored.get(k) != v}
+        if changed:
+            runs = stored.get(RESUMED_KEY) if isinstance(stored.get(RESUMED_KEY), list) else []
+            updated[RESUMED_KEY] = [*runs, {"rows_before": len(rows), "settings": changed}]
+        if updated != stored:
+            atomic_write(sidecar, json.dumps(updated, indent=2) + "\n")
         return rows
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(sidecar, json.dumps(dict(settings), indent=2) + "\n")

@@ -232,6 +232,22 @@ def test_nested_subsets_resume_one_tsv_and_each_run_reports_its_own(tmp_path):
     assert stored["batch_size"] == 64 and stored["n"] == 200  # the rest: the first run's
 
 
+def test_a_resumed_run_records_its_other_speed_settings(tmp_path):
+    # the rows' time column is each run's: a run resuming with other speed options adds them
+    # (with the rows already there) to the sidecar; the first run's stay as they were
+    output = tmp_path / "speed.tsv"
+    certify(tmp_path / "a", sigma=SIGMA, output=str(output), max_images=4)
+    assert "resumed_with" not in read_settings(Path(f"{output}.json"))
+    certify(tmp_path / "b", sigma=SIGMA, output=str(output), max_images=6, batch_size=32)
+    certify(tmp_path / "c", sigma=SIGMA, output=str(output), max_images=8, batch_size=64)
+    stored = read_settings(Path(f"{output}.json"))
+    assert stored["batch_size"] == 64
+    assert stored["resumed_with"] == [{"rows_before": 4, "settings": {"batch_size": 32}}]
+    certify(tmp_path / "d", sigma=SIGMA, output=str(output), batch_size=16)
+    runs = read_settings(Path(f"{output}.json"))["resumed_with"]
+    assert runs[1] == {"rows_before": 8, "settings": {"batch_size": 16}}
+
+
 class Seen(TinyModule):
     """Counts the images its test loop evaluates."""
 
