@@ -27,8 +27,8 @@ In one process, with one model (LeNet or SmallCNN on 28x28 MNIST-sized inputs) a
 * ``--resnet``: seconds per image of CifarResNet18 certification at n = 100,000, extrapolated
   from a small n (default on GPUs);
 * ``--sweep``: the bare forward's rate over a range of batch sizes (default on GPUs);
-* ``--profile``: the forward's time per kernel (``torch.profiler``) for the first variant, to
-  show where a forward pass spends its time.
+* ``--profile``: the forward's time per kernel (``torch.profiler``) for one variant
+  (``--profile-variant``, default the first), to show where a forward pass spends its time.
 
 Each timed thing runs once untimed (warm-up, compilation, graph capture), then ``--repeats``
 times interleaved; the table reports the median and the best. A time budget (``--budget-s``)
@@ -120,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--sweep-variants", default="fp32+cb,bf16+cb", help="variants of --sweep")
     parser.add_argument("--profile", action="store_true", help="kernel times of one forward")
+    parser.add_argument(
+        "--profile-variant", default=None, help="the variant --profile times (default: the first)"
+    )
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--matmul-size", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=None, help="skip what would not fit")
@@ -172,7 +175,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.budget_s != math.inf:
         check_real("--budget-s", args.budget_s, low=0, low_inclusive=True)
     blocks = {args.noise_block}
-    for option in ("variants", "resnet_variants", "sweep_variants"):
+    if args.profile_variant is None:
+        args.profile_variant = args.variants.split(",")[0]
+    for option in ("variants", "resnet_variants", "sweep_variants", "profile_variant"):
         for name in getattr(args, option).split(","):
             block = parse_variant(name, f"--{option.replace('_', '-')}")["noise_block"]
             blocks.add(block or args.noise_block)
@@ -662,7 +667,7 @@ class Bench:
         self.results["batch_size_sweep"] = table
 
     def profile(self) -> None:
-        """Device time per kernel of the first variant's bare forward (``torch.profiler``).
+        """Device time per kernel of one variant's bare forward (``torch.profiler``).
 
         Records the top kernels by total device time over a few forward passes, so that the
         split between convolutions, pointwise ops and pooling can be read off one run.
@@ -670,7 +675,7 @@ class Bench:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        name = self.args.variants.split(",")[0]
+        name = self.args.profile_variant
         options = parse_variant(name)
         forward = bare_forward(self.model, options, self.args.batch_size, self.shape, self.device)
         forward()
@@ -686,13 +691,11 @@ class Bench:
         events = sorted(
             prof.key_averages(), key=lambda e: getattr(e, attribute, 0) or 0, reverse=True
         )
-        # device kernels on CUDA; on CPUs every op's own time (the two never count twice)
+        # device kernels on CUDA (not the ops that launch them: those would count each kernel's
+        # time again); on CPUs every op's own time (the two never count twice)
         on_cuda = self.device.type == "cuda"
-        total = sum(
-            getattr(e, attribute, 0) or 0
-            for e in events
-            if not on_cuda or e.device_type.name != "CPU"
-        )
+        events = [e for e in events if not on_cuda or e.device_type.name != "CPU"]
+        total = sum(getattr(e, attribute, 0) or 0 for e in events)
         rows = [
             {
                 "name": e.key[:90],
@@ -757,7 +760,7 @@ def report(bench: Bench) -> str:
             written = row.get("forward_relu_first", {}).get("best")
             written = written if row["options"].get("pool_first") == "True" else None
             gain = (
-                f"; x{row['forward']['best'] / written:.2f} over ReLU before pooling"
+                f"; x{row['forward']['best'] / written:.2f} over the model as written"
                 if written
                 else ""
             )
@@ -828,12 +831,12 @@ def main(argv: list[str] | None = None) -> dict:
         ("matmul", bench.matmul, 5),
         # compiled variants last: their compilation takes the longest
         *((name, lambda name=name: bench.variant(name), 15) for name in eager),
+        *([("profile", bench.profile, 5)] if args.profile else []),
         ("noise", bench.noise, 5),
         *([("resnet18", bench.resnet, 10)] if args.resnet else []),
         *((n, lambda n=n: bench.variant(n), 30) for n in names if n not in eager),
         *([("peers", bench.peers, 10)] if args.peers else []),
         *([("sweep", bench.sweep, 10)] if args.sweep else []),
-        *([("profile", bench.profile, 5)] if args.profile else []),
     ]
     try:
         for name, step, need_s in steps:

@@ -222,7 +222,8 @@ class PerturbedAccuracy(EvaluationCallback):
                 x_adv = self.attack(pl_module, x, labels, spec, indices, stages=masks)
                 with torch.no_grad():
                     predicted = pl_module(x_adv).argmax(dim=1)
-                columns += [predicted, _norms(x_adv - x, spec.norm)]
+                # widened before subtracting: a bf16 difference rounds (up to half an ulp past eps)
+                columns += [predicted, _norms(x_adv.double() - x.double(), spec.norm)]
                 if masks is not None:
                     staged += [masks[stage] for stage in AUTOATTACK_STAGES]
                 example.append(predicted[shown].cpu())

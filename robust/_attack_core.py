@@ -124,29 +124,34 @@ def project_l2(x: Tensor, x_adv: Tensor, eps: float) -> Tensor:
     tiny = torch.finfo(x_adv.dtype).tiny
     delta = x_adv.sub_(x)
     factor = (eps / norm2(delta).clamp_min_(tiny)).clamp_max_(1.0)
-    return delta.mul_(view(factor, delta)).add_(x).clamp_(0.0, 1.0)
+    return into_ball(x, delta.mul_(view(factor, delta)).add_(x).clamp_(0.0, 1.0), eps, "2")
 
 
 def into_ball(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:
-    """``x_adv`` with every coordinate that its dtype's rounding took out of the ball moved back.
+    """``x_adv`` with the coordinates that its dtype's rounding took out of the ball moved back.
 
-    In bfloat16 or float16 the iterates ``x + delta`` round to the dtype (an ulp near 1 is 2^-8
-    in bfloat16), so an L-inf bound ``x + eps`` or an L2-projected point can land outside the
-    ball by half an ulp: a robust accuracy "at eps 0.3" would be one at up to 0.302. Here such
-    coordinates move one representable value towards ``x`` at a time (``torch.nextafter``) until
-    ``||x_adv - x||_norm <= eps`` holds in float64; a coordinate never passes ``x``, so each pass
-    shrinks every moved difference and the result stays in [0, 1]. For L2 every coordinate of an
-    image outside the ball moves (its differences each shrink: the norm can only fall). Float32
-    and float64 images are returned as they are: their own rounding is the bound's tolerance.
+    In bfloat16 or float16 a point ``x + delta`` with ``||delta|| <= eps`` rounds to the dtype
+    (an ulp near 1 is 2^-8 in bfloat16) and can land outside the ball: a robust accuracy "at eps
+    0.3" would be one at up to 0.302. Here coordinates move one representable value towards
+    ``x`` (``torch.nextafter``, never past ``x``, so the point stays in [0, 1]) until
+    ``||x_adv - x||_norm <= eps`` holds exactly (in float64). L-inf: each coordinate beyond eps
+    moves (to the last value inside). L2: in each image outside, the coordinates whose move
+    gives up the least squared norm move first, just enough to cover the excess, so the image
+    stays as far out as the dtype allows (moving every coordinate of a CIFAR-sized image cost
+    20% of the radius). Float32 and float64 points are returned as they are: their own rounding
+    is the tolerance of the bound, as everywhere.
 
     Args:
-        x: Clean inputs ``(B, ...)``.
-        x_adv: Adversarial inputs of the same shape and dtype (not modified).
+        x: Clean inputs ``(B, ...)`` in [0, 1].
+        x_adv: Adversarial inputs in [0, 1], of the same shape and dtype (not modified).
         eps: Radius.
         norm: ``"2"`` or ``"inf"``.
 
     Returns:
-        ``x_adv`` itself (float32 or float64, or nothing outside), else a corrected copy.
+        ``x_adv`` itself (float32 or wider, or every point inside), else a corrected copy.
+
+    Raises:
+        ValueError: If ``x`` and ``x_adv`` differ in dtype.
 
     Examples:
         >>> x = torch.full((1, 2), 0.5, dtype=torch.bfloat16)
@@ -154,16 +159,45 @@ def into_ball(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:
         >>> float(x_adv[0, 0] - x[0, 0]) > 0.3, float(into_ball(x, x_adv, 0.3, "inf")[0, 0])
         (True, 0.796875)
     """
+    if x_adv.dtype != x.dtype:
+        raise ValueError(f"into_ball needs one dtype; got {x.dtype} and {x_adv.dtype}")
     if torch.finfo(x_adv.dtype).bits >= 32:
         return x_adv
     wide_x = x.double()
-    while True:
-        delta = x_adv.double() - wide_x
-        beyond = delta.abs() > eps if norm == "inf" else view(norm2(delta) > eps, delta)
-        outside = beyond & (delta != 0)
-        if not outside.any():  # one host sync per attack, after its last step
+    while True:  # one pass, in practice; each moves a coordinate towards x, so it ends
+        delta = x_adv.double() - wide_x  # exact: two bf16/fp16 values in [0, 1]
+        inward = torch.nextafter(x_adv, x)
+        if norm == "inf":
+            move = delta.abs() > eps
+        else:
+            outside = norm2(delta) > eps
+            if not outside.any():  # one host sync per pass
+                return x_adv
+            excess = delta.flatten(1).square().sum(dim=1) - eps**2
+            saving = (delta.square() - (inward.double() - wide_x).square()).flatten(1)
+            ordered, order = saving.sort(dim=1)  # the least radius given up first
+            before = ordered.cumsum(dim=1) - ordered
+            chosen = (before < excess[:, None]) & outside[:, None] & (ordered > 0)
+            move = torch.zeros_like(chosen).scatter_(1, order, chosen).view_as(x_adv)
+        if not move.any():
             return x_adv
-        x_adv = torch.where(outside, torch.nextafter(x_adv, x), x_adv)
+        x_adv = torch.where(move, inward, x_adv)
+
+
+def linf_bounds(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The box ``[max(0, x - eps), min(1, x + eps)]`` in ``x``'s dtype, rounded inwards.
+
+    Clamping an iterate to these bounds is exact, so L-inf iterates stay inside the ball even in
+    bfloat16 or float16 (:func:`into_ball`; in float32 and wider they are the plain bounds).
+
+    Examples:
+        >>> lo, hi = linf_bounds(torch.tensor([0.1, 0.5]), 0.3)
+        >>> lo.tolist(), [round(v, 6) for v in hi.tolist()]
+        ([0.0, 0.19999998807907104], [0.4, 0.8])
+    """
+    lo = into_ball(x, (x - eps).clamp_(min=0.0), eps, "inf")
+    hi = into_ball(x, (x + eps).clamp_(max=1.0), eps, "inf")
+    return lo, hi
 
 
 def unit_l2(g: Tensor) -> Tensor:

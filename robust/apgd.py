@@ -42,6 +42,7 @@ from robust._attack_core import (
     draw,
     float_logits,
     into_ball,
+    linf_bounds,
     margin,
     others_minus_true,
     prepared,
@@ -411,7 +412,7 @@ def _start(x: Tensor, eps: float, norm: str, random_start: bool, generator: Gene
     else:
         t = draw(generator, len(x), x.shape[1:], x, kind="randn")
         scale = torch.linalg.vector_norm(t.flatten(1), dim=1).clamp_min_(torch.finfo(t.dtype).tiny)
-    return t.mul_(view(eps / scale, t)).add_(x).clamp_(0.0, 1.0)
+    return into_ball(x, t.mul_(view(eps / scale, t)).add_(x).clamp_(0.0, 1.0), eps, norm)
 
 
 # --------------------------------------------------------------------------------- objectives
@@ -465,8 +466,7 @@ class _Apgd:
         self.labels = y if labels is None else labels  # what the objective gets, sliced with x
         self.checkpoints = apgd_checkpoints(steps)
         if norm == "inf":
-            self.lo = (x - eps).clamp_(min=0.0)
-            self.hi = (x + eps).clamp_(max=1.0)
+            self.lo, self.hi = linf_bounds(x, eps)  # rounded inwards in bf16/fp16
 
     def evaluate(self, x_adv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Objective values (B,), input gradient and predicted classes at ``x_adv``."""

@@ -46,6 +46,7 @@ from robust._attack_core import (
     check_generators,
     cross_entropy,
     into_ball,
+    linf_bounds,
     norm2,
     norm2_wide,
     others_minus_true,
@@ -801,13 +802,13 @@ class _Run:
         # L-inf: the box ball ∩ [0, 1], so projection and clipping are one clamp per step.
         self.lo = self.hi = None
         if norm == "inf" and self.project:
-            self.lo = (x - eps).clamp_(min=0.0)
-            self.hi = (x + eps).clamp_(max=1.0)
+            self.lo, self.hi = linf_bounds(x, eps)  # rounded inwards in bf16/fp16
 
     def __call__(self, model: Forward, y: Tensor, generator: Generators) -> Tensor:
         x, eps, tiny = self.x, self.eps, self.tiny
         if self.random_start:
             x_adv = _random_start(x, eps, self.norm, generator).clamp_(0.0, 1.0)
+            x_adv = into_ball(x, x_adv, eps, self.norm)  # bf16/fp16: rounded back inside
         else:
             x_adv = x.clone()
         for _ in range(self.steps):
@@ -829,4 +830,6 @@ class _Run:
                     factor = (eps / norm2(delta).clamp_min_(tiny)).clamp_max_(1.0)
                     x_adv = delta.mul_(view(factor, delta)).add_(x)
                 x_adv.clamp_(0.0, 1.0)
+                if self.project:  # bf16/fp16: rounding kept inside the ball
+                    x_adv = into_ball(x, x_adv, eps, "2")
         return x_adv.detach()

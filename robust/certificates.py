@@ -627,9 +627,11 @@ def open_resumable(
 ) -> list[CertifiedImage]:
     """The rows of a TSV to resume, checked against ``settings``; or a new file with its sidecar.
 
-    A file written with other values of the ``checked`` settings, without its sidecar, with a bad
-    row, or with a row whose label is not the dataset's is refused; a torn last line is dropped
-    (its image is certified again). A resumed file's sidecar then holds this run's
+    A file with rows written with other values of the ``checked`` settings, without its sidecar,
+    with a bad row, or with a row whose label is not the dataset's is refused; a torn last line is
+    dropped (its image is certified again). A file without rows starts afresh with this run's
+    settings (a run that stopped before its first row, e.g. a mode that failed, leaves no
+    settings behind for the rows of the next). A resumed file's sidecar then holds this run's
     :data:`SELECTION_SETTINGS`, which say the images the latest run selected (see
     :func:`selected_rows`); its other settings stay those of the run that created the file, and
     a run that resumes it with other values of settings that do not determine the rows (speed
@@ -657,7 +659,10 @@ def open_resumable(
         [1]
     """
     sidecar = path.with_name(path.name + ".json")
+    rows: list[CertifiedImage] = []
     if path.is_file() and path.stat().st_size > 0:
+        rows, torn = read_tsv(path, num_classes=num_classes, indices=range(len(labels)))
+    if rows:
         if not sidecar.is_file():
             raise SettingError(
                 f"{owner} output {path} exists without its settings file {sidecar}, so it cannot "
@@ -665,7 +670,6 @@ def open_resumable(
             )
         stored = read_settings(sidecar)
         check_settings(stored, settings, checked, f"{owner} output {path}")
-        rows, torn = read_tsv(path, num_classes=num_classes, indices=range(len(labels)))
         check_radius_cap(rows, settings, f"{owner} output {path}", ": give another output path")
         for row in rows:
             if row.label != int(labels[row.idx]):
@@ -687,6 +691,8 @@ def open_resumable(
         if updated != stored:
             atomic_write(sidecar, json.dumps(updated, indent=2) + "\n")
         return rows
+    # a new file, or one without rows (a run that stopped before its first): nothing to resume,
+    # so this run's settings are the file's
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(sidecar, json.dumps(dict(settings), indent=2) + "\n")
     write_tsv(path, [])

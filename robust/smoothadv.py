@@ -218,7 +218,8 @@ def smoothadv_attack(
                 dnorm = torch.linalg.vector_norm(delta.flatten(1), dim=1)
                 factor = (eps / dnorm.clamp_min(tiny)).clamp_max(1.0)
                 x_adv = (x + delta * _view(factor, delta)).clamp_(0.0, 1.0)
-        return into_ball(x, x_adv, eps, "2")  # bf16 and fp16: rounding stays inside too
+                x_adv = into_ball(x, x_adv, eps, "2")  # bf16 and fp16: rounding stays inside
+        return x_adv
 
 
 def _view(v: Tensor, like: Tensor) -> Tensor:

@@ -49,6 +49,7 @@ from robust._attack_core import (
     draw,
     float_logits,
     into_ball,
+    linf_bounds,
     margin,
     prepared,
     subset,
@@ -243,6 +244,8 @@ class _Square:
         self.k = (2 if norm == "inf" else 5) + self.c
         self.every = 1 if x.device.type == "cpu" else 8
         self.profiles: dict[int, Tensor] = {}
+        # L-inf points are x +- eps clipped to [0, 1]: these bounds, rounded inwards in bf16/fp16
+        self.bounds = linf_bounds(x, eps) if norm == "inf" else None
 
     def eta(self, s: int) -> Tensor:
         """The ``s x s`` profile in ``x``'s dtype and device (copied there once per size)."""
@@ -266,6 +269,7 @@ class _Square:
         active = torch.arange(n, device=x.device)
         ids = list(range(n))  # host copy of ``active``, for the generators
         xa, xb, ya, ga = x, x_best, self.y, gap
+        bounds = self.bounds
         noise = xa.new_empty(0)
         for t in range(self.n_queries - 1):
             if t % self.every == 0:
@@ -277,11 +281,13 @@ class _Square:
                     kept = keep.tolist()
                     ids = [ids[j] for j in kept]
                     active, xa, xb, ya, ga = active[keep], xa[keep], xb[keep], ya[keep], ga[keep]
+                    if bounds is not None:
+                        bounds = (bounds[0][keep], bounds[1][keep])
                     noise = noise[keep] if len(noise) else noise
             if t % _CHUNK == 0:
                 noise = draw(subset(generator, ids), len(ids), (_CHUNK, self.k), x)
             u = noise[:, t % _CHUNK]
-            proposal = self.propose(t, xa, xb, u)
+            proposal = self.propose(t, xa, xb, u, bounds)
             new_gap = margin(self.forward(proposal), ya)
             better = (new_gap < ga) & (ga > 0)
             xb = torch.where(view(better, xb), proposal, xb)
@@ -295,7 +301,8 @@ class _Square:
         x, eps, c, h, w = self.x, self.eps, self.c, self.h, self.w
         if self.norm == "inf":
             signs = _signs(draw(generator, len(x), (c, 1, w), x))
-            return (x + eps * signs).clamp_(0.0, 1.0)
+            lo, hi = self.bounds
+            return torch.where(signs > 0, hi, lo)  # x + eps * signs, clipped to [0, 1]
         s = max(h // 5, 1)
         first = (h - 5 * s) // 2
         corners = [
@@ -311,7 +318,7 @@ class _Square:
             flip = view(u[:, m, 0] < 0.5, x)
             profile = torch.where(flip, eta.T, eta)  # (B, 1, s, s)
             delta[:, :, r0 : r0 + s, c0 : c0 + s] += profile * _signs(u[:, m, 1:])[:, :, None, None]
-        return (x + _to_norm(delta, eps)).clamp_(0.0, 1.0)
+        return into_ball(x, (x + _to_norm(delta, eps)).clamp_(0.0, 1.0), eps, "2")
 
     def window(self, u_row: Tensor, u_col: Tensor, s: int) -> tuple[Tensor, Tensor, Tensor]:
         """Mask (B, 1, h, w) of the window of side ``s`` at a uniform position; its corner."""
@@ -325,12 +332,21 @@ class _Square:
         inside = ((rows >= 0) & (rows < s))[:, :, None] & ((cols >= 0) & (cols < s))[:, None, :]
         return inside.unsqueeze(1), rows, cols
 
-    def propose(self, t: int, x: Tensor, x_best: Tensor, u: Tensor) -> Tensor:
+    def propose(
+        self,
+        t: int,
+        x: Tensor,
+        x_best: Tensor,
+        u: Tensor,
+        bounds: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """A random-search proposal; ``bounds``: :func:`linf_bounds` of ``x`` (L-inf; made if None)."""
         s = self.side(t)
         mask, rows, cols = self.window(u[:, 0], u[:, 1], s)
         if self.norm == "inf":
             signs = _signs(u[:, 2:])[:, :, None, None]  # (B, c, 1, 1)
-            return torch.where(mask, (x + self.eps * signs).clamp_(0.0, 1.0), x_best)
+            lo, hi = bounds if bounds is not None else linf_bounds(x, self.eps)
+            return torch.where(mask, torch.where(signs > 0, hi, lo), x_best)
         mask2, _, _ = self.window(u[:, 2], u[:, 3], s)
         signs = _signs(u[:, 5:])[:, :, None, None]
         delta = x_best - x
@@ -353,7 +369,7 @@ class _Square:
         budget = budget + _channel_norm(delta * (mask | mask2)) ** 2  # (B, c, 1, 1)
         fresh = fresh / (_channel_norm(fresh) + 1e-12) * budget.sqrt()
         delta = torch.where(mask | mask2, 0.0, delta) + fresh
-        return (x + _to_norm(delta, self.eps)).clamp_(0.0, 1.0)
+        return into_ball(x, (x + _to_norm(delta, self.eps)).clamp_(0.0, 1.0), self.eps, "2")
 
 
 def _signs(u: Tensor) -> Tensor:

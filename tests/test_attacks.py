@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
+from robust._attack_core import into_ball
 from robust.attacks import (
     AttackSpec,
     apgd,
@@ -863,21 +864,77 @@ def test_an_eps_of_the_cube_s_diameter_is_still_an_attack():
     assert attack(model, x, y, AttackSpec("fgm", "2", 8.0)).shape == x.shape
 
 
+LOW_PRECISION_METHODS = ["fgm", "pgd", "pgd-restarts", "apgd-ce", "apgd-t", "square", "autoattack"]
+
+
+def _low_precision_spec(method: str, norm: str, eps: float) -> AttackSpec:
+    settings = {"n_queries": 20} if method in ("square", "autoattack") else {}
+    settings |= {"steps": 5} if method not in ("fgm", "square") else {}
+    settings |= {"restarts": 2} if method == "pgd-restarts" else {}
+    return AttackSpec(method=method.removesuffix("-restarts"), norm=norm, eps=eps, **settings)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("method", ["fgm", "pgd", "apgd-ce", "apgd-t", "square", "autoattack"])
+@pytest.mark.parametrize("method", LOW_PRECISION_METHODS)
 @pytest.mark.parametrize(("norm", "eps"), [("inf", 0.3), ("2", 1.1)])
 def test_low_precision_images_stay_inside_the_ball(dtype, method, norm, eps):
     # bf16 images (bf16-true precision): x + eps rounds, here up to 0.0027 beyond eps 0.3, in
-    # 17 of these 24 cases before the rounding was corrected (robust._attack_core.into_ball)
+    # 17 of 24 such cases before the rounding was corrected (robust._attack_core.into_ball)
     model = small_cnn(5).to(dtype)
     x, y = batch(32, 5)
     x = x.to(dtype)
-    settings = {"n_queries": 20} if method in ("square", "autoattack") else {}
-    settings |= {"steps": 5} if method not in ("fgm", "square") else {}
-    spec = AttackSpec(method=method, norm=norm, eps=eps, **settings)
-    adv = attack(model, x, y, spec, generator=generators(range(len(x))))
+    seen = []
+
+    def recorded(inputs: torch.Tensor) -> torch.Tensor:
+        seen.append(inputs.detach().double())
+        return model(inputs)
+
+    spec = _low_precision_spec(method, norm, eps)
+    adv = attack(recorded, x, y, spec, generator=generators(range(len(x))), channels_last=False)
     delta = adv.double() - x.double()
     dist = linf(delta) if norm == "inf" else l2(delta)
     assert adv.dtype == dtype and (dist <= eps).all()  # exactly, in float64
     assert adv.min() >= 0 and adv.max() <= 1
-    assert (dist > 0).any()  # the attacks moved the images
+    assert (dist > 0.9 * eps).any()  # the attacks moved the images (to the boundary)
+    # and every point the attack evaluated the model at was inside too (its decisions were
+    # made on the points it returns): each lies within eps of its own clean image (the nearest)
+    clean = x.double().flatten(1)
+    for inputs in seen:
+        gaps = (inputs.flatten(1)[:, None, :] - clean[None, :, :]).abs()
+        nearest = gaps.amax(dim=2) if norm == "inf" else gaps.square().sum(dim=2).sqrt()
+        assert (nearest.amin(dim=1) <= eps).all(), method
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_into_ball_moves_rounded_points_back_no_further_than_needed(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (0.25 + 0.5 * torch.rand(64, 3, 32, 32, generator=g, dtype=torch.float64)).to(dtype)
+    wide = x.double()
+    # L2, CIFAR-sized: exact points of the sphere of radius 0.5 (inside [0, 1]), rounded
+    eps = 0.5
+    d = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    rounded = (wide + d / l2(d).view(-1, 1, 1, 1) * eps).to(dtype)
+    before = l2(rounded.double() - wide)
+    assert (before > eps).any()  # rounding took some images outside
+    fixed = into_ball(x, rounded, eps, "2")
+    after = l2(fixed.double() - wide)
+    assert (after <= eps).all()
+    assert torch.equal(fixed[before <= eps], rounded[before <= eps])  # those inside: unchanged
+    # pulled back by a hair, not by whole ulps of every coordinate (that lost 20% of the radius)
+    assert (after[before > eps] >= eps * (1 - 1e-3)).all()
+    # L-inf: a coordinate outside moves to the last representable value inside, no further
+    eps = 0.3
+    sign = torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0).double()
+    rounded = (wide + eps * sign).clamp(0, 1).to(dtype)
+    fixed = into_ball(x, rounded, eps, "inf")
+    out = (rounded.double() - wide).abs() > eps
+    assert out.any() and ((fixed.double() - wide).abs() <= eps).all()
+    assert torch.equal(fixed[~out], rounded[~out])
+    away = torch.nextafter(fixed, torch.where(fixed > x, 2.0, -1.0).to(dtype))
+    assert ((away.double() - wide).abs()[out] > eps).all()  # one value further is outside
+    # float32 and float64: returned as they are; mixed dtypes: refused
+    same = torch.rand(2, 3)
+    far = same + 1
+    assert into_ball(same, far, 0.1, "inf") is far
+    with pytest.raises(ValueError, match="one dtype"):
+        into_ball(same, same.to(dtype), 0.1, "inf")

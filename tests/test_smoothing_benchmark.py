@@ -55,7 +55,7 @@ def test_tiny_cpu_run_without_art(bench, tmp_path, monkeypatch, capsys) -> None:
     argv = ["--device", "cpu", "--images", "1", "--n", "300", "--batch-size", "200"]
     argv += ["--noise-block", "128", "--repeats", "1", "--matmul-size", "128", "--peers"]
     argv += ["--variants", "fp32,fp32+cl+graph+nb64,fp32+cb+pf+pb+fc", "--json", str(out)]
-    results = bench.main([*argv, "--profile"])
+    results = bench.main([*argv, "--profile", "--profile-variant", "fp32+cl+graph+nb64"])
     printed = capsys.readouterr().out
     assert "errors" not in results
     # the written model's logits: exactly, unless a CPU convolution's fused bias rounds otherwise
@@ -72,11 +72,13 @@ def test_tiny_cpu_run_without_art(bench, tmp_path, monkeypatch, capsys) -> None:
     assert "ART (not installed)" in results["skipped"]
     assert json.loads(out.read_text())["flops_per_sample"] == 4_586_000
     assert "%matmul" in printed and "noise blocks alone" in printed
-    # the profile names where the first variant's forward spends its time: the convolutions
+    # the profile names where the variant's forward spends its time: the convolutions
     profile = results["profile"]
-    assert profile["variant"] == "fp32" and profile["total_us_per_forward"] > 0
+    assert profile["variant"] == "fp32+cl+graph+nb64" and profile["total_us_per_forward"] > 0
     assert any("conv" in row["name"] for row in profile["top"][:5])
-    assert "profile of the fp32 forward" in printed
+    assert "profile of the fp32+cl+graph+nb64 forward" in printed
+    with pytest.raises(SystemExit):  # an unknown --profile-variant: refused before measuring
+        bench.main([*argv, "--profile", "--profile-variant", "fp32+xx"])
 
 
 def test_same_logits_fails_for_a_rewrite_that_changes_the_model(bench, monkeypatch) -> None:
