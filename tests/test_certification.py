@@ -25,10 +25,12 @@ from callbacks import Certification
 from robust.certificates import (
     HEADER,
     CertifiedImage,
+    open_resumable,
     read_settings,
     read_tsv,
     selected_rows,
     summarize,
+    write_tsv,
 )
 from robust.checks import SettingError
 from robust.smoothing import ABSTAIN, Smooth
@@ -230,6 +232,21 @@ def test_nested_subsets_resume_one_tsv_and_each_run_reports_its_own(tmp_path):
     assert (stored["skip"], stored["image_range"]) == (2, 4)
     assert [r.idx for r in selected_rows(read_tsv(output)[0], stored)] == [0, 2]
     assert stored["batch_size"] == 64 and stored["n"] == 200  # the rest: the first run's
+
+
+def test_a_file_without_rows_starts_afresh_with_this_runs_settings(tmp_path):
+    # a run that failed before its first row (say, a fused kernel that did not compile) left a
+    # header and its settings: the next run, in another mode, must not inherit them
+    output = tmp_path / "empty.tsv"
+    settings = {"n": 10, "fused_conv_pool": True}
+    assert open_resumable(output, settings, ["n"], num_classes=3, labels=[0, 1]) == []
+    assert read_settings(Path(f"{output}.json"))["fused_conv_pool"] is True
+    again = {"n": 20, "fused_conv_pool": False}  # even another n: there is nothing to mix
+    assert open_resumable(output, again, ["n"], num_classes=3, labels=[0, 1]) == []
+    assert read_settings(Path(f"{output}.json")) == again
+    write_tsv(output, [CertifiedImage(1, 1, 1, 0.3, 1, 0.0)])
+    with pytest.raises(SettingError, match="other settings"):  # with rows: refused as ever
+        open_resumable(output, settings, ["n"], num_classes=3, labels=[0, 1])
 
 
 def test_a_resumed_run_records_its_other_speed_settings(tmp_path):
