@@ -271,12 +271,23 @@ CLOCK = time.perf_counter
 
 
 def time_interleaved(
-    methods: dict[str, tuple[Callable[[], object], int]], device: torch.device, repeats: int
+    methods: dict[str, tuple[Callable[[], object], int]],
+    device: torch.device,
+    repeats: int,
+    warmups: dict[str, float] | None = None,
 ) -> dict[str, list[float]]:
-    """Samples/s of each method: one untimed run each, then ``repeats`` interleaved rounds."""
-    for fn, _ in methods.values():
+    """Samples/s of each method: one untimed run each, then ``repeats`` interleaved rounds.
+
+    ``warmups``, if given, gets each method's seconds in its untimed run (compilation, graph
+    capture and autotuning included).
+    """
+    for name, (fn, _) in methods.items():
+        synchronize(device)
+        start = time.perf_counter()
         fn()
-    synchronize(device)
+        synchronize(device)
+        if warmups is not None:
+            warmups[name] = time.perf_counter() - start
     rates: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
         for name, (fn, samples) in methods.items():
@@ -533,6 +544,7 @@ class Bench:
             return forwards
 
         samples = iterations * args.batch_size
+        warmups: dict[str, float] = {}
         rates = time_interleaved(
             {
                 "certify": (certify, self.total),
@@ -541,9 +553,14 @@ class Bench:
             },
             self.device,
             args.repeats,
+            warmups,
         )
+        # what the first call costs beyond its samples (compilation, capture, autotuning): a
+        # certification of all test images pays it once
+        steady = self.total / statistics.median(rates["certify"])
         self.results.setdefault("variants", {})[name] = {
             "options": {k: str(v) for k, v in options.items()},
+            "certify_first_call_overhead_s": max(0.0, warmups["certify"] - steady),
             **{key: summary(values) for key, values in rates.items()},
             **same_logits(self.model, options, min(args.batch_size, 4096), shape, device),
         }

@@ -386,4 +386,8 @@ def fuse_conv_pool(model: nn.Module) -> nn.Module:
         >>> torch.equal(fuse_conv_pool(net)(x), net(x))  # on CPUs the modules themselves run
         True
     """
-    return rewrite_sequentials(model, _fuse)
+    fused = rewrite_sequentials(model, _fuse)
+    if fused is not model and tl is not None:
+        # the autotuned kernel object made now, not inside a forward that torch.compile traces
+        compiled_kernel()
+    return fused

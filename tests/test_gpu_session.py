@@ -20,12 +20,21 @@ def session(load_script):
 
 
 def options(
-    session, tmp_path, capsys, rates: dict[str, float], seconds: float, float32_only=False
+    session,
+    tmp_path,
+    capsys,
+    rates: dict[str, float],
+    seconds: float,
+    float32_only=False,
+    overheads: dict[str, float] | None = None,
+    images: int = 20_000,
 ) -> str:
     variants = {name: {"certify": {"median": rate}} for name, rate in rates.items()}
+    for name, overhead in (overheads or {}).items():
+        variants[name]["certify_first_call_overhead_s"] = overhead
     (tmp_path / "bench.json").write_text(json.dumps({"variants": variants}))
     args = argparse.Namespace(
-        out=tmp_path, certify_images=20_000, seconds=seconds, float32_only=float32_only
+        out=tmp_path, certify_images=images, seconds=seconds, float32_only=float32_only
     )
     session.certify_options(args)
     return capsys.readouterr().out.strip()
@@ -70,6 +79,26 @@ def test_float32_only_picks_the_fastest_float32_mode_however_slow(session, tmp_p
     )
     assert options(session, tmp_path, capsys, rates, 100) == "--tf32"  # the control: too slow
     assert options(session, tmp_path, capsys, {"tf32": 9e6}, 100, float32_only=True) == ""
+
+
+def test_a_mode_that_compiles_pays_for_its_compilation(session, tmp_path, capsys):
+    # 10,000 images at n0 + n = 100,100: 250 s at 4.0M samples/s, 238 s at 4.2M; a compiled
+    # mode whose first call took 90 s longer than its samples loses; without that record, wins
+    rates = {"fp32+pf+pb+fc": 4.0e6, "fp32+pf+pb+fc+compile": 4.2e6}
+    overheads = {"fp32+pf+pb+fc": 1.0, "fp32+pf+pb+fc+compile": 90.0}
+    fused = "--pool-first --bias-after-pool --fused-conv-pool"
+    pick = options(session, tmp_path, capsys, rates, 0, True, overheads, images=10_000)
+    assert pick == fused
+    pick = options(session, tmp_path, capsys, rates, 0, True, images=10_000)
+    assert pick == f"{fused} --compile"
+    # the overhead also decides whether float32 fits the time given (here 300 s)
+    assert options(session, tmp_path, capsys, {"fp32+compile": 4.2e6, "tf32": 5e6}, 300) == (
+        "--tf32"
+    )  # 20,000 images: 477 s
+    few = {"fp32+compile": 4.2e6, "tf32": 5e6}
+    assert options(session, tmp_path, capsys, few, 300, images=10_000) == "--compile"
+    late = {"fp32+compile": 90.0, "tf32": 0.0}
+    assert options(session, tmp_path, capsys, few, 300, False, late, images=10_000) == "--tf32"
 
 
 def test_record_keeps_every_attempt(session, tmp_path, capsys) -> None:
@@ -327,6 +356,11 @@ def test_bad_options_are_refused_before_the_stage(
         ("{not json", "bench.json is not a JSON benchmark"),
         ('{"variants": {"fp32": {"certify": {}}}}', "variant 'fp32' has no certify median rate"),
         ('{"variants": [1]}', "bench.json has no object of variants"),
+        (
+            '{"variants": {"fp32": {"certify": {"median": 1}, '
+            '"certify_first_call_overhead_s": -1}}}',
+            "variant 'fp32' has a first-call overhead that is not a number >= 0",
+        ),
     ],
 )
 def test_certify_options_refuse_a_bad_benchmark(
@@ -355,3 +389,30 @@ def test_robust_weights_and_attack_records_name_their_method(session, tmp_path) 
     trades, at = (Namespace(out=tmp_path, method=m) for m in ("trades", "at"))
     assert session.robust_state(trades) == tmp_path / "robust_trades_state.pt"
     assert session.robust_state(trades) != session.robust_state(at)
+
+
+def test_a_certification_stopped_by_its_time_limit_records_what_it_did(
+    session, monkeypatch, tmp_path, capsys
+) -> None:
+    """A time limit's SIGINT makes Lightning exit; the stage used to record nothing at all."""
+    import torch
+    from lightning.pytorch import Trainer
+
+    torch.save(
+        session.noise_model(argparse.Namespace(**NOISE_ARGS)).state_dict(),
+        tmp_path / "noise_state.pt",
+    )
+
+    def stopped(self, *args, **kwargs):
+        raise SystemExit(1)  # what Lightning does on SIGINT
+
+    monkeypatch.setattr(Trainer, "test", stopped)
+    argv = ["certify", "--out", str(tmp_path), "--accelerator", "cpu", "--tiny", "--compile"]
+    monkeypatch.setattr("sys.argv", ["gpu_session.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        session.main()
+    assert exit_info.value.code == 1  # not a success: the shell does not take it for one
+    (entry,) = json.loads((tmp_path / "results.json").read_text()).values()
+    assert entry["interrupted"] is True and entry["new_images"] == 0
+    assert entry["mode"]["compile"] is True  # which mode ran is on record
+    assert "acr" not in entry  # no summary of a certification that did not finish
