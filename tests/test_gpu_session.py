@@ -407,6 +407,7 @@ def test_a_certification_stopped_by_its_time_limit_records_what_it_did(
         raise SystemExit(1)  # what Lightning does on SIGINT
 
     monkeypatch.setattr(Trainer, "test", stopped)
+    monkeypatch.setattr(session, "FastMNIST", lambda *args: None)  # no MNIST files needed
     argv = ["certify", "--out", str(tmp_path), "--accelerator", "cpu", "--tiny", "--compile"]
     monkeypatch.setattr("sys.argv", ["gpu_session.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
