@@ -132,14 +132,14 @@ def into_ball(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:
 
     In bfloat16 or float16 a point ``x + delta`` with ``||delta|| <= eps`` rounds to the dtype
     (an ulp near 1 is 2^-8 in bfloat16) and can land outside the ball: a robust accuracy "at eps
-    0.3" would be one at up to 0.302. Here coordinates move one representable value towards
-    ``x`` (``torch.nextafter``, never past ``x``, so the point stays in [0, 1]) until
-    ``||x_adv - x||_norm <= eps`` holds exactly (in float64). L-inf: each coordinate beyond eps
-    moves (to the last value inside). L2: in each image outside, the coordinates whose move
-    gives up the least squared norm move first, just enough to cover the excess, so the image
-    stays as far out as the dtype allows (moving every coordinate of a CIFAR-sized image cost
-    20% of the radius). Float32 and float64 points are returned as they are: their own rounding
-    is the tolerance of the bound, as everywhere.
+    0.3" would be one at up to 0.302. L-inf: each coordinate beyond eps goes to the last
+    representable value inside, in one step. L2: in each image outside, the coordinates whose
+    move one representable value towards ``x`` (``torch.nextafter``) gives up the least squared
+    norm move, just enough to cover the excess, repeated until the image is inside, so it stays
+    as far out as the dtype allows (moving every coordinate of a CIFAR-sized image cost 20% of
+    the radius). No coordinate passes ``x``, so points stay in [0, 1]; the bound holds exactly
+    (in float64). Float32 and float64 points are returned as they are: their own rounding is the
+    tolerance of the bound, as everywhere.
 
     Args:
         x: Clean inputs ``(B, ...)`` in [0, 1].
@@ -166,22 +166,37 @@ def into_ball(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:
     wide_x = x.double()
     while True:  # one pass, in practice; each moves a coordinate towards x, so it ends
         delta = x_adv.double() - wide_x  # exact: two bf16/fp16 values in [0, 1]
-        inward = torch.nextafter(x_adv, x)
         if norm == "inf":
-            move = delta.abs() > eps
-        else:
-            outside = norm2(delta) > eps
-            if not outside.any():  # one host sync per pass
+            outside = delta.abs() > eps
+            if not outside.any():  # one host sync
                 return x_adv
-            excess = delta.flatten(1).square().sum(dim=1) - eps**2
-            saving = (delta.square() - (inward.double() - wide_x).square()).flatten(1)
-            ordered, order = saving.sort(dim=1)  # the least radius given up first
-            before = ordered.cumsum(dim=1) - ordered
-            chosen = (before < excess[:, None]) & outside[:, None] & (ordered > 0)
-            move = torch.zeros_like(chosen).scatter_(1, order, chosen).view_as(x_adv)
-        if not move.any():
+            # the representable value nearest the boundary, or the next one towards x if that
+            # is beyond it (a bound computed in the dtype, eps rounded first, can be many
+            # values away)
+            edge = (wide_x + delta.clamp(-eps, eps)).to(x_adv.dtype)
+            beyond = (edge.double() - wide_x).abs() > eps
+            edge = torch.where(beyond, torch.nextafter(edge, x), edge)
+            return torch.where(outside, edge, x_adv)
+        outside = (norm2(delta) > eps).nonzero().squeeze(1)
+        if outside.numel() == 0:  # one host sync per pass
             return x_adv
-        x_adv = torch.where(move, inward, x_adv)
+        # in the images outside: the coordinates whose move gives up the least norm first,
+        # until their savings cover the excess
+        part, base = x_adv[outside], wide_x[outside]
+        inward = torch.nextafter(part, x[outside])
+        gap = delta[outside].flatten(1)
+        saving = gap.square() - (inward.double() - base).flatten(1).square()
+        # ranked by float32 keys (only the order is needed), over all coordinates: ranking only
+        # the few hundred smallest moved some coordinates again in later passes and weakened
+        # bf16 PGD-L2 (3% more robust images on a 3x32x32 CNN)
+        keys = saving.float().masked_fill_(saving <= 0, math.inf)  # a coordinate at x: no move
+        order = keys.argsort(dim=1)
+        ordered = saving.gather(1, order)
+        excess = gap.square().sum(dim=1) - eps**2
+        chosen = (ordered.cumsum(dim=1) - ordered < excess[:, None]) & (ordered > 0)
+        move = torch.zeros_like(gap, dtype=torch.bool).scatter_(1, order, chosen).view_as(part)
+        x_adv = x_adv.clone()
+        x_adv[outside] = torch.where(move, inward, part)
 
 
 def linf_bounds(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:

@@ -758,9 +758,9 @@ def _run(
         run = _Run(x, eps, norm, steps, step_size, random_start, targeted)
         best = best_obj = best_ok = None
         for _ in range(restarts):
-            x_adv = run(forward, y, generator)
+            x_adv = run(forward, y, generator)  # inside the ball, also in bf16/fp16
             if restarts == 1:
-                return into_ball(x, x_adv, eps, norm)
+                return x_adv
             with torch.no_grad():
                 logits = forward(x_adv)
                 loss = cross_entropy(logits, y)
@@ -774,7 +774,7 @@ def _run(
             best = torch.where(view(better, x), x_adv, best)
             best_obj = torch.where(better, obj, best_obj)
             best_ok = best_ok | ok
-        return into_ball(x, best, eps, norm)
+        return best
 
 
 class _Run:
@@ -832,4 +832,5 @@ class _Run:
                 x_adv.clamp_(0.0, 1.0)
                 if self.project:  # bf16/fp16: rounding kept inside the ball
                     x_adv = into_ball(x, x_adv, eps, "2")
-        return x_adv.detach()
+        # a step not projected (one step of at most eps) can round outside too
+        return into_ball(x, x_adv, eps, self.norm).detach()

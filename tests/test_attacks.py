@@ -895,7 +895,12 @@ def test_low_precision_images_stay_inside_the_ball(dtype, method, norm, eps):
     dist = linf(delta) if norm == "inf" else l2(delta)
     assert adv.dtype == dtype and (dist <= eps).all()  # exactly, in float64
     assert adv.min() >= 0 and adv.max() <= 1
-    assert (dist > 0.9 * eps).any()  # the attacks moved the images (to the boundary)
+    # some images end on the boundary, not pulled further in than the dtype needs (Square's
+    # and AutoAttack's points are scaled to the sphere in the dtype's own arithmetic: looser)
+    projected = method not in ("square", "autoattack")
+    reach = eps * (1 - (1e-2 if projected else 2e-2))
+    reach = reach if norm == "2" else eps - torch.finfo(dtype).eps
+    assert dist.max() >= reach, (dist.max(), eps)
     # and every point the attack evaluated the model at was inside too (its decisions were
     # made on the points it returns): each lies within eps of its own clean image (the nearest)
     clean = x.double().flatten(1)
@@ -920,8 +925,10 @@ def test_into_ball_moves_rounded_points_back_no_further_than_needed(dtype):
     after = l2(fixed.double() - wide)
     assert (after <= eps).all()
     assert torch.equal(fixed[before <= eps], rounded[before <= eps])  # those inside: unchanged
-    # pulled back by a hair, not by whole ulps of every coordinate (that lost 20% of the radius)
-    assert (after[before > eps] >= eps * (1 - 1e-3)).all()
+    # pulled back by a hair: the moves that give up the least norm first (in another order they
+    # lost 3.5e-4 of the radius and more; moving every coordinate lost 20% on such images)
+    tolerance = 1e-4 if dtype == torch.bfloat16 else 1e-5
+    assert (after[before > eps] >= eps * (1 - tolerance)).all()
     # L-inf: a coordinate outside moves to the last representable value inside, no further
     eps = 0.3
     sign = torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0).double()

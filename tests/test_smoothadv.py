@@ -143,7 +143,8 @@ def test_low_precision_images_stay_inside_the_ball(dtype):
     eps = 0.3  # uncorrected, 13 of these 64 images ended up to 0.003 (bf16) outside
     x_adv = smoothadv_attack(model, x, y, sigma=SIGMA, eps=eps, steps=5, num_noise_samples=4)
     dist = (x_adv.double() - x.double()).flatten(1).norm(dim=1)
-    assert x_adv.dtype == dtype and (dist <= eps).all() and (dist > 0.9 * eps).any()
+    assert x_adv.dtype == dtype and (dist <= eps).all()
+    assert dist.max() >= eps * (1 - 1e-3)  # on the boundary, not pulled in further
 
 
 def test_per_image_generators_make_results_independent_of_the_batch():
