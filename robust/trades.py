@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robust._attack_core import into_ball
 from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
 
@@ -149,13 +150,18 @@ def _random_rows(grad: Tensor, rows: Tensor, generator: Generators) -> Tensor:
 
 
 def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
-    """Project onto the eps-ball around ``x`` (in place where possible), then clip to [0, 1]."""
+    """Project onto the eps-ball around ``x`` (in place where possible), then clip to [0, 1].
+
+    In bfloat16 or float16 the result is moved back where rounding took it outside the ball
+    (:func:`robust._attack_core.into_ball`), as in the evaluation attacks.
+    """
     if norm == "inf":
-        return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+        projected = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+        return into_ball(x, projected, eps, norm)
     delta = x_adv - x
     norms = torch.linalg.vector_norm(delta.flatten(1), dim=1)
     factor = (eps / norms.clamp_min(torch.finfo(x.dtype).tiny)).clamp_max(1.0)
-    return (x + delta * _view(factor, delta)).clamp_(0.0, 1.0)
+    return into_ball(x, (x + delta * _view(factor, delta)).clamp_(0.0, 1.0), eps, norm)
 
 
 def trades_perturb(

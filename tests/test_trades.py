@@ -60,6 +60,17 @@ def test_inner_maximization_raises_the_kl_and_stays_in_the_ball(norm, eps):
     assert norms(x_adv - x, norm).mean() > 0.9 * eps
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("norm", "eps"), [("inf", 0.3), ("2", 1.1)])
+def test_low_precision_steps_stay_inside_the_ball(dtype, norm, eps):
+    # x + eps and the L2 projection round to the dtype (bf16-true training): moved back inside
+    model = mlp().eval().to(dtype)
+    x = images().to(dtype)
+    x_adv = trades_perturb(model, x, eps=eps, norm=norm, steps=10)
+    assert x_adv.dtype == dtype and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (norms(x_adv.double() - x.double(), norm) <= eps).all()  # exactly, in float64
+
+
 def test_loss_with_beta_zero_is_the_cross_entropy_and_otherwise_the_authors_formula():
     g = torch.Generator().manual_seed(0)
     clean, adv = torch.randn(8, 5, generator=g) * 3, torch.randn(8, 5, generator=g) * 3
