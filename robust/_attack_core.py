@@ -188,7 +188,7 @@ def into_ball(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:
         saving = gap.square() - (inward.double() - base).flatten(1).square()
         # ranked by float32 keys (only the order is needed), over all coordinates: ranking only
         # the few hundred smallest moved some coordinates again in later passes and weakened
-        # bf16 PGD-L2 (3% more robust images on a 3x32x32 CNN)
+        # bf16 PGD-L2 (2.7 points more robust images on a 3x32x32 CNN)
         keys = saving.float().masked_fill_(saving <= 0, math.inf)  # a coordinate at x: no move
         order = keys.argsort(dim=1)
         ordered = saving.gather(1, order)

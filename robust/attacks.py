@@ -51,6 +51,7 @@ from robust._attack_core import (
     norm2_wide,
     others_minus_true,
     prepared,
+    project_l2,
     view,
 )
 from robust.apgd import apgd, apgd_checkpoints, apgd_t, check_target_classes
@@ -825,12 +826,9 @@ class _Run:
                 # underflow) keep an exact direction; a zero gradient gives a zero step, never NaN.
                 gnorm = norm2_wide(grad).clamp_min_(tiny)
                 x_adv.addcdiv_(grad, view(gnorm, grad), value=self.alpha)
-                if self.project:
-                    delta = x_adv.sub_(x)
-                    factor = (eps / norm2(delta).clamp_min_(tiny)).clamp_max_(1.0)
-                    x_adv = delta.mul_(view(factor, delta)).add_(x)
-                x_adv.clamp_(0.0, 1.0)
-                if self.project:  # bf16/fp16: rounding kept inside the ball
-                    x_adv = into_ball(x, x_adv, eps, "2")
+                if self.project:  # onto the ball and [0, 1] (bf16/fp16: rounding kept inside)
+                    x_adv = project_l2(x, x_adv, eps)
+                else:
+                    x_adv.clamp_(0.0, 1.0)
         # a step not projected (one step of at most eps) can round outside too
         return into_ball(x, x_adv, eps, self.norm).detach()

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robust._attack_core import into_ball
+from robust._attack_core import into_ball, project_l2
 from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
 
@@ -158,10 +158,7 @@ def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
     if norm == "inf":
         projected = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
         return into_ball(x, projected, eps, norm)
-    delta = x_adv - x
-    norms = torch.linalg.vector_norm(delta.flatten(1), dim=1)
-    factor = (eps / norms.clamp_min(torch.finfo(x.dtype).tiny)).clamp_max(1.0)
-    return into_ball(x, (x + delta * _view(factor, delta)).clamp_(0.0, 1.0), eps, norm)
+    return project_l2(x, x_adv, eps)
 
 
 def trades_perturb(
