@@ -8,7 +8,8 @@ In one process, with one model (LeNet or SmallCNN on 28x28 MNIST-sized inputs) a
   (``torch.compile``, static shapes), ``graph`` (CUDA graph), ``cb`` (cuDNN autotuning:
   ``torch.backends.cudnn.benchmark``), ``pf`` (ReLU after max-pooling, the default with ``cl``),
   ``pb`` (convolution biases added after their max-pools; with ``pf`` for LeNet), ``fc`` (small
-  convolutions with their pool and ReLU as one Triton kernel, CUDA float32),
+  convolutions with their pool and ReLU as one Triton kernel, CUDA: fp32, tf32's IEEE
+  float32 sums, bf16 with bf16 operands and output),
   ``pp`` / ``mp`` (2x2 max-pools as two elementwise maxima, the CPU default / as written),
   ``nbN`` (noise_block N instead of ``--noise-block``) and ``ntN`` (N noise threads instead of
   Smooth's default), e.g. ``bf16+compile+graph+nb10000``;

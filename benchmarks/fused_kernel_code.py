@@ -34,8 +34,16 @@ LENET_FIRST_BLOCK = {"c_in": 1, "height": 28, "width": 28, "k": 5, "c_out": 20, 
 LENET_FIRST_BLOCK |= {"hp": 12, "wp": 12, "has_bias": True, "relu": True}
 
 
-def compile_for_hopper(block: int, warps: int, shape: dict = LENET_FIRST_BLOCK):
+DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+"""The images' and output's dtype (the weights and bias stay float32): the kernel's variants."""
+
+
+def compile_for_hopper(
+    block: int, warps: int, shape: dict = LENET_FIRST_BLOCK, dtype: str = "fp32"
+):
     """The kernel compiled by Triton for sm_90 with 16-byte aligned pointers (as at run time).
+
+    ``dtype``: the images' and output's (``fp32``, or ``bf16``/``fp16`` under autocast).
 
     Raises:
         RuntimeError: Where this Triton installation cannot compile for CUDA (no ``ptxas``).
@@ -44,8 +52,9 @@ def compile_for_hopper(block: int, warps: int, shape: dict = LENET_FIRST_BLOCK):
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
 
-    constants = {**shape, "block": block}
-    signature = {"x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32"}
+    constants = {**shape, "block": block, "interpreted": False}
+    signature = {"x_ptr": DTYPES[dtype], "w_ptr": "*fp32", "b_ptr": "*fp32"}
+    signature |= {"y_ptr": DTYPES[dtype]}
     signature |= {"total": "i64", **dict.fromkeys(constants, "constexpr")}
     aligned = {(n,): [["tt.divisibility", 16]] for n in range(4)}  # PyTorch's allocations are
     jitted = triton.jit(fused_conv_pool._conv_pool_kernel)
@@ -89,9 +98,9 @@ def resource_usage(cubin: bytes) -> dict | None:
     return {"registers": int(registers.group(1)), "stack_bytes": int(stack.group(1))}
 
 
-def describe(block: int, warps: int) -> dict:
+def describe(block: int, warps: int, dtype: str = "fp32") -> dict:
     """One configuration's code: loop counts from the PTX, registers and stack from the cubin."""
-    compiled = compile_for_hopper(block, warps)
+    compiled = compile_for_hopper(block, warps, dtype=dtype)
     ptx = compiled.asm["ptx"]
     loops = ptx_loops(ptx)
     loop = loops[0] if len(loops) == 1 else ""
@@ -112,6 +121,12 @@ def describe(block: int, warps: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the table here")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="the images' and output's dtype (bf16, fp16: the kernel under autocast)",
+    )
     args = parser.parse_args(argv)
     try:
         import triton
@@ -121,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for config in fused_conv_pool.compiled_kernel().configs:
         try:
-            rows.append(describe(config.kwargs["block"], config.num_warps))
+            rows.append(describe(config.kwargs["block"], config.num_warps, args.dtype))
         except RuntimeError as err:
             print(f"error: this Triton cannot compile for CUDA: {err}")
             return 2
-    print(f"Triton {triton.__version__}, sm_90, LeNet's first block; per thread:")
+    print(f"Triton {triton.__version__}, sm_90, LeNet's first block, {args.dtype}; per thread:")
     print("block warps  registers stack  fma/iteration loads/iteration fma/load  vector weights")
     for r in rows:
         print(
@@ -135,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{'yes' if r['vector_weight_loads'] else 'no'}"
         )
     if args.json:
-        record = {"triton": triton.__version__, "target": "sm_90", "configurations": rows}
+        record = {"triton": triton.__version__, "target": "sm_90", "dtype": args.dtype}
+        record["configurations"] = rows
         args.json.write_text(json.dumps(record, indent=1) + "\n")
     return 0
 

@@ -150,7 +150,7 @@ speed)  # issue 13: every certification lever timed in one process (LeNet and Ci
     timeout --signal=INT --kill-after=10 "${BENCH_S:-170}" python3 benchmarks/certify.py \
       --device "$DEVICE" --repeats 3 --budget-s $(( ${BENCH_S:-170} - 40 )) --no-sweep \
       --profile --profile-variant "${PROFILE_VARIANT:-fp32+pf+pb+fc}" \
-      --variants "${BENCH_VARIANTS:-fp32,fp32+pf+pb,fp32+pf+pb+fc,fp32+fc,fp32+cl,fp32+pf+pb+fc+graph,tf32+pf+pb,bf16,bf16+pf+pb,fp32+pf+pb+fc+compile}" \
+      --variants "${BENCH_VARIANTS:-fp32,fp32+pf+pb,fp32+pf+pb+fc,fp32+fc,fp32+cl,fp32+pf+pb+fc+graph,tf32+pf+pb,bf16,bf16+pf+pb,bf16+pf+pb+fc,fp32+pf+pb+fc+compile}" \
       $TINY_BENCH --json "$OUT/bench.json" 2>&1 | grep --line-buffered -vE "$quiet" | tee -a "$log"
   fi
   # the fastest IEEE float32 mode measured (the issue's target), whether or not it finishes in

@@ -12,11 +12,13 @@ TF32), keeps their maximum, adds the bias and rectifies.
 
 The values equal PyTorch's up to the rounding of the convolution's sums, whose order differs
 from cuDNN's (the same classifier up to float rounding, as ``channels_last`` or ``compile``);
-max-pooling and ReLU commute exactly, and NaN propagates as in PyTorch. The kernel runs only for
-CUDA float32 inputs outside autocast and without gradients; everything else, and any layer whose
-settings changed since the rewrite, runs the original modules. The first call of each fused layer
-on a GPU checks the kernel against the original modules on the first rows and refuses (an error,
-never a silent other classifier) if they disagree beyond float rounding.
+max-pooling and ReLU commute exactly, and NaN propagates as in PyTorch. The kernel runs for CUDA
+inputs without gradients in float32, and in bfloat16 or float16 (under autocast, or a model in
+that dtype) as PyTorch's convolution of such tensors computes: operands rounded to the dtype,
+float32 sums, the output rounded to the dtype (half the bytes written); everything else, and any
+layer whose settings changed since the rewrite, runs the original modules. The first call of each
+fused layer on a GPU checks the kernel against the original modules on the first rows and refuses
+(an error, never a silent other classifier) if they disagree beyond float rounding.
 
 Under ``TRITON_INTERPRET``-style interpretation (:func:`interpreted_kernel`) the same kernel runs
 on CPU tensors, which is how the tests check it without a GPU.
@@ -52,6 +54,10 @@ MAX_TAPS = 75
 MAX_CHANNELS = 64
 """Largest C_out fused: every program holds all output channels of its positions."""
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes the kernel computes in (float32 sums; the output rounded to the dtype)."""
+"""Largest C_out fused: every program holds all output channels of its positions."""
+
 BLOCK = 64
 """Pooled positions per program of the interpreted kernel (the compiled one is autotuned)."""
 
@@ -73,6 +79,7 @@ def _conv_pool_kernel(
     has_bias: constexpr,
     relu: constexpr,
     block: constexpr,
+    interpreted: constexpr,
 ):
     """y[b, c, i, j] = relu(max over the 2x2 window at (2i, 2j) of conv(x)[b, c] + bias[c]).
 
@@ -97,11 +104,11 @@ def _conv_pool_kernel(
     for tap in range(c_in * k * k):
         ci, kh, kw = tap // (k * k), (tap % (k * k)) // k, tap % k
         wv = tl.load(w_ptr + tap * c_pad + c)[:, None]
-        x = corner + (ci * height * width + kh * width + kw)
-        top_left += wv * tl.load(x, mask=valid, other=0.0)[None, :]
-        top_right += wv * tl.load(x + 1, mask=valid, other=0.0)[None, :]
-        bottom_left += wv * tl.load(x + width, mask=valid, other=0.0)[None, :]
-        bottom_right += wv * tl.load(x + width + 1, mask=valid, other=0.0)[None, :]
+        x = corner + (ci * height * width + kh * width + kw)  # bf16/fp16 widen exactly
+        top_left += wv * tl.load(x, mask=valid, other=0.0).to(tl.float32)[None, :]
+        top_right += wv * tl.load(x + 1, mask=valid, other=0.0).to(tl.float32)[None, :]
+        bottom_left += wv * tl.load(x + width, mask=valid, other=0.0).to(tl.float32)[None, :]
+        bottom_right += wv * tl.load(x + width + 1, mask=valid, other=0.0).to(tl.float32)[None, :]
     # NaN wins, as in PyTorch's max-pool and ReLU
     top = tl.maximum(top_left, top_right, propagate_nan=tl.PropagateNan.ALL)
     bottom = tl.maximum(bottom_left, bottom_right, propagate_nan=tl.PropagateNan.ALL)
@@ -111,8 +118,17 @@ def _conv_pool_kernel(
         best = best + tl.load(b_ptr + c, mask=c_valid, other=0.0)[:, None]
     if relu:
         best = tl.maximum(best, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if interpreted and y_ptr.dtype.element_ty == tl.bfloat16:
+        # Triton's interpreter converts to bfloat16 by truncating (and flushes subnormals):
+        # rounded to nearest even on the bits, the top half kept, NaN kept; compiled kernels
+        # convert with cvt.rn (the same rounding; on the bits, registers spill)
+        bits = best.to(tl.uint32, bitcast=True)
+        bits = tl.where(best != best, 0x7FC0, (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16)
+        rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        rounded = best.to(y_ptr.dtype.element_ty)  # round to nearest even (or float32 itself)
     out = image[None, :] * (c_out * hp * wp) + c[:, None] * (hp * wp) + (i * wp + j)[None, :]
-    tl.store(y_ptr + out, best, mask=c_valid[:, None] & valid[None, :])
+    tl.store(y_ptr + out, rounded, mask=c_valid[:, None] & valid[None, :])
 
 
 def fusion_available(device: torch.device) -> bool:
@@ -175,6 +191,13 @@ def interpreted_kernel():
     return InterpretedFunction(_conv_pool_kernel)
 
 
+def _is_interpreted(kernel) -> bool:
+    """Whether ``kernel`` is run by Triton's interpreter (:func:`interpreted_kernel`)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
 def conv_pool(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -184,15 +207,20 @@ def conv_pool(
 ) -> torch.Tensor:
     """``relu(max_pool2d(conv2d(x, weight, bias), 2))`` (ReLU optional) in one kernel launch.
 
+    The sums are float32 whatever the dtypes (bfloat16 and float16 operands widen exactly); the
+    output is rounded to ``x``'s dtype, to nearest even.
+
     Args:
-        x: (N, C_in, H, W) float32 images (any memory layout; read as contiguous).
-        weight: (C_out, C_in, K, K) float32, stride-1 convolution without padding.
+        x: (N, C_in, H, W) float32, bfloat16 or float16 images (any memory layout; read as
+            contiguous).
+        weight: (C_out, C_in, K, K), stride-1 convolution without padding; its values are used
+            as they are (a bfloat16 convolution's weights come rounded already).
         bias: (C_out,) or None.
         relu: Rectify the pooled values.
         kernel: The Triton kernel to launch; default :func:`compiled_kernel` (CUDA).
 
     Returns:
-        (N, C_out, (H - K + 1) // 2, (W - K + 1) // 2), contiguous float32.
+        (N, C_out, (H - K + 1) // 2, (W - K + 1) // 2), contiguous, ``x``'s dtype.
 
     Examples:
         >>> x, w = torch.randn(2, 1, 8, 8), torch.randn(3, 1, 3, 3)
@@ -206,9 +234,10 @@ def conv_pool(
     c_out, _, k, _ = weight.shape
     hp, wp = (height - k + 1) // 2, (width - k + 1) // 2
     c_pad = max(2, 1 << (c_out - 1).bit_length())
-    by_tap = weight.new_zeros((c_in * k * k, c_pad))  # (taps, channels), zero-padded
+    by_tap = weight.new_zeros((c_in * k * k, c_pad), dtype=torch.float32)  # (taps, channels)
     by_tap[:, :c_out] = weight.reshape(c_out, -1).t()
-    y = torch.empty((n, c_out, hp, wp), device=x.device, dtype=torch.float32)
+    bias = bias.float() if bias is not None else None
+    y = torch.empty((n, c_out, hp, wp), device=x.device, dtype=x.dtype)
     total = n * hp * wp
     if total == 0:
         return y
@@ -235,6 +264,7 @@ def conv_pool(
         wp=wp,
         has_bias=bias is not None,
         relu=relu,
+        interpreted=not tuned and _is_interpreted(kernel),
         **block,
     )
     return y
@@ -284,46 +314,67 @@ class FusedConvPool(nn.Module):
         y = pool(conv(x))
         return torch.relu(y) if self.relu else y
 
-    def _kernel_applies(self, x: torch.Tensor) -> bool:
+    def _kernel_runs_on(self, x: torch.Tensor) -> bool:
+        """Whether the compiled kernel can take ``x``: a CUDA tensor, with Triton installed."""
+        return tl is not None and x.is_cuda
+
+    def _computed_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype PyTorch's layers would compute ``x`` in, where the kernel computes them.
+
+        Under autocast that is autocast's dtype (which its convolution casts float32 operands
+        to); otherwise ``x``'s, the parameters' too. None where the kernel does not apply: a
+        layer no longer fusable, float64, mixed dtypes (PyTorch's own error then), gradients.
+        """
         conv, pool = self._source
-        weight, bias = conv.weight, conv.bias
-        return (
-            tl is not None
-            and x.is_cuda
-            and x.dim() == 4
-            and x.dtype == weight.dtype == torch.float32
-            and (bias is None or bias.dtype == torch.float32)
-            and not torch.is_autocast_enabled("cuda")
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and _fusable_conv(conv)
-            and is_plain_2x2_max_pool(pool)
-        )
+        operands = [x, conv.weight] + ([conv.bias] if conv.bias is not None else [])
+        if (
+            x.dim() != 4
+            or not (_fusable_conv(conv) and is_plain_2x2_max_pool(pool))
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in operands))
+        ):
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            casts = all(t.dtype in KERNEL_DTYPES for t in operands)  # not float64 ones
+            return dtype if casts and dtype in KERNEL_DTYPES else None
+        same = all(t.dtype == x.dtype for t in operands)
+        return x.dtype if same and x.dtype in KERNEL_DTYPES else None
+
+    def _operands(self, x: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """``x``, the weights and the bias as PyTorch's convolution in ``dtype`` takes them."""
+        conv, _ = self._source
+        bias = conv.bias.to(dtype) if conv.bias is not None else None
+        return x.to(dtype), conv.weight.to(dtype), bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled (and rectified) convolution of ``x``."""
-        if not self._kernel_applies(x):
+        dtype = self._computed_dtype(x) if self._kernel_runs_on(x) else None
+        if dtype is None:
             return self._unfused(x)
-        conv, _ = self._source
-        y = conv_pool(x, conv.weight, conv.bias, self.relu, kernel=self.kernel)
+        operands = self._operands(x, dtype)
+        y = conv_pool(*operands, self.relu, kernel=self.kernel)
         if not self.checked:
-            self.check(x, y)
+            self.check(operands[0], y)
         return y
 
     def check(self, x: torch.Tensor, y: torch.Tensor, rows: int = 256) -> None:
-        """Compare the kernel's values with the modules' on the first ``rows`` images.
+        """Compare the kernel's values ``y`` of images ``x`` with the modules' (first ``rows``).
 
         The reference is the same layers in float64 (whatever TF32 or cuDNN settings are in
-        force). A float32 sum of T products, in any order, lies within ``T * eps / 2 *
-        sum(|products|)`` of the exact sum, so the tolerance is twice that bound, from the
-        convolution of ``|x|`` with ``|w|``, plus the bias's rounding.
+        force) on the operands rounded to ``y``'s dtype, as PyTorch's convolution in that dtype
+        takes them. A float32 sum of T products, in any order, lies within ``T * eps / 2 *
+        sum(|products|)`` of the exact sum, so the sum's tolerance is twice that bound, from the
+        convolution of ``|x|`` with ``|w|``, plus the bias's rounding; rounding the result to
+        a bfloat16 or float16 output may then land one unit in the last place away.
 
         Raises:
             RuntimeError: If they differ by more, or in where NaN is.
         """
+        x, weight, bias = self._operands(x[:rows], y.dtype)
         conv, _ = self._source
         with torch.no_grad():  # in float64: exact enough, and free of TF32 and cuDNN's choices
-            x64, weight = x[:rows].double(), conv.weight.double()
-            bias = conv.bias.double() if conv.bias is not None else None
+            x64, weight = x.double(), weight.double()
+            bias = bias.double() if bias is not None else None
             expected = torch.max_pool2d(conv._conv_forward(x64, weight, bias), 2)
             expected = torch.relu(expected) if self.relu else expected
             magnitude = conv._conv_forward(x64.abs(), weight.abs(), None)
@@ -332,16 +383,21 @@ class FusedConvPool(nn.Module):
             return
         taps = conv.in_channels * conv.kernel_size[0] ** 2
         eps = torch.finfo(torch.float32).eps
-        largest_bias = conv.bias.abs().max().item() if conv.bias is not None else 0.0
+        largest_bias = bias.abs().max().item() if bias is not None else 0.0
         largest_sum = magnitude.nan_to_num(posinf=0.0).max().item()
         tolerance = taps * eps * (largest_sum + largest_bias) + eps
+        if y.dtype != torch.float32:  # one unit in the last place of the output's dtype
+            ulp = torch.finfo(y.dtype).eps * expected.abs().nan_to_num(posinf=0.0)
+            tolerance = tolerance + ulp  # an infinite one must match exactly
+        expected = expected.to(y.dtype).double()  # where the output overflows, so do the layers
         same_nan = torch.equal(got.isnan(), expected.isnan())
-        error = (got - expected).nan_to_num().abs().max().item()
-        if not same_nan or error > tolerance:
+        error = torch.where(got == expected, 0.0, got - expected).nan_to_num().abs()
+        if not same_nan or (error > tolerance).any():
             raise RuntimeError(
-                f"the fused convolution-pool kernel disagrees with PyTorch's layers by {error:.3g} "
-                f"(float32 rounding allows {tolerance:.3g}): not used; certify without "
-                "fused_conv_pool"
+                f"the fused convolution-pool kernel disagrees with PyTorch's layers by "
+                f"{error.max().item():.3g} in {str(y.dtype).removeprefix('torch.')} "
+                f"(rounding allows {torch.as_tensor(tolerance).max().item():.3g}): not used; "
+                "certify without fused_conv_pool"
             )
         self.checked = True
 

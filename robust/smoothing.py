@@ -358,10 +358,11 @@ class Smooth:
             applies after ``pool_first`` has brought a ReLU behind its pool. Off by default:
             a GPU lever (the bias adds took 2.3 of LeNet's 15.0 ms on an H200), not yet timed.
         fused_conv_pool: Evaluate each small convolution with its 2x2 max-pool and ReLU (LeNet's
-            first block) as one Triton kernel on CUDA float32 inputs outside autocast
+            first block) as one Triton kernel on CUDA, in float32 or in autocast's bf16/fp16
             (``robust.fused_conv_pool``: the same classifier up to the rounding of the
-            convolution's sums; checked against PyTorch's layers at its first call); elsewhere
-            the layers run as written. Off by default: a GPU lever not yet timed.
+            convolution's sums, float32 in every mode; checked against PyTorch's layers at its
+            first call); elsewhere the layers run as written. Off by default: a GPU lever not
+            yet timed.
         pairwise_pool: Evaluate f with its plain 2x2 (and adaptive) max-pools as two
             elementwise maxima (``robust.pairwise_pool``: the same values, without the CPU
             pooling kernel's indices); ``None``: on CPUs, where LeNet's channels-last forward

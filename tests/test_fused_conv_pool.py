@@ -8,6 +8,7 @@ must refuse; and Smooth's certificates with the kernel against those of the mode
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -59,6 +60,67 @@ def test_nan_and_infinities_propagate_as_in_pytorch():
     torch.testing.assert_close(got.nan_to_num(), expected.nan_to_num(), rtol=1e-5, atol=1e-5)
 
 
+def rounded_reference(x, weight, bias, relu):
+    """PyTorch's layers in float64 on the operands as given, rounded once to ``x``'s dtype."""
+    bias = bias.double() if bias is not None else None
+    return reference(x.double(), weight.double(), bias, relu).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("n", "c_in", "height", "width", "k", "c_out"),
+    [(3, 1, 28, 28, 5, 20), (2, 3, 11, 9, 3, 7)],
+)
+def test_low_precision_inputs_are_summed_in_float32_and_rounded_once(
+    dtype, n, c_in, height, width, k, c_out
+):
+    """bf16/fp16 operands: float32 sums, the output in the dtype (as PyTorch's convolution)."""
+    torch.manual_seed(0)
+    x = torch.randn(n, c_in, height, width).to(dtype)
+    weight, bias = torch.randn(c_out, c_in, k, k).to(dtype), torch.randn(c_out).to(dtype)
+    got = conv_pool(x, weight, bias, True, kernel=interpreted_kernel())
+    expected = rounded_reference(x, weight, bias, True)
+    assert got.dtype == dtype and got.shape == expected.shape
+    # the float32 sum differs from the exact one by far less than the dtype's unit: the same
+    # value, except where the exact sum lies within float32 rounding of a rounding boundary
+    ulp = torch.finfo(dtype).eps * expected.double().abs()
+    assert ((got.double() - expected.double()).abs() <= ulp).all()
+    assert (got == expected).double().mean() > 0.995
+    # a float32 output of the same operands, rounded afterwards, is the same tensor
+    widened = conv_pool(x.float(), weight.float(), bias.float(), True, kernel=interpreted_kernel())
+    assert torch.equal(widened.to(dtype), got)
+
+
+def test_the_output_is_rounded_to_nearest_even_as_pytorch_rounds():
+    """Ties, overflow and NaN: each value v becomes v.to(bfloat16) (the interpreter's own
+    conversion truncates: 1 + 3/256 would be 1 + 1/128, not 1 + 1/64)."""
+    torch.manual_seed(2)
+    special = [1 + 1 / 256, 1 + 3 / 256, -(1 + 3 / 256), 3.4e38, -3.4e38, 3.38e38, 0.0]
+    special += [float("nan"), float("inf"), 2.0**-130, 1 + 2**-9]
+    v = torch.cat([torch.tensor(special), torch.randn(500) * 10.0 ** torch.randint(-8, 8, (500,))])
+    x = v[:, None, None, None].expand(-1, 1, 2, 2).contiguous()  # each window: four copies of v
+    weight = torch.ones(1, 1, 1, 1)
+    for dtype in (torch.bfloat16, torch.float16):
+        # the float32 value of the window, rounded by the kernel's store to the dtype
+        got = conv_pool(x, weight, None, False, kernel=interpreted_kernel())
+        torch.testing.assert_close(got.flatten(), v, rtol=0, atol=0, equal_nan=True)
+        y = torch.empty(len(v), 1, 1, 1, dtype=dtype)
+        rounded = store_rounded(x, weight, y)
+        assert torch.equal(rounded.flatten().isnan(), v.isnan())
+        assert torch.equal(rounded.flatten().nan_to_num(), v.to(dtype).nan_to_num()), dtype
+
+
+def store_rounded(x, weight, y):
+    """The kernel on float32 ``x`` writing into ``y`` of a lower-precision dtype."""
+    by_tap = torch.zeros(1, 2)
+    by_tap[:, :1] = weight.reshape(1, -1).t()
+    interpreted_kernel()[(math.ceil(len(x) / 64),)](
+        x, by_tap, by_tap, y, len(x), c_in=1, height=2, width=2, k=1, c_out=1, c_pad=2,
+        hp=1, wp=1, has_bias=False, relu=False, block=64, interpreted=True,
+    )  # fmt: skip
+    return y
+
+
 def lenet() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(Normalize([0.1307], [0.3081]), LeNet(1, 10)).eval()
@@ -98,7 +160,7 @@ def test_only_small_plain_convolutions_are_fused(conv):
 def forced_kernel(monkeypatch):
     """Run the kernel (interpreted) wherever a fused layer would on a GPU."""
     monkeypatch.setattr(fused, "fusion_available", lambda device: True)
-    monkeypatch.setattr(FusedConvPool, "_kernel_applies", lambda self, x: True)
+    monkeypatch.setattr(FusedConvPool, "_kernel_runs_on", lambda self, x: True)
     monkeypatch.setattr(fused, "compiled_kernel", interpreted_kernel)
     real = fused.conv_pool
 
@@ -129,6 +191,63 @@ def test_the_first_call_checks_the_kernel_and_refuses_a_wrong_one(monkeypatch):
     assert not fresh.checked
 
 
+def test_the_layer_computes_in_the_dtype_pytorchs_convolution_would(monkeypatch):
+    """Autocast's dtype, else the model's; float64, mixed dtypes and gradients: the layers."""
+    forced_kernel(monkeypatch)
+    calls = []
+    real = fused.conv_pool
+
+    def counted(x, weight, bias, relu, kernel=None):
+        calls.append((x.dtype, weight.dtype, None if bias is None else bias.dtype))
+        return real(x, weight, bias, relu, kernel=kernel)
+
+    monkeypatch.setattr(fused, "conv_pool", counted)
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2))
+    x = torch.rand(4, 1, 16, 16)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's conv casts x, w and b
+            expected = net(x)
+            got = fuse_conv_pool(net)(x)
+        assert calls == [(torch.bfloat16,) * 3] and got.dtype == expected.dtype == torch.bfloat16
+        assert (got == expected).double().mean() > 0.99
+        ulp = torch.finfo(torch.bfloat16).eps * expected.double().abs()
+        assert ((got.double() - expected.double()).abs() <= ulp).all()
+        half = net.half()  # a model in float16: its own dtype, outside autocast
+        got = fuse_conv_pool(half)(x.half())
+        assert calls[-1] == (torch.float16,) * 3 and got.dtype == torch.float16
+        torch.testing.assert_close(got, half(x.half()), rtol=1e-3, atol=1e-3)
+        calls.clear()
+        wide = net.double()  # float64 and mixed dtypes: the layers themselves, and their error
+        assert torch.equal(fuse_conv_pool(wide)(x.double()), wide(x.double()))
+        with pytest.raises(RuntimeError, match=r"should be the same|same dtype"):
+            fuse_conv_pool(wide)(x)
+        assert calls == []
+    net.float()
+    y = fuse_conv_pool(net)(x)  # the weights want gradients: the layers, which give them
+    assert calls == [] and y.requires_grad
+    y.sum().backward()
+    assert net[0].weight.grad is not None
+
+
+def test_the_check_refuses_a_low_precision_result_off_by_more_than_rounding(monkeypatch):
+    real = forced_kernel(monkeypatch)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2))
+    x = torch.rand(5, 1, 10, 10) + 1  # pooled values of about 1: one bf16 unit is 1/128
+
+    def two_units_off(x, weight, bias, relu, kernel=None):
+        y = real(x, weight, bias, relu, kernel=interpreted_kernel())
+        return (y.float() + 2 * torch.finfo(y.dtype).eps * y.float().abs()).to(y.dtype)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fuse_conv_pool(net)(x)  # the kernel itself passes
+        monkeypatch.setattr(fused, "conv_pool", two_units_off)
+        with pytest.raises(
+            RuntimeError, match=r"disagrees with PyTorch's layers by .* in bfloat16"
+        ):
+            fuse_conv_pool(net)(x)
+
+
 def test_smooth_with_the_kernel_certifies_as_the_written_model(monkeypatch):
     torch.manual_seed(0)  # LeNet's kind of block on 8x8 images: the interpreter is slow
     model = nn.Sequential(
@@ -145,9 +264,17 @@ def test_smooth_with_the_kernel_certifies_as_the_written_model(monkeypatch):
     assert [(c.prediction, c.count_a, c.radius) for c in got] == [
         (c.prediction, c.count_a, c.radius) for c in expected
     ]
+    # under bf16 autocast the kernel computes the bf16 classifier (to a unit of rounding)
+    low = dict(batch_size=700, pairwise_pool=False, autocast_dtype=torch.bfloat16)
+    smooth = Smooth(model, 3, 0.25, fused_conv_pool=True, **low)
+    got = smooth.certify_batch(images, [0, 1, 2], 20, 200, 0.01)
+    assert smooth._model[0].checked
+    monkeypatch.undo()  # from here, a CPU: nothing is fused, the pairwise pools stay
+    expected = Smooth(model, 3, 0.25, **low).certify_batch(images, [0, 1, 2], 20, 200, 0.01)
+    assert [c.prediction for c in got] == [c.prediction for c in expected]
+    assert all(abs(a.count_a - b.count_a) <= 2 for a, b in zip(got, expected, strict=True))
     with pytest.raises(SettingError, match="fused_conv_pool"):
         Smooth(model, 3, 0.25, fused_conv_pool=1.5)
-    monkeypatch.undo()  # on a CPU nothing is fused: the pairwise pools stay
     on_cpu = Smooth(model, 3, 0.25, fused_conv_pool=True)
     assert on_cpu.fused_conv_pool and type(on_cpu._model[0]) is nn.Conv2d
 
@@ -165,14 +292,15 @@ def test_the_certification_callback_passes_the_fusion_on():
         Certification(fused_conv_pool="yes")
 
 
-def test_the_kernel_compiles_for_a_hopper_gpu_with_float32_multiply_adds(load_script):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_kernel_compiles_for_a_hopper_gpu_with_float32_multiply_adds(load_script, dtype):
     """Triton compiles every autotuned configuration for sm_90 (H100, H200) without a GPU."""
     triton = pytest.importorskip("triton")
     code = load_script("benchmarks/fused_kernel_code.py")
     for config in fused.compiled_kernel().configs:
         block, warps = config.kwargs["block"], config.num_warps
         try:
-            compiled = code.compile_for_hopper(block, warps)
+            compiled = code.compile_for_hopper(block, warps, dtype=dtype)
         except RuntimeError as err:  # no ptxas in this Triton installation
             pytest.skip(f"Triton {triton.__version__} cannot compile for CUDA here: {err}")
         ptx = compiled.asm["ptx"]
@@ -182,6 +310,9 @@ def test_the_kernel_compiles_for_a_hopper_gpu_with_float32_multiply_adds(load_sc
         fmas = loop.count("fma.rn.f32")
         assert fmas == 4 * 32 * block // (32 * warps), (block, warps)
         assert "mma.sync" not in ptx and "wgmma" not in ptx
+        if dtype == "bf16":  # bf16 images widened; the output rounded to nearest even
+            assert "cvt.f32.bf16" in ptx and "cvt.rn.bf16.f32" in ptx
+            assert not re.search(r"cvt\.rz[.\w]*bf16", ptx)
         # each tap's weights serve the 4 outputs, and are vector loads where a thread holds
         # channels in a row: at least 2.5 multiply-adds per load (with a loop per output and
         # the weights in PyTorch's order, one load per multiply-add)
