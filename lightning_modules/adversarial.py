@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.backbones import SmallCNN
 from lightning_modules.standard import BackboneFactory, StandardClassifier, _adam
+from robust._attack_core import float_logits
 from robust.attacks import AttackSpec, attack, check_ball
 from robust.checks import SettingError, check_choice, check_int, check_real, check_unused_at_default
 from robust.modes import eval_mode
@@ -103,9 +104,12 @@ def grad_align_penalty(
     regularizer is :math:`\mathbb{E}[1 - \cos(\nabla_x \ell(x, y), \nabla_x \ell(x+\eta, y))]`,
     differentiable in the model's parameters through the second gradient (double backprop; the
     first is a constant, as in the authors' code). Images whose gradient is exactly zero at
-    either point are left out of the mean (as the authors do); ``x + eta`` is clipped to [0, 1].
-    The gradients are taken with the model in eval mode (no dropout, batch-norm running
-    statistics; submodule modes restored), so both see the same function.
+    either point are left out of the mean (as the authors do). ``x + eta`` is not clipped to
+    [0, 1], as in the paper and the authors' ``get_input_grad``: the regularizer compares
+    gradients over the whole eps-cube (clipping would drop half of it at MNIST's many pixels of
+    exactly 0 or 1); the attack's own points stay in [0, 1]. The gradients are taken with the
+    model in eval mode (no dropout, batch-norm running statistics; submodule modes restored), so
+    both see the same function.
 
     Args:
         model: Classifier mapping ``(B, ...)`` images in [0, 1] to ``(B, C)`` logits.
@@ -134,7 +138,7 @@ def grad_align_penalty(
         x = x.detach()
         clean = x.clone().requires_grad_(True)
         (g1,) = torch.autograd.grad(_summed_ce(model, clean, y), clean)
-        noisy = (x + _uniform_ball(x, eps, norm, generator)).clamp(0.0, 1.0).requires_grad_(True)
+        noisy = (x + _uniform_ball(x, eps, norm, generator)).requires_grad_(True)
         (g2,) = torch.autograd.grad(_summed_ce(model, noisy, y), noisy, create_graph=True)
     g1, g2 = g1.detach().flatten(1).float(), g2.flatten(1).float()
     n1 = torch.linalg.vector_norm(g1, dim=1)
@@ -148,9 +152,7 @@ def grad_align_penalty(
 def _summed_ce(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
     """Summed cross-entropy (per-image gradients independent of the batch) in >= float32."""
     logits = model(x)
-    return F.cross_entropy(
-        logits.to(torch.promote_types(logits.dtype, torch.float32)), y, reduction="sum"
-    )
+    return F.cross_entropy(float_logits(logits), y, reduction="sum")
 
 
 class AdversarialClassifier(StandardClassifier):
@@ -422,7 +424,7 @@ class AdversarialClassifier(StandardClassifier):
         if k > 0 and spec.eps > 0:
             x = torch.cat([attack(self, x[:k], y[:k], spec), x[k:]])
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(float_logits(logits), y)
         if self.grad_align_weight > 0 and spec.eps > 0:
             penalty = grad_align_penalty(self, clean, y, spec.eps, spec.norm)
             loss = loss + self.grad_align_weight * penalty

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lightning_modules.backbones import SmallCNN
 from lightning_modules.standard import BackboneFactory, StandardClassifier, _adam
+from robust._attack_core import float_logits
 from robust.attacks import check_ball
 from robust.checks import SettingError, check_int, check_real, check_unused_at_default
 from robust.sharding import image_seed
@@ -42,14 +43,17 @@ def consistency_terms(logits: Tensor) -> tuple[Tensor, Tensor]:
 
     Gradients flow through p_hat as in the authors' code (it is not detached).
 
+    Computed in at least float32: in bfloat16 the KL of nearby distributions is mostly rounding
+    (negative for many images).
+
     Args:
         logits: ``(m, B, num_classes)`` logits of the m noisy copies of B images.
 
     Returns:
-        ``(kl, entropy)``, each of shape ``(B,)``.
+        ``(kl, entropy)``, each of shape ``(B,)``, at least float32.
     """
     m = logits.shape[0]
-    log_p = logits.log_softmax(dim=-1)
+    log_p = float_logits(logits).log_softmax(dim=-1)
     log_p_hat = torch.logsumexp(log_p, dim=0) - math.log(m)  # log of the mean of the softmaxes
     p_hat = log_p_hat.exp()
     kl = (p_hat * (log_p_hat - log_p)).sum(dim=-1).mean(dim=0)
@@ -277,7 +281,8 @@ class NoiseAugmentedClassifier(StandardClassifier):
             self.log("train/smoothadv_eps", eps, on_step=False, on_epoch=True, sync_dist=True)
         logits = self(noisy)
         targets = y.repeat(m)
-        loss = F.cross_entropy(logits, targets)  # = mean over copies of the per-copy mean CE
+        # = mean over copies of the per-copy mean CE
+        loss = F.cross_entropy(float_logits(logits), targets)
         if self.consistency_weight > 0 or self.entropy_weight > 0:
             kl, entropy = consistency_terms(logits.view(m, batch, -1))
             loss = loss + self.consistency_weight * kl.mean() + self.entropy_weight * entropy.mean()

@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.backbones import Normalize, SmallCNN
+from robust._attack_core import float_logits
 from robust.checks import SettingError
 from robust.modes import eval_mode
 from robust.sharding import (
@@ -87,6 +89,9 @@ class StandardClassifier(LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # torchmetrics' means: Lightning's own sync_dist mean floors its integer count of images
+        # when the processes evaluate unequal numbers (Lightning-AI/pytorch-lightning#21859)
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     def _check_backbone_takes_images(self) -> None:
         """Fail at configuration time when the backbone cannot take the data's images."""
@@ -163,7 +168,7 @@ class StandardClassifier(LightningModule):
             The loss, the logits the training accuracy is measured on, and their targets.
         """
         logits = self(x)
-        return F.cross_entropy(logits, y), logits, y
+        return F.cross_entropy(float_logits(logits), y), logits, y
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         """Train on one batch and log ``train/loss`` and ``train/acc``."""
@@ -174,31 +179,33 @@ class StandardClassifier(LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def _evaluate(
-        self, batch: Sequence[Tensor], batch_idx: int, stage: str, metric: MulticlassAccuracy
-    ) -> None:
+    def _evaluate(self, batch: Sequence[Tensor], batch_idx: int, stage: str) -> None:
+        """Clean accuracy and mean loss of one evaluation batch, the sampler's repeats left out."""
+        accuracy, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
         x, y = batch[0], batch[1]
         logits = self(x)
         padded = sampler_padding(self._trainer, stage, batch_idx, len(y)) if self._trainer else None
         repeats = 0 if padded is None else int(padded.sum())
+        # the distributed sampler's repeats are left out: each image counts once, as on one process
+        counted = len(y) - repeats
         if 0 < repeats < len(y):
-            # the distributed sampler's repeats: counted once, as on one process
             keep = ~padded.to(y.device)
             logits, y = logits[keep], y[keep]
-        if repeats < len(y):
-            metric.update(logits, y)
-        # logged on every process and batch: its epoch-end reduction is a collective call
-        loss = F.cross_entropy(logits, y)
-        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(y))
-        self.log(f"{stage}/acc", metric, prog_bar=True)
+        if counted:
+            accuracy.update(logits, y)
+        # updated on every process and batch (their epoch-end reduction is a collective call); a
+        # batch of repeats only weighs nothing in the mean
+        mean_loss.update(F.cross_entropy(float_logits(logits), y), weight=counted)
+        self.log(f"{stage}/loss", mean_loss)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True)
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         """Log clean ``val/loss`` and ``val/acc`` (on N processes, each image once)."""
-        self._evaluate(batch, batch_idx, "val", self.val_acc)
+        self._evaluate(batch, batch_idx, "val")
 
     def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         """Log clean ``test/loss`` and ``test/acc`` (on N processes, each image once)."""
-        self._evaluate(batch, batch_idx, "test", self.test_acc)
+        self._evaluate(batch, batch_idx, "test")
 
     def predict_step(self, batch: Sequence[Tensor] | Tensor, batch_idx: int) -> Tensor:
         """Predicted classes ``(B,)`` for a batch of images (with or without labels)."""

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from robust._attack_core import into_ball
+from robust._attack_core import float_logits, into_ball
 from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
 
@@ -123,7 +123,7 @@ def soft_smoothed_log_prob(
             f"{', '.join(map(str, x.shape))}); got {tuple(noise.shape)}"
         )
     logits = model((x.unsqueeze(0) + noise).flatten(0, 1))
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).view(m, batch, -1)
+    logits = float_logits(logits).view(m, batch, -1)
     log_p = logits.log_softmax(dim=-1)
     log_p_y = log_p.gather(2, y.view(1, batch, 1).expand(m, batch, 1)).squeeze(2)
     return torch.logsumexp(log_p_y, dim=0) - math.log(m)

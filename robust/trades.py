@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robust._attack_core import into_ball, project_l2
+from robust._attack_core import float_logits, into_ball, project_l2
 from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
 
@@ -77,9 +77,8 @@ def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
         >>> round(kl_divergence(p, q).item(), 6)  # 0.5 log(2/3) + 0.5 log(2)
         0.143841
     """
-    dtype = torch.promote_types(logits_p.dtype, torch.float32)
-    log_p = logits_p.to(dtype).log_softmax(dim=1)
-    log_q = logits_q.to(dtype).log_softmax(dim=1)
+    log_p = float_logits(logits_p).log_softmax(dim=1)
+    log_q = float_logits(logits_q).to(log_p.dtype).log_softmax(dim=1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=1)
 
 
@@ -109,8 +108,7 @@ def trades_loss(
         (0.0, True)
     """
     beta = check_real("beta", beta, low=0, low_inclusive=True, owner="TRADES")
-    logits = logits_clean.to(torch.promote_types(logits_clean.dtype, torch.float32))
-    ce = F.cross_entropy(logits, y)
+    ce = F.cross_entropy(float_logits(logits_clean), y)
     kl = kl_divergence(logits_clean, logits_adv).mean()
     return ce + beta * kl, ce, kl
 

@@ -350,6 +350,52 @@ def test_grad_align_is_zero_for_a_binary_linear_model_and_positive_for_a_cnn(nor
     assert sum(p.grad.abs().sum() for p in cnn.parameters() if p.grad is not None) > 0
 
 
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_grad_align_is_the_papers_expectation_at_its_draw_of_eta(norm, monkeypatch):
+    """1 - cos of the input gradients at x and x + eta (unclipped, as the authors' code)."""
+    x, y = interior_batch(8)
+    x[:, :, :14] = 0.0  # background pixels: x + eta leaves [0, 1] there
+    eps = 0.3 if norm == "inf" else 3.0
+    draws = []
+    real = adversarial._uniform_ball
+    monkeypatch.setattr(
+        adversarial, "_uniform_ball", lambda *args: draws.append(real(*args)) or draws[-1]
+    )
+    cnn = model()
+    penalty = adversarial.grad_align_penalty(cnn, x, y, eps, norm)
+    (eta,) = draws
+    cnn.eval()
+
+    def input_gradient(points):  # the authors' get_input_grad: mean cross-entropy
+        points = points.clone().requires_grad_(True)
+        return torch.autograd.grad(F.cross_entropy(cnn(points), y), points)[0].flatten(1)
+
+    g1, g2 = input_gradient(x), input_gradient(x + eta)
+    expected = (1 - F.cosine_similarity(g1, g2, dim=1)).mean()
+    clipped = input_gradient((x + eta).clamp(0, 1))
+    wrong = (1 - F.cosine_similarity(g1, clipped, dim=1)).mean()
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert wrong.item() != pytest.approx(expected.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_grad_align_eta_is_uniform_in_the_eps_ball(norm):
+    from scipy import stats
+
+    eps, x = 0.3, torch.zeros(4000, 1, 2, 2)  # 4 dimensions: the radius law is visible
+    eta = adversarial._uniform_ball(x, eps, norm, torch.Generator().manual_seed(3))
+    flat = eta.flatten(1).double()
+    if norm == "inf":  # each coordinate uniform on [-eps, eps]
+        assert flat.abs().max() <= eps
+        assert stats.kstest(flat.flatten().numpy(), "uniform", args=(-eps, 2 * eps)).pvalue > 1e-3
+    else:  # P(|eta| <= r) = (r / eps)^4, the direction uniform
+        radius = torch.linalg.vector_norm(flat, dim=1)
+        assert radius.max() <= eps * (1 + 1e-6)
+        assert stats.kstest(((radius / eps) ** 4).numpy(), "uniform").pvalue > 1e-3
+        mean_direction = (flat / radius[:, None]).mean(0)
+        assert mean_direction.abs().max() < 4 / len(flat) ** 0.5
+
+
 @pytest.mark.filterwarnings(NO_TRAINER)
 def test_training_loss_adds_the_weighted_grad_align_term():
     spec = AttackSpec("fgm", "inf", 0.1)  # no random start: the penalty's eta is the first draw

@@ -132,17 +132,44 @@ def test_two_processes_give_the_numbers_and_rows_of_one(trained_checkpoint, tmp_
     assert [r[0] for r in one[2]] == list(range(9))
 
 
-def test_clean_accuracy_counts_each_image_once_on_three_processes(trained_checkpoint, tmp_path):
+def test_clean_accuracy_and_loss_count_each_image_once_on_three_processes(
+    trained_checkpoint, tmp_path
+):
     # 500 test images on 3 processes: the sampler repeats one image to give each 167
-    accuracy = {}
+    metrics = {}
     for devices, strategy in ((1, "auto"), (3, "ddp")):
         output = evaluated_on(
             trained_checkpoint, devices, strategy, tmp_path,
             "--trainer.callbacks", "[]", "--data.init_args.batch_size", "32",
         )  # fmt: skip
-        accuracy[devices] = logged(output, "test/acc")["test/acc"]
-    assert accuracy[1] == accuracy[3]
-    assert round(accuracy[1] * 500, 3) == round(accuracy[1] * 500)  # a count out of 500
+        metrics[devices] = logged(output, "test/")
+    accuracy = metrics[1]["test/acc"]
+    assert metrics[3]["test/acc"] == accuracy
+    assert round(accuracy * 500, 3) == round(accuracy * 500)  # a count out of 500
+    # the mean loss of the same 500 images (Lightning's sync_dist mean divided by 498, the
+    # processes' 167, 167 and 166 images averaged in integers: 166)
+    assert metrics[3]["test/loss"] == pytest.approx(metrics[1]["test/loss"], rel=1e-5)
+
+
+def test_a_batch_of_the_samplers_repeats_alone_weighs_nothing(monkeypatch):
+    """Batch size 1 (or 83 of 500 on 3 processes): a whole batch can be the repeat."""
+    import lightning_modules.standard as standard
+    from lightning_modules import StandardClassifier
+    from lightning_modules.backbones import LeNet
+
+    module = StandardClassifier(LeNet).eval()
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    module._trainer = object()  # the repeats come from the patched lookup below
+    repeats = {0: torch.tensor([False] * 5), 1: torch.tensor([True] * 3)}
+    monkeypatch.setattr(standard, "sampler_padding", lambda t, s, i, n: repeats[i])
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 1, 28, 28, generator=generator), torch.arange(8)
+    with torch.no_grad():
+        module._evaluate((x[:5], y[:5]), 0, "test")
+        module._evaluate((x[5:], y[5:]), 1, "test")  # the repeats: not counted
+        expected = torch.nn.functional.cross_entropy(module(x[:5]), y[:5])
+    torch.testing.assert_close(module.test_loss.compute(), expected)
+    assert module.test_acc.tp.sum() + module.test_acc.fn.sum() == 5
 
 
 class RecordTrainingRng(Callback):

@@ -112,6 +112,34 @@ def test_consistency_terms_match_the_authors_formulation():
     torch.testing.assert_close(same, torch.zeros(16), atol=1e-6, rtol=0)
 
 
+def test_consistency_terms_of_bf16_logits_are_computed_in_float32():
+    """Nearby copies (the usual case): in bf16 the KL was mostly rounding, often negative."""
+    generator = torch.Generator().manual_seed(4)
+    base = 4 * torch.randn(256, 10, generator=generator, dtype=torch.float64)
+    logits = base + 0.05 * torch.randn(2, 256, 10, generator=generator, dtype=torch.float64)
+    kl_exact, entropy_exact = consistency_terms(logits)
+    kl, entropy = consistency_terms(logits.bfloat16())
+    assert kl.dtype == entropy.dtype == torch.float32
+    assert (kl >= 0).all()
+    # the logits' own rounding to bf16 moves each KL by a little, no longer by 7x
+    exact_of_rounded, _ = consistency_terms(logits.bfloat16().double())
+    torch.testing.assert_close(kl.double(), exact_of_rounded, rtol=1e-3, atol=1e-7)
+    assert (kl.double() - kl_exact).abs().median() < 0.5 * kl_exact.median()
+    torch.testing.assert_close(entropy.double(), entropy_exact, rtol=2e-2, atol=1e-3)
+
+
+def test_the_training_loss_of_a_bf16_model_is_float32():
+    module = make(sigma=0.25, num_noise_samples=2, consistency_weight=10.0, entropy_weight=0.5)
+    x, y = images(16)
+    loss, logits, _ = module.bfloat16().training_loss(x.bfloat16(), y)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    wide = logits.double().view(2, 16, 10)
+    ce = F.cross_entropy(wide.flatten(0, 1), y.repeat(2))
+    kl, entropy = consistency_terms(wide)
+    expected = ce + 10.0 * kl.mean() + 0.5 * entropy.mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_consistency_loss_value():
     lam, eta, m = 10.0, 0.5, 2
     module = make(sigma=0.25, num_noise_samples=m, consistency_weight=lam, entropy_weight=eta)
