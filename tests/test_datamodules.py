@@ -288,6 +288,40 @@ def test_cifar10_format_read_from_disk(tmp_path, monkeypatch):
     torch.testing.assert_close(x[0], torch.tensor(raw, dtype=torch.float32).view(3, 32, 32) / 255)
 
 
+def test_cifar10_training_images_are_random_crops_and_flips_of_the_padded_images(
+    tmp_path, monkeypatch
+):
+    write_cifar_like(tmp_path, monkeypatch)
+    plain = CIFAR10DataModule(data_dir=str(tmp_path), val_fraction=0.2, augment=False)
+    augmented = CIFAR10DataModule(data_dir=str(tmp_path), val_fraction=0.2)
+    plain.setup()
+    augmented.setup()
+    augmented.setup()  # once: not crops of crops
+    torch.manual_seed(0)
+    moves = set()
+    for i in range(len(plain.train_set)):
+        (image, label), (got, same_label) = plain.train_set[i], augmented.train_set[i]
+        assert label == same_label and got.shape == image.shape
+        padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
+        found = [
+            (top, left, flip)
+            for top in range(9)
+            for left in range(9)
+            for flip in (False, True)
+            if torch.equal(
+                got.flip(-1) if flip else got, padded[:, top : top + 32, left : left + 32]
+            )
+        ]
+        assert found, i  # a 32x32 window of the padded image, maybe flipped
+        moves.add(found[0])
+    assert len(moves) > 10 and any(flip for _, _, flip in moves)  # random, not one fixed move
+    for split in ("val_set", "test_set"):  # evaluation images are not augmented
+        for i in range(len(getattr(plain, split))):
+            assert torch.equal(getattr(plain, split)[i][0], getattr(augmented, split)[i][0])
+    with pytest.raises(SettingError, match="CIFAR10DataModule augment must be one of"):
+        CIFAR10DataModule(data_dir=str(tmp_path), augment="yes")
+
+
 def test_missing_files_without_download_name_the_files_and_the_embedded_data(tmp_path):
     with pytest.raises(DataNotFoundError) as info:
         MNISTDataModule(data_dir=str(tmp_path))
