@@ -111,8 +111,9 @@ def square(
     'Square Attack: a query-efficient black-box adversarial attack via random search'
     [https://arxiv.org/abs/1912.00049]. Minimises the margin
     :math:`z_y - \max_{j \ne y} z_j` with no gradient (see :mod:`robust.square`). Each image
-    spends at most ``n_queries`` forward passes per restart, the initial point included, and stops
-    once misclassified. Images the model already misclassifies are returned unchanged; each
+    spends at most ``n_queries + 1`` forward passes per restart, the initial point and
+    ``n_queries`` proposals (as the authors' and AutoAttack's code count), and stops once
+    misclassified. Images the model already misclassifies are returned unchanged; each
     restart attacks only the images not yet misclassified, and the point of smallest margin is
     kept.
 
@@ -271,7 +272,7 @@ class _Square:
         xa, xb, ya, ga = x, x_best, self.y, gap
         bounds = self.bounds
         noise = xa.new_empty(0)
-        for t in range(self.n_queries - 1):
+        for t in range(self.n_queries):  # the reference's iterations i_iter = 0 .. n_queries - 1
             if t % self.every == 0:
                 keep = (ga > 0).nonzero().squeeze(1)
                 if keep.numel() < len(active):

@@ -115,9 +115,10 @@ class Counting(nn.Module):
         return self.inner(x)
 
 
-def test_query_budget_per_image_includes_the_start():
-    # eps far too small to fool anyone: every image spends exactly n_queries forward passes,
-    # plus one clean pass for the batch.
+def test_query_budget_per_image_is_the_references():
+    # eps far too small to fool anyone: every image spends exactly n_queries + 1 forward passes
+    # (the start and n_queries proposals, as fra31/auto-attack's loop over i_iter), plus one
+    # clean pass for the batch.
     model = Counting(small_cnn(size=10))
     x = torch.rand(7, 1, 10, 10, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -125,7 +126,7 @@ def test_query_budget_per_image_includes_the_start():
     for n_queries in (1, 2, 37):
         model.rows = 0
         square(model, x, y, 1e-4, "inf", n_queries=n_queries)
-        assert model.rows == 7 * (1 + n_queries)
+        assert model.rows == 7 * (2 + n_queries)
 
 
 def test_fooled_images_stop_and_stay_adversarial():
