@@ -1352,7 +1352,14 @@ class RobustCLI(LightningCLI):
             if self.checkpoint is not None and built is not None:
                 check_optimizers_fit(str(ckpt_path), self.checkpoint, *built)
         kwargs["weights_only"] = True  # None (the default) or True: refused False when parsing
-        getattr(self.trainer, method)(**kwargs)
+        try:
+            getattr(self.trainer, method)(**kwargs)
+        except MisconfigurationException as err:  # Lightning's refusal as a loop starts
+            raise SettingError(f"trainer: {_one_line(str(err))}") from err
+        except ValueError as err:  # val_check_interval beyond the training batches
+            if "val_check_interval" not in str(err):
+                raise
+            raise SettingError(f"trainer: {_one_line(str(err))}") from err
 
     # LightningCLI runs ``self.<subcommand>`` when it exists instead of ``trainer.<subcommand>``.
     def fit(self, **kwargs: Any) -> None:

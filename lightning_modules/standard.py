@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.backbones import Normalize, SmallCNN
@@ -41,6 +41,39 @@ RowFunction = Callable[[list[int], Tensor, Tensor], Tensor]
 
 def _adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
+
+
+class WeightedMean(Metric):
+    """``sum(weight * value) / sum(weight)`` over batches and processes, NaN kept.
+
+    torchmetrics' ``MeanMetric`` drops NaN values by default (a batch whose loss diverged would
+    vanish from the mean) and, told not to, ignores the weights (torchmetrics 1.9).
+
+    Examples:
+        >>> mean = WeightedMean()
+        >>> mean.update(torch.tensor(2.0), 3)
+        >>> mean.update(torch.tensor(float("nan")), 0)  # weighs nothing
+        >>> mean.update(torch.tensor(6.0), 1)
+        >>> mean.compute().item()
+        3.0
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight: int) -> None:
+        """Add ``value`` (a scalar) with ``weight`` >= 0 (0: nothing, whatever the value)."""
+        if weight:
+            self.total += value.detach().float() * weight
+            self.weight += weight
+
+    def compute(self) -> Tensor:
+        """The weighted mean (NaN where a counted value was NaN, or nothing was counted)."""
+        return self.total / self.weight
 
 
 class StandardClassifier(LightningModule):
@@ -89,9 +122,9 @@ class StandardClassifier(LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        # torchmetrics' means: Lightning's own sync_dist mean floors its integer count of images
-        # when the processes evaluate unequal numbers (Lightning-AI/pytorch-lightning#21859)
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        # Lightning's own sync_dist mean floors its integer count of images when the processes
+        # evaluate unequal numbers (Lightning-AI/pytorch-lightning#21859)
+        self.val_loss, self.test_loss = WeightedMean(), WeightedMean()
 
     def _check_backbone_takes_images(self) -> None:
         """Fail at configuration time when the backbone cannot take the data's images."""

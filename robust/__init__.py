@@ -12,7 +12,7 @@ Examples:
     >>> x_adv = attack(model, x, y, AttackSpec("pgd", "inf", 0.1, steps=5))
     >>> bool((x_adv - x).abs().max() <= 0.1 + 1e-6)
     True
-    >>> Smooth(model, num_classes=3, sigma=0.25).certify(x[0], 10, 100, 0.01)[1] >= 0
+    >>> Smooth(model, num_classes=3, sigma=0.25).certify(x[0], 10, 100, 0.01, index=0)[1] >= 0
     True
 """
 

@@ -658,6 +658,11 @@ def open_resumable(
         >>> [row.idx for row in open_resumable(path, settings, ["n"], num_classes=3, labels=[0, 1])]
         [1]
     """
+    if path.exists() and not path.is_file():  # refused before its sidecar is written
+        raise SettingError(
+            f"{owner} output {path} is a folder (or not a file); give the path of a .tsv file, "
+            f"e.g. {path / 'certify.tsv'}"
+        )
     sidecar = path.with_name(path.name + ".json")
     rows: list[CertifiedImage] = []
     if path.is_file() and path.stat().st_size > 0:

@@ -12,7 +12,7 @@ Examples:
     >>> always_one = nn.Linear(4, 2)  # f(x) = 1 for every x: logits (0, 1)
     >>> _ = nn.init.zeros_(always_one.weight), always_one.bias.data.copy_(torch.tensor([0.0, 1.0]))
     >>> smooth = Smooth(nn.Sequential(nn.Flatten(), always_one), num_classes=2, sigma=0.5)
-    >>> prediction, radius = smooth.certify(torch.zeros(1, 2, 2), n0=10, n=100, alpha=0.01)
+    >>> prediction, radius = smooth.certify(torch.zeros(1, 2, 2), n0=10, n=100, alpha=0.01, index=0)
     >>> prediction, round(radius, 4)  # sigma * Phi^-1(alpha ** (1 / n)): all n samples say 1
     (1, 0.8477)
 """
@@ -23,6 +23,7 @@ import contextlib
 import copy
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -442,6 +443,17 @@ class Smooth:
             self.noise_threads = check_int("noise_threads", noise_threads, minimum=1, owner=owner)
         inferred_device, self.model_dtype = _infer_device_dtype(base_classifier)
         self.device = torch.device(device) if device is not None else inferred_device
+        cuda_only = {"cuda_graph": cuda_graph, "tf32": tf32, "cudnn_benchmark": cudnn_benchmark}
+        if self.device.type != "cuda" and any(cuda_only.values()):
+            # off, and recorded off: a CPU certificate is never labelled TF32
+            asked = ", ".join(name for name, value in cuda_only.items() if value)
+            warnings.warn(
+                f"{owner} {asked} apply on CUDA devices only; on {self.device.type} they are "
+                "off (the IEEE float32 classifier is certified)",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.cuda_graph = self.tf32 = self.cudnn_benchmark = False
         self.pairwise_pool = self.device.type == "cpu" if pairwise_pool is None else pairwise_pool
         if channels_last and cuda_graph and self.device.type == "cuda":
             # Measured on an H200 (torch 2.11): capturing the channels-last forward ended in
@@ -512,7 +524,7 @@ class Smooth:
         n: int,
         alpha: float,
         *,
-        index: int = 0,
+        index: int,
         batch_size: int | None = None,
     ) -> tuple[int, float]:
         """CERTIFY (Cohen et al. 2019, Algorithm 1) for one image.
@@ -527,7 +539,8 @@ class Smooth:
             n0: Number of selection samples used to guess the top class.
             n: Number of fresh estimation samples used to lower-bound p_A.
             alpha: Failure probability in (0, 1).
-            index: Dataset index of x; seeds its noise.
+            index: Dataset index of x; seeds its noise (required: images given one index
+                would share their noise, and their certificates' errors).
             batch_size: Noisy samples per forward pass; ``None``: the instance's.
 
         Returns:
@@ -611,7 +624,7 @@ class Smooth:
         n: int,
         alpha: float,
         *,
-        index: int = 0,
+        index: int,
         batch_size: int | None = None,
     ) -> int:
         """PREDICT (Cohen et al. 2019, Algorithm 1) for one image.
@@ -622,7 +635,7 @@ class Smooth:
             x: One image, shape (C, H, W).
             n: Number of noise samples, in [1, MAX_BLOCKS * noise_block].
             alpha: Level of the binomial test of the top two counts, in (0, 1).
-            index: Dataset index of x; seeds its noise (keyword-only).
+            index: Dataset index of x; seeds its noise (required, as for :meth:`certify`).
             batch_size: Noisy samples per forward pass; ``None``: the instance's.
 
         Returns:
@@ -632,7 +645,7 @@ class Smooth:
             >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))  # logits (0, x[0]):
             >>> _ = nn.init.zeros_(model[1].weight), nn.init.zeros_(model[1].bias)
             >>> model[1].weight.data[1, 0] = 1.0  # x = 0 is on the decision boundary
-            >>> Smooth(model, 2, sigma=0.5).predict(torch.zeros(1, 2, 2), 100, 0.001)  # a tie
+            >>> Smooth(model, 2, sigma=0.5).predict(torch.zeros(1, 2, 2), 100, 0.001, index=0)
             -1
         """
         predictions = self.predict_batch(x.unsqueeze(0), [index], n, alpha, batch_size=batch_size)

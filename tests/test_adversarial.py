@@ -350,6 +350,22 @@ def test_grad_align_is_zero_for_a_binary_linear_model_and_positive_for_a_cnn(nor
     assert sum(p.grad.abs().sum() for p in cnn.parameters() if p.grad is not None) > 0
 
 
+@pytest.mark.filterwarnings(NO_TRAINER)
+@pytest.mark.parametrize("method", ["at", "trades"])
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+def test_the_training_loss_of_a_bf16_model_is_float32(method, eps):
+    """bf16 logits, a float32 loss of float32 terms (eps 0: TRADES's warm-up, KL = 0)."""
+    spec = AttackSpec("pgd", "inf", eps, steps=2)
+    extra = {"beta": 6.0} if method == "trades" else {}
+    net = model(method=method, attack=spec, perturbed_fraction=1.0, **extra).bfloat16()
+    x, y = interior_batch(8)
+    torch.manual_seed(0)
+    loss, logits, _ = net.training_loss(x.bfloat16(), y)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    if eps == 0:  # the clean cross-entropy, of the logits widened exactly
+        assert loss.item() == pytest.approx(F.cross_entropy(logits.double(), y).item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("norm", ["inf", "2"])
 def test_grad_align_is_the_papers_expectation_at_its_draw_of_eta(norm, monkeypatch):
     """1 - cos of the input gradients at x and x + eta (unclipped, as the authors' code)."""

@@ -249,6 +249,14 @@ def test_a_file_without_rows_starts_afresh_with_this_runs_settings(tmp_path):
         open_resumable(output, settings, ["n"], num_classes=3, labels=[0, 1])
 
 
+def test_a_folder_given_as_the_output_is_refused_and_leaves_nothing(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(SettingError, match=r"output .*out is a folder .* e\.g\. .*certify\.tsv"):
+        open_resumable(folder, {"n": 10}, ["n"], num_classes=3, labels=[0, 1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no stray settings file
+
+
 def test_a_resumed_run_records_its_other_speed_settings(tmp_path):
     # the rows' time column is each run's: a run resuming with other speed options adds them
     # (with the rows already there) to the sidecar; the first run's stay as they were

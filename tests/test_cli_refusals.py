@@ -46,6 +46,27 @@ def refusal(capsys, *args: str) -> str:
 # --------------------------------------------------------------- refusals while the run is going
 
 
+@pytest.mark.parametrize(
+    ("subcommand", "args", "words"),
+    [
+        ("test", ["--trainer.limit_test_batches", "0.1"], "0.1 of the `test_dataloader`"),
+        ("fit", ["--trainer.limit_val_batches", "0.05"], "0.05 of the `val_dataloader`"),
+        ("fit", ["--trainer.val_check_interval", "1000"], "`val_check_interval` (1000)"),
+    ],
+)
+def test_lightnings_refusals_as_its_loops_start_are_one_line(
+    in_tmp, capsys, subcommand, args, words
+):
+    """Too small a fraction of the batches, or more batches than an epoch has: Lightning finds
+    them only as a loop starts (they were tracebacks)."""
+    fit = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+    line = refusal(
+        capsys, subcommand, "--config", STANDARD, "--data.init_args.batch_size", "512",
+        *(fit if subcommand == "fit" else []), *args, *QUIET,
+    )  # fmt: skip
+    assert line.startswith("error: trainer: ") and words in line
+
+
 def test_certification_without_sigma_is_one_line_from_the_command_line(in_tmp):
     args = ["test", "--config", STANDARD, "--trainer.callbacks+=callbacks.Certification"]
     result = subprocess.run(

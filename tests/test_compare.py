@@ -172,6 +172,26 @@ def test_compare_end_to_end_report_matches_metrics_and_tsvs(tmp_path, capsys):
     assert f"{name}: attacking and certifying {checkpoint}" in printed
 
 
+def test_a_recorded_checkpoint_that_is_gone_is_trained_again_with_a_word(
+    tmp_path, capsys, monkeypatch
+):
+    """A moved output folder (the record holds the old path) or a deleted checkpoint."""
+    settings = compare.parse(["--config", str(tiny_settings(tmp_path))])
+    training, out = settings.trainings[0], tmp_path / "results"
+    record = {"key": compare.stage_key("digest"), "ckpt_path": str(tmp_path / "gone.ckpt")}
+    (out / training.name).mkdir(parents=True)
+    (out / training.name / "fit.json").write_text(json.dumps({**record, "train_time_s": 1.0}))
+
+    def training_starts(args):
+        raise RuntimeError("training")
+
+    monkeypatch.setattr(compare, "run_cli", training_starts)
+    with pytest.raises(RuntimeError, match="training"):
+        compare.fit(settings, training, out, "digest")
+    printed = capsys.readouterr().out
+    assert f"its recorded checkpoint {tmp_path / 'gone.ckpt'} is gone" in printed
+
+
 def test_a_certification_stopped_early_is_not_recorded_and_resumes(tmp_path, capsys):
     settings = yaml.safe_load(tiny_settings(tmp_path).read_text())
     settings["trainings"] = settings["trainings"][:1]
@@ -411,6 +431,18 @@ def test_a_bad_last_evaluation_is_refused_before_any_training(tmp_path, capsys):
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation))
     line = refused(capsys, ["--config", str(settings)])
     assert line.startswith("error: standard (evaluation): ") and "n0 must be" in line
+    assert not (tmp_path / "results").exists()  # nothing trained, nothing written
+
+
+def test_a_smoothed_attack_without_sigma_is_refused_before_any_training(tmp_path, capsys):
+    """Its check needs the built module (a standard one has no sigma): run up front too."""
+    settings = tiny_settings(tmp_path)
+    evaluation = yaml.safe_load((tmp_path / "eval.yaml").read_text())
+    attack = {"class_path": "callbacks.SmoothedAttack", "init_args": {"max_images": 2}}
+    evaluation["trainer"]["callbacks+"].append(attack)
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation))
+    line = refused(capsys, ["--config", str(settings)])
+    assert line.startswith("error: standard (evaluation): SmoothedAttack sigma is not set")
     assert not (tmp_path / "results").exists()  # nothing trained, nothing written
 
 

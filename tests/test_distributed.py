@@ -170,6 +170,13 @@ def test_a_batch_of_the_samplers_repeats_alone_weighs_nothing(monkeypatch):
         expected = torch.nn.functional.cross_entropy(module(x[:5]), y[:5])
     torch.testing.assert_close(module.test_loss.compute(), expected)
     assert module.test_acc.tp.sum() + module.test_acc.fn.sum() == 5
+    # NaN in a batch of repeats weighs nothing; in a counted batch the mean is NaN, not dropped
+    x[5, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        module._evaluate((x[5:], y[5:]), 1, "test")
+        torch.testing.assert_close(module.test_loss.compute(), expected)
+        module._evaluate((x[5:], y[5:]), 0, "test")
+    assert module.test_loss.compute().isnan()
 
 
 class RecordTrainingRng(Callback):

@@ -169,7 +169,9 @@ def test_constant_classifier_radius_is_exact(n: int, alpha: float, sigma: float)
 def test_constant_classifier_abstains_below_smallest_useful_n() -> None:
     alpha = 0.001
     n = smallest_useful_n(alpha) - 1
-    prediction, radius = Smooth(Constant(3, 0), 3, 0.5).certify(torch.rand(1, 4, 4), 5, n, alpha)
+    prediction, radius = Smooth(Constant(3, 0), 3, 0.5).certify(
+        torch.rand(1, 4, 4), 5, n, alpha, index=0
+    )
     assert (prediction, radius) == (ABSTAIN, 0.0)
 
 
@@ -317,7 +319,7 @@ def test_channels_last_draws_the_same_noise() -> None:
 def test_bf16_autocast_runs() -> None:
     model, x, true_radius = linear_setup(1.5)
     smooth = Smooth(model, 2, 0.5, autocast_dtype=torch.bfloat16)
-    prediction, radius = smooth.certify(x, 50, 2000, 0.001)
+    prediction, radius = smooth.certify(x, 50, 2000, 0.001, index=0)
     assert prediction == 1 and 0 < radius < true_radius + 0.05
 
 
@@ -340,7 +342,7 @@ def test_eval_mode_during_certification_and_modes_restored() -> None:
     model.train()
     model.inner.eval()  # mixed modes must come back exactly
     smooth = Smooth(model, 2, 0.5, batch_size=16)
-    smooth.certify(torch.rand(1, 3, 3), 10, 40, 0.01)
+    smooth.certify(torch.rand(1, 3, 3), 10, 40, 0.01, index=0)
     assert model.seen and not any(model.seen)
     assert model.training and not model.inner.training
 
@@ -349,8 +351,8 @@ def test_works_inside_inference_mode_and_with_grad_enabled() -> None:
     model, x, _ = linear_setup(1.0)
     smooth = Smooth(model, 2, 0.5)
     with torch.inference_mode():
-        inside = smooth.certify(x, 20, 200, 0.01)
-    assert smooth.certify(x.requires_grad_(), 20, 200, 0.01) == inside
+        inside = smooth.certify(x, 20, 200, 0.01, index=0)
+    assert smooth.certify(x.requires_grad_(), 20, 200, 0.01, index=0) == inside
 
 
 # ----------------------------------------------------------------------------- PREDICT
@@ -364,9 +366,9 @@ def test_predict_abstains_on_fifty_fifty_classifier() -> None:
 
 def test_predict_returns_class_of_constant_classifier() -> None:
     smooth = Smooth(Constant(10, 7), 10, 0.25)
-    assert smooth.predict(torch.rand(1, 4, 4), 100, 0.001) == 7
+    assert smooth.predict(torch.rand(1, 4, 4), 100, 0.001, index=0) == 7
     # Too few samples for the test to reject p = 1/2: abstain.
-    assert smooth.predict(torch.rand(1, 4, 4), 5, 0.001) == ABSTAIN
+    assert smooth.predict(torch.rand(1, 4, 4), 5, 0.001, index=0) == ABSTAIN
 
 
 def test_noise_threads_and_batch_size_changed_between_calls() -> None:
@@ -417,10 +419,10 @@ def test_construction_validation(kwargs: dict, name: str) -> None:
 def test_call_validation(n0: int, n: int, alpha: float, name: str) -> None:
     smooth = Smooth(Constant(3, 0), 3, 0.5)
     with pytest.raises(ValueError, match=rf"^{name} must be"):
-        smooth.certify(torch.rand(1, 4, 4), n0, n, alpha)
+        smooth.certify(torch.rand(1, 4, 4), n0, n, alpha, index=0)
     if name != "n0":
         with pytest.raises(ValueError, match=rf"^{name} must be"):
-            smooth.predict(torch.rand(1, 4, 4), n, alpha)
+            smooth.predict(torch.rand(1, 4, 4), n, alpha, index=0)
 
 
 def test_a_float_or_bool_count_is_refused_even_after_its_integer_was_accepted() -> None:
@@ -428,11 +430,11 @@ def test_a_float_or_bool_count_is_refused_even_after_its_integer_was_accepted() 
     smooth = Smooth(Constant(3, 0), 3, 0.5)
     for good, bad in ((100, 100.0), (1, True)):
         assert smoothing.check_num_samples("n", good, 1000) == good
-        smooth.predict(torch.rand(1, 4, 4), good, 0.01)
+        smooth.predict(torch.rand(1, 4, 4), good, 0.01, index=0)
         with pytest.raises(ValueError, match=r"^n must be an integer"):
             smoothing.check_num_samples("n", bad, 1000)
         with pytest.raises(ValueError, match=r"^n must be an integer"):
-            smooth.predict(torch.rand(1, 4, 4), bad, 0.01)
+            smooth.predict(torch.rand(1, 4, 4), bad, 0.01, index=0)
 
 
 def test_batch_validation() -> None:
@@ -442,7 +444,7 @@ def test_batch_validation() -> None:
     with pytest.raises(ValueError, match="indices"):
         smooth.certify_batch(torch.rand(1, 1, 4, 4), [-1], 5, 10, 0.01)
     with pytest.raises(ValueError, match="num_classes"):
-        Smooth(Constant(3, 0), 4, 0.5).certify(torch.rand(1, 4, 4), 5, 10, 0.01)
+        Smooth(Constant(3, 0), 4, 0.5).certify(torch.rand(1, 4, 4), 5, 10, 0.01, index=0)
 
 
 # ----------------------------------------------------------------------------- peer: ART
@@ -520,6 +522,11 @@ def test_index_and_batch_size_are_keyword_only() -> None:
         smooth.certify(x, 20, 200, 0.01, 1000)
     with pytest.raises(TypeError):
         smooth.predict(x, 200, 0.01, 1000)
+    # and required: images certified without their indices would share their noise
+    with pytest.raises(TypeError, match="index"):
+        smooth.certify(x, 20, 200, 0.01)
+    with pytest.raises(TypeError, match="index"):
+        smooth.predict(x, 200, 0.01)
     # batch_size=None is the instance's; another batch size changes nothing; index seeds the noise.
     reference = smooth.certify(x, 20, 200, 0.01, index=4)
     assert smooth.certify(x, 20, 200, 0.01, index=4, batch_size=None) == reference

@@ -201,9 +201,9 @@ def test_cudnn_benchmark_flag_is_set_restored_and_checked() -> None:
             assert torch.backends.cudnn.benchmark is enabled
         assert torch.backends.cudnn.benchmark is before
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
-    assert Smooth(model, 2, 0.5, cudnn_benchmark=True).settings["cudnn_benchmark"] is True
     # a speed option: it pads nothing (the last batch keeps its size) and is no certificate setting
-    assert not Smooth(model, 2, 0.5, cudnn_benchmark=True).static_shapes
+    with pytest.warns(UserWarning, match="cudnn_benchmark apply on CUDA devices only"):
+        assert not Smooth(model, 2, 0.5, cudnn_benchmark=True).static_shapes
     assert "cudnn_benchmark" not in smoothing.DETERMINING_SETTINGS
     with pytest.raises(SettingError, match="cudnn_benchmark"):
         Smooth(model, 2, 0.5, cudnn_benchmark="yes")
@@ -274,10 +274,16 @@ def test_static_buffers_follow_a_growing_number_of_images(eager_compile) -> None
     assert set(model.sizes) == {64}
 
 
-def test_cuda_graph_is_ignored_off_cuda() -> None:
-    smooth = Smooth(ShapeRecorder(), 4, 0.3, cuda_graph=True)
+def test_cuda_options_are_off_and_recorded_off_elsewhere() -> None:
+    """A CPU certificate is never labelled TF32 (a resume with tf32 false was refused)."""
+    with pytest.warns(UserWarning, match="cuda_graph, tf32, cudnn_benchmark apply on CUDA"):
+        smooth = Smooth(ShapeRecorder(), 4, 0.3, cuda_graph=True, tf32=True, cudnn_benchmark=True)
     assert not smooth.static_shapes
-    assert smooth.predict(torch.zeros(1, 2, 2), 50, 0.01) == 0
+    assert smooth.predict(torch.zeros(1, 2, 2), 50, 0.01, index=0) == 0
+    settings = smooth.settings
+    assert settings["device_type"] == "cpu"
+    assert not (settings["tf32"] or settings["cuda_graph"] or settings["cudnn_benchmark"])
+    assert settings == Smooth(ShapeRecorder(), 4, 0.3).settings
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
