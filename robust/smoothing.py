@@ -446,10 +446,11 @@ class Smooth:
         cuda_only = {"cuda_graph": cuda_graph, "tf32": tf32, "cudnn_benchmark": cudnn_benchmark}
         if self.device.type != "cuda" and any(cuda_only.values()):
             # off, and recorded off: a CPU certificate is never labelled TF32
-            asked = ", ".join(name for name, value in cuda_only.items() if value)
+            asked = [name for name, value in cuda_only.items() if value]
+            verb, pronoun = ("apply", "they are") if len(asked) > 1 else ("applies", "it is")
             warnings.warn(
-                f"{owner} {asked} apply on CUDA devices only; on {self.device.type} they are "
-                "off (the IEEE float32 classifier is certified)",
+                f"{owner} {', '.join(asked)} {verb} on CUDA devices only; on "
+                f"{self.device.type} {pronoun} off (the IEEE float32 classifier is certified)",
                 UserWarning,
                 stacklevel=2,
             )

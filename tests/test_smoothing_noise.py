@@ -202,7 +202,9 @@ def test_cudnn_benchmark_flag_is_set_restored_and_checked() -> None:
         assert torch.backends.cudnn.benchmark is before
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     # a speed option: it pads nothing (the last batch keeps its size) and is no certificate setting
-    with pytest.warns(UserWarning, match="cudnn_benchmark apply on CUDA devices only"):
+    with pytest.warns(
+        UserWarning, match="cudnn_benchmark applies on CUDA devices only; on cpu it is off"
+    ):
         assert not Smooth(model, 2, 0.5, cudnn_benchmark=True).static_shapes
     assert "cudnn_benchmark" not in smoothing.DETERMINING_SETTINGS
     with pytest.raises(SettingError, match="cudnn_benchmark"):
