@@ -11,6 +11,9 @@
 # Each stage runs under its own time limit; a stage cut short keeps what it wrote (the
 # certification TSV resumes). Full MNIST is read from data/MNIST/raw, or unpacked from the .gz
 # copies in .gpu_data/MNIST/raw when the machine has no package index to fetch it from.
+# PYTHON= names the interpreter (default: .venv/bin/python where README's install made it, else
+# python3); one that cannot import torch and lightning is refused (exit 2) before any stage. The
+# script exits 1, naming them, when stages failed (not when a time limit cut one short).
 set -u -o pipefail
 START=$(date +%s)  # the budget counts from here (unpacking and start-up included)
 OUT=${OUT:-results/gpu_session}
