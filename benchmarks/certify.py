@@ -408,8 +408,14 @@ def bare_forward(
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return private(inputs).argmax(1)
 
-    function = torch.compile(classify, dynamic=False) if options["compile"] else classify
     flags = (device, options["tf32"], options["cudnn_benchmark"])
+    function = classify
+    if options["compile"]:
+        # one eager call first, as Smooth does: the fused kernel's first-call check, outside the
+        # trace (inside, it splits the compiled forward for good)
+        with torch.inference_mode(), precision_flags(*flags):
+            classify(x)
+        function = torch.compile(classify, dynamic=False)
     if options["cuda_graph"] and device.type == "cuda":
         with torch.inference_mode(), precision_flags(*flags):
             side = torch.cuda.Stream(device)

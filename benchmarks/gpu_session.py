@@ -393,6 +393,8 @@ def certify(args) -> None:
             "samples_per_s": samples / seconds,  # wall clock of the whole stage
             "samples_per_s_rows": len(new_rows) * per_image / row_seconds if row_seconds else None,
             "mode": {key: getattr(args, key) for key in CERTIFY_MODE_FLAGS},
+            # what those options resolved to (a default, say pool_first with channels_last)
+            "smooth_settings": smooth.settings if (smooth := callback._smooth) else None,
             "interrupted": interrupted,
             **(getattr(callback, "summary", None) or {} if not interrupted else {}),
         },

@@ -25,6 +25,8 @@ Under ``TRITON_INTERPRET``-style interpretation (:func:`interpreted_kernel`) the
 on CPU tensors, which is how the tests check it without a GPU.
 """
 
+from __future__ import annotations  # the kernel's ``tl.constexpr`` annotations stay unevaluated
+
 import math
 
 import torch
@@ -32,10 +34,8 @@ from torch import nn
 
 try:  # part of PyTorch's CUDA wheels; without it the layers run as written
     import triton.language as tl
-
-    constexpr = tl.constexpr
 except ImportError:  # pragma: no cover
-    tl = constexpr = None
+    tl = None
 
 from robust.pairwise_pool import is_plain_2x2_max_pool
 from robust.pool_first import _is_relu, has_hooks, rewrite_sequentials
@@ -68,18 +68,18 @@ def _conv_pool_kernel(
     b_ptr,
     y_ptr,
     total,
-    c_in: constexpr,
-    height: constexpr,
-    width: constexpr,
-    k: constexpr,
-    c_out: constexpr,
-    c_pad: constexpr,
-    hp: constexpr,
-    wp: constexpr,
-    has_bias: constexpr,
-    relu: constexpr,
-    block: constexpr,
-    interpreted: constexpr,
+    c_in: tl.constexpr,
+    height: tl.constexpr,
+    width: tl.constexpr,
+    k: tl.constexpr,
+    c_out: tl.constexpr,
+    c_pad: tl.constexpr,
+    hp: tl.constexpr,
+    wp: tl.constexpr,
+    has_bias: tl.constexpr,
+    relu: tl.constexpr,
+    block: tl.constexpr,
+    interpreted: tl.constexpr,
 ):
     """y[b, c, i, j] = relu(max over the 2x2 window at (2i, 2j) of conv(x)[b, c] + bias[c]).
 

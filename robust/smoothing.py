@@ -899,6 +899,10 @@ class Smooth:
         function = self._batch_keys
         if self.compile:
             if self._compiled is None:
+                # one eager batch first (on the buffers' images; its keys are dropped): layers
+                # that check themselves at their first call (the fused kernel reads its check
+                # back to the host) do it outside the trace, which they would split for good
+                self._batch_keys(buffers.images, buffers.noise[:size], buffers.rows, buffers.layout)
                 self._compiled = torch.compile(self._batch_keys, dynamic=False)
             function = self._compiled
         static = self.static_shapes

@@ -416,4 +416,5 @@ def test_a_certification_stopped_by_its_time_limit_records_what_it_did(
     (entry,) = json.loads((tmp_path / "results.json").read_text()).values()
     assert entry["interrupted"] is True and entry["new_images"] == 0
     assert entry["mode"]["compile"] is True  # which mode ran is on record
+    assert entry["smooth_settings"] is None  # stopped before it built its classifier
     assert "acr" not in entry  # no summary of a certification that did not finish
