@@ -1,5 +1,7 @@
 """Standard (clean) training: the base LightningModule that the robust trainings extend."""
 
+import importlib
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,6 +43,48 @@ RowFunction = Callable[[list[int], Tensor, Tensor], Tensor]
 
 def _adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
+
+
+def import_path(value: object) -> str | None:
+    """``module.qualname`` of a module-level class or function that imports back as ``value``.
+
+    Examples:
+        >>> import_path(torch.nn.Linear), import_path(lambda: 0)
+        ('torch.nn.modules.linear.Linear', None)
+    """
+    module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(name, str) or "<" in name:
+        return None  # a lambda or a class defined in a function
+    try:
+        found: Any = importlib.import_module(module)
+        for part in name.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError):
+        return None
+    return f"{module}.{name}" if found is value else None
+
+
+def saved_as_the_cli_saves(hparams: dict, module_class: type) -> None:
+    """Rewrite a Python-built module's hyperparameters as Lightning's CLI saves them (in place).
+
+    A class (the backbone) or function (the optimizer factory) in a checkpoint is a pickled
+    reference that ``torch.load(weights_only=True)``, torch's default, refuses; the CLI stores
+    their import paths and the instantiator that rebuilds the module from them. With the same
+    here, ``load_from_checkpoint`` loads a checkpoint of a module built in Python as one of the
+    CLI's. Left as it is when any class or function has no import path (a lambda, say).
+    """
+    if "_instantiator" in hparams:  # built by the CLI
+        return
+    paths = {}
+    for name, value in hparams.items():
+        if isinstance(value, type) or inspect.isfunction(value):
+            path = import_path(value)
+            if path is None:
+                return
+            paths[name] = {"class_path": path, "init_args": {}} if isinstance(value, type) else path
+    hparams.update(paths)
+    hparams["_class_path"] = f"{module_class.__module__}.{module_class.__qualname__}"
+    hparams["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
 
 
 class WeightedMean(Metric):
@@ -113,6 +157,7 @@ class StandardClassifier(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        saved_as_the_cli_saves(self.hparams, type(self))
         self.num_classes = num_classes
         self.image_shape = (in_channels, *image_size)
         self.model = nn.Sequential(Normalize(mean, std), backbone(in_channels, num_classes))

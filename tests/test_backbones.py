@@ -57,3 +57,46 @@ def test_building_the_module_keeps_a_backbones_own_frozen_submodule_modes():
 
     model = StandardClassifier(FrozenNorm)
     assert model.training and not model.model[1][1].training
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    ("module_class", "kwargs"),
+    [
+        ("StandardClassifier", {}),
+        ("AdversarialClassifier", {"method": "trades", "beta": 6.0}),
+        ("NoiseAugmentedClassifier", {"sigma": 0.5, "num_noise_samples": 2}),
+    ],
+)
+def test_a_module_built_in_python_reloads_with_a_safe_load(module_class, kwargs, tmp_path):
+    """Its backbone class and optimizer function were pickled references, which torch.load's
+    default weights_only=True refuses; they are saved as the CLI saves them (import paths)."""
+    from lightning.pytorch import Trainer
+
+    import lightning_modules
+
+    cls = getattr(lightning_modules, module_class)
+    torch.manual_seed(0)
+    module = cls(backbone=LeNet, **kwargs)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, loader)
+    trainer.save_checkpoint(tmp_path / "python.ckpt")
+    loaded = torch.load(tmp_path / "python.ckpt", weights_only=True)  # no pickled code inside
+    assert (
+        loaded["hyper_parameters"]["backbone"]["class_path"] == "lightning_modules.backbones.LeNet"
+    )
+    reloaded = cls.load_from_checkpoint(tmp_path / "python.ckpt", weights_only=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(x), module.eval()(x))
+    assert {k: getattr(reloaded, k, None) for k in kwargs} == kwargs
+    assert isinstance(reloaded.configure_optimizers(), torch.optim.Adam)
+
+
+def test_a_lambda_backbone_is_left_as_given():
+    module = StandardClassifier(backbone=lambda c, k: LeNet(c, k))
+    assert "_instantiator" not in module.hparams and callable(module.hparams["backbone"])
