@@ -539,6 +539,7 @@ class AdversarialClassifier(StandardClassifier):
             checkpoint["robust_val_best"] = [float(v) for v in self.robust_val_best]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102 (Lightning hook)
+        super().on_load_checkpoint(checkpoint)
         best = checkpoint.get("robust_val_best")
         if best is not None:
             self.robust_val_best = (float(best[0]), int(best[1]))

@@ -46,7 +46,9 @@ def _adam(params) -> torch.optim.Optimizer:
 
 
 def import_path(value: object) -> str | None:
-    """``module.qualname`` of a module-level class or function that imports back as ``value``.
+    """``module.qualname`` of a class or function that another process imports back as ``value``.
+
+    None for a lambda, a class defined in a function, or one of a script run as ``__main__``.
 
     Examples:
         >>> import_path(torch.nn.Linear), import_path(lambda: 0)
@@ -54,7 +56,9 @@ def import_path(value: object) -> str | None:
     """
     module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
     if not isinstance(module, str) or not isinstance(name, str) or "<" in name:
-        return None  # a lambda or a class defined in a function
+        return None
+    if module == "__main__":
+        return None
     try:
         found: Any = importlib.import_module(module)
         for part in name.split("."):
@@ -64,6 +68,10 @@ def import_path(value: object) -> str | None:
     return f"{module}.{name}" if found is value else None
 
 
+FACTORY_SETTINGS = ("backbone", "optimizer", "lr_scheduler")
+"""The settings of :class:`StandardClassifier` that take a class or function (a factory)."""
+
+
 def saved_as_the_cli_saves(hparams: dict, module_class: type) -> None:
     """Rewrite a Python-built module's hyperparameters as Lightning's CLI saves them (in place).
 
@@ -71,19 +79,26 @@ def saved_as_the_cli_saves(hparams: dict, module_class: type) -> None:
     reference that ``torch.load(weights_only=True)``, torch's default, refuses; the CLI stores
     their import paths and the instantiator that rebuilds the module from them. With the same
     here, ``load_from_checkpoint`` loads a checkpoint of a module built in Python as one of the
-    CLI's. Left as it is when any class or function has no import path (a lambda, say).
+    CLI's. Left as it is when the module's class or a factory has no import path (a lambda, a
+    partial, a class of ``__main__``) or another setting holds a class or function (whose
+    rebuilding would depend on its annotation).
     """
     if "_instantiator" in hparams:  # built by the CLI
         return
+    class_path = import_path(module_class)
+    if class_path is None:
+        return
     paths = {}
     for name, value in hparams.items():
-        if isinstance(value, type) or inspect.isfunction(value):
-            path = import_path(value)
-            if path is None:
-                return
+        if name in FACTORY_SETTINGS and value is None:
+            continue
+        factory = isinstance(value, type) or inspect.isfunction(value)
+        if name in FACTORY_SETTINGS and factory and (path := import_path(value)) is not None:
             paths[name] = {"class_path": path, "init_args": {}} if isinstance(value, type) else path
+        elif name in FACTORY_SETTINGS or callable(value):
+            return
     hparams.update(paths)
-    hparams["_class_path"] = f"{module_class.__module__}.{module_class.__qualname__}"
+    hparams["_class_path"] = class_path
     hparams["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
 
 
@@ -238,6 +253,20 @@ class StandardClassifier(LightningModule):
         if callable(identity):
             # JSON values (lists, not tuples): what the CLI compares it with
             checkpoint[DATA_IDENTITY_KEY] = json.loads(json.dumps(identity()))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """In ``load_from_checkpoint``, keep the import paths this module was rebuilt from.
+
+        Lightning's CLI instantiator hands ``__init__`` jsonargparse's factories (partials),
+        which a checkpoint saved from the reloaded module would pickle; its hyperparameters
+        become the checkpoint's, so that checkpoint loads with ``weights_only=True`` too. (A
+        trainer's resume, with a trainer attached, changes nothing.)
+        """
+        saved = checkpoint.get("hyper_parameters")
+        rebuilt = isinstance(saved, dict) and "_instantiator" in saved
+        if rebuilt and self._trainer is None and "_instantiator" not in self.hparams:
+            self.hparams.clear()
+            self.hparams.update(saved)
 
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Loss to minimise on one training batch.

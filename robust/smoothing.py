@@ -896,19 +896,22 @@ class Smooth:
         The batch's noise is ``noise[start : start + size]`` (``start`` a multiple of ``size``);
         a CUDA graph reads ``noise[:size]``, so its batch is first copied there.
         """
-        function = self._batch_keys
+        function, eager_first = self._batch_keys, False
         if self.compile:
             if self._compiled is None:
-                # one eager batch first (on the buffers' images; its keys are dropped): layers
-                # that check themselves at their first call (the fused kernel reads its check
-                # back to the host) do it outside the trace, which they would split for good
-                self._batch_keys(buffers.images, buffers.noise[:size], buffers.rows, buffers.layout)
                 self._compiled = torch.compile(self._batch_keys, dynamic=False)
+                # one eager batch before the first compiled one (its keys dropped): layers that
+                # check themselves at their first call (the fused kernel reads its check back to
+                # the host) do it outside the trace, which they would split for good
+                eager_first = True
             function = self._compiled
         static = self.static_shapes
-        graph = self._captured(function, buffers, size) if self._use_graph else None
+        graph = None
+        if self._use_graph:
+            graph = self._captured(function, buffers, size, eager_first)
 
         def step(valid: int, start: int) -> torch.Tensor:
+            nonlocal eager_first
             rows = valid if not static else size
             if graph is not None:
                 if start:  # start >= size: the two ranges do not overlap
@@ -916,16 +919,27 @@ class Smooth:
                 keys = graph()
             else:
                 noise = buffers.noise[start : start + rows]
-                keys = function(buffers.images, noise, buffers.rows[:rows], buffers.layout)
+                args = (buffers.images, noise, buffers.rows[:rows], buffers.layout)
+                if eager_first:  # on the first batch's own noise
+                    self._batch_keys(*args)
+                    eager_first = False
+                keys = function(*args)
             buffers.rows.add_(size)  # the next batch's global row numbers
             return keys[:valid]
 
         return step
 
     def _captured(
-        self, function: Callable[..., torch.Tensor], buffers: _Buffers, size: int
+        self,
+        function: Callable[..., torch.Tensor],
+        buffers: _Buffers,
+        size: int,
+        eager_first: bool = False,
     ) -> Callable[[], torch.Tensor]:
-        """A CUDA graph of ``function`` on the static buffers (captured again if they moved)."""
+        """A CUDA graph of ``function`` on the static buffers (captured again if they moved).
+
+        ``eager_first``: one call of the uncompiled step before the warm-up (see :meth:`_step`).
+        """
         args = (buffers.images, buffers.noise[:size], buffers.rows, buffers.layout)
         # the evaluated module's tensors: those of the model it views (rewritten modules such
         # as ``bias_after_pool``'s read the convolution's weight without registering it)
@@ -935,6 +949,8 @@ class Smooth:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
+                if eager_first:
+                    self._batch_keys(*args)
                 for _ in range(3):  # warm up: cuDNN autotuning, compilation, lazy init
                     function(*args)
             torch.cuda.current_stream(self.device).wait_stream(side)

@@ -95,8 +95,41 @@ def test_a_module_built_in_python_reloads_with_a_safe_load(module_class, kwargs,
         assert torch.equal(reloaded.eval()(x), module.eval()(x))
     assert {k: getattr(reloaded, k, None) for k in kwargs} == kwargs
     assert isinstance(reloaded.configure_optimizers(), torch.optim.Adam)
+    # saved again from the reloaded module (built from jsonargparse's factories): as safe
+    trainer.fit(reloaded, loader)
+    trainer.save_checkpoint(tmp_path / "again.ckpt")
+    again = cls.load_from_checkpoint(tmp_path / "again.ckpt", weights_only=True)
+    assert type(again.model[1]) is LeNet
 
 
-def test_a_lambda_backbone_is_left_as_given():
-    module = StandardClassifier(backbone=lambda c, k: LeNet(c, k))
-    assert "_instantiator" not in module.hparams and callable(module.hparams["backbone"])
+class Activated(StandardClassifier):
+    """A user's module with another class-valued setting: its rebuilding depends on its type."""
+
+    def __init__(self, activation: type[nn.Module] = nn.ReLU, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.activation = activation
+
+
+def test_modules_whose_settings_have_no_import_path_are_saved_as_before(tmp_path):
+    """A lambda, a class defined in a function, another class-valued setting: left as given
+    (pickled; they reload with weights_only=False, as before)."""
+
+    def local():
+        class Local(StandardClassifier):
+            pass
+
+        return Local
+
+    for module in (
+        StandardClassifier(backbone=lambda c, k: LeNet(c, k)),
+        local()(backbone=LeNet),
+        Activated(activation=nn.GELU, backbone=LeNet),
+    ):
+        assert "_instantiator" not in module.hparams and "_class_path" not in module.hparams
+        assert not isinstance(module.hparams["backbone"], dict)
+    checkpoint = tmp_path / "activated.ckpt"
+    module = Activated(activation=nn.GELU, backbone=LeNet)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": "2.6.6"}, checkpoint)  # fmt: skip
+    reloaded = Activated.load_from_checkpoint(checkpoint, weights_only=False)
+    assert reloaded.activation is nn.GELU and type(reloaded.model[1]) is LeNet
