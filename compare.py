@@ -345,6 +345,33 @@ def stage_key(*parts: str) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
+def portable(path: str | Path, out: Path) -> str:
+    """A path as a stage record holds it: relative to the output folder when inside it.
+
+    So an output folder moved or copied elsewhere is still reused by the records inside it.
+
+    Examples:
+        >>> portable("/runs/cmp/noise/best.ckpt", Path("/runs/cmp"))
+        'noise/best.ckpt'
+        >>> portable("/data/own.tsv", Path("/runs/cmp"))
+        '/data/own.tsv'
+    """
+    path, out = Path(path).resolve(), out.resolve()
+    return str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
+
+
+def located(recorded: str, out: Path) -> str:
+    """A path read from a stage record, found again: relative ones lie in the output folder.
+
+    Examples:
+        >>> located("noise/best.ckpt", Path("/moved/cmp"))
+        '/moved/cmp/noise/best.ckpt'
+        >>> located("/data/own.tsv", Path("/moved/cmp"))
+        '/data/own.tsv'
+    """
+    return str(out.resolve() / recorded)
+
+
 STARTED = "started.json"
 """Marker in a training's checkpoint folder while it has not finished: only then is it resumed."""
 
@@ -359,14 +386,16 @@ def fit(settings, training: Training, out: Path, digest: str) -> dict:
     key = stage_key(digest)
     marker = out / training.name / "fit.json"
     done = read_record(marker, {"key": str, "ckpt_path": str, "train_time_s": float})
+    if done:  # its paths as they are now (an output folder may have moved)
+        done["ckpt_path"] = located(done["ckpt_path"], out)
     if done and done["key"] == key and Path(done["ckpt_path"]).is_file():
         print(f"[compare] {training.name}: reusing trained checkpoint {done['ckpt_path']}")
         note_other_code(done, training.name, [marker])
         return {**done, "checkpoint_sha256": sha256_of(Path(done["ckpt_path"]))}
-    if done and done["key"] == key:  # records hold paths: a moved output folder trains again
+    if done and done["key"] == key:
         print(
-            f"[compare] {training.name}: its recorded checkpoint {done['ckpt_path']} is gone "
-            "(deleted, or the output folder moved); training again"
+            f"[compare] {training.name}: its recorded checkpoint {done['ckpt_path']} is gone; "
+            "training again"
         )
     checkpoints = out / training.name / "checkpoints" / key
     args = stage_args("fit", settings, training, out, f"fit-{key}")
@@ -430,7 +459,10 @@ def fit(settings, training: Training, out: Path, digest: str) -> dict:
         "resumed_from": str(interrupted) if interrupted is not None else None,
     }
     marker.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(marker, json.dumps(done, indent=2))
+    recorded = {**done, "ckpt_path": portable(ckpt_path, out)}
+    if interrupted is not None:
+        recorded["resumed_from"] = portable(interrupted, out)
+    atomic_write(marker, json.dumps(recorded, indent=2))
     (checkpoints / STARTED).unlink(missing_ok=True)
     return {**done, "checkpoint_sha256": sha256_of(Path(ckpt_path))}
 
@@ -495,9 +527,17 @@ def evaluate(settings, training: Training, out: Path, trained: dict, digest: str
     into the same file is evaluated again) and the stage's parsed config (``digest``).
     """
     marker = out / training.name / "metrics.json"
-    key = stage_key(trained["key"], trained["ckpt_path"], trained["checkpoint_sha256"], digest)
+    key = stage_key(
+        trained["key"], portable(trained["ckpt_path"], out), trained["checkpoint_sha256"], digest
+    )
+    # the key of records written before they held paths relative to the output folder
+    earlier = stage_key(trained["key"], trained["ckpt_path"], trained["checkpoint_sha256"], digest)
     done = read_record(marker, {"key": str, "log_dir": str, "metrics": dict})
-    if done and done["key"] == key:
+    if done:  # its paths as they are now (an output folder may have moved)
+        done["log_dir"] = located(done["log_dir"], out)
+        if isinstance(done.get("certificates"), str):
+            done["certificates"] = located(done["certificates"], out)
+    if done and done["key"] in (key, earlier):
         inside = Path(done["log_dir"]).resolve().is_relative_to(out.resolve())
         missing = [path for path in report_inputs(done) if not path.is_file()]
         if inside and valid_metrics(done["metrics"]) and not missing:
@@ -528,13 +568,17 @@ def evaluate(settings, training: Training, out: Path, trained: dict, digest: str
             f"{training.name} (evaluation): the certification stopped after {certified:.0f} of "
             f"its {selected:.0f} images (stop_after); run the same command again to resume it"
         )
-    done = {"key": key, "log_dir": run.trainer.log_dir, "metrics": metrics, "code": CODE_VERSION}
+    log_dir = str(Path(run.trainer.log_dir).resolve())
+    done = {"key": key, "log_dir": log_dir, "metrics": metrics, "code": CODE_VERSION}
     from callbacks import Certification
 
     for callback in run.trainer.callbacks:
         if isinstance(callback, Certification) and callback.output_path is not None:
             done["certificates"] = str(callback.output_path.resolve())  # its own output, if set
-    atomic_write(marker, json.dumps(done, indent=2, sort_keys=True))
+    recorded = {**done, "log_dir": portable(log_dir, out)}
+    if "certificates" in done:
+        recorded["certificates"] = portable(done["certificates"], out)
+    atomic_write(marker, json.dumps(recorded, indent=2, sort_keys=True))
     return done
 
 

@@ -94,7 +94,8 @@ def test_compare_end_to_end_report_matches_metrics_and_tsvs(tmp_path, capsys):
     for name in ["standard", "adversarial", "noise"]:
         row = rows[name]
         done = json.loads((out / name / "metrics.json").read_text())
-        metrics, log_dirs[name] = done["metrics"], Path(done["log_dir"])
+        assert not Path(done["log_dir"]).is_absolute()  # inside the output folder: relative
+        metrics, log_dirs[name] = done["metrics"], out / done["log_dir"]
         assert log_dirs[name].parent == out / "tensorboard" / name
         assert float(row["clean acc"]) == pytest.approx(metrics["test/acc"], abs=5e-5)
         for key in ("fgm_l2_eps5", "pgd3_linf_eps0.3"):
@@ -135,7 +136,7 @@ def test_compare_end_to_end_report_matches_metrics_and_tsvs(tmp_path, capsys):
     assert len(re.findall(r"reusing trained checkpoint", printed)) == 3
     assert "reusing evaluation" not in printed
     for name, old in log_dirs.items():
-        new = Path(json.loads((out / name / "metrics.json").read_text())["log_dir"])
+        new = out / json.loads((out / name / "metrics.json").read_text())["log_dir"]
         assert new != old and len(read_tsv(new / "certify_test.tsv")[0]) == 3
         assert len(read_tsv(old / "certify_test.tsv")[0]) == 5  # untouched
     third = table_rows((out / "report.md").read_text())
@@ -148,7 +149,7 @@ def test_compare_end_to_end_report_matches_metrics_and_tsvs(tmp_path, capsys):
     # a finished evaluation whose certification TSV is gone is evaluated again (its report row
     # used to show no certificates: "0 of 0", ACR nan)
     name = next(iter(log_dirs))
-    gone = Path(json.loads((out / name / "metrics.json").read_text())["log_dir"])
+    gone = out / json.loads((out / name / "metrics.json").read_text())["log_dir"]
     (gone / "certify_test.tsv").unlink()
     compare.compare(["--config", str(settings)])
     printed = capsys.readouterr().out
@@ -159,7 +160,7 @@ def test_compare_end_to_end_report_matches_metrics_and_tsvs(tmp_path, capsys):
 
     # a model retrained into the same checkpoint file is evaluated again (the record was keyed
     # by the file's path only, so the old model's numbers were reported for the new one)
-    checkpoint = Path(json.loads((out / name / "fit.json").read_text())["ckpt_path"])
+    checkpoint = out / json.loads((out / name / "fit.json").read_text())["ckpt_path"]
     state = torch.load(checkpoint, weights_only=True)
     weights = state["state_dict"]
     first = next(key for key in weights if key.endswith("weight"))
@@ -170,12 +171,26 @@ def test_compare_end_to_end_report_matches_metrics_and_tsvs(tmp_path, capsys):
     assert len(re.findall(r"reusing trained checkpoint", printed)) == 3
     assert len(re.findall(r"reusing evaluation", printed)) == 2
     assert f"{name}: attacking and certifying {checkpoint}" in printed
+    rows = table_rows((out / "report.md").read_text())
+
+    # a moved output folder is reused from its new place: its records hold paths inside it
+    # relative to it (they held absolute paths, so every model trained again)
+    moved = tmp_path / "elsewhere" / "results"
+    moved.parent.mkdir()
+    shutil.move(out, moved)
+    config = yaml.safe_load(settings.read_text())
+    settings.write_text(yaml.safe_dump({**config, "output_dir": str(moved)}))
+    compare.compare(["--config", str(settings)])
+    printed = capsys.readouterr().out
+    assert len(re.findall(r"reusing trained checkpoint " + re.escape(str(moved)), printed)) == 3
+    assert len(re.findall(r"reusing evaluation", printed)) == 3
+    assert not out.exists() and table_rows((moved / "report.md").read_text()) == rows
 
 
 def test_a_recorded_checkpoint_that_is_gone_is_trained_again_with_a_word(
     tmp_path, capsys, monkeypatch
 ):
-    """A moved output folder (the record holds the old path) or a deleted checkpoint."""
+    """A deleted checkpoint (or one recorded outside the output folder, which then moved)."""
     settings = compare.parse(["--config", str(tiny_settings(tmp_path))])
     training, out = settings.trainings[0], tmp_path / "results"
     record = {"key": compare.stage_key("digest"), "ckpt_path": str(tmp_path / "gone.ckpt")}
@@ -672,7 +687,7 @@ def test_an_interrupted_training_resumes_from_its_last_epoch(tmp_path, capsys, m
     assert f"standard: resuming the interrupted training from {last}" in printed
     assert "standard: training with" not in printed
     record = json.loads((folder / "fit.json").read_text())
-    assert record["resumed_from"] == str(last)
+    assert folder.parent / record["resumed_from"] == last
     assert 50 < record["train_time_s"] < 50 + resumed_wall
     assert torch.load(last, weights_only=True)["global_step"] == 6  # one more epoch, not two
     assert not list(folder.glob("checkpoints/*/started.json"))  # finished: never resumed again
@@ -684,8 +699,11 @@ def test_an_interrupted_training_resumes_from_its_last_epoch(tmp_path, capsys, m
     printed = capsys.readouterr().out
     assert "resuming" not in printed and "standard: training with" in printed
     record = json.loads((folder / "fit.json").read_text())
-    assert record["resumed_from"] is None and Path(record["ckpt_path"]).is_file()
-    assert torch.load(record["ckpt_path"], weights_only=True)["global_step"] in (3, 6)
+    assert record["resumed_from"] is None and (folder.parent / record["ckpt_path"]).is_file()
+    assert torch.load(folder.parent / record["ckpt_path"], weights_only=True)["global_step"] in (
+        3,
+        6,
+    )
     # retrained afresh and interrupted in its first epoch: the finished run's last.ckpt in the
     # folder is not this training's, so the next run trains afresh again (it "resumed" from it)
     (folder / "fit.json").unlink()
@@ -703,10 +721,10 @@ def test_an_interrupted_training_resumes_from_its_last_epoch(tmp_path, capsys, m
     assert "resuming" not in printed and "standard: training with" in printed
     record = json.loads((folder / "fit.json").read_text())
     # its best checkpoint deleted (a FileNotFoundError traceback on every run): trained afresh
-    Path(record["ckpt_path"]).unlink()
+    (folder.parent / record["ckpt_path"]).unlink()
     compare.compare(["--config", str(path)])
     assert "standard: training with" in capsys.readouterr().out
-    assert Path(json.loads((folder / "fit.json").read_text())["ckpt_path"]).is_file()
+    assert (folder.parent / json.loads((folder / "fit.json").read_text())["ckpt_path"]).is_file()
 
     # a last.ckpt cut short by the interruption: trained afresh, and said so
     shutil.rmtree(tmp_path / "results")
