@@ -415,17 +415,27 @@ class EvaluationCallback(Callback):
         """Run ``work()`` on rank 0 and give its result to every process.
 
         A refusal (``ValueError``, ``TypeError``) or an I/O error on rank 0 is raised on every
-        process as one ``SettingError``: every rank reaches the broadcast, so none hangs in it.
+        process as one ``SettingError``. Any other exception is raised as itself on rank 0 (its
+        traceback is a defect's) and as a ``RuntimeError`` naming it on the others. Every rank
+        reaches the broadcast either way, so none waits in it for a rank that failed.
         """
-        outcome: tuple[Any, str | None] = (None, None)
+        outcome: tuple[Any, str | None, bool] = (None, None, False)
+        failure: Exception | None = None
         if trainer.is_global_zero:
             try:
-                outcome = (work(), None)
+                outcome = (work(), None, False)
             except (ValueError, TypeError) as err:  # TypeError: settings that are not JSON
-                outcome = (None, str(err))
+                outcome = (None, str(err), False)
             except OSError as err:
-                outcome = (None, f"{owner}: {type(err).__name__}: {err}")
-        result, error = trainer.strategy.broadcast(outcome, src=0)
+                outcome = (None, f"{owner}: {type(err).__name__}: {err}", False)
+            except Exception as err:
+                failure = err
+                outcome = (None, f"{owner} failed on rank 0: {type(err).__name__}: {err}", True)
+        result, error, unexpected = trainer.strategy.broadcast(outcome, src=0)
+        if failure is not None:
+            raise failure
+        if unexpected:
+            raise RuntimeError(error)
         if error is not None:
             raise SettingError(error)
         return result

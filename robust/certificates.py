@@ -2,7 +2,10 @@ r"""Certification results on disk: the TSV rows of locuslab/smoothing, checked, 
 
 One row per certified image, ``idx label predict radius correct time`` tab-separated under a header
 line, as locuslab/smoothing's ``certify.py`` writes them, so their analysis scripts read our files
-and ours read theirs. The settings that determine the rows live in a sidecar ``<tsv>.json``.
+and :func:`read_tsv` reads theirs. The settings that determine the rows live in a sidecar
+``<tsv>.json``; the readers of finished files (:func:`read_certificates`: the report, joining,
+paired ACR) require it and refuse radii the settings cannot give, so locuslab's files, written
+without one and with 3-digit radii, are read only by :func:`read_tsv`.
 
 Files are untrusted until checked: :func:`read_tsv` refuses a row whose fields are inconsistent
 (``correct`` that does not match ``predict == label``, a radius on an abstention, a label outside
@@ -26,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -351,10 +355,30 @@ def model_fingerprint(model: nn.Module) -> str:
     """
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):  # a module's get_extra_state(): any object
+            digest.update(
+                f"{name}:{type(tensor).__qualname__}:{extra_state_text(tensor)};".encode()
+            )
+            continue
         data = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def extra_state_text(state: Any) -> str:
+    """A module's extra state (``get_extra_state``) as text for :func:`model_fingerprint`.
+
+    Its pickle where it has one (equal states give equal bytes), else its ``repr``.
+
+    Examples:
+        >>> extra_state_text({"scale": 2}) == extra_state_text({"scale": 2})
+        True
+    """
+    try:
+        return pickle.dumps(state, protocol=4).hex()
+    except Exception:  # an object that cannot be pickled: its repr is the best we have
+        return repr(state)
 
 
 def dataset_fingerprint(dataset: Any) -> tuple[str, list[int]]:

@@ -602,7 +602,7 @@ class Smooth:
         for i, index in enumerate(indices):
             p = float(p_lower[i])
             # abstain unless p_A > 1/2 is certain at level alpha; else R = sigma * Phi^-1(p_A)
-            abstain = p < 0.5
+            abstain = not p > 0.5  # p = 1/2 exactly allows a tie (Cohen et al., Algorithm 1)
             certificates.append(
                 Certificate(
                     index=index,

@@ -165,7 +165,7 @@ def smallest_useful_n(alpha: float) -> int:
 
     The bound for k = n is alpha ** (1 / n), so this is the smallest n with alpha ** (1 / n) > 0.5,
     i.e. n > log2(1 / alpha). With fewer estimation samples CERTIFY can never certify a positive
-    radius (it abstains or returns radius 0), so callers should warn.
+    radius (it abstains), so callers should warn.
 
     Args:
         alpha: One-sided failure probability in (0, 1).

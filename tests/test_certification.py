@@ -13,6 +13,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from callbacks import Certification
+from callbacks.evaluation import EvaluationCallback
 from robust.certificates import (
     HEADER,
     CertifiedImage,
@@ -484,6 +486,58 @@ def test_tsv_of_another_model_or_without_settings_is_refused(tmp_path):
     Path(f"{output}.json").unlink()
     with pytest.raises(SettingError, match="without its settings file"):
         certify(tmp_path / "c", sigma=SIGMA, output=str(output), max_images=2)
+
+
+class NotedLevels(Levels):
+    """Levels with extra state (``get_extra_state``), which its state dict holds as an object."""
+
+    def __init__(self, note: str) -> None:
+        super().__init__(3)
+        self.note = note
+
+    def get_extra_state(self) -> dict:
+        return {"note": self.note}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.note = state["note"]
+
+
+def test_a_model_with_extra_state_is_certified_and_told_from_another(tmp_path):
+    output, noted, other = tmp_path / "runs.tsv", TinyModule(), TinyModule()
+    noted.model, other.model = NotedLevels("a"), NotedLevels("b")
+    callback = certify(tmp_path / "a", noted, sigma=SIGMA, output=str(output), max_images=2)
+    assert len(callback.results) == 2  # it failed: 'dict' object has no attribute 'detach'
+    with pytest.raises(ValueError, match="model_sha256="):
+        certify(tmp_path / "b", other, sigma=SIGMA, output=str(output), max_images=2)
+
+
+def test_a_failure_in_rank_zeros_work_reaches_every_rank():
+    """Rank 0's error is broadcast, so the other ranks raise too instead of waiting for it."""
+    sent = []
+
+    def trainer(rank: int) -> SimpleNamespace:
+        def broadcast(outcome, src):
+            if rank == 0:
+                sent.append(outcome)
+            return sent[-1]
+
+        return SimpleNamespace(
+            is_global_zero=rank == 0, strategy=SimpleNamespace(broadcast=broadcast)
+        )
+
+    def defect():
+        raise AttributeError("'dict' object has no attribute 'detach'")
+
+    def refusal():
+        raise ValueError("output: a folder")
+
+    with pytest.raises(AttributeError, match="detach"):  # a defect keeps its traceback
+        EvaluationCallback.on_rank_zero(trainer(0), defect, "Certification")
+    with pytest.raises(RuntimeError, match="Certification failed on rank 0: AttributeError"):
+        EvaluationCallback.on_rank_zero(trainer(1), defect, "Certification")
+    for rank in (0, 1):
+        with pytest.raises(SettingError, match="output: a folder"):
+            EvaluationCallback.on_rank_zero(trainer(rank), refusal, "Certification")
 
 
 def test_summary_by_hand():

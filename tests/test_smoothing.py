@@ -175,6 +175,17 @@ def test_constant_classifier_abstains_below_smallest_useful_n() -> None:
     assert (prediction, radius) == (ABSTAIN, 0.0)
 
 
+@pytest.mark.parametrize(("n", "alpha"), [(1, 0.5), (2, 0.25), (10, 2.0**-10)])
+def test_a_lower_bound_of_exactly_one_half_abstains(n: int, alpha: float) -> None:
+    """p_A = 1/2 allows a tie: CERTIFY returns a class only when p_A > 1/2 (Algorithm 1)."""
+    assert clopper_pearson_lower(n, n, alpha) == 0.5 and smallest_useful_n(alpha) == n + 1
+    smooth = Smooth(Constant(3, 0), 3, 0.5)
+    prediction, radius = smooth.certify(torch.rand(1, 4, 4), 5, n, alpha, index=0)
+    assert (prediction, radius) == (ABSTAIN, 0.0)  # it was class 0 at radius 0
+    prediction, radius = smooth.certify(torch.rand(1, 4, 4), 5, n + 1, alpha, index=0)
+    assert prediction == 0 and radius > 0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("margin_sigmas", [0.0, 0.5, 1.5])
 def test_coverage_linear_classifier(margin_sigmas: float, device: str) -> None:
