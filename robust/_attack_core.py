@@ -80,11 +80,12 @@ def check_ball(eps: float, norm: str, owner: str | None = None, x: Tensor | None
             f"every image; got {eps:g} (on the 0-255 scale? divide by 255)"
         )
     if norm == "2" and x is not None and x.dim() > 1:
-        diameter = math.sqrt(x[0].numel())
+        pixels = math.prod(x.shape[1:])  # of one image, also in an empty batch
+        diameter = math.sqrt(pixels)
         if eps > diameter:
             raise SettingError(
                 f"{prefix} for norm 2 must be <= {diameter:.4g}, the diameter of [0, 1]^"
-                f"{x[0].numel()}: a larger ball holds every image; got {eps:g}"
+                f"{pixels}: a larger ball holds every image; got {eps:g}"
             )
 
 

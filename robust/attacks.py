@@ -357,10 +357,10 @@ for a model of 10 classes (APGD-T targets the other classes); got 50
         for setting, letter in (("n_target_classes", "t"), ("n_queries", "q"), ("p_init", "p")):
             value = self._resolved(setting)
             if value is not None and value != _DEFAULTS[setting]:
-                parts.append(f"{letter}{value:g}")
+                parts.append(f"{letter}{_exact(value)}")
         rho = self.resolved_rho
         if rho is not None and rho != _DEFAULTS["rho"]:
-            parts.append(f"rho{rho:g}")
+            parts.append(f"rho{_exact(rho)}")
         if self.step_size is not None and "step_size" in _SETTINGS[self.method]:
             default = _default_step_size(
                 self.method, self.eps, self.resolved_steps, self.resolved_random_start
@@ -371,12 +371,14 @@ for a model of 10 classes (APGD-T targets the other classes); got 50
 
 
 def _exact(value: float) -> str:
-    """``value`` as ``:g`` where that reads back as the same float, else in full.
+    """``value`` as ``:g`` where that reads back as the same number, else in full.
 
     Examples:
-        >>> _exact(0.3), _exact(5.0), _exact(8 / 255)
-        ('0.3', '5', '0.03137254901960784')
+        >>> _exact(0.3), _exact(5.0), _exact(8 / 255), _exact(1234567)
+        ('0.3', '5', '0.03137254901960784', '1234567')
     """
+    if isinstance(value, int):
+        return str(value)
     short = f"{value:g}"
     return short if float(short) == value else repr(float(value))
 
@@ -700,6 +702,8 @@ def _random_start(x: Tensor, eps: float, norm: str, generator: Generators) -> Te
     L-inf: ``U[-eps, eps]^d``. L2: Gaussian direction normalised to the unit sphere, radius
     ``eps * U^(1/d)`` (uniform in the ball's volume; Muller 1959).
     """
+    if len(x) == 0:
+        return x.clone()
     if isinstance(generator, Sequence):
         check_generators(generator, len(x))
         return torch.cat(

@@ -222,8 +222,13 @@ PUBLISHED = [
     ("LeNet, consistency sigma 0.25", "ACR", "0.928", "Jeong & Shin 2020"),
     ("LeNet, Gaussian / consistency sigma 0.5", "ACR", "1.558 / 1.655", "Jeong & Shin 2020"),
     ("LeNet, SmoothAdv sigma 0.25", "ACR", "0.932", "Salman et al. 2019, via Jeong & Shin 2020"),
-    ("Madry et al. PGD-trained CNN", "AutoAttack L-inf 0.3", "88.5%", "fra31/auto-attack README"),
-    ("TRADES CNN", "AutoAttack L-inf 0.3", "92.8%", "fra31/auto-attack README"),
+    (
+        "Madry et al. PGD-trained CNN",
+        "AutoAttack L-inf 0.3 (with FAB-T)",
+        "88.5%",
+        "fra31/auto-attack README",
+    ),
+    ("TRADES CNN", "AutoAttack L-inf 0.3 (with FAB-T)", "92.8%", "fra31/auto-attack README"),
 ]
 
 REPORT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)

@@ -20,16 +20,28 @@ from tests.tiny_models import batch, distance, generators, linear, small_cnn
 # ----------------------------------------------------------------------- schedule
 
 
-@pytest.mark.parametrize("steps", [1, 3, 7, 10, 25, 50, 100, 137, 1000])
-def test_checkpoints_follow_the_paper(steps):
-    # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), w_j = ceil(p_j N)
+@pytest.mark.parametrize("steps", [1, 3, 7, 10, 20, 25, 50, 100, 137, 1000])
+def test_checkpoints_are_the_authors_codes(steps):
+    # fra31/auto-attack's loop: a counter of iterations since the last check, checked against a
+    # window k = int(0.22 N) that shrinks by int(0.03 N) down to int(0.06 N), each at least 1
+    k, shrink = max(int(0.22 * steps), 1), max(int(0.03 * steps), 1)
+    shortest = max(int(0.06 * steps), 1)
+    expected, counter = [], 0
+    for i in range(steps):
+        counter += 1
+        if counter == k:
+            expected.append(i + 1)
+            k, counter = max(k - shrink, shortest), 0
+    assert apgd_checkpoints(steps) == expected
+    # the paper's w_j = ceil(p_j N), p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)
     p = [Fraction(0), Fraction(22, 100)]
     while p[-1] + max(p[-1] - p[-2] - Fraction(3, 100), Fraction(6, 100)) <= 1:
         p.append(p[-1] + max(p[-1] - p[-2] - Fraction(3, 100), Fraction(6, 100)))
-    expected = sorted({math.ceil(q * steps) for q in p[1:]})
-    assert apgd_checkpoints(steps) == expected
+    paper = sorted({math.ceil(q * steps) for q in p[1:]})
     if steps == 100:
-        assert expected == [22, 41, 57, 70, 80, 87, 93, 99]  # as in the authors' code at N = 100
+        assert expected == paper == [22, 41, 57, 70, 80, 87, 93, 99]
+    if steps in (10, 20):  # the paper's formula checks less often in short runs
+        assert len(expected) > len(paper)
 
 
 # --------------------------------------------------------------- analytic oracles

@@ -15,6 +15,7 @@ from torch import nn
 
 from robust._attack_core import into_ball
 from robust.attacks import (
+    METHODS,
     AttackSpec,
     apgd,
     apgd_t,
@@ -468,6 +469,14 @@ def test_different_steps_or_eps_never_share_a_key():
     eight = AttackSpec(method="pgd", norm="inf", eps=8 / 255)
     rounded = AttackSpec(method="pgd", norm="inf", eps=0.0313725)
     assert eight.key == "pgd40_linf_eps0.03137254901960784" and rounded.key != eight.key
+    # the other settings were written to 6 digits too (Square's p_init and n_queries, APGD's rho)
+    for setting, a, b in [("p_init", 0.1234567, 0.1234568), ("n_queries", 1234567, 1234568)]:
+        keys = {
+            AttackSpec(method="square", norm="inf", eps=0.3, **{setting: v}).key for v in (a, b)
+        }
+        assert len(keys) == 2, keys
+    rho = AttackSpec(method="apgd-ce", norm="inf", eps=0.3, rho=0.7500001)
+    assert rho.key == "apgd-ce_linf_eps0.3_rho0.7500001"
 
 
 def test_spec_defaults_and_keys():
@@ -614,6 +623,17 @@ def test_eps_zero_means_no_attack(spec):
     clean = model(x).argmax(1) == y
     assert accuracy(model, got, y) == clean.float().mean().item()
     assert all(torch.equal(mask, clean) for mask in stages.values()) and "clean" in stages
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+@pytest.mark.parametrize("method", METHODS)
+def test_an_empty_batch_gives_an_empty_batch(method, norm):
+    model = small_cnn(classes=5)
+    x, y = batch(2, classes=5)
+    targets = 2 if method in ("apgd-t", "autoattack") else None
+    spec = AttackSpec(method, norm, 0.1, n_target_classes=targets)
+    got = attack(model, x[:0], y[:0], spec, generator=[])  # L2 was an IndexError
+    assert got.shape == (0, *x.shape[1:]) and got.dtype == x.dtype
 
 
 def test_eps_zero_functions_return_x():
