@@ -108,6 +108,10 @@ RESUME_ENTRIES = {
 }
 
 
+CHECKPOINT_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+"""The floating-point dtypes a checkpoint's weights may have (those a model trains in)."""
+
+
 def check_checkpoint_structure(path: str, checkpoint: Mapping[str, Any]) -> None:
     """Refuse a checkpoint whose entries Lightning would trip over, or whose tensors hold NaN.
 
@@ -130,6 +134,16 @@ def check_checkpoint_structure(path: str, checkpoint: Mapping[str, Any]) -> None
                 f"ckpt_path {path!r}: state_dict entry {key!r} is a {value.layout} tensor; "
                 "checkpoints written by fit hold dense (torch.strided) tensors"
             )
+        if value.device.type != "cpu":  # read with map_location="cpu": a meta tensor stays
+            refuse(
+                f"ckpt_path {path!r}: state_dict entry {key!r} is a tensor on "
+                f"{value.device.type}; checkpoints written by fit hold tensors with values"
+            )
+        if value.is_floating_point() and value.dtype not in CHECKPOINT_FLOAT_DTYPES:
+            refuse(
+                f"ckpt_path {path!r}: state_dict entry {key!r} is {value.dtype}; checkpoints "
+                f"written by fit hold {', '.join(map(str, CHECKPOINT_FLOAT_DTYPES))}"
+            )
         if value.is_floating_point() and bool(torch.isnan(value).any()):
             refuse(f"ckpt_path {path!r}: the weights {key!r} hold NaN values")
     check_lightning_version(path, checkpoint.get("pytorch-lightning_version"))
@@ -138,6 +152,12 @@ def check_checkpoint_structure(path: str, checkpoint: Mapping[str, Any]) -> None
         refuse(
             f"ckpt_path {path!r}: 'hyper_parameters' must be a mapping of settings; "
             f"got a {type(hparams).__name__}"
+        )
+    if hparams and not all(isinstance(name, str) for name in hparams):
+        odd = next(name for name in hparams if not isinstance(name, str))
+        refuse(
+            f"ckpt_path {path!r}: 'hyper_parameters' has a key {odd!r} of type "
+            f"{type(odd).__name__}; settings are named by strings"
         )
     if hparams:
         check_import_paths(path, hparams)
@@ -514,6 +534,7 @@ def check_weights_fit_model(path: str, state: Mapping[str, Any], model: torch.nn
                 f"({type(model).__name__}): it {problem} weights {', '.join(keys[:3])}{more}; "
                 "use the config (model class and backbone) the checkpoint was trained with"
             )
+    loaded = dict(state)  # the values as load_state_dict copies them: in the model's dtypes
     for key, built in model.state_dict().items():
         value = state[key]
         if value.is_floating_point() != built.is_floating_point() or value.is_complex():
@@ -522,12 +543,17 @@ def check_weights_fit_model(path: str, state: Mapping[str, Any], model: torch.nn
                 f"ckpt_path {path!r}: the weights {key!r} are {value.dtype}, but the model's "
                 f"are {built.dtype}; use the checkpoint fit wrote for this model"
             )
-    for key, _ in model.named_parameters():
-        value = state[key]
+        if value.is_floating_point() and value.dtype != built.dtype:
+            loaded[key] = value.to(built.dtype)  # float64 1e300 is inf in float32
+    for key, built in model.named_parameters():
+        value = loaded[key]
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            refuse(f"ckpt_path {path!r}: the parameters {key!r} hold infinite values")
-    check_running_statistics(path, state, model)
-    check_normalization(path, state, model)
+            refuse(
+                f"ckpt_path {path!r}: the parameters {key!r} hold infinite values (in the "
+                f"model's {built.dtype})"
+            )
+    check_running_statistics(path, loaded, model)
+    check_normalization(path, loaded, model)
 
 
 def check_running_statistics(path: str, state: Mapping[str, Any], model: torch.nn.Module) -> None:

@@ -457,6 +457,30 @@ def _first_weight(checkpoint) -> str:
             ),
             "are torch.int64, but the model's are torch.float32",
         ),
+        (  # finite in float64, infinite in the float32 model: it tested with loss nan
+            lambda c: c["state_dict"].__setitem__(
+                _first_weight(c),
+                c["state_dict"][_first_weight(c)]
+                .double()
+                .view(-1)
+                .index_fill(0, torch.tensor([0]), 1e300)
+                .view_as(c["state_dict"][_first_weight(c)]),
+            ),
+            "hold infinite values (in the model's torch.float32)",
+        ),
+        (
+            lambda c: c["state_dict"].__setitem__(
+                _first_weight(c), c["state_dict"][_first_weight(c)].to(torch.float8_e4m3fn)
+            ),
+            "is torch.float8_e4m3fn; checkpoints written by fit hold torch.float32",
+        ),
+        (
+            lambda c: c["state_dict"].__setitem__(
+                _first_weight(c), torch.empty_like(c["state_dict"][_first_weight(c)], device="meta")
+            ),
+            "is a tensor on meta; checkpoints written by fit hold tensors with values",
+        ),
+        (lambda c: c["hyper_parameters"].__setitem__(1, 2), "has a key 1 of type int"),
     ],
     ids=[
         "nan",
@@ -483,6 +507,10 @@ def _first_weight(checkpoint) -> str:
         "identity-str",
         "sparse",
         "integer",
+        "float64-overflow",
+        "float8",
+        "meta",
+        "hparams-int-key",
     ],
 )
 def test_malformed_checkpoint_is_refused_before_testing(
