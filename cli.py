@@ -986,8 +986,15 @@ def check_config_sections(args: Any) -> None:
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue  # jsonargparse reports what it cannot read
         for section in ("trainer", "checkpoint"):
-            found = loaded.get(section) if isinstance(loaded, dict) else None
-            if found is not None and not isinstance(found, dict | str):  # str: a nested file
+            if not isinstance(loaded, dict) or section not in loaded:
+                continue
+            found = loaded[section]
+            if found is None:  # `trainer:` with nothing under it: the earlier settings vanished
+                refuse(
+                    f"{section} in {value} is empty (null); give its settings under it (e.g. "
+                    f"{section}: {{...}}) or remove the line"
+                )
+            if not isinstance(found, dict | str):  # str: a nested file
                 refuse(
                     f"{section} in {value} must be a mapping of settings (e.g. {section}: "
                     f"{{...}}); got the {type(found).__name__} {_one_line(repr(found))}"
@@ -1084,7 +1091,7 @@ class RobustCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         for section in ("trainer", "checkpoint"):
             value = config.get(section)
-            if value is not None and not isinstance(value, Namespace | Mapping):
+            if section in config and not isinstance(value, Namespace | Mapping):
                 refuse(
                     f"{section} must be a mapping of settings (e.g. {section}: {{...}} in YAML); "
                     f"got the {type(value).__name__} {_one_line(repr(value))}"

@@ -338,6 +338,18 @@ def test_fit_settings_that_crash_or_train_nothing_are_one_line_before_training(
     assert line.startswith(expected), line
 
 
+@pytest.mark.parametrize("section", ["trainer:", "checkpoint: null"])
+def test_an_empty_config_section_is_one_line(section, in_tmp, capsys, monkeypatch):
+    # trainer: dropped the earlier file's trainer settings and trained (exit 0) where trainer
+    # settings followed; checkpoint: null was a traceback
+    config = in_tmp / "empty.yaml"
+    config.write_text(f"{section}\n")
+    monkeypatch.setattr(Trainer, "fit", _never("it was trained"))
+    line = refusal(capsys, "fit", "--config", STANDARD, f"--config={config}", *QUIET)
+    name = section.split(":")[0]
+    assert line.startswith(f"error: {name} in {config} is empty (null)"), line
+
+
 @pytest.mark.parametrize("section", ["trainer: [1, 2]", "trainer: 5", "checkpoint: [1]"])
 def test_a_config_section_that_is_not_a_mapping_is_one_line(section, in_tmp, capsys, monkeypatch):
     # jsonargparse dropped it without a word where trainer settings followed: trained anyway
