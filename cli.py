@@ -810,6 +810,25 @@ def check_fit_trains(trainer: Mapping[str, Any]) -> None:
         refuse("trainer.max_steps 0 trains nothing; fit needs max_steps >= 1 (or -1: no limit)")
 
 
+EVALUATION_LIMITS = {"test": "limit_test_batches", "validate": "limit_val_batches",
+                     "predict": "limit_predict_batches"}  # fmt: skip
+"""The batch limit of the loop each evaluation subcommand runs."""
+
+
+def check_evaluation_runs(subcommand: str, trainer: Mapping[str, Any]) -> None:
+    """Refuse ``test``/``validate``/``predict`` with a batch limit of 0: an exit 0 with no numbers.
+
+    Raises:
+        SettingError: Naming the limit.
+    """
+    limit = EVALUATION_LIMITS.get(subcommand)
+    if limit and trainer.get(limit) in (0, 0.0):
+        refuse(
+            f"trainer.{limit} 0 evaluates nothing; {subcommand} needs a number of batches >= 1 "
+            "or a fraction in (0, 1]"
+        )
+
+
 def _optimizers_and_schedulers(built: Any) -> tuple[list[torch.optim.Optimizer], list[Any]]:
     """The optimizers and LR schedulers in what ``configure_optimizers`` returned, in order."""
     optimizers: list[torch.optim.Optimizer] = []
@@ -1099,6 +1118,7 @@ class RobustCLI(LightningCLI):
         check_trainer_settings(config.get("trainer") or {})
         if subcommand == "fit":
             check_fit_trains(config.get("trainer") or {})
+        check_evaluation_runs(subcommand, config.get("trainer") or {})
         if config.get("weights_only") is False:
             refuse(
                 "weights_only false is not allowed: checkpoints are always loaded with "

@@ -67,6 +67,23 @@ def test_lightnings_refusals_as_its_loops_start_are_one_line(
     assert line.startswith("error: trainer: ") and words in line
 
 
+@pytest.mark.parametrize(
+    ("subcommand", "limit"),
+    [("test", "limit_test_batches"), ("validate", "limit_val_batches"), ("test", "limit_test_batches=0.0")],
+)  # fmt: skip
+def test_an_evaluation_of_no_batches_is_one_line(in_tmp, capsys, monkeypatch, subcommand, limit):
+    # it evaluated nothing and exited 0, without a word
+    for method in ("test", "validate"):
+        monkeypatch.setattr(Trainer, method, _never("it was evaluated"))
+    setting = f"--trainer.{limit}" if "=" in limit else f"--trainer.{limit}=0"
+    line = refusal(capsys, subcommand, "--config", STANDARD, setting, *QUIET)
+    name = limit.split("=")[0]
+    assert line == (
+        f"error: trainer.{name} 0 evaluates nothing; {subcommand} needs a number of batches "
+        ">= 1 or a fraction in (0, 1]"
+    )
+
+
 def test_certification_without_sigma_is_one_line_from_the_command_line(in_tmp):
     args = ["test", "--config", STANDARD, "--trainer.callbacks+=callbacks.Certification"]
     result = subprocess.run(
