@@ -411,6 +411,47 @@ def _check_certified_count(
     )
 
 
+def _check_certified_summary(
+    name: str, tsv: Path, rows: Sequence, metrics: Mapping[str, float]
+) -> None:
+    """Refuse a TSV whose rows no longer give the numbers its certification logged.
+
+    The count of certified-and-correct images and the counts at each logged radius must be
+    equal, the ACR equal to float32 rounding (Lightning logs float32): a row edited after the
+    run (another radius, a prediction made correct) would change the report's numbers.
+
+    Raises:
+        SettingError: Naming the first number that differs, and what to delete to redo it.
+    """
+    count = len(rows)
+    radius = [row.radius for row in rows]
+    correct = [row.correct for row in rows]
+    differing = []
+    logged = metrics.get("certify/correct_certified")
+    if logged is not None and math.isfinite(logged) and round(logged) != sum(correct):
+        differing.append(f"correct_certified {sum(correct)}, logged {logged:g}")
+    for key, value in metrics.items():
+        if not key.startswith("certify/certified_acc@") or not math.isfinite(value):
+            continue
+        try:
+            at = float(key.split("@", 1)[1])
+        except ValueError:
+            continue
+        here = round(float(certified_accuracy(radius, correct, [at])[0]) * count)
+        if here != round(value * count):
+            differing.append(f"{key.split('/', 1)[1]} {here} of {count}, logged {value:g}")
+    acr = metrics.get("certify/acr")
+    if acr is not None and math.isfinite(acr) and count:
+        here = sum(r * c for r, c in zip(radius, correct, strict=True)) / count
+        if not math.isclose(here, acr, rel_tol=1e-6, abs_tol=1e-6):
+            differing.append(f"ACR {here:.6g}, logged {acr:.6g}")
+    if differing:
+        raise SettingError(
+            f"{name}: {tsv} changed after its certification finished (its rows give "
+            f"{differing[0]}); delete it, its .json and {name}'s metrics.json to certify again"
+        )
+
+
 def _certification_sentence(
     settings: Mapping[str, Mapping], certified: Mapping[str, tuple[Mapping[str, float], int]]
 ) -> str:
@@ -572,6 +613,7 @@ def write_report(
             except SettingError as err:
                 raise SettingError(f"settings file {tsv}.json: {err}") from None
             _check_certified_count(name, tsv, len(rows), torn, metrics.get("certify/num_images"))
+            _check_certified_summary(name, tsv, rows, metrics)
         summary = summarize(rows, REPORT_RADII)
         certified[name] = (summary, len(rows))
         if rows:  # a model not certified has no curve (not a flat line at 0)

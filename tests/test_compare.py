@@ -798,6 +798,32 @@ def test_report_refuses_a_tsv_changed_after_its_certification(tmp_path, damage):
         write_report(tmp_path, results, {})
 
 
+@pytest.mark.parametrize("edit", ["wrong", "radius", None])
+def test_report_refuses_rows_edited_after_their_certification(tmp_path, edit):
+    """Rows that still read well but no longer give the logged numbers (the report showed them)."""
+    from robust.certificates import CertifiedImage, write_tsv
+    from robust.report import write_report
+
+    log_dir = certified_log_dir(tmp_path)
+    tsv = log_dir / "certify_test.tsv"
+    logged = {"certify/num_images": 4.0, "certify/correct_certified": 4.0, "certify/acr": R04}
+    logged |= {"certify/certified_acc@0.25": 1.0, "certify/certified_acc@1.0": 0.0}
+    rows = [CertifiedImage(i, 1, 1, R04, 1, 0.0) for i in range(4)]
+    if edit == "wrong":  # a certified image made misclassified: a valid row
+        rows[2] = CertifiedImage(2, 1, 0, R04, 0, 0.0)
+    if edit == "radius":  # another radius its settings can give
+        other = float(certifiable_neighbours([0.6], 0.25, 10_000, 0.001)[1][0])
+        rows[2] = CertifiedImage(2, 1, 1, other, 1, 0.0)
+    write_tsv(tsv, rows)
+    results = {"m": {"metrics": logged, "log_dir": str(log_dir)}}
+    if edit is None:
+        write_report(tmp_path, results, {})
+        return
+    words = "correct_certified 3" if edit == "wrong" else "ACR"
+    with pytest.raises(SettingError, match=f"m: {tsv} changed after its certification .*{words}"):
+        write_report(tmp_path, results, {})
+
+
 def test_report_draws_no_curve_for_a_model_not_certified(tmp_path, monkeypatch):
     from robust import report as report_module
 
