@@ -850,8 +850,11 @@ def _optimizers_and_schedulers(built: Any) -> tuple[list[torch.optim.Optimizer],
     return optimizers, schedulers
 
 
-def check_scheduler_steps(scheduler: Any) -> None:
+def check_scheduler_steps(scheduler: Any, monitor: str = "val/acc", mode: str = "max") -> None:
     """Step a throwaway scheduler once; refuse its settings if that fails or the lr goes wrong.
+
+    A ``ReduceLROnPlateau`` follows the checkpoint's ``monitor``; its mode must be that
+    metric's ``mode``.
 
     Raises:
         SettingError: Naming the scheduler and its settings.
@@ -865,10 +868,11 @@ def check_scheduler_steps(scheduler: Any) -> None:
         and isinstance(v, int | float | str)
     )
     name = f"model lr_scheduler {type(scheduler).__name__}({settings})"
-    if isinstance(scheduler, ReduceLROnPlateau) and scheduler.mode != "max":
+    if isinstance(scheduler, ReduceLROnPlateau) and scheduler.mode != mode:
+        moves = "rises" if mode == "max" else "falls"
         refuse(
-            f"{name} would lower the learning rate while val/acc, its monitor, rises; "
-            "set its mode to max"
+            f"{name} would lower the learning rate while {monitor}, its monitor, {moves}; "
+            f"set its mode to {mode}"
         )
     try:
         with warnings.catch_warnings():
@@ -1352,8 +1356,11 @@ class RobustCLI(LightningCLI):
         except RuntimeError:
             return None  # it needs the running trainer (e.g. its step count): fit builds it then
         optimizers, schedulers = _optimizers_and_schedulers(built)
+        checkpoint = self.config[self.subcommand].get("checkpoint") or {}
+        monitor = checkpoint.get("monitor")  # what a ReduceLROnPlateau follows (the model's)
+        mode = checkpoint.get("mode", "max") if monitor else "max"
         for scheduler in schedulers:
-            check_scheduler_steps(scheduler)
+            check_scheduler_steps(scheduler, monitor or "val/acc", mode)
         return optimizers, schedulers
 
     def _run_trainer(self, method: str, kwargs: dict[str, Any]) -> None:

@@ -1,14 +1,64 @@
 """Shared data-module behaviour: settings, seeded stratified splits and data loaders."""
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from robust.checks import SettingError, check_int, check_real
+from robust.sharding import image_seed
+
+SHUFFLE_KEY = "training_order"
+"""Key of :func:`robust.sharding.image_seed` that derives an epoch's training order."""
+WORKER_SEED_KEY = "training_loader_workers"
+"""Key of :func:`robust.sharding.image_seed` that derives the loader workers' base seed."""
+
+
+def training_seed() -> int:
+    """The run's seed as Lightning records it (``seed_everything`` sets ``PL_GLOBAL_SEED``), else 0.
+
+    The seed Lightning's ``DistributedSampler`` shuffles with, too.
+    """
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation of ``range(size)`` drawn afresh for each epoch from (seed, epoch) alone.
+
+    PyTorch's ``RandomSampler`` draws from the process's RNG, which a resumed ``fit`` seeds
+    afresh: a run resumed at epoch E replayed epoch 0's order (and E + 1 epoch 1's). This one
+    reads the epoch when it is iterated, so epoch E has the same order resumed or not.
+
+    Args:
+        size: Number of indices.
+        seed: The run's seed.
+        epoch: Called at each iteration: the epoch it is for.
+
+    Examples:
+        >>> epoch = 0
+        >>> order = EpochShuffle(5, seed=0, epoch=lambda: epoch)
+        >>> first = list(order)
+        >>> sorted(first), first == list(order)
+        ([0, 1, 2, 3, 4], True)
+        >>> epoch = 1
+        >>> list(order) != first
+        True
+    """
+
+    def __init__(self, size: int, seed: int, epoch: Callable[[], int]) -> None:
+        self.size, self.seed, self.epoch = size, seed, epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        seed = image_seed(self.seed, SHUFFLE_KEY, self.epoch())
+        yield from torch.randperm(self.size, generator=torch.Generator().manual_seed(seed)).tolist()
+
 
 SPLIT_METHOD = "stratified_split/1"
 """Name and version of the split algorithm, part of every identity: change it with the algorithm."""
@@ -246,6 +296,11 @@ class ImageDataModule(LightningDataModule):
         )
         return Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
 
+    def _training_epoch(self) -> int:
+        """The epoch the attached trainer is in (0 without one), read as the loader iterates."""
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
+
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a data loader")
@@ -257,8 +312,27 @@ class ImageDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:  # noqa: D102 (Lightning hook)
-        return self._loader(self.train_set, shuffle=True)
+    def train_dataloader(self) -> DataLoader:
+        """Training batches in an order drawn from (seed, epoch) alone (:class:`EpochShuffle`).
+
+        On several processes Lightning's ``DistributedSampler`` shuffles (it draws from seed plus
+        epoch too). The workers' seeds come from (seed, the epoch the loader is made in).
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            return self._loader(self.train_set, shuffle=True)
+        if self.train_set is None:
+            raise RuntimeError("call setup() before asking for a data loader")
+        seed = training_seed()
+        workers = image_seed(seed, WORKER_SEED_KEY, self._training_epoch())
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=EpochShuffle(len(self.train_set), seed, self._training_epoch),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(workers),
+        )
 
     def val_dataloader(self) -> DataLoader:  # noqa: D102
         return self._loader(self.val_set, shuffle=False)

@@ -432,6 +432,7 @@ class AdversarialClassifier(StandardClassifier):
                 "train/grad_align", penalty.detach(), on_step=False, on_epoch=True, sync_dist=True
             )
         detached = logits.detach()
+        k = k if spec.eps > 0 else 0  # a warm-up epoch at eps 0 attacked none: all are clean
         if k > 0:
             self.train_adv_acc(detached[:k], y[:k])
             self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True)
@@ -457,9 +458,10 @@ class AdversarialClassifier(StandardClassifier):
         else:  # x' = x: the KL term is 0
             logits_adv = logits
             loss, kl = F.cross_entropy(float_logits(logits), y), torch.zeros((), device=x.device)
-        self.train_adv_acc(logits_adv.detach(), y)
+        if spec.eps > 0:  # a warm-up epoch at eps 0 has no adversarial accuracy
+            self.train_adv_acc(logits_adv.detach(), y)
+            self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True)
         self.train_clean_acc(logits.detach(), y)
-        self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True)
         self.log("train/clean_acc", self.train_clean_acc, on_step=False, on_epoch=True)
         self.log("train/kl", kl.detach(), on_step=False, on_epoch=True, sync_dist=True)
         return loss, logits, y

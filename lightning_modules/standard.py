@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -225,9 +226,23 @@ class StandardClassifier(LightningModule):
                     f"(counting from 1); set trainer.max_epochs >= {first + 1} or a shorter "
                     f"{setting}"
                 )
+        self._fit_seed = torch.initial_seed()  # seed_everything's, before any reseeding here
         if trainer.global_rank > 0:
-            seed = image_seed(torch.initial_seed(), TRAINING_RNG_KEY, trainer.global_rank)
+            seed = image_seed(self._fit_seed, TRAINING_RNG_KEY, trainer.global_rank)
             torch.manual_seed(seed)
+
+    def on_train_epoch_start(self) -> None:
+        """Seed each process's RNG (CPU and CUDA) from (seed, epoch, rank) alone for the epoch.
+
+        The training noise, attacks' random starts and a loader's shuffle without a sampler of
+        its own draw from it; a run resumed at epoch E (``fit --ckpt_path last``, which seeds
+        afresh) then draws what an uninterrupted run draws there, not epoch 0's numbers again.
+        """
+        seed = getattr(self, "_fit_seed", None)
+        if seed is None:  # the hooks called by hand, without fit
+            seed = self._fit_seed = torch.initial_seed()
+        epoch = self.trainer.current_epoch
+        torch.manual_seed(image_seed(seed, f"{TRAINING_RNG_KEY}@epoch{epoch}", self.global_rank))
 
     def first_full_strength_epoch(self) -> tuple[str, int] | None:
         """``(warm-up setting, first 0-based epoch trained at full strength)``, None without one."""
@@ -373,7 +388,35 @@ class StandardClassifier(LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/acc"},
-        }
+        if isinstance(scheduler, ReduceLROnPlateau):
+            return {"optimizer": optimizer, "lr_scheduler": self._plateau_schedule(scheduler)}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _plateau_schedule(self, scheduler: ReduceLROnPlateau) -> dict[str, Any]:
+        """``ReduceLROnPlateau`` on the metric that picks the best checkpoint, when it is logged.
+
+        The checkpoint's ``monitor`` (``val/acc``, ``val/noisy_acc``, ``val/robust_acc``; else
+        ``val/acc``), stepped every ``check_val_every_n_epoch`` epochs (Lightning stopped the
+        run at the first epoch without validation); its ``mode`` must be the checkpoint's
+        (``min`` on an accuracy cut the rate while the model improved).
+
+        Raises:
+            SettingError: The scheduler's mode is not the monitored metric's.
+        """
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached yet (the CLI's check of the settings)
+            trainer = None
+        checkpoint = getattr(trainer, "checkpoint_callback", None)
+        monitor = getattr(checkpoint, "monitor", None)
+        mode = checkpoint.mode if monitor else "max"
+        monitor = monitor or "val/acc"
+        if trainer is not None and scheduler.mode != mode:  # the CLI refuses it up front too
+            moves = "rises" if mode == "max" else "falls"
+            raise SettingError(
+                f"model lr_scheduler ReduceLROnPlateau would lower the learning rate while "
+                f"{monitor}, its monitor, {moves}; set its mode to {mode}"
+            )
+        every = getattr(trainer, "check_val_every_n_epoch", None)
+        frequency = every if isinstance(every, int) and every >= 1 else 1
+        return {"scheduler": scheduler, "monitor": monitor, "frequency": frequency}

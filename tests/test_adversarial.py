@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 
 import lightning_modules.adversarial as adversarial
 from lightning_modules import AdversarialClassifier, SmallCNN
@@ -253,6 +253,24 @@ def test_fit_warms_up_eps_per_epoch_and_logs_clean_and_adversarial_accuracy(monk
     only_adv = fit(model(perturbed_fraction=1.0), max_epochs=1, limit_train_batches=1)
     assert "train/adv_acc" in only_adv.callback_metrics
     assert "train/clean_acc" not in only_adv.callback_metrics
+
+
+@pytest.mark.parametrize("method", ["at", "trades"])
+def test_a_warm_up_epoch_at_eps_zero_logs_no_adversarial_accuracy(method):
+    # it logged the clean accuracy of the images it did not attack as train/adv_acc
+    class EpochKeys(Callback):
+        def __init__(self) -> None:
+            self.keys: list[set[str]] = []
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.keys.append(set(trainer.callback_metrics))
+
+    seen = EpochKeys()
+    trades = {"method": "trades", "beta": 6.0} if method == "trades" else {}
+    net = model(attack=L2, perturbed_fraction=1.0, eps_warmup_epochs=1, **trades)
+    fit(net, max_epochs=2, limit_train_batches=1, callbacks=[seen])
+    assert "train/adv_acc" not in seen.keys[0] and "train/clean_acc" in seen.keys[0]
+    assert "train/adv_acc" in seen.keys[1]
 
 
 def test_bf16_mixed_training_step_attacks_under_autocast(monkeypatch):

@@ -183,6 +183,23 @@ def test_last_checkpoint_is_the_last_epoch_and_resumes_from_it(in_tmp):
     assert best == in_tmp / "runs/mnist_standard/version_0/checkpoints/best-epoch00.ckpt"
 
 
+def test_a_resumed_fit_trains_what_an_uninterrupted_fit_trains(in_tmp):
+    """Its batches' order and its noise: a resumed run replayed epoch 0's (other weights)."""
+    args = ["--config", SMOOTHING, *TINY, "--trainer.num_sanity_val_steps", "0"]
+    version = "--trainer.logger.init_args.version"
+    straight = cli.main(["fit", *args, "--trainer.max_epochs", "2", version, "straight"])
+    first = cli.main(["fit", *args, "--trainer.max_epochs", "1", version, "first"])
+    last = first.trainer.checkpoint_callback.last_model_path
+    resumed = cli.main(
+        ["fit", *args, "--trainer.max_epochs", "2", version, "resumed", "--ckpt_path", last]
+    )
+    assert resumed.trainer.global_step == straight.trainer.global_step == 4
+    ours, theirs = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    one_epoch = first.model.state_dict()
+    assert not all(torch.equal(ours[key], one_epoch[key]) for key in ours)  # it trained on
+
+
 def test_last_follows_checkpoint_dirpath_not_an_older_run_of_the_logger(in_tmp, capsys):
     args = ["--config", STANDARD, *TINY, "--trainer.max_epochs", "1"]
     cli.main(["fit", *args])  # an older run, in runs/mnist_standard/version_0/checkpoints

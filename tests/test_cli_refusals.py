@@ -289,6 +289,22 @@ def test_a_plateau_scheduler_must_raise_the_lr_on_falling_accuracy_not_rising(
     assert fitted.model.configure_optimizers()["lr_scheduler"]["scheduler"].mode == "max"
 
 
+def test_a_plateau_scheduler_follows_the_checkpoints_monitor_when_it_is_logged(in_tmp, capsys):
+    # it followed val/acc whatever chose the checkpoint, and an epoch without validation
+    # stopped the run ("ReduceLROnPlateau conditioned on metric val/acc which is not available")
+    plateau = ["--model.init_args.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"]
+    plateau += ["--model.init_args.lr_scheduler.init_args.mode", "max"]
+    every_second = ["--trainer.check_val_every_n_epoch", "2", "--trainer.max_epochs", "2"]
+    every_second += ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
+    fitted = cli.main(["fit", "--config", SMOOTHING, *plateau, *every_second, *QUIET])
+    (schedule,) = fitted.trainer.lr_scheduler_configs
+    assert (schedule.monitor, schedule.frequency) == ("val/noisy_acc", 2)
+    assert fitted.trainer.current_epoch == 2  # both epochs trained
+    by_loss = ["--checkpoint.monitor", "val/loss", "--checkpoint.mode", "min"]
+    line = refusal(capsys, "fit", "--config", STANDARD, *plateau, *by_loss, *QUIET)
+    assert line.endswith("while val/loss, its monitor, falls; set its mode to min"), line
+
+
 @pytest.mark.parametrize(
     ("monitor", "mode", "wanted"),
     [("val/loss", "max", "min"), ("val/acc", "min", "max"), ("val/robust_acc", "min", "max")],
