@@ -390,7 +390,7 @@ class StandardClassifier(LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         if isinstance(scheduler, ReduceLROnPlateau):
             return {"optimizer": optimizer, "lr_scheduler": self._plateau_schedule(scheduler)}
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
 
     def _plateau_schedule(self, scheduler: ReduceLROnPlateau) -> dict[str, Any]:
         """``ReduceLROnPlateau`` on the metric that picks the best checkpoint, when it is logged.
