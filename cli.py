@@ -1008,6 +1008,8 @@ def check_config_sections(args: Any) -> None:
             loaded = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue  # jsonargparse reports what it cannot read
+        if loaded is None:  # jsonargparse said only "Unexpected config:"
+            refuse(f"the config file {value} holds no settings (empty, or only comments)")
         for section in ("trainer", "checkpoint"):
             if not isinstance(loaded, dict) or section not in loaded:
                 continue

@@ -371,6 +371,16 @@ def test_fit_settings_that_crash_or_train_nothing_are_one_line_before_training(
     assert line.startswith(expected), line
 
 
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_config_file_is_named(text, in_tmp, capsys, monkeypatch):
+    # jsonargparse's line was "error: Unexpected config:"
+    config = in_tmp / "empty.yaml"
+    config.write_text(text)
+    monkeypatch.setattr(Trainer, "fit", _never("it was trained"))
+    line = refusal(capsys, "fit", "--config", STANDARD, f"--config={config}", *QUIET)
+    assert line == f"error: the config file {config} holds no settings (empty, or only comments)"
+
+
 @pytest.mark.parametrize("section", ["trainer:", "checkpoint: null"])
 def test_an_empty_config_section_is_one_line(section, in_tmp, capsys, monkeypatch):
     # trainer: dropped the earlier file's trainer settings and trained (exit 0) where trainer
