@@ -36,9 +36,10 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robust._attack_core import float_logits, into_ball
+from robust._attack_core import float_logits, into_ball, others_minus_true
 from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
 
@@ -97,8 +98,10 @@ def soft_smoothed_log_prob(
     """Log of the Monte Carlo soft smoothed probability of class ``y``, per image.
 
     ``log((1/m) sum_i softmax(f(x + noise_i))_y)`` (Salman et al. 2019, Sec. 3), computed as a
-    log-sum-exp of log-softmaxes in at least float32, so it stays exact (and its gradient nonzero)
-    when the probability rounds to 1. The m noisy copies go through the model as one batch.
+    log-sum-exp over the copies of ``log p_y = -softplus(LSE_{j != y} z_j - z_y)`` in at least
+    float32, so its value and its gradient's direction stay exact when the probability rounds to
+    1 (log-softmax's gradient loses its ``1 - p_y`` there). The m noisy copies go through the
+    model as one batch.
 
     Args:
         model: Classifier mapping ``(N, ...)`` inputs to ``(N, C)`` logits.
@@ -122,10 +125,10 @@ def soft_smoothed_log_prob(
             f"soft_smoothed_log_prob noise must have shape (m, *x.shape) = (m, "
             f"{', '.join(map(str, x.shape))}); got {tuple(noise.shape)}"
         )
-    logits = model((x.unsqueeze(0) + noise).flatten(0, 1))
-    logits = float_logits(logits).view(m, batch, -1)
-    log_p = logits.log_softmax(dim=-1)
-    log_p_y = log_p.gather(2, y.view(1, batch, 1).expand(m, batch, 1)).squeeze(2)
+    logits = float_logits(model((x.unsqueeze(0) + noise).flatten(0, 1)))
+    # log p_y = -softplus(LSE_{j != y} z_j - z_y): log_softmax's gradient lost its y entry
+    # 1 - p_y once p_y rounded to 1, and the attack stepped the wrong way or not at all
+    log_p_y = -F.softplus(others_minus_true(logits, y.repeat(m))).view(m, batch)
     return torch.logsumexp(log_p_y, dim=0) - math.log(m)
 
 

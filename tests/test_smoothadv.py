@@ -215,6 +215,31 @@ def test_soft_smoothed_log_prob_is_the_log_mean_of_softmaxes():
     assert math.isfinite(got.sum().item())
 
 
+def test_the_gradient_on_a_confidently_classified_image_keeps_its_true_class_term():
+    # log_softmax's gradient lost its y entry 1 - p_y once p_y rounded to 1 in float32: the
+    # direction was wrong (cosine 0.68 to the float64 gradient) or zero, so the attack did not move
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4)).eval()
+    x, y = torch.rand(6, 1, 8, 8), torch.zeros(6, dtype=torch.long)
+    with torch.no_grad():  # class 0 ahead by about 23 logits: 1 - p_y near 1e-10, rounded away
+        model[1].weight.normal_(0, 0.2)
+        model[1].bias.copy_(torch.tensor([23.0, 0.0, 0.0, 0.0]))
+    noise = gaussian_noise(x, 0.05, 4, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        net = model.to(dtype)
+        images = x.to(dtype).detach().requires_grad_(True)
+        soft_smoothed_log_prob(net, images, y, noise.to(dtype)).sum().backward()
+        grads.append(images.grad.flatten(1).double())
+    with torch.no_grad():
+        p_y = soft_smoothed_log_prob(model.double(), x.double(), y, noise.double()).exp()
+    confident = 1 - p_y
+    assert (confident < 2e-9).all() and (confident > 0).all()
+    unit = [g / g.norm(dim=1, keepdim=True) for g in grads]  # norms near 1e-9: no eps clamp
+    cosine = (unit[0] * unit[1]).sum(dim=1)
+    assert (cosine > 0.9999).all(), cosine
+
+
 BASE = {"sigma": SIGMA, "eps": 0.5, "steps": 2, "num_noise_samples": 2}
 
 
