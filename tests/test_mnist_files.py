@@ -490,7 +490,29 @@ def test_a_gz_padded_far_beyond_its_header_is_not_decompressed_whole(tmp_path):
         return idx.idx_problem(temporary, ndim=3)
 
     target = tmp_path / "train-images-idx3-ubyte"
-    problem = idx.extract_gz(packed, target, check)
+    problem = idx.extract_gz(packed, target, check, max_bytes=10**9)
     assert problem is not None and "does not hold a valid copy" in problem
     assert declared < sizes[0] <= declared + (1 << 20)  # stopped within a block of the end
     assert not target.exists()
+
+
+def test_a_gz_whose_header_declares_more_than_the_data_can_have_is_not_decompressed(tmp_path):
+    # 60,000 images of 28 x 100,000 declared, then 64 MiB of zeros: decompressed in full (the
+    # header's size was the only bound; a 1 GB .gz wrote about 1 TB) before the shape was refused
+    header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (60000, 28, 100000))
+    packed = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(packed, "wb") as file:
+        file.write(header)
+        for _ in range(64):
+            file.write(bytes(1 << 20))
+    checked = []
+    target = tmp_path / "train-images-idx3-ubyte"
+    module = MNISTDataModule.__new__(MNISTDataModule)  # its class settings; no files needed
+    largest = module._largest_raw_file(packed.stem)
+    assert largest == 16 + 1_000_000 * 28 * 28
+    problem = idx.extract_gz(packed, target, checked.append, max_bytes=largest)
+    assert problem == (
+        f"{packed} declares a file of {16 + 60000 * 28 * 100000} bytes, more than the {largest} "
+        "this data can have; it was not decompressed"
+    )
+    assert checked == [] and not target.exists() and list(tmp_path.iterdir()) == [packed]
