@@ -390,13 +390,19 @@ def portable(path: str | Path, out: Path) -> str:
 def located(recorded: str, out: Path) -> str:
     """A path read from a stage record, found again: relative ones lie in the output folder.
 
+    Records written before they held paths relative to the output folder hold a log folder
+    relative to the working directory (a relative ``output_dir``): where the first reading names
+    nothing and that one does, that one.
+
     Examples:
         >>> located("noise/best.ckpt", Path("/moved/cmp"))
         '/moved/cmp/noise/best.ckpt'
         >>> located("/data/own.tsv", Path("/moved/cmp"))
         '/data/own.tsv'
     """
-    return str(out.resolve() / recorded)
+    inside = out.resolve() / recorded
+    earlier = Path(recorded).resolve()
+    return str(earlier if not inside.exists() and earlier.exists() else inside)
 
 
 STARTED = "started.json"

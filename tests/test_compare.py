@@ -824,6 +824,33 @@ def test_report_refuses_rows_edited_after_their_certification(tmp_path, edit):
         write_report(tmp_path, results, {})
 
 
+def test_a_radius_named_to_six_digits_is_counted_within_its_rounding():
+    # certified_acc@0.333333 is logged at the radius 1/3: a row between the two was refused as
+    # an edit when the check counted at the name's 0.333333
+    from robust.certificates import CertifiedImage
+    from robust.report import _check_certified_summary
+
+    rows = [CertifiedImage(0, 1, 1, 0.3333331, 1, 0.0), CertifiedImage(1, 1, 1, 0.5, 1, 0.0)]
+    logged = {"certify/certified_acc@0.333333": 0.5}  # counted at 1/3: one of the two
+    _check_certified_summary("m", Path("c.tsv"), rows, logged)
+    with pytest.raises(SettingError, match=r"certified_acc@0\.333333 1 of 2, logged 0\)"):
+        _check_certified_summary("m", Path("c.tsv"), rows, {"certify/certified_acc@0.333333": 0.0})
+
+
+def test_a_record_from_before_relative_paths_is_found_from_the_working_directory(
+    tmp_path, monkeypatch
+):
+    # with a relative output_dir, the earlier records' log folders were relative to the working
+    # directory: read as relative to the output folder, their certification ran again
+    monkeypatch.chdir(tmp_path)
+    out = Path("results/cmp")
+    (out / "tensorboard/noise/test-x").mkdir(parents=True)
+    earlier = "results/cmp/tensorboard/noise/test-x"
+    assert compare.located(earlier, out) == str(tmp_path / earlier)
+    assert compare.located("tensorboard/noise/test-x", out) == str(tmp_path / earlier)
+    assert compare.located("tensorboard/gone", out) == str(tmp_path / out / "tensorboard/gone")
+
+
 def test_report_draws_no_curve_for_a_model_not_certified(tmp_path, monkeypatch):
     from robust import report as report_module
 
