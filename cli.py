@@ -51,7 +51,7 @@ from checkpoint_checks import (
 )
 from datamodules import DataNotFoundError, ImageDataModule
 from lightning_modules import StandardClassifier
-from lightning_modules.standard import DATA_IDENTITY_KEY
+from lightning_modules.standard import DATA_IDENTITY_KEY, plateau_mode_problem
 from robust.checks import SettingError, check_int, check_real, refuse
 from robust.cpu_memory import retain_freed_memory
 
@@ -868,12 +868,10 @@ def check_scheduler_steps(scheduler: Any, monitor: str = "val/acc", mode: str = 
         and isinstance(v, int | float | str)
     )
     name = f"model lr_scheduler {type(scheduler).__name__}({settings})"
-    if isinstance(scheduler, ReduceLROnPlateau) and scheduler.mode != mode:
-        moves = "rises" if mode == "max" else "falls"
-        refuse(
-            f"{name} would lower the learning rate while {monitor}, its monitor, {moves}; "
-            f"set its mode to {mode}"
-        )
+    if isinstance(scheduler, ReduceLROnPlateau):
+        problem = plateau_mode_problem(scheduler, monitor, mode)
+        if problem:
+            refuse(f"{name} {problem}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # stepping before the optimizer steps

@@ -3,6 +3,7 @@
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -301,7 +302,8 @@ class ImageDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(trainer.current_epoch) if trainer is not None else 0
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, shuffle: bool, **order: Any) -> DataLoader:
+        """A loader of ``dataset``; ``order``: a ``sampler`` and ``generator`` of its own."""
         if dataset is None:
             raise RuntimeError("call setup() before asking for a data loader")
         return DataLoader(
@@ -310,6 +312,7 @@ class ImageDataModule(LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            **order,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -321,16 +324,13 @@ class ImageDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.world_size > 1:
             return self._loader(self.train_set, shuffle=True)
-        if self.train_set is None:
-            raise RuntimeError("call setup() before asking for a data loader")
         seed = training_seed()
         workers = image_seed(seed, WORKER_SEED_KEY, self._training_epoch())
-        return DataLoader(
+        size = len(self.train_set) if self.train_set is not None else 0
+        return self._loader(
             self.train_set,
-            batch_size=self.batch_size,
-            sampler=EpochShuffle(len(self.train_set), seed, self._training_epoch),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            shuffle=False,
+            sampler=EpochShuffle(size, seed, self._training_epoch),
             generator=torch.Generator().manual_seed(workers),
         )
 

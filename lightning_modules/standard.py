@@ -136,6 +136,23 @@ class WeightedMean(Metric):
         return self.total / self.weight
 
 
+def plateau_mode_problem(scheduler: ReduceLROnPlateau, monitor: str, mode: str) -> str | None:
+    """Why a ``ReduceLROnPlateau`` following ``monitor`` (better when ``mode``) is wrong, or None.
+
+    Examples:
+        >>> plateau = ReduceLROnPlateau(torch.optim.SGD([torch.zeros(1)], lr=0.1))  # mode min
+        >>> plateau_mode_problem(plateau, "val/acc", "max")
+        'would lower the learning rate while val/acc, its monitor, rises; set its mode to max'
+    """
+    if scheduler.mode == mode:
+        return None
+    moves = "rises" if mode == "max" else "falls"
+    return (
+        f"would lower the learning rate while {monitor}, its monitor, {moves}; "
+        f"set its mode to {mode}"
+    )
+
+
 class StandardClassifier(LightningModule):
     """Image classifier trained on clean images with cross-entropy.
 
@@ -411,12 +428,9 @@ class StandardClassifier(LightningModule):
         monitor = getattr(checkpoint, "monitor", None)
         mode = checkpoint.mode if monitor else "max"
         monitor = monitor or "val/acc"
-        if trainer is not None and scheduler.mode != mode:  # the CLI refuses it up front too
-            moves = "rises" if mode == "max" else "falls"
-            raise SettingError(
-                f"model lr_scheduler ReduceLROnPlateau would lower the learning rate while "
-                f"{monitor}, its monitor, {moves}; set its mode to {mode}"
-            )
+        problem = plateau_mode_problem(scheduler, monitor, mode)
+        if trainer is not None and problem:  # the CLI refuses it up front too
+            raise SettingError(f"model lr_scheduler ReduceLROnPlateau {problem}")
         every = getattr(trainer, "check_val_every_n_epoch", None)
         frequency = every if isinstance(every, int) and every >= 1 else 1
         return {"scheduler": scheduler, "monitor": monitor, "frequency": frequency}

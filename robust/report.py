@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from robust.autoattack import STAGES as AUTOATTACK_STAGES
-from robust.certificates import certified_accuracy
+from robust.certificates import certified_accuracy, summarize
 from robust.checks import SettingError, check_int, check_real
 from robust.statistics import largest_certified_radius
 
@@ -423,13 +423,14 @@ def _check_certified_summary(
     Raises:
         SettingError: Naming the first number that differs, and what to delete to redo it.
     """
-    count = len(rows)
+    count, summary = len(rows), summarize(rows, [])
     radius = [row.radius for row in rows]
     correct = [row.correct for row in rows]
     differing = []
     logged = metrics.get("certify/correct_certified")
-    if logged is not None and math.isfinite(logged) and round(logged) != sum(correct):
-        differing.append(f"correct_certified {sum(correct)}, logged {logged:g}")
+    here = summary.get("correct_certified", 0.0)  # no rows: an empty summary
+    if logged is not None and math.isfinite(logged) and round(logged) != here:
+        differing.append(f"correct_certified {here:g}, logged {logged:g}")
     for key, value in metrics.items():
         if not key.startswith("certify/certified_acc@") or not math.isfinite(value):
             continue
@@ -445,10 +446,14 @@ def _check_certified_summary(
         if not fewest <= round(value * count) <= most:
             differing.append(f"{key.split('/', 1)[1]} {fewest} of {count}, logged {value:g}")
     acr = metrics.get("certify/acr")
-    if acr is not None and math.isfinite(acr) and count:
-        here = sum(r * c for r, c in zip(radius, correct, strict=True)) / count
-        if not math.isclose(here, acr, rel_tol=1e-6, abs_tol=1e-6):
-            differing.append(f"ACR {here:.6g}, logged {acr:.6g}")
+    here = summary.get("acr", math.nan)
+    if (
+        acr is not None
+        and math.isfinite(acr)
+        and count
+        and not math.isclose(here, acr, rel_tol=1e-6, abs_tol=1e-6)
+    ):
+        differing.append(f"ACR {here:.6g}, logged {acr:.6g}")
     if differing:
         raise SettingError(
             f"{name}: {tsv} changed after its certification finished (its rows give "
@@ -575,7 +580,7 @@ def write_report(
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from robust.certificates import read_certificates, selected_rows, summarize
+    from robust.certificates import read_certificates, selected_rows
 
     metrics_of = {name: r["metrics"] for name, r in results.items()}
     logged = {

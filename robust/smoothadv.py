@@ -36,10 +36,9 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robust._attack_core import float_logits, into_ball, others_minus_true
+from robust._attack_core import cross_entropy, into_ball
 from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
 
@@ -125,10 +124,10 @@ def soft_smoothed_log_prob(
             f"soft_smoothed_log_prob noise must have shape (m, *x.shape) = (m, "
             f"{', '.join(map(str, x.shape))}); got {tuple(noise.shape)}"
         )
-    logits = float_logits(model((x.unsqueeze(0) + noise).flatten(0, 1)))
+    logits = model((x.unsqueeze(0) + noise).flatten(0, 1))
     # log p_y = -softplus(LSE_{j != y} z_j - z_y): log_softmax's gradient lost its y entry
     # 1 - p_y once p_y rounded to 1, and the attack stepped the wrong way or not at all
-    log_p_y = -F.softplus(others_minus_true(logits, y.repeat(m))).view(m, batch)
+    log_p_y = -cross_entropy(logits, y.repeat(m)).view(m, batch)
     return torch.logsumexp(log_p_y, dim=0) - math.log(m)
 
 
