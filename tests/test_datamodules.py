@@ -288,20 +288,10 @@ def test_cifar10_format_read_from_disk(tmp_path, monkeypatch):
     torch.testing.assert_close(x[0], torch.tensor(raw, dtype=torch.float32).view(3, 32, 32) / 255)
 
 
-def test_cifar10_training_images_are_random_crops_and_flips_of_the_padded_images(
-    tmp_path, monkeypatch
-):
-    write_cifar_like(tmp_path, monkeypatch)
-    plain = CIFAR10DataModule(data_dir=str(tmp_path), val_fraction=0.2, augment=False)
-    augmented = CIFAR10DataModule(data_dir=str(tmp_path), val_fraction=0.2)
-    plain.setup()
-    augmented.setup()
-    augmented.setup()  # once: not crops of crops
-    torch.manual_seed(0)
-    moves = set()
-    for i in range(len(plain.train_set)):
-        (image, label), (got, same_label) = plain.train_set[i], augmented.train_set[i]
-        assert label == same_label and got.shape == image.shape
+def window_moves(got: torch.Tensor, images: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """The (top, left, flip) that make each of ``got`` from the zero-padded ``images``."""
+    moves = []
+    for image, moved in zip(images, got, strict=True):
         padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
         found = [
             (top, left, flip)
@@ -309,17 +299,109 @@ def test_cifar10_training_images_are_random_crops_and_flips_of_the_padded_images
             for left in range(9)
             for flip in (False, True)
             if torch.equal(
-                got.flip(-1) if flip else got, padded[:, top : top + 32, left : left + 32]
+                moved.flip(-1) if flip else moved, padded[:, top : top + 32, left : left + 32]
             )
         ]
-        assert found, i  # a 32x32 window of the padded image, maybe flipped
-        moves.add(found[0])
-    assert len(moves) > 10 and any(flip for _, _, flip in moves)  # random, not one fixed move
-    for split in ("val_set", "test_set"):  # evaluation images are not augmented
-        for i in range(len(getattr(plain, split))):
-            assert torch.equal(getattr(plain, split)[i][0], getattr(augmented, split)[i][0])
+        assert found, len(moves)  # a 32x32 window of the padded image, maybe flipped
+        moves.append(found[0])
+    return moves
+
+
+def at_epoch(dm, epoch: int, training: bool = True, rank: int = 0):
+    from types import SimpleNamespace
+
+    dm.trainer = SimpleNamespace(training=training, current_epoch=epoch, global_rank=rank)
+    return dm
+
+
+def test_cifar10_training_batches_are_random_crops_and_flips_of_the_padded_images(
+    tmp_path, monkeypatch
+):
+    write_cifar_like(tmp_path, monkeypatch)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), val_fraction=0.2, batch_size=40)
+    dm.setup()
+    images, labels = next(iter(dm.train_dataloader()))
+    got, same_labels = at_epoch(dm, 0).on_after_batch_transfer([images, labels], 0)
+    assert torch.equal(same_labels, labels) and got.shape == images.shape
+    moves = window_moves(got, images)
+    assert len(set(moves)) > 10 and any(flip for *_, flip in moves)  # random, not one move
+    for batch in (  # validation, test and non-augmented modules' batches are left as they are
+        at_epoch(dm, 0, training=False).on_after_batch_transfer([images, labels], 0),
+        at_epoch(
+            CIFAR10DataModule(data_dir=str(tmp_path), augment=False), 0
+        ).on_after_batch_transfer([images, labels], 0),
+    ):
+        assert batch[0] is images
     with pytest.raises(SettingError, match="CIFAR10DataModule augment must be one of"):
         CIFAR10DataModule(data_dir=str(tmp_path), augment="yes")
+
+
+def test_cifar10_augmentation_is_drawn_from_seed_epoch_and_rank_so_a_resumed_run_draws_the_same(
+    tmp_path, monkeypatch
+):
+    write_cifar_like(tmp_path, monkeypatch)
+    images = torch.rand(6, 3, 32, 32)
+
+    def batches(dm, epoch, count=3, rank=0):
+        at_epoch(dm, epoch, rank=rank)
+        return [dm.on_after_batch_transfer([images, None], 0)[0] for _ in range(count)]
+
+    straight = CIFAR10DataModule(data_dir=str(tmp_path))
+    epochs = [batches(straight, epoch) for epoch in range(3)]
+    resumed = batches(CIFAR10DataModule(data_dir=str(tmp_path)), 2)  # a fresh module at epoch 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed, epochs[2], strict=True))
+    assert not torch.equal(epochs[2][0], epochs[1][0])  # each epoch its own draws
+    assert not torch.equal(epochs[2][0], epochs[2][1])  # each batch its own
+    other_rank = batches(CIFAR10DataModule(data_dir=str(tmp_path)), 2, rank=1)
+    assert not torch.equal(other_rank[0], epochs[2][0])
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")  # the run's seed
+    assert not torch.equal(batches(CIFAR10DataModule(data_dir=str(tmp_path)), 2)[0], resumed[0])
+
+
+def test_cifar10_fit_trains_on_augmented_batches_and_validates_on_the_images(tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+
+    write_cifar_like(tmp_path, monkeypatch)
+    plain = CIFAR10DataModule(data_dir=str(tmp_path), val_fraction=0.2, batch_size=8, augment=False)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), val_fraction=0.2, batch_size=8)
+
+    class Recorder(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3 * 32 * 32, 10)
+            self.seen = {"train": [], "val": []}
+
+        def training_step(self, batch, batch_idx):
+            self.seen["train"].append(batch[0])
+            return torch.nn.functional.cross_entropy(self.layer(batch[0].flatten(1)), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self.seen["val"].append(batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def fit(data):
+        model = Recorder()
+        pl.seed_everything(0)
+        trainer = pl.Trainer(
+            max_epochs=1,
+            limit_train_batches=2,
+            limit_val_batches=1,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(model, datamodule=data)
+        return model.seen
+
+    seen, as_is = fit(dm), fit(plain)
+    assert torch.equal(seen["val"][0], as_is["val"][0])
+    for got, images in zip(seen["train"], as_is["train"], strict=True):  # the same order
+        assert not torch.equal(got, images)
+        window_moves(got, images)
 
 
 def test_missing_files_without_download_name_the_files_and_the_embedded_data(tmp_path):
