@@ -335,7 +335,12 @@ class Certification(EvaluationCallback):
         return f"{self._samples * self._world_size / elapsed:,.0f} samples/s"
 
     def finish(  # noqa: D102
-        self, trainer: Trainer, pl_module: LightningModule, stage: str, rows: Tensor
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        stage: str,
+        rows: Tensor,
+        partial: bool = False,
     ) -> dict[str, float]:
         testing = stage == "test"
         new = {row.idx: row for row in map(CertifiedImage.from_numbers, rows.tolist())}
@@ -348,9 +353,11 @@ class Certification(EvaluationCallback):
             self._file.close()  # in dataset-index order
         if testing:
             self._existing, self.results, self.summary = done, results, summary
+        elif partial:  # a part of the validation images: nothing of it is kept or drawn
+            self.val_results, self.val_summary = [], {}
         else:
             self.val_results, self.val_summary = results, summary
-        if trainer.is_global_zero and results:
+        if trainer.is_global_zero and results and not partial:
             n0, n = self._n(trainer, stage)
             sigma = module_sigma(pl_module, self.sigma, "Certification")
             radius, correct = zip(*((r.radius, r.correct) for r in results), strict=True)

@@ -77,7 +77,7 @@ class EvaluationCallback(Callback):
         ...     width = 2
         ...     def evaluate_batch(self, trainer, pl_module, stage, indices, x, y):
         ...         return torch.tensor([[i, 1.0] for i in indices], dtype=torch.float64)
-        ...     def finish(self, trainer, pl_module, stage, rows):
+        ...     def finish(self, trainer, pl_module, stage, rows, partial=False):
         ...         return {"images": float(len(rows))}
         >>> Count(batch_size=8).skip
         1
@@ -159,9 +159,19 @@ class EvaluationCallback(Callback):
         raise NotImplementedError
 
     def finish(
-        self, trainer: Trainer, pl_module: LightningModule, stage: str, rows: Tensor
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        stage: str,
+        rows: Tensor,
+        partial: bool = False,
     ) -> dict[str, float]:
-        """Metrics (logged as ``<prefix>/<name>``) of all gathered rows of the selected images."""
+        """Metrics (logged as ``<prefix>/<name>``) of all gathered rows of the selected images.
+
+        ``partial``: the evaluation was stopped (SIGTERM during ``fit``) before all the selected
+        images were done. The metrics' names are what counts (their values are logged as NaN);
+        nothing else may keep or show numbers of the part (results, warnings, figures, files).
+        """
         raise NotImplementedError
 
     def pending(
@@ -330,7 +340,7 @@ class EvaluationCallback(Callback):
             if bar is not None:
                 bar.close()
         rows = torch.cat(parts) if parts else torch.zeros(0, self.width, dtype=torch.float64)
-        metrics = self.finish(trainer, pl_module, stage, rows)
+        metrics = self.finish(trainer, pl_module, stage, rows, partial=stopped)
         if stopped:  # a part of the images: no number of this epoch stands for all of them
             metrics = dict.fromkeys(metrics, math.nan)
         prefix = self.metric_prefix(stage)

@@ -240,12 +240,20 @@ class PerturbedAccuracy(EvaluationCallback):
         return frozenset(claimed)
 
     def finish(  # noqa: D102
-        self, trainer: Trainer, pl_module: LightningModule, stage: str, rows: Tensor
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        stage: str,
+        rows: Tensor,
+        partial: bool = False,
     ) -> dict[str, float]:
         results = self.summarise(rows)
-        self.results[stage] = results
-        self._warn_if_masking(results)
-        self._save_examples(trainer, pl_module, stage, results)
+        if partial:  # no numbers of a part: neither kept, drawn nor warned about
+            self.results.pop(stage, None)
+        else:
+            self.results[stage] = results
+            self._warn_if_masking(results)
+            self._save_examples(trainer, pl_module, stage, results)
         metrics: dict[str, float] = {}
         for key, result in results.items():
             metrics[f"perturbed_acc/{key}"] = result["accuracy"]

@@ -183,7 +183,12 @@ class SmoothedAttack(EvaluationCallback):
         return frozenset({f"{self.metric_prefix(stage)}/smoothed_num_images"})
 
     def finish(  # noqa: D102
-        self, trainer: Trainer, pl_module: LightningModule, stage: str, rows: Tensor
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        stage: str,
+        rows: Tensor,
+        partial: bool = False,
     ) -> dict[str, float]:
         count = len(rows)
         labels, clean = rows[:, 1], rows[:, 2]
@@ -201,6 +206,9 @@ class SmoothedAttack(EvaluationCallback):
                 (predicted != labels) & (predicted != ABSTAIN)
             )
         metrics["smoothed_num_images"] = float(count)
-        self.results[stage] = metrics
-        self.rows = rows
+        if partial:  # no numbers of a part are kept
+            self.results.pop(stage, None)
+        else:
+            self.results[stage] = metrics
+            self.rows = rows
         return metrics

@@ -128,6 +128,28 @@ def project_l2(x: Tensor, x_adv: Tensor, eps: float) -> Tensor:
     return into_ball(x, delta.mul_(view(factor, delta)).add_(x).clamp_(0.0, 1.0), eps, "2")
 
 
+def clip_then_project_l2(x: Tensor, x_adv: Tensor, eps: float) -> Tensor:
+    """Clip ``x_adv`` (in place) to [0, 1], then scale its step from ``x`` into the eps L2 ball.
+
+    The order of the training attacks' reference code (Zhang et al.'s TRADES, Salman et al.'s
+    SmoothAdv, as ``delta.clamp_(0, 1).sub_(x).renorm_(2, 0, eps)``): the whole radius goes to
+    coordinates that can still move, where :func:`project_l2` first spends part of it on
+    coordinates the clip then discards (most MNIST pixels are 0 or 1). The scaled point lies
+    between ``x`` and the clipped one, so it stays in [0, 1] (clipped again against rounding).
+
+    Examples:
+        >>> x = torch.tensor([[0.0, 0.5]])
+        >>> clip_then_project_l2(x, torch.tensor([[-1.0, 1.5]]), 0.5).tolist()  # -1 clipped away
+        [[0.0, 1.0]]
+        >>> project_l2(x, torch.tensor([[-1.0, 1.5]]), 0.5)  # part of the radius lost to the clip
+        tensor([[0.0000, 0.8536]])
+    """
+    tiny = torch.finfo(x_adv.dtype).tiny
+    delta = x_adv.clamp_(0.0, 1.0).sub_(x)
+    factor = (eps / norm2(delta).clamp_min_(tiny)).clamp_max_(1.0)
+    return into_ball(x, delta.mul_(view(factor, delta)).add_(x).clamp_(0.0, 1.0), eps, "2")
+
+
 def into_ball(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:
     """``x_adv`` with the coordinates that its dtype's rounding took out of the ball moved back.
 

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from robust._attack_core import cross_entropy, into_ball
+from robust._attack_core import clip_then_project_l2, cross_entropy
 from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
 
@@ -148,10 +148,12 @@ def smoothadv_attack(
 
     Salman et al. (2019), SmoothAdv_PGD with the multi-noise objective of Sec. 3: draw
     :math:`\delta_1..\delta_m \sim N(0, \sigma^2 I)` once, start at :math:`x' = x`, then ``steps``
-    times :math:`x' \leftarrow \mathrm{clip}_{[0,1]}(\Pi_{B_2(x,\epsilon)}(x' + \alpha\, g /
+    times :math:`x' \leftarrow \Pi_{B_2(x,\epsilon)}(\mathrm{clip}_{[0,1]}(x' + \alpha\, g /
     \|g\|_2))` with :math:`g = -\nabla_{x'} \log \frac1m \sum_i
-    \mathrm{softmax}(f(x'+\delta_i))_y`, per image (a zero gradient gives a zero step). The
-    objective is summed over images, so each image's steps do not depend on the batch.
+    \mathrm{softmax}(f(x'+\delta_i))_y`, per image (a zero gradient gives a zero step): clipped,
+    then scaled into the ball, in the authors' order
+    (:func:`robust._attack_core.clip_then_project_l2`). The objective is summed over images, so
+    each image's steps do not depend on the batch.
 
     Args:
         model: Classifier mapping ``(N, ...)`` images to ``(N, C)`` logits.
@@ -216,11 +218,7 @@ def smoothadv_attack(
                 grad = grad.to(x.dtype)
                 gnorm = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=torch.float64)
                 x_adv += step_size * grad / _view(gnorm.to(x.dtype).clamp_min(tiny), grad)
-                delta = x_adv - x
-                dnorm = torch.linalg.vector_norm(delta.flatten(1), dim=1)
-                factor = (eps / dnorm.clamp_min(tiny)).clamp_max(1.0)
-                x_adv = (x + delta * _view(factor, delta)).clamp_(0.0, 1.0)
-                x_adv = into_ball(x, x_adv, eps, "2")  # bf16 and fp16: rounding stays inside
+                x_adv = clip_then_project_l2(x, x_adv, eps)  # the authors' order: clip, then scale
         return x_adv
 
 

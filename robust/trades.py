@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robust._attack_core import float_logits, into_ball, project_l2
+from robust._attack_core import clip_then_project_l2, float_logits, into_ball
 from robust.checks import SettingError, check_int, check_real
 from robust.modes import eval_mode
 
@@ -148,15 +148,16 @@ def _random_rows(grad: Tensor, rows: Tensor, generator: Generators) -> Tensor:
 
 
 def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
-    """Project onto the eps-ball around ``x`` (in place where possible), then clip to [0, 1].
+    """Into the eps-ball around ``x`` and [0, 1] (in place where possible), as the authors' code.
 
-    In bfloat16 or float16 the result is moved back where rounding took it outside the ball
-    (:func:`robust._attack_core.into_ball`), as in the evaluation attacks.
+    L-inf: project, then clip; L2: clip, then scale the step into the ball
+    (:func:`robust._attack_core.clip_then_project_l2`). In bfloat16 or float16 the result is moved
+    back where rounding took it outside the ball (:func:`robust._attack_core.into_ball`).
     """
     if norm == "inf":
         projected = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
         return into_ball(x, projected, eps, norm)
-    return project_l2(x, x_adv, eps)
+    return clip_then_project_l2(x, x_adv, eps)
 
 
 def trades_perturb(
@@ -176,7 +177,8 @@ def trades_perturb(
     :math:`x' = x + \texttt{start\_std}\cdot\xi`, :math:`\xi \sim N(0, I)`, then ``steps`` times
     :math:`x' \leftarrow \Pi_{B(x,\epsilon) \cap [0,1]^d}(x' + \alpha\, s(\nabla_{x'}
     \mathrm{KL}(f(x) \| f(x'))))` with :math:`s = \mathrm{sign}` (L-inf) or :math:`s(g) = g /
-    \|g\|_2` per sample (L2). ``f(x)`` is computed once (fixed target). The objective is the sum of
+    \|g\|_2` per sample (L2; the L2 step clipped to [0, 1] first, then scaled into the ball, in
+    the authors' order). ``f(x)`` is computed once (fixed target). The objective is the sum of
     per-sample KLs, so each sample's step does not depend on the batch. A sample whose gradient is
     exactly zero (possible in low precision, where ``x'`` may round to ``x``) steps along a random
     direction drawn from its generator instead, as the authors' L2 code does.

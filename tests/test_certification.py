@@ -841,6 +841,58 @@ def test_a_signal_on_another_process_stops_this_one_after_the_epoch_too(tmp_path
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=0-step=3.ckpt", "last.ckpt"]
 
 
+def stopped_validation_callbacks():
+    from callbacks import PerturbedAccuracy, SmoothedAttack
+    from robust.attacks import AttackSpec
+
+    every = {"every_n_val_epochs": 1, "batch_size": 2}
+    return {
+        "certification": (
+            Certification(sigma=0.5, n0=20, n=200, alpha=0.01, val_n=200, **every),
+            lambda callback: (callback.val_results, callback.val_summary),
+        ),
+        "perturbed": (
+            PerturbedAccuracy([AttackSpec("pgd", "2", 0.5, steps=2)], **every),
+            lambda callback: callback.results.get("val"),
+        ),
+        "smoothed_attack": (
+            SmoothedAttack(radii=[0.5], steps=2, num_noise_samples=4, n=100, alpha=0.01, **every),
+            lambda callback: callback.results.get("val"),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["certification", "perturbed", "smoothed_attack"])
+def test_a_validation_stopped_by_sigterm_keeps_no_numbers_of_its_part(name, tmp_path):
+    """A stopped validation logged NaN, but the callback kept the part's (or the last) numbers."""
+    from lightning.pytorch import Callback
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    callback, kept = stopped_validation_callbacks()[name]
+    whole = []
+
+    class SignalAtSecondEpoch(Callback):  # the first validation is whole, the second stopped
+        def on_validation_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                whole.append(kept(callback))
+                trainer.strategy.reduce_boolean_decision = lambda decision, all=True: True
+
+    trainer = Trainer(
+        accelerator="cpu",
+        callbacks=[SignalAtSecondEpoch(), callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=3,
+        num_sanity_val_steps=0,
+    )
+    with pytest.raises(SIGTERMException):
+        trainer.fit(TinyModule(), datamodule=TinyData(11))
+    assert whole[0] not in (None, ([], {}))  # epoch 0's numbers were kept
+    assert kept(callback) in (None, ([], {}))  # epoch 1's part's are not, nor epoch 0's
+
+
 def test_a_tsv_that_is_not_text_is_refused_naming_it(tmp_path):
     output = tmp_path / "binary.tsv"
     certify(tmp_path / "a", sigma=SIGMA, output=str(output), stop_after=2)

@@ -101,7 +101,7 @@ def test_soft_smoothed_probability_of_a_sharp_linear_classifier_is_phi():
 
 def test_one_noise_sample_is_l2_pgd_on_the_shifted_model():
     model = small_net().eval()
-    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    x = interior(5, (1, 8, 8), seed=2)  # never clipped: the order of clip and projection is moot
     y = torch.tensor([0, 1, 2, 3, 0])
     noise = gaussian_noise(x, SIGMA, 1, torch.Generator().manual_seed(3))
     ours = smoothadv_attack(
@@ -111,6 +111,40 @@ def test_one_noise_sample_is_l2_pgd_on_the_shifted_model():
         lambda v: model(v + noise[0]), x, y, 0.5, "2", steps=4, step_size=0.25, random_start=False
     )
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+
+
+def authors_smoothadv(model, x, y, noise, eps, steps):
+    """Salman et al.'s ``PGD_L2._attack_mutlinoise`` in float64: step, clamp to [0, 1], renorm."""
+    x, noise, delta = x.double(), noise.double(), torch.zeros_like(x, dtype=torch.float64)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        copies = (x + delta).unsqueeze(0) + noise
+        probs = model(copies.flatten(0, 1)).softmax(1).view(len(noise), len(x), -1).mean(0)
+        (grad,) = torch.autograd.grad(nn.functional.nll_loss(probs.log(), y), delta)
+        with torch.no_grad():
+            delta = delta + 2 * eps / steps * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            delta = (delta + x).clamp(0, 1) - x
+            delta = delta.renorm(p=2, dim=0, maxnorm=eps)
+    return (x + delta).float()
+
+
+def test_steps_are_clipped_then_scaled_into_the_ball_as_in_the_authors_code():
+    """The reverse order (project, then clip) spent part of the radius on pixels at 0 or 1."""
+    model = small_net().eval()
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    x = torch.where(x < 0.3, 0.0, torch.where(x > 0.7, 1.0, x))  # MNIST-like: many 0s and 1s
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    noise = gaussian_noise(x, SIGMA, 4, torch.Generator().manual_seed(6))
+    ours = smoothadv_attack(
+        model, x, y, sigma=SIGMA, eps=1.0, steps=2, num_noise_samples=4, noise=noise
+    )
+    authors = authors_smoothadv(model.double(), x, y, noise, eps=1.0, steps=2)
+    torch.testing.assert_close(ours, authors, atol=1e-5, rtol=0)
+    one_copy = pgd(  # the evaluation attacks' order, on the first noise draw: not the authors'
+        lambda v: model.float()(v + noise[0]), x, y, 1.0, "2", steps=2, step_size=1.0
+    )
+    alone = authors_smoothadv(model.double(), x, y, noise[:1], eps=1.0, steps=2)
+    assert (one_copy - alone).abs().max() > 1e-2
 
 
 def test_attack_lowers_the_smoothed_probability_under_fresh_noise_and_stays_in_bounds():

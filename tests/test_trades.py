@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust.checks import SettingError
-from robust.trades import kl_divergence, trades_loss, trades_perturb
+from robust.trades import START_STD, kl_divergence, trades_loss, trades_perturb
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -58,6 +58,35 @@ def test_inner_maximization_raises_the_kl_and_stays_in_the_ball(norm, eps):
     assert kl_adv.mean() > 1.2 * kl_one.mean()
     # the steps reach the boundary (the KL grows outwards on this smooth model)
     assert norms(x_adv - x, norm).mean() > 0.9 * eps
+
+
+def authors_l2_steps(model, x, start, eps, steps):
+    """Zhang et al.'s L2 loop (yaodongyu/TRADES) in float64: step, clamp to [0, 1], renorm."""
+    x, delta = x.double(), (start - x).double()
+    with torch.no_grad():
+        clean = model(x).softmax(1)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        kl = nn.KLDivLoss(reduction="sum")(model(x + delta).log_softmax(1), clean)
+        (grad,) = torch.autograd.grad(kl, delta)
+        with torch.no_grad():
+            delta = delta + 2.5 * eps / steps * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            delta = (delta + x).clamp(0, 1) - x
+            delta = delta.renorm(p=2, dim=0, maxnorm=eps)
+    return x + delta
+
+
+def test_l2_steps_are_clipped_then_scaled_into_the_ball_as_in_the_authors_code():
+    """Projecting first, then clipping, spent part of the radius on pixels at 0 or 1."""
+    model = mlp().eval().double()  # float64: the KL's gradient near x' = x cancels in float32
+    x = images().double()
+    x = torch.where(x < 0.3, 0.0, torch.where(x > 0.7, 1.0, x))  # MNIST-like: many 0s and 1s
+    generator = torch.Generator().manual_seed(7)
+    ours = trades_perturb(model, x, eps=1.0, norm="2", steps=3, generator=generator)
+    xi = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    authors = authors_l2_steps(model, x, (x + START_STD * xi).clamp(0, 1), eps=1.0, steps=3)
+    torch.testing.assert_close(ours, authors.double(), atol=1e-6, rtol=0)
+    assert norms(ours - x, "2").min() > 0.999  # the whole radius used, clipped pixels or not
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
