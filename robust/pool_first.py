@@ -9,9 +9,10 @@ leaves a quarter of the values, so the ReLU (and, in training-free uses such as 
 certification, its backward) touches four times fewer elements. On LeNet, whose first ReLU runs on
 its largest activation, this is where a CPU forward pass spent a fifth of its time.
 
-The rewrite only reorders exact ``nn.ReLU`` and max-pool modules (not subclasses) of
-``nn.Sequential`` containers whose ``forward`` is ``nn.Sequential``'s own, where none of them
-has hooks of its own; everything else is left as it is. An in-place ReLU then rectifies the
+The rewrite only reorders exact ``nn.ReLU`` and max-pool modules (not subclasses, nor pools
+both padded and dilated, whose windows can be all padding) of ``nn.Sequential`` containers whose
+``forward`` is ``nn.Sequential``'s own, where none of them has hooks of its own; everything else
+is left as it is. An in-place ReLU then rectifies the
 pooled values in place instead of the tensor it was given. Parameters and buffers are shared,
 not copied, and keep their names, so ``torch.func.functional_call`` and state dicts work unchanged.
 Gradients agree except at exact ties at zero, where both orders pick a valid subgradient.
@@ -63,8 +64,21 @@ def _is_relu(module: nn.Module | None) -> bool:
 
 
 def _is_pool(module: nn.Module | None) -> bool:
-    """Exactly a max-pool returning only its values (indices would change the output), no hooks."""
-    return type(module) in _POOLS and not module.return_indices and not has_hooks(module)
+    """Exactly a max-pool returning only its values (indices would change the output), no hooks.
+
+    Not one both padded and dilated: its windows may then lie wholly in the padding, where the
+    pool gives -inf, and the ReLU after it 0 (``relu(maxpool(x))``) where the model's order
+    keeps -inf (``maxpool(relu(x))``). Adaptive pools never have an empty window.
+    """
+    if type(module) not in _POOLS or module.return_indices or has_hooks(module):
+        return False
+    padding, dilation = getattr(module, "padding", 0), getattr(module, "dilation", 1)
+    padded = any(p != 0 for p in _pair(padding))
+    return not (padded and any(d != 1 for d in _pair(dilation)))
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, tuple | list) else (value,)
 
 
 def _plain_sequential(module: nn.Module) -> bool:

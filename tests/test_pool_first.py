@@ -9,6 +9,7 @@ into.
 
 from __future__ import annotations
 
+import itertools
 from copy import deepcopy
 
 import pytest
@@ -81,11 +82,30 @@ def test_parameters_are_shared_under_the_same_names_and_modes_untouched() -> Non
         ),  # ReLU and mean don't commute
         nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2, return_indices=True)),
         nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.ReLU()),  # already pool first
+        # a window wholly in the padding: -inf after the pool, 0 after a ReLU that follows it
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2, 1, padding=1, dilation=5)),
         Opaque(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2))),
     ],
 )
 def test_what_must_not_be_reordered_is_returned_as_is(model) -> None:
     assert pool_before_relu(model) is model
+
+
+def test_every_small_max_pool_gives_the_models_values_reordered_or_not() -> None:
+    """Padded and dilated pools have windows wholly in the padding: their -inf must stay."""
+    x = torch.randn(2, 1, 6)
+    for length, kernel, stride, dilation, ceil in itertools.product(
+        range(1, 6), range(1, 4), (1, 2), (1, 2, 3), (False, True)
+    ):
+        for padding in range(kernel // 2 + 1):
+            pool = nn.MaxPool1d(kernel, stride, padding, dilation, ceil_mode=ceil)
+            model = nn.Sequential(nn.ReLU(), pool)
+            try:
+                expected = model(x[..., :length])
+            except RuntimeError:  # the pool refuses this input length
+                continue
+            got = pool_before_relu(model)(x[..., :length])
+            assert torch.equal(got, expected), (length, kernel, stride, padding, dilation, ceil)
 
 
 def small() -> nn.Sequential:
