@@ -51,7 +51,11 @@ from checkpoint_checks import (
 )
 from datamodules import DataNotFoundError, ImageDataModule
 from lightning_modules import StandardClassifier
-from lightning_modules.standard import DATA_IDENTITY_KEY, plateau_mode_problem
+from lightning_modules.standard import (
+    DATA_IDENTITY_KEY,
+    plateau_mode_problem,
+    validation_evaluation_of,
+)
 from robust.checks import SettingError, check_int, check_real, refuse
 from robust.cpu_memory import retain_freed_memory
 
@@ -648,12 +652,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         """
         if self.monitor is None or self._validation_keys is None:
             return
-        for callback in trainer.callbacks:
-            every = getattr(callback, "every_n_val_epochs", None)
-            prefix = getattr(callback, "metric_prefix", None)
-            evaluates = _is_index(every) and every > 0 and callable(prefix)
-            if evaluates and self.monitor.startswith(f"{prefix('val')}/"):
-                return
+        if validation_evaluation_of(trainer, self.monitor) is not None:
+            return
         logged = set(trainer.callback_metrics) | self._validation_keys | {"epoch", "step"}
         results = getattr(trainer, "_results", None) or {}
         logged |= {
@@ -675,7 +675,15 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         )
 
     def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Any]) -> None:
-        """ModelCheckpoint's, with its refusal of a monitor never logged as an ``error:`` line."""
+        """ModelCheckpoint's, with its refusal of a monitor never logged as an ``error:`` line.
+
+        A monitor that an evaluation callback logs every k-th epoch is ranked in those epochs
+        only: in the others Lightning still holds an earlier epoch's value, which would rank this
+        epoch's weights (``last.ckpt`` is written all the same).
+        """
+        evaluation = validation_evaluation_of(trainer, self.monitor) if self.monitor else None
+        if evaluation is not None and not evaluation.evaluates_validation(trainer):
+            return
         try:
             super()._save_topk_checkpoint(trainer, monitor_candidates)
         except MisconfigurationException:

@@ -316,7 +316,13 @@ class Certification(EvaluationCallback):
     def saved_rows_note(self, stage: str) -> str:
         """Where an interrupted certification's rows are, and how it resumes."""
         if self._file is not None and stage == "test":
-            return f"{self.output_path} keeps every row so far; the same command resumes from them"
+            if self.output:
+                return f"{self.output_path} keeps every row so far; the same command resumes"
+            # the default path is in the logger's folder, which the next run numbers anew
+            return (
+                f"{self.output_path} keeps every row so far; to resume from them, run the same "
+                f"command with --trainer.callbacks.output {self.output_path}"
+            )
         return super().saved_rows_note(stage)
 
     @property

@@ -139,11 +139,19 @@ class EvaluationCallback(Callback):
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Evaluate the validation set when the schedule says so (see the module docstring)."""
-        if trainer.sanity_checking or self.every_n_val_epochs == 0:
-            return
-        standalone = trainer.state.fn == TrainerFn.VALIDATING
-        if standalone or (trainer.current_epoch + 1) % self.every_n_val_epochs == 0:
+        if self.evaluates_validation(trainer):
             self.run(trainer, pl_module, "val")
+
+    def evaluates_validation(self, trainer: Trainer) -> bool:
+        """Whether the validation now ending is one this callback evaluates (and logs).
+
+        Every ``every_n_val_epochs``-th epoch's, and a standalone ``validate``'s; never the
+        sanity check's.
+        """
+        if trainer.sanity_checking or self.every_n_val_epochs == 0:
+            return False
+        standalone = trainer.state.fn == TrainerFn.VALIDATING
+        return standalone or (trainer.current_epoch + 1) % self.every_n_val_epochs == 0
 
     # ------------------------------------------------------------------ to override
     def evaluate_batch(

@@ -87,6 +87,8 @@ class PerturbedAccuracy(EvaluationCallback):
         batch_size: Images per attack batch on each process (results do not depend on it).
         max_images: Evaluate at most this many images (None: all the trainer evaluates).
         skip: Evaluate every ``skip``-th image.
+        first_image: The first dataset index evaluated (0: from the start); see
+            :class:`~callbacks.evaluation.EvaluationCallback`.
         seed: Seed of the random parts of the attacks, >= 0.
         num_image_grid: Example images per attack; 0: none.
         masking_gap: Accuracy gap, in [0, 1], above which to warn of gradient masking.
@@ -104,6 +106,7 @@ class PerturbedAccuracy(EvaluationCallback):
         batch_size: int = 256,
         max_images: int | None = None,
         skip: int = 1,
+        first_image: int = 0,
         seed: int = 0,
         num_image_grid: int = 16,
         masking_gap: float = 0.3,
@@ -113,6 +116,7 @@ class PerturbedAccuracy(EvaluationCallback):
             batch_size=batch_size,
             max_images=max_images,
             skip=skip,
+            first_image=first_image,
         )
         owner = "PerturbedAccuracy"
         if (

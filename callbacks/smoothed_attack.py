@@ -63,6 +63,8 @@ class SmoothedAttack(EvaluationCallback):
         batch_size: Images per round on each process.
         max_images: Attack at most this many images.
         skip: Attack every ``skip``-th image.
+        first_image: The first dataset index attacked (0: from the start); see
+            :class:`~callbacks.evaluation.EvaluationCallback`.
         every_n_val_epochs: See :class:`~callbacks.evaluation.EvaluationCallback`.
         seed: Seed of the attack's and PREDICT's noise, >= 0.
         predict_batch_size: Noisy samples per forward pass of PREDICT.
@@ -89,6 +91,7 @@ class SmoothedAttack(EvaluationCallback):
         batch_size: int = 64,
         max_images: int | None = None,
         skip: int = 1,
+        first_image: int = 0,
         every_n_val_epochs: int = 0,
         seed: int = 0,
         predict_batch_size: int = 1000,
@@ -99,6 +102,7 @@ class SmoothedAttack(EvaluationCallback):
             batch_size=batch_size,
             max_images=max_images,
             skip=skip,
+            first_image=first_image,
         )
         owner = "SmoothedAttack"
         self.sigma = None if sigma is None else check_real("sigma", sigma, low=0, owner=owner)

@@ -192,7 +192,7 @@ class AdversarialClassifier(StandardClassifier):
     ``robust_val_attack`` (default PGD-10 at the training attack's norm and full eps) and logs
     ``val/robust_acc``, the fraction classified correctly both clean and attacked. It is exact
     and deterministic: each process attacks every N-th image (no padding, no duplicates), rows
-    are gathered (:mod:`callbacks.distributed`), and image ``i``'s random start comes from its own
+    are gathered (:mod:`robust.sharding`), and image ``i``'s random start comes from its own
     generator seeded by :func:`callbacks.perturbed_accuracy.image_seed`
     ``(robust_val_seed, key, i)``, as PerturbedAccuracy seeds it (so ``val/robust_acc`` equals its
     ``val/perturbed_acc/<key>`` for the same attack and seed). It honours the

@@ -3,6 +3,7 @@
 import importlib
 import inspect
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -151,6 +152,33 @@ def plateau_mode_problem(scheduler: ReduceLROnPlateau, monitor: str, mode: str) 
         f"would lower the learning rate while {monitor}, its monitor, {moves}; "
         f"set its mode to {mode}"
     )
+
+
+def validation_evaluation_of(trainer: Any, key: str) -> Any | None:
+    """The evaluation callback that logs the validation metric ``key`` on its own schedule.
+
+    Such a callback (``every_n_val_epochs`` > 0 and a ``metric_prefix``, e.g.
+    :class:`callbacks.PerturbedAccuracy`) logs only every ``every_n_val_epochs`` epochs, and
+    Lightning's ``callback_metrics`` keep an earlier epoch's value in between: whatever follows
+    ``key`` (a checkpoint, a plateau scheduler) must act on its epochs only. None: no such callback.
+    Duck-typed, so that the modules do not import the callbacks.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> every_2 = SimpleNamespace(every_n_val_epochs=2, metric_prefix=lambda stage: stage)
+        >>> trainer = SimpleNamespace(callbacks=[every_2])
+        >>> validation_evaluation_of(trainer, "val/perturbed_acc/fgm") is every_2
+        True
+        >>> validation_evaluation_of(trainer, "val_certify/acr") is None
+        True
+    """
+    for callback in getattr(trainer, "callbacks", None) or []:
+        every = getattr(callback, "every_n_val_epochs", None)
+        prefix = getattr(callback, "metric_prefix", None)
+        scheduled = isinstance(every, int) and not isinstance(every, bool) and every > 0
+        if scheduled and callable(prefix) and key.startswith(f"{prefix('val')}/"):
+            return callback
+    return None
 
 
 class StandardClassifier(LightningModule):
@@ -414,8 +442,10 @@ class StandardClassifier(LightningModule):
 
         The checkpoint's ``monitor`` (``val/acc``, ``val/noisy_acc``, ``val/robust_acc``; else
         ``val/acc``), stepped every ``check_val_every_n_epoch`` epochs (Lightning stopped the
-        run at the first epoch without validation); its ``mode`` must be the checkpoint's
-        (``min`` on an accuracy cut the rate while the model improved).
+        run at the first epoch without validation), or, for an evaluation callback's metric,
+        in the epochs that callback evaluates too (:func:`validation_evaluation_of`); its
+        ``mode`` must be the checkpoint's (``min`` on an accuracy cut the rate while the model
+        improved).
 
         Raises:
             SettingError: The scheduler's mode is not the monitored metric's.
@@ -433,4 +463,7 @@ class StandardClassifier(LightningModule):
             raise SettingError(f"model lr_scheduler ReduceLROnPlateau {problem}")
         every = getattr(trainer, "check_val_every_n_epoch", None)
         frequency = every if isinstance(every, int) and every >= 1 else 1
+        evaluation = validation_evaluation_of(trainer, monitor)
+        if evaluation is not None:  # logged in the epochs of both schedules
+            frequency = math.lcm(frequency, evaluation.every_n_val_epochs)
         return {"scheduler": scheduler, "monitor": monitor, "frequency": frequency}

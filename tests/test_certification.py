@@ -757,6 +757,20 @@ def test_a_signal_during_certification_then_the_same_command_resumes(tmp_path, s
     assert certificates_only(stopped) == certificates_only(whole)
 
 
+def test_a_stopped_certification_at_the_default_path_says_how_to_resume_it():
+    """The default TSV is in the logger's version_N folder: the same command starts a new one."""
+    default, chosen = Certification(sigma=0.5), Certification(sigma=0.5, output="c.tsv")
+    for callback in (default, chosen):
+        callback._file, callback.output_path = object(), Path("runs/m/version_0/certify_test.tsv")
+    assert default.saved_rows_note("test").endswith(
+        "to resume from them, run the same command with "
+        "--trainer.callbacks.output runs/m/version_0/certify_test.tsv"
+    )
+    assert chosen.saved_rows_note("test").endswith(
+        "keeps every row so far; the same command resumes"
+    )
+
+
 VAL_SIGTERM_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})

@@ -305,6 +305,37 @@ def test_a_plateau_scheduler_follows_the_checkpoints_monitor_when_it_is_logged(i
     assert line.endswith("while val/loss, its monitor, falls; set its mode to min"), line
 
 
+EVERY_SECOND_EPOCH_ATTACK = """
+trainer:
+  callbacks+:
+    - class_path: callbacks.PerturbedAccuracy
+      init_args:
+        attacks: [{method: pgd, norm: inf, eps: 0.1, steps: 3}]
+        every_n_val_epochs: 2
+        max_images: 8
+        num_image_grid: 0
+"""
+
+
+def test_a_monitor_logged_every_second_epoch_ranks_only_those_epochs(in_tmp, capsys):
+    """It was refused after epoch 0; ranking epoch 2 would have used epoch 1's number."""
+    attack = in_tmp / "attack.yaml"
+    attack.write_text(EVERY_SECOND_EPOCH_ATTACK)
+    plateau = ["--model.init_args.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"]
+    plateau += ["--model.init_args.lr_scheduler.init_args.mode", "max"]
+    monitor = ["--checkpoint.monitor", "val/perturbed_acc/pgd3_linf_eps0.1"]
+    monitor += ["--checkpoint.mode", "max", "--checkpoint.save_top_k", "-1"]
+    short = ["--trainer.max_epochs", "4", "--trainer.limit_train_batches", "1"]
+    short += ["--trainer.limit_val_batches", "1"]
+    fitted = cli.main(
+        ["fit", "--config", SMOOTHING, "--config", str(attack), *plateau, *monitor, *short, *QUIET]
+    )
+    (schedule,) = fitted.trainer.lr_scheduler_configs
+    assert (schedule.monitor, schedule.frequency) == (monitor[1], 2)
+    saved = sorted(p.name for p in Path(fitted.trainer.checkpoint_callback.dirpath).glob("*"))
+    assert saved == ["best-epoch01.ckpt", "best-epoch03.ckpt", "last.ckpt"], saved
+
+
 @pytest.mark.parametrize(
     ("monitor", "mode", "wanted"),
     [("val/loss", "max", "min"), ("val/acc", "min", "max"), ("val/robust_acc", "min", "max")],

@@ -398,13 +398,16 @@ def test_trainer_limits_and_max_images_choose_the_first_images(mnist, class_mean
         ({"fast_dev_run": 1}, {}, 2),
         ({}, {"skip": 3, "max_images": 5}, 5),
         ({}, {"max_images": 10}, 10),
+        ({}, {"first_image": 10, "skip": 4, "max_images": 6}, 6),  # 12, 16, ..., 32
     ]:
         callback = PerturbedAccuracy([FGM_L2], **settings)
         trainer(callbacks=[callback], **kwargs).test(
             make_model(class_means), datamodule=TensorData(x, y, batch_size=8), verbose=False
         )
         assert callback.results["test"][FGM_L2.key]["num_images"] == expected
-        chosen = torch.arange(0, len(x), settings.get("skip", 1))[:expected]
+        skip = settings.get("skip", 1)
+        start = -(-settings.get("first_image", 0) // skip) * skip
+        chosen = torch.arange(start, len(x), skip)[:expected]
         accuracy, _ = direct(make_model(class_means), x[chosen], y[chosen], FGM_L2)
         assert callback.results["test"][FGM_L2.key]["accuracy"] == pytest.approx(accuracy)
 
