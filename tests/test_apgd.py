@@ -349,3 +349,118 @@ def test_autoattack_refuses_more_target_classes_than_the_model_has():
         model, x, y, 0.1, "inf", n_target_classes=4, generator=generators(range(2)), **kwargs
     )
     assert torch.equal(default, four)
+
+
+# ------------------------------------------------------------- the algorithm's steps, scripted
+
+
+class Scripted:
+    """A forward pass whose objective values and gradient signs follow a script, not the point.
+
+    Call ``k`` (0: at the start point) returns ``values[k]`` for every image, a gradient of
+    ``signs[k]`` (default +1) and logits that predict ``classes[k]`` (default: the true class).
+    """
+
+    def __init__(self, values, signs=None, classes=None, num_classes: int = 4) -> None:
+        self.values, self.signs, self.classes = list(values), signs, classes
+        self.num_classes, self.calls = num_classes, 0
+
+    def gradient(self, x, labels, objective):
+        k, self.calls = self.calls, self.calls + 1
+        y = labels if labels.dim() == 1 else labels[:, 0]
+        predicted = y if self.classes is None else torch.full_like(y, self.classes[k])
+        logits = F.one_hot(predicted, self.num_classes).to(x.dtype)
+        sign = 1.0 if self.signs is None else self.signs[k]
+        return torch.full((len(x),), float(self.values[k])), torch.full_like(x, sign), logits
+
+
+def scripted_run(values, monkeypatch, steps=100, eps=0.125, **script):
+    """The step sizes of an APGD run (one image, L-inf) on a scripted objective, and its result."""
+    from robust.apgd import _Apgd, _ce_objective
+
+    taken = []
+    ascent = _Apgd.ascent
+
+    def recorded(self, x_adv, grad, step):
+        taken.append(float(step[0]) / eps)  # exact: eps and the halvings are powers of 2
+        return ascent(self, x_adv, grad, step)
+
+    monkeypatch.setattr(_Apgd, "ascent", recorded)
+    x, y = torch.full((1, 1, 2, 2), 0.5), torch.tensor([0])
+    run = _Apgd(Scripted(values, **script), x, y, eps, "inf", steps, 0.75, _ce_objective)
+    return taken, run(x.clone())
+
+
+def test_the_step_starts_at_2_eps_and_stays_while_the_objective_keeps_rising(monkeypatch):
+    taken, _ = scripted_run(range(101), monkeypatch)
+    assert taken == [2.0] * 100
+
+
+def test_a_flat_objective_halves_the_step_at_every_checkpoint(monkeypatch):
+    taken, _ = scripted_run([0.0] * 101, monkeypatch)
+    checks = apgd_checkpoints(100)
+    assert taken == [2.0 * 0.5 ** sum(c <= i for c in checks) for i in range(100)]
+
+
+def test_no_improvement_halves_only_where_the_last_checkpoint_did_not(monkeypatch):
+    """Condition 2 of the paper, over the window since the last checkpoint (not since step 0)."""
+    c1, c2, c3 = apgd_checkpoints(100)[:3]
+    # flat up to c1 (condition 1 halves), then rising every step but below the best of step 0
+    values = [0.0] * (c1 + 1) + [-100.0 + 0.01 * i for i in range(100 - c1)]
+    taken, _ = scripted_run(values, monkeypatch)
+    assert taken[c1 - 1] == 2.0 and taken[c1] == 1.0  # halved at c1: flat
+    assert taken[c2] == 1.0  # rising in 19 of 19 steps; no better, but halved at c1: kept
+    assert taken[c3] == 0.5  # no better since c2, which did not halve
+
+
+def test_the_second_step_has_the_papers_momentum(monkeypatch):
+    # x1 = P(x0 + 2 eps) = 0.5 + eps; z = P(x1 - 2 eps) = 0.5 - eps;
+    # x2 = x1 + 0.75 (z - x1) + 0.25 (x1 - x0) = 0.75 - 0.375 + 0.0625
+    _, result = scripted_run([0.0, 1.0, 2.0], monkeypatch, steps=2, eps=0.25, signs=[1, -1, 1])
+    assert torch.equal(result.x_best, torch.full((1, 1, 2, 2), 0.4375))
+
+
+def test_a_run_returns_the_misclassified_iterate_not_the_best_loss_point(monkeypatch):
+    # step 2 misclassifies (class 1), step 3 has the highest loss but is classified correctly
+    values, classes = [0.0, 1.0, 2.0, 5.0], [0, 0, 1, 0]
+    signs = [1, 1, -1, 1]
+    _, result = scripted_run(values, monkeypatch, steps=3, eps=0.25, signs=signs, classes=classes)
+    assert bool(result.fooled) and not torch.equal(result.x_found, result.x_best)
+
+
+def test_the_drivers_keep_the_adversarial_point_and_otherwise_the_highest_loss_restart(
+    monkeypatch,
+):
+    import robust.apgd as apgd_module
+    from robust.apgd import _Result, run_apgd_ce
+
+    x, y = torch.full((2, 1, 2, 2), 0.5), torch.tensor([0, 0])
+    runs = iter(
+        [  # restart 1: image 0 fooled at x + 0.02 (its best loss at x + 0.01); image 1 not
+            _Result(x + 0.01, torch.tensor([1.0, 5.0]), torch.tensor([True, False]), x + 0.02),
+            # restart 2, image 1 only: a lower loss than restart 1's
+            _Result(x[1:] + 0.03, torch.tensor([3.0]), torch.tensor([False]), x[1:] + 0.03),
+        ]
+    )
+
+    class Replayed:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __call__(self, start):
+            return next(runs)
+
+    monkeypatch.setattr(apgd_module, "_Apgd", Replayed)
+    forward = lambda v: F.one_hot(torch.zeros(len(v), dtype=torch.long), 4).float()  # noqa: E731
+    out = run_apgd_ce(forward, x, y, 0.1, "inf", 10, 2, 0.75, False, None)
+    torch.testing.assert_close(out[0], x[0] + 0.02)  # the misclassified iterate
+    torch.testing.assert_close(out[1], x[1] + 0.01)  # the higher loss of the two restarts
+
+
+def test_the_targeted_dlr_is_the_papers_formula():
+    from robust.apgd import _dlr_targeted_objective
+
+    logits = torch.tensor([[4.0, 1.0, 3.0, 0.0, -2.0]])  # sorted: 4, 3, 1, 0, -2
+    value, _ = _dlr_targeted_objective(logits, torch.tensor([[0, 2]]))  # y = 0, target 2
+    # -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) = -(4 - 3) / (4 - (1 + 0) / 2)
+    assert value.item() == pytest.approx(-1 / 3.5)
