@@ -382,6 +382,31 @@ def test_predict_returns_class_of_constant_classifier() -> None:
     assert smooth.predict(torch.rand(1, 4, 4), 5, 0.001, index=0) == ABSTAIN
 
 
+class ThreeLevels(nn.Module):
+    """Class 0, 1 or 2 as a single pixel is below, between or above two thresholds."""
+
+    def __init__(self, probabilities: tuple[float, float]) -> None:
+        super().__init__()
+        self.register_buffer("cuts", torch.tensor([norm.ppf(p) for p in probabilities]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        level = torch.bucketize(x.flatten(1)[:, 0].contiguous(), self.cuts.to(x.dtype))
+        return nn.functional.one_hot(level, 3).to(x.dtype)
+
+
+def test_predict_tests_the_top_class_against_the_runner_up_not_all_others() -> None:
+    """Cohen et al.'s Algorithm 1: n_A against n_B; p_A = 0.52 is no majority of all samples."""
+    smooth = Smooth(ThreeLevels((0.52, 0.82)), 3, 1.0)  # p = 0.52, 0.30, 0.18 at x = 0
+    images = torch.zeros(12, 1, 1, 1)
+    predictions = smooth.predict_batch(images, range(12), 1000, 0.001)
+    counts = smooth._sample_counts(images, list(range(12)), [(PREDICTION_STREAM, 1000)], None)
+    for prediction, (n_a, n_b, n_c) in zip(predictions, counts[:, 0], strict=True):
+        assert n_a > n_b > n_c
+        assert binom_test(int(n_a), int(n_a + n_b), 0.5) <= 0.001  # against the runner-up: 0
+        assert binom_test(int(n_a), 1000, 0.5) > 0.001  # against all others: it would abstain
+        assert prediction == 0
+
+
 def test_noise_threads_and_batch_size_changed_between_calls() -> None:
     """A buffer of the same size for another (batch size, threads) pair is not reused wrongly."""
     model, images = small_cnn(seed=3), _random_images(3)
