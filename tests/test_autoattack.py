@@ -283,3 +283,45 @@ def test_autoattack_in_inference_mode_eval_mode_and_parameters_untouched(lenet):
     finally:
         wrapped.eval()
     assert torch.equal(got, attack(model, x[:16], y[:16], spec, generator=gens()))
+
+
+def test_autoattack_is_its_three_attacks_in_turn_each_image_on_its_own_generator(lenet):
+    """The docstring's order of random draws per image: APGD-CE, then APGD-T, then Square.
+
+    A run of APGD-T without its random start (drawing nothing) passed every other test.
+    """
+    model, x, y = lenet
+    eps, queries = 0.12, 40
+
+    def generators():
+        return [torch.Generator().manual_seed(50 + i) for i in range(len(x))]
+
+    def still_right(points, index):
+        with torch.no_grad():
+            return model(points).argmax(1) == y[index]
+
+    stages: dict[str, torch.Tensor] = {}
+    ours = autoattack(
+        model, x, y, eps, "inf", steps=10, n_target_classes=3, n_queries=queries,
+        generator=generators(), stages=stages,
+    )  # fmt: skip
+    g = generators()  # the same generators, drawn from by the three attacks in turn
+    everyone = torch.arange(len(x))
+    robust = still_right(apgd(model, x, y, eps, "inf", steps=10, generator=g), everyone)
+    assert torch.equal(robust, stages["apgd-ce"])
+    for name in ("apgd-t", "square"):
+        index = robust.nonzero().squeeze(1)
+        mine = [g[i] for i in index.tolist()]
+        if name == "apgd-t":
+            points = apgd_t(
+                model, x[index], y[index], eps, "inf", steps=10, n_target_classes=3, generator=mine
+            )
+        else:
+            points = square(
+                model, x[index], y[index], eps, "inf", n_queries=queries, generator=mine
+            )
+        right = still_right(points, index)
+        robust[index] = right
+        assert torch.equal(robust, stages[name]), name
+        assert name == "square" or (~right).any()  # APGD-T fools images: points compared
+        assert torch.equal(ours[index[~right]], points[~right]), name
