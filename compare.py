@@ -165,6 +165,7 @@ def check_stages(settings, out: Path) -> dict[str, dict[str, str]]:
         SettingError: The stage's refusal, naming the training.
     """
     digests: dict[str, dict[str, str]] = {}
+    tsvs: dict[str, str] = {}  # a Certification output of the evaluations, to its training
     for training in settings.trainings:
         stages = {
             "training": stage_args("fit", settings, training, out, "check"),
@@ -179,8 +180,10 @@ def check_stages(settings, out: Path) -> dict[str, dict[str, str]]:
                     checked.check_optimizer()
                 else:
                     check_evaluation_fits_training(training, built["training"], checked, args)
+                check_certification_outputs(checked)  # before the general message of two
                 check_evaluation_callbacks(checked, "test" if stage == "evaluation" else "val")
-                check_certification_outputs(checked)
+                if stage == "evaluation":
+                    check_certification_output_unshared(checked, training.name, tsvs)
             except SettingError as err:
                 raise SettingError(f"{training.name} ({stage}): {err}") from None
             digests.setdefault(training.name, {})[stage] = config_digest(checked)
@@ -214,18 +217,24 @@ def check_evaluation_fits_training(
 PLACEMENT = ("config", "ckpt_path", "trainer.logger.init_args.save_dir",
              "trainer.logger.init_args.name", "trainer.logger.init_args.version",
              "checkpoint.dirpath")  # fmt: skip
+"""``ckpt_path`` only where compare sets it (``test``); a training's own is what it starts from."""
 
 
 def config_digest(checked: cli.RobustCLI) -> str:
     """Digest of a stage's whole parsed config, where it writes left out.
 
     The parsed config holds what every config file (``--config``, ``-c``, ``--data=file.yaml``,
-    files named inside files) and argument set, so a change in any of them redoes the stage.
+    files named inside files) and argument set, so a change in any of them redoes the stage. A
+    training's own ``--ckpt_path`` (the weights it continues from) counts by its file's content.
     """
     config = checked.config[checked.subcommand].clone()
+    start = config.get("ckpt_path") if checked.subcommand == "fit" else None
     for key in PLACEMENT:
         if key in config:
             config[key] = None
+    if start:
+        path = Path(str(start)).expanduser()
+        config["ckpt_path"] = f"sha256:{sha256_of(path)}" if path.is_file() else str(start)
     text = json.dumps(config.as_dict(), sort_keys=True, default=_stable_text)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -245,14 +254,17 @@ def check_evaluation_callbacks(checked: cli.RobustCLI, stage: str) -> None:
     """Each evaluation callback's checks of the built module (sigma, classes, radii, eps).
 
     Lightning runs them at ``setup``, after the stages before have trained and evaluated: a
-    SmoothedAttack without a sigma on a standard model was refused only after the others' work.
+    SmoothedAttack without a sigma on a standard model was refused only after the others' work,
+    and so were two evaluation configs that both log one metric (the same attack twice).
 
     Raises:
         SettingError: The callback's refusal.
     """
+    fn = "test" if stage == "test" else "fit"
     for callback in checked.trainer.callbacks:
         if isinstance(callback, EvaluationCallback):
             callback.check(checked.trainer, checked.model, stage)
+            callback.check_outputs_are_own(checked.trainer, fn)  # two writing one metric
 
 
 def check_certification_outputs(checked: cli.RobustCLI) -> None:
@@ -277,6 +289,36 @@ def check_certification_outputs(checked: cli.RobustCLI) -> None:
             "twice, or two that certify): the report shows one certification per training; "
             "keep one, and certify another sigma in another training entry"
         )
+
+
+def check_certification_output_unshared(
+    checked: cli.RobustCLI, name: str, tsvs: dict[str, str]
+) -> None:
+    """Refuse a Certification ``output`` that another training's evaluation writes too.
+
+    An evaluation config applies to every training, so an ``output:`` in it names one TSV for
+    all of them: the second model's certification was refused (another model's rows) only after
+    it trained, and deleting the file, as the refusal advised, redid the first.
+
+    Args:
+        checked: The evaluation stage, built.
+        name: Its training's name.
+        tsvs: The outputs seen so far (resolved path to training name), updated.
+
+    Raises:
+        SettingError: Naming the TSV and both trainings.
+    """
+    from callbacks import Certification
+
+    for callback in checked.trainer.callbacks:
+        if isinstance(callback, Certification) and callback.output:
+            tsv = str(Path(callback.output).expanduser().resolve())
+            if tsvs.setdefault(tsv, name) != name:
+                raise SettingError(
+                    f"Certification output {callback.output} is also the TSV of the training "
+                    f"{tsvs[tsv]!r}: each model needs its own; give the output in each "
+                    "training's eval_args, or leave it unset (each writes in its own log folder)"
+                )
 
 
 @contextlib.contextmanager
@@ -312,12 +354,22 @@ def read_record(path: Path, fields: dict[str, type]) -> dict | None:
 
 
 def valid_metrics(metrics: dict) -> bool:
-    """Numbers by name (NaN: nothing was evaluated), accuracies and rates in [0, 1], whole counts."""
+    """Numbers by name (NaN: nothing was evaluated), accuracies and rates in [0, 1], whole counts.
+
+    An accuracy or rate is any name with ``acc`` or ``rate`` in a part after the stage, so
+    ``test/perturbed_acc/<attack>`` and ``.../after_<stage>`` are checked too.
+
+    Examples:
+        >>> valid_metrics({"test/perturbed_acc/pgd40_linf_eps0.3": 0.5, "certify/acr": 1.7})
+        True
+        >>> valid_metrics({"test/perturbed_acc/pgd40_linf_eps0.3/after_square": 7.0})
+        False
+    """
     for name, value in metrics.items():
         if not isinstance(value, int | float) or isinstance(value, bool) or math.isinf(value):
             return False
-        last = name.split("/")[-1]
-        if ("acc" in last or "rate" in last) and not 0 <= value <= 1 and not math.isnan(value):
+        rate = any("acc" in part or "rate" in part for part in name.split("/")[1:])
+        if rate and not 0 <= value <= 1 and not math.isnan(value):
             return False
         if "num_images" in name and not (value >= 0 and float(value).is_integer()):
             return False  # an image count (NaN included: a count is never unknown)

@@ -1,9 +1,11 @@
+import io
 import json
 import os
 import re
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -365,6 +367,26 @@ def test_report_refuses_certificates_it_cannot_check(tmp_path, radius, sidecar, 
     assert table_rows(report.read_text())["m"]["correct_certified"] == "1 of 1 (100.0%)"
 
 
+@pytest.mark.parametrize(("misclassified", "flagged"), [(1.0, True), (0.1, True), (0.02, False)])
+def test_report_flags_certificates_beyond_what_the_smoothed_attack_leaves(
+    tmp_path, capsys, misclassified, flagged
+):
+    """Certified accuracy at r <= 1 - smoothed_misclassified@r; nothing compared them before."""
+    from robust.certificates import CertifiedImage, write_tsv
+    from robust.report import write_report
+
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    rows = [CertifiedImage(i, 1, 1, R04, 1, 0.0) for i in range(200)]  # all certified at 0.4
+    write_tsv(log_dir / "certify_test.tsv", rows)
+    (log_dir / "certify_test.tsv.json").write_text(json.dumps(SIDECAR))
+    metrics = {"test/smoothed_misclassified@0.25": misclassified, "test/smoothed_num_images": 200}
+    report = write_report(tmp_path, {"m": {"metrics": metrics, "log_dir": str(log_dir)}}, {})
+    said = "m: certified accuracy 100.0% at radius 0.25, but the attack misclassified"
+    assert (said in report.read_text()) == flagged
+    assert (said in capsys.readouterr().out) == flagged
+
+
 def test_report_says_when_only_radius_zero_can_be_certified(tmp_path):
     from robust.certificates import CertifiedImage, write_tsv
     from robust.report import write_report
@@ -472,6 +494,63 @@ def test_an_evaluation_its_checkpoint_would_refuse_is_refused_before_any_trainin
     assert not (tmp_path / "results").exists()  # nothing trained, nothing written
 
 
+def test_one_certification_output_for_every_training_is_refused_before_any_training(
+    tmp_path, capsys
+):
+    # the second model was refused (another model's rows) only after it trained, and deleting
+    # the TSV, as that refusal advised, made the first model certify again: no end
+    settings = tiny_settings(tmp_path)
+    evaluation = yaml.safe_load((tmp_path / "eval.yaml").read_text())
+    evaluation["trainer"]["callbacks+"][1]["init_args"]["output"] = str(tmp_path / "own.tsv")
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation))
+    line = refused(capsys, ["--config", str(settings)])
+    assert line.startswith(
+        f"error: adversarial (evaluation): Certification output {tmp_path / 'own.tsv'} is also "
+        "the TSV of the training 'standard': each model needs its own"
+    ), line
+    assert not (tmp_path / "results").exists()
+
+
+def test_two_evaluation_configs_logging_one_metric_are_refused_before_any_training(
+    tmp_path, capsys
+):
+    settings = tiny_settings(tmp_path)
+    again = tmp_path / "again.yaml"
+    evaluation = yaml.safe_load((tmp_path / "eval.yaml").read_text())
+    evaluation["trainer"]["callbacks+"] = evaluation["trainer"]["callbacks+"][:1]  # the attacks
+    again.write_text(yaml.safe_dump(evaluation))
+    line = refused(capsys, ["--config", str(settings), f"--evaluation+={again}"])
+    assert line.startswith(
+        "error: standard (evaluation): two evaluation callbacks (PerturbedAccuracy, "
+        "PerturbedAccuracy) would both write "
+    ), line
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_trainings_own_starting_checkpoint_is_part_of_its_key(tmp_path):
+    """A training continued from a checkpoint (its own --ckpt_path) reused the stage without it."""
+
+    def digest(*args: str) -> str:
+        training = {"name": "s", "config": str(ROOT / "configs/mnist/standard.yaml"), "args": args}
+        out = str(tmp_path / "results")
+        settings = compare.parse(["--trainings", json.dumps([training]), "--output_dir", out])
+        return compare.check_stages(settings, Path(out))["s"]["training"]
+
+    first, second = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    for path, seed in ((first, "0"), (second, "1")):
+        fitted = compare.run_cli(
+            ["fit", "--config", str(ROOT / "configs/mnist/standard.yaml"), "--seed_everything",
+             seed, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+             "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+             "--trainer.logger.init_args.save_dir", str(tmp_path / f"runs{seed}")]
+        )  # fmt: skip
+        shutil.copy(fitted.trainer.checkpoint_callback.last_model_path, path)
+    plain = digest()
+    assert digest(f"--ckpt_path={first}") not in (plain, digest(f"--ckpt_path={second}"))
+    shutil.copy(first, tmp_path / "moved.ckpt")  # the weights, not where they lie, count
+    assert digest(f"--ckpt_path={tmp_path / 'moved.ckpt'}") == digest(f"--ckpt_path={first}")
+
+
 def test_a_smoothed_attack_without_sigma_is_refused_before_any_training(tmp_path, capsys):
     """Its check needs the built module (a standard one has no sigma): run up front too."""
     settings = tiny_settings(tmp_path)
@@ -558,10 +637,26 @@ def test_a_malformed_stage_record_is_ignored_not_trusted(record, fields, tmp_pat
         ({"test/perturbed_num_images/pgd": float("nan")}, False),
         ({"test/smoothed_num_images": 2.5}, False),
         ({"test/perturbed_num_images/pgd": -1}, False),
+        ({"test/perturbed_acc/pgd40_linf_eps0.3": 7.0}, False),  # the report's main columns
+        ({"test/perturbed_acc/aa_linf_eps0.3/after_square": -3.0}, False),
+        ({"test/perturbation_norm/pgd40_l2_eps2": 1.9}, True),
     ],
 )
 def test_recorded_metrics_are_checked(metrics, valid):
     assert compare.valid_metrics(metrics) is valid
+
+
+def hostile_npy_members() -> dict[str, bytes]:
+    """Zip members of an examples file that numpy reads as bytes, or would allocate petabytes for."""
+    huge = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        huge, {"descr": "<i8", "fortran_order": False, "shape": (10**15,)}
+    )
+    return {
+        "extra": b"hello",  # not an array: numpy returns the bytes
+        "pred/x.npy": b"garbage",  # no .npy magic
+        "pred/y.npy": huge.getvalue() + bytes(16),  # 7 PiB declared
+    }
 
 
 def test_example_images_files_are_checked_before_use(tmp_path):
@@ -597,6 +692,17 @@ def test_example_images_files_are_checked_before_use(tmp_path):
     np.savez(path, **{**good, "adv/fgm": np.array([object()] * 3, dtype=object)})
     assert read_examples(path) is None  # a pickle inside is never loaded
     path.write_bytes(b"not a zip")
+    assert read_examples(path) is None
+    for member, data in hostile_npy_members().items():  # each was a traceback in the report
+        np.savez(path, **good)
+        with zipfile.ZipFile(path, "a") as archive:
+            archive.writestr(member, data)
+        assert read_examples(path) is None, member
+    np.savez_compressed(path, **good)
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"clean.npy") + 40
+    raw[start : start + 30] = b"\xff" * 30  # corrupt deflate data
+    path.write_bytes(bytes(raw))
     assert read_examples(path) is None
     many = {k: np.repeat(v, 40, axis=0) for k, v in good.items()}  # 120 images: the first 32 drawn
     np.savez(path, **many)
