@@ -25,11 +25,13 @@ rest before the subcommand.
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NoReturn
 
 import torch
@@ -161,6 +163,31 @@ def check_checkpoint_structure(path: str, checkpoint: Mapping[str, Any]) -> None
         )
     if hparams:
         check_import_paths(path, hparams)
+    best = checkpoint.get("robust_val_best")
+    if best is not None and not _is_robust_best(best):
+        refuse(
+            f"ckpt_path {path!r}: 'robust_val_best' is {_short(best)}; it must be [accuracy in "
+            "[0, 1], epoch >= 0], as AdversarialClassifier writes it"
+        )
+
+
+def _is_robust_best(value: Any) -> bool:
+    """``[accuracy, epoch]`` of the best robust validation (:class:`AdversarialClassifier`).
+
+    Examples:
+        >>> _is_robust_best([0.9, 3.0]), _is_robust_best([2.0, 0]), _is_robust_best("xy")
+        (True, False, False)
+    """
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        return False
+    accuracy, epoch = value
+    return (
+        _is_number(accuracy)
+        and _is_number(epoch)
+        and 0 <= float(accuracy) <= 1
+        and float(epoch) >= 0
+        and float(epoch).is_integer()
+    )
 
 
 # The Lightning versions whose checkpoints are read: those this project runs with (pyproject:
@@ -240,15 +267,49 @@ def check_import_paths(path: str, hparams: Mapping[str, Any]) -> None:
         if key == "_instantiator":
             continue
         for name, where in _import_paths(value, f"hyper_parameters.{key}"):
-            if not any(
-                name == package or name.startswith(package + ".")
-                for package in IMPORTABLE_FROM_CHECKPOINTS
-            ):
+            home = name if not _importable(name) else _home_outside(name)
+            if home is not None:
+                leads = "" if home == name else f", which is {home!r}"
                 refuse(
-                    f"ckpt_path {path!r}: {where} names {name!r}; a checkpoint may only name "
-                    f"classes and functions of {', '.join(IMPORTABLE_FROM_CHECKPOINTS)} "
+                    f"ckpt_path {path!r}: {where} names {name!r}{leads}; a checkpoint may only "
+                    f"name classes and functions of {', '.join(IMPORTABLE_FROM_CHECKPOINTS)} "
                     "(nothing else is imported from a checkpoint)"
                 )
+
+
+def _importable(name: str) -> bool:
+    """Whether the dotted ``name`` lies, by its text, in :data:`IMPORTABLE_FROM_CHECKPOINTS`."""
+    return any(
+        name == package or name.startswith(package + ".") for package in IMPORTABLE_FROM_CHECKPOINTS
+    )
+
+
+def _home_outside(name: str) -> str | None:
+    """Where ``name`` leads when that is outside the allowed packages, else None.
+
+    ``datamodules.idx.os.system`` starts like one of ours but is ``os.system`` (an importer
+    that falls back to attributes would find it): the module part is imported (it is ours)
+    and each attribute after it must belong to the allowed packages too.
+
+    Examples:
+        >>> _home_outside("datamodules.idx.os.system"), _home_outside("torch.optim.Adam")
+        ('os', None)
+    """
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, None)
+            home = obj.__name__ if isinstance(obj, ModuleType) else getattr(obj, "__module__", "")
+            if obj is None or not isinstance(home, str):
+                return None  # not there: the settings' parser says so
+            if not _importable(home):
+                return home
+        return None
+    return None
 
 
 def _is_score(value: Any) -> bool:
@@ -377,10 +438,11 @@ def _is_index(value: Any) -> bool:
 def check_optimizer_state(path: str, where: str, state: Any) -> None:
     """Refuse an optimizer state that torch would not load, or that would train wrongly.
 
-    It must be a mapping with a mapping ``state`` (per parameter: a mapping of finite values)
-    and a non-empty list ``param_groups`` of mappings whose ``params`` are lists of distinct
-    integers and whose ``lr`` is a finite number >= 0 (a negative one ascends the loss, NaN
-    moments train to NaN weights).
+    It must be a mapping with a mapping ``state`` (per parameter: a mapping of finite values,
+    with a ``step`` and second moments >= 0) and a non-empty list ``param_groups`` of mappings
+    whose ``params`` are lists of distinct integers and whose numbers are finite, with ``lr`` >= 0
+    (a negative one ascends the loss) and ``momentum`` and ``betas`` in [0, 1] (NaN moments or
+    settings train to NaN weights, a negative second moment to NaN steps).
 
     Raises:
         SettingError: Naming the file and the entry.
@@ -411,23 +473,70 @@ def check_optimizer_state(path: str, where: str, state: Any) -> None:
         if seen & set(params) or len(set(params)) != len(params):
             bad(f"names a parameter twice in param_groups[{g}]['params']")
         seen |= set(params)
-        if "lr" in group:
-            lr = group["lr"]
-            value = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
-            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-            if not number or not math.isfinite(value) or value < 0:
-                bad(f"has param_groups[{g}] lr = {_short(lr)}; it must be a finite number >= 0")
+        for setting, value in group.items():
+            if setting == "params" or isinstance(value, bool):
+                continue
+            low, high = GROUP_RANGES.get(setting, (-math.inf, math.inf))
+            for name, number in _numbers(value, f"param_groups[{g}] {setting}"):
+                if not _within(number, low, high):
+                    allowed = (
+                        "finite"
+                        if low == -math.inf
+                        else f"a finite number >= {low:g}"
+                        if high == math.inf
+                        else f"in [{low:g}, {high:g}]"
+                    )
+                    bad(f"has {name} = {_short(number)}; it must be {allowed}")
+            if setting == "lr" and not _is_number(value):
+                bad(f"has param_groups[{g}] lr = {_short(value)}; it must be a finite number >= 0")
     for key, moments in per_parameter.items():
         if not isinstance(moments, Mapping):
             bad(f"has 'state' entry {key!r} = {_short(moments)}; it must be a mapping")
         for name, value in _numbers(moments, f"'state'[{key!r}]"):
-            finite = (
-                bool(torch.isfinite(value).all())
-                if isinstance(value, torch.Tensor) and value.is_floating_point()
-                else not isinstance(value, float) or math.isfinite(value)
-            )
-            if not finite:
+            if not _within(value, -math.inf, math.inf):
                 bad(f"holds NaN or infinite values in {name}")
+        for entry in NON_NEGATIVE_STATE & set(moments):
+            for name, value in _numbers(moments[entry], f"'state'[{key!r}][{entry!r}]"):
+                if not _within(value, 0.0, math.inf):
+                    bad(f"holds negative values in {name}; it must be >= 0")
+
+
+GROUP_RANGES = {
+    "lr": (0.0, math.inf),
+    "initial_lr": (0.0, math.inf),
+    "momentum": (0.0, 1.0),
+    "betas": (0.0, 1.0),
+    "dampening": (0.0, 1.0),
+    "weight_decay": (0.0, math.inf),
+    "eps": (0.0, math.inf),
+}
+"""Ranges of the optimizer settings torch's optimizers take (any other number: finite)."""
+
+NON_NEGATIVE_STATE = frozenset(
+    {"step", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta"}
+)
+"""Per-parameter optimizer state that is a count or a mean of squares."""
+
+SHAPED_STATE = frozenset(
+    {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "sum", "acc_delta"}
+)
+"""Per-parameter optimizer state shaped like its parameter."""
+
+
+def _is_number(value: Any) -> bool:
+    value = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _within(value: Any, low: float, high: float) -> bool:
+    """Whether a float or every element of a floating tensor is finite and in [low, high]."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            value = value.double()
+        return bool((torch.isfinite(value) & (value >= low) & (value <= high)).all())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return math.isfinite(value) and low <= value <= high
+    return True
 
 
 def check_loop_state_fits(path: str, name: str, stored: Any, expected: Mapping[str, Any]) -> None:
@@ -501,6 +610,29 @@ def check_optimizers_fit(
                 f"groups of {stored} parameters but {type(optimizer).__name__} here has {built}; "
                 f"{tip}"
             )
+        where = f"ckpt_path {path!r} cannot resume fit: optimizer_states[{index}]"
+        for g, (saved, group) in enumerate(
+            zip(state["param_groups"], optimizer.param_groups, strict=True)
+        ):
+            for setting in sorted(set(group) - SCHEDULED_SETTINGS - {"params"}):
+                if setting in saved and not _same_setting(saved[setting], group[setting]):
+                    refuse(
+                        f"{where} has param_groups[{g}] {setting} = {_short(saved[setting])} but "
+                        f"{type(optimizer).__name__} here has {_short(group[setting])}; torch "
+                        f"would train on with the checkpoint's; {tip}"
+                    )
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        for key, moments in state["state"].items():
+            if not _is_index(key) or not 0 <= key < len(parameters):
+                refuse(f"{where} has a state for parameter {key!r}, which {tip[4:]} do not have")
+            shape = tuple(parameters[key].shape)
+            for entry in SHAPED_STATE & set(moments):
+                value = moments[entry]
+                if isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
+                    refuse(
+                        f"{where} has 'state'[{key}][{entry!r}] of shape {tuple(value.shape)} "
+                        f"for a parameter of shape {shape}; {tip}"
+                    )
     stored_schedulers = checkpoint["lr_schedulers"]
     if len(stored_schedulers) != len(schedulers):
         refuse(
@@ -508,6 +640,23 @@ def check_optimizers_fit(
             f"lr_scheduler states but the settings build {len(schedulers)}; use the "
             "lr_scheduler settings the checkpoint was trained with"
         )
+
+
+SCHEDULED_SETTINGS = frozenset(
+    {"lr", "initial_lr", "momentum", "betas", "max_lr", "min_lr", "base_lr",
+     "base_momentum", "max_momentum"}
+)  # fmt: skip
+"""Optimizer settings that learning-rate schedulers change as training goes (OneCycleLR cycles
+momentum and betas): a resumed run takes the checkpoint's."""
+
+
+def _same_setting(saved: Any, built: Any) -> bool:
+    """Whether a stored optimizer setting equals the built one (tuples and lists alike)."""
+    if isinstance(saved, list | tuple) and isinstance(built, list | tuple):
+        return len(saved) == len(built) and all(map(_same_setting, saved, built))
+    if _is_number(saved) and _is_number(built):
+        return float(saved) == float(built)
+    return type(saved) is type(built) and saved == built
 
 
 def check_weights_fit_model(path: str, state: Mapping[str, Any], model: torch.nn.Module) -> None:

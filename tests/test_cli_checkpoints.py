@@ -606,6 +606,35 @@ def _second_optimizer(c) -> None:
             lambda c: c.__setitem__("lr_schedulers", [{}]),
             "it holds 1 lr_scheduler states but the settings build 0",
         ),
+        # each below trained to NaN or ascending weights, or failed mid-training with a traceback
+        (
+            lambda c: c["optimizer_states"][0]["param_groups"][0].__setitem__("eps", math.nan),
+            "param_groups[0] eps = nan; it must be a finite number >= 0",
+        ),
+        (
+            lambda c: c["optimizer_states"][0]["param_groups"][0].__setitem__("weight_decay", 0.5),
+            "param_groups[0] weight_decay = 0.5 but Adam here has 0",
+        ),
+        (
+            lambda c: c["optimizer_states"][0]["param_groups"][0].__setitem__("maximize", True),
+            "param_groups[0] maximize = True but Adam here has False",
+        ),
+        (
+            lambda c: c["optimizer_states"][0]["param_groups"][0].__setitem__("betas", (2.0, 0.9)),
+            "param_groups[0] betas[0] = 2.0; it must be in [0, 1]",
+        ),
+        (
+            lambda c: c["optimizer_states"][0]["state"][0]["exp_avg_sq"].neg_().sub_(1),
+            "holds negative values in 'state'[0]['exp_avg_sq']; it must be >= 0",
+        ),
+        (
+            lambda c: c["optimizer_states"][0]["state"][0].__setitem__("step", torch.tensor(-5.0)),
+            "holds negative values in 'state'[0]['step']; it must be >= 0",
+        ),
+        (
+            lambda c: c["optimizer_states"][0]["state"][0].__setitem__("exp_avg", torch.zeros(3)),
+            "has 'state'[0]['exp_avg'] of shape (3,) for a parameter of shape",
+        ),
     ],
     ids=[
         "loop-int",
@@ -621,6 +650,13 @@ def _second_optimizer(c) -> None:
         "group-size",
         "scheduler-int",
         "scheduler-extra",
+        "eps-nan",
+        "weight-decay-other",
+        "maximize",
+        "beta-above-1",
+        "second-moment-negative",
+        "step-negative",
+        "moment-shape",
     ],
 )
 def test_resuming_fit_refuses_a_broken_training_state(
@@ -630,6 +666,14 @@ def test_resuming_fit_refuses_a_broken_training_state(
     monkeypatch.setattr(Trainer, "fit", replaced(Trainer.fit, "it was trained"))
     line = refusal(capsys, "fit", "--config", STANDARD, "--ckpt_path", path, *TINY)
     assert expected in line and path in line
+
+
+@pytest.mark.parametrize("best", ["xy", 5, ["a", 1], [math.nan, 1], [2.0, 0], [0.5, -1]])
+def test_a_damaged_best_robust_validation_is_refused(best, checkpoints, in_tmp, capsys):
+    """AdversarialClassifier read it in every subcommand: a traceback, or a false collapse."""
+    path = _edited(checkpoints, in_tmp, lambda c: c.__setitem__("robust_val_best", best))
+    line = refusal(capsys, "test", "--config", STANDARD, "--ckpt_path", path, *QUIET)
+    assert "'robust_val_best' is " in line and "it must be [accuracy in [0, 1], epoch >= 0]" in line
 
 
 @pytest.mark.parametrize("ckpt_path", ["hpc", "registry", "registry:foo"])
@@ -647,8 +691,9 @@ def test_lightning_hpc_and_registry_checkpoints_are_refused(ckpt_path, in_tmp, c
         {"class_path": "this.X", "init_args": {}},
         "{class_path: this.X}",
         "os.system",
+        "datamodules.idx.os.system",  # starts like ours, but is os.system
     ],
-    ids=["function", "class-path", "yaml-in-a-string", "imported-function"],
+    ids=["function", "class-path", "yaml-in-a-string", "imported-function", "through-ours"],
 )
 def test_checkpoint_hyperparameters_import_nothing_before_they_are_checked(
     value, checkpoints, in_tmp, capsys, monkeypatch
