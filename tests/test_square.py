@@ -273,3 +273,55 @@ def test_an_l2_step_keeps_the_perturbation_on_the_sphere_of_radius_eps(channels)
     assert new.flatten(1).norm(dim=1) == pytest.approx(eps, rel=1e-5)
     torch.testing.assert_close(torch.where(windows, 0.0, new), torch.where(windows, 0.0, delta))
     assert (new - delta).abs().amax() > 0.01  # the windows did change
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_an_l2_step_inside_the_ball_gives_each_channel_its_share_of_the_room(channels):
+    """Alg. 3: a channel's new window mass is its old one plus (eps^2 - ||delta||^2) / C.
+
+    At ||delta|| = eps the room is 0 and the share never showed; the whole room for every channel
+    (torchattacks' formula) gave C times too much, which the final rescale then took back from
+    the rest of the perturbation.
+    """
+    generator = torch.Generator().manual_seed(1)
+    eps, size = 1.0, 12
+    x = torch.full((4, channels, size, size), 0.5)
+    delta = torch.randn(x.shape, generator=generator)
+    delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * 0.5 * eps  # half the radius
+    model = small_cnn(channels=channels, size=size)
+    run = _Square(
+        Forward(model, False), x, torch.zeros(4, dtype=torch.long), eps, "2", 100, 0.3, False
+    )
+    u = torch.rand(4, run.k, generator=generator)
+    proposed = run.propose(10, x, x + delta, u)
+    s = run.side(10)
+    windows = run.window(u[:, 0], u[:, 1], s)[0] | run.window(u[:, 2], u[:, 3], s)[0]
+    in_windows = lambda v: (v * windows).square().sum(dim=(2, 3))  # noqa: E731 - (B, C)
+    room = (eps**2 - delta.flatten(1).square().sum(1)) / channels  # (B,)
+    torch.testing.assert_close(in_windows(proposed - x), in_windows(delta) + room[:, None])
+    assert (proposed - x).flatten(1).norm(dim=1) == pytest.approx(eps, rel=1e-5)
+
+
+def test_l2_windows_have_an_odd_side_so_their_profile_has_a_centre():
+    for size in (8, 12, 28, 32):
+        run = _Square(
+            None, torch.zeros(1, 1, size, size), torch.zeros(1), 1.0, "2", 5000, 0.8, False
+        )
+        sides = {run.side(t) for t in range(0, 5000, 7)}
+        assert all(s % 2 for s in sides) and len(sides) > 2, (size, sides)
+
+
+def test_a_proposal_that_does_not_lower_the_margin_is_not_taken():
+    """The reference accepts a proposal only if its margin is strictly lower."""
+
+    class Flat(nn.Module):  # the same margin everywhere: no proposal is better than the start
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([1.0, 0.0]).expand(len(v), 2) + 0 * v.flatten(1)[:, :1]
+
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.zeros(3, dtype=torch.long)
+    for norm in ("inf", "2"):
+        start = square(Flat(), x, y, 0.1, norm, n_queries=1, generator=generators(range(3)))
+        later = square(Flat(), x, y, 0.1, norm, n_queries=30, generator=generators(range(3)))
+        assert not torch.equal(start, x)  # the start moved...
+        assert torch.equal(later, start), norm  # ...and no equal-margin proposal replaced it
