@@ -331,8 +331,9 @@ class Smooth:
     size on a GPU: the largest that fits in memory, a multiple of ``noise_block``, so that one
     forward pass takes milliseconds (e.g. 50,000 for LeNet, 1,000 for a CIFAR ResNet-18) and the
     per-block host work (about 10-20 us per block) stays small; ``benchmarks/certify.py --sweep``
-    measures it. On a CPU, the largest whose activations stay in cache: LeNet on 2 cores
-    certifies 30k samples/s at 300-500 and 16k at 700-1,000.
+    measures it. On a CPU, the largest whose activations stay below the 32 MiB that
+    :mod:`robust.cpu_memory` keeps: LeNet on 2 cores certifies 26k-27k samples/s at 200-700 and
+    16k-17k at 1,000 or more (the README's table).
 
     Args:
         base_classifier: Module mapping a batch of [0, 1] images to logits of ``num_classes``.

@@ -68,7 +68,8 @@ def test_tiny_cpu_run_without_art(bench, tmp_path, monkeypatch, capsys) -> None:
         assert row["forward_relu_first"]["best"] > 0  # the model as written: the lever's effect
         assert row["ratio"] == pytest.approx(row["certify"]["best"] / row["forward"]["best"])
         assert name in printed
-    assert set(results["peers"]) == {"loop", "ours_fp32"}
+    assert set(results["peers"]) == {"loop", "ours_fp32", "ours_as_written"}
+    assert all(row["same_certificates"] in (1.0, None) for row in results["variants"].values())
     assert "ART (not installed)" in results["skipped"]
     assert json.loads(out.read_text())["flops_per_sample"] == 4_586_000
     assert "%matmul" in printed and "noise blocks alone" in printed
@@ -85,18 +86,30 @@ def test_same_logits_fails_for_a_rewrite_that_changes_the_model(bench, monkeypat
     lenet = bench.load_backbones().LeNet(1, 10)
     options = bench.parse_variant("fp32+pf+pb+mp")
     device = torch.device("cpu")
-    assert bench.same_logits(lenet, options, 64, (1, 28, 28), device)["same_predictions"] == 1.0
-    real = bench.evaluated_model
-
-    def nudged(model, options, device, pool_first=True):
-        private = real(model, options, device, pool_first)
-        with torch.no_grad():
-            private[-1].bias.add_(1e-3)
-        return private
-
-    monkeypatch.setattr(bench, "evaluated_model", nudged)
-    check = bench.same_logits(lenet, options, 64, (1, 28, 28), device)
+    rewritten = bench.evaluated_model(lenet, options, device)
+    check = bench.same_logits(lenet, rewritten, options, 64, (1, 28, 28), device)
+    assert check["same_predictions"] == 1.0
+    with torch.no_grad():
+        rewritten[-1].bias.add_(1e-3)
+    check = bench.same_logits(lenet, rewritten, options, 64, (1, 28, 28), device)
     assert check["same_logits"] is False and check["max_logit_difference"] > 5e-4
+
+
+def test_a_fast_path_that_certifies_something_else_is_flagged(bench, monkeypatch, capsys) -> None:
+    """A Smooth path returning constant logits ran at 17x the forward, with 'same yes', exit 0."""
+    import robust.smoothing as smoothing
+
+    class Constant(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(len(x), 10, device=x.device).index_fill_(1, torch.tensor([3]), 1.0)
+
+    monkeypatch.setattr(smoothing, "pairwise_max_pool", lambda module: Constant())
+    argv = ["--device", "cpu", "--images", "2", "--n", "400", "--batch-size", "200"]
+    argv += ["--repeats", "1", "--matmul-size", "64", "--no-peers", "--variants", "fp32"]
+    results = bench.main(argv)
+    assert results["variants"]["fp32"]["same_logits"] is False
+    assert results["variants"]["fp32"]["same_certificates"] < 1
+    assert "WARNING: fp32 certifies" in capsys.readouterr().out
 
 
 def test_an_interrupted_run_keeps_what_it_measured(bench, tmp_path, monkeypatch, capsys) -> None:
