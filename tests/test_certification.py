@@ -819,6 +819,14 @@ def test_sigterm_during_validation_certification_keeps_the_epoch_trained(tmp_pat
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["epoch"] == 0
 
 
+def three_epochs(callbacks: list, **settings) -> Trainer:
+    """A quiet CPU trainer of 3 epochs without a sanity check, for the signal tests."""
+    return Trainer(
+        accelerator="cpu", callbacks=callbacks, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, max_epochs=3, num_sanity_val_steps=0, **settings,
+    )  # fmt: skip
+
+
 def test_a_signal_on_another_process_stops_this_one_after_the_epoch_too(tmp_path):
     """Under DDP only the signalled processes stopped; the others trained on and hung."""
     from lightning.pytorch import Callback
@@ -840,15 +848,7 @@ def test_a_signal_on_another_process_stops_this_one_after_the_epoch_too(tmp_path
         sigma=0.5, n0=20, n=200, alpha=0.01, batch_size=64, every_n_val_epochs=1, val_n=200
     )
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = Trainer(
-        accelerator="cpu",
-        callbacks=[SignalElsewhere(), certification, checkpoint],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=3,
-        num_sanity_val_steps=0,
-    )
+    trainer = three_epochs([SignalElsewhere(), certification, checkpoint])
     with pytest.raises(SIGTERMException):
         trainer.fit(TinyModule(), datamodule=TinyData(11))
     assert trainer.received_sigterm and trainer.current_epoch == 1  # one epoch of 3 trained
@@ -891,16 +891,7 @@ def test_a_validation_stopped_by_sigterm_keeps_no_numbers_of_its_part(name, tmp_
                 whole.append(kept(callback))
                 trainer.strategy.reduce_boolean_decision = lambda decision, all=True: True
 
-    trainer = Trainer(
-        accelerator="cpu",
-        callbacks=[SignalAtSecondEpoch(), callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=3,
-        num_sanity_val_steps=0,
-    )
+    trainer = three_epochs([SignalAtSecondEpoch(), callback], enable_checkpointing=False)
     with pytest.raises(SIGTERMException):
         trainer.fit(TinyModule(), datamodule=TinyData(11))
     assert whole[0] not in (None, ([], {}))  # epoch 0's numbers were kept
