@@ -316,8 +316,8 @@ def check_certification_output_unshared(
             if tsvs.setdefault(tsv, name) != name:
                 raise SettingError(
                     f"Certification output {callback.output} is also the TSV of the training "
-                    f"{tsvs[tsv]!r}: each model needs its own; give the output in each "
-                    "training's eval_args, or leave it unset (each writes in its own log folder)"
+                    f"{tsvs[tsv]!r}: each model needs its own; leave output unset (each model "
+                    "writes in its own log folder), or compare the models in separate runs"
                 )
 
 

@@ -199,6 +199,24 @@ class EvaluationCallback(Callback):
         """Prefix of the logged metrics of ``stage`` (default: the stage name)."""
         return stage
 
+    logged_names: tuple[str, ...] = ("",)
+    """How the names this callback logs begin after ``<prefix>/`` (``""``: every name there). A
+    callback whose prefix is the stage's own (``val``, shared with the module's ``val/acc``) must
+    narrow it, so that :meth:`logs` does not claim the module's metrics."""
+
+    def logs(self, key: str, stage: str) -> bool:
+        """Whether ``key`` is one of the metrics this callback logs when it evaluates ``stage``.
+
+        Examples:
+            >>> from callbacks import PerturbedAccuracy
+            >>> from robust.attacks import AttackSpec
+            >>> callback = PerturbedAccuracy([AttackSpec("fgm", "2", 1.0)])
+            >>> callback.logs("val/perturbed_acc/fgm_l2_eps1", "val"), callback.logs("val/acc", "val")
+            (True, False)
+        """
+        prefix = f"{self.metric_prefix(stage)}/"
+        return key.startswith(prefix) and key[len(prefix) :].startswith(self.logged_names)
+
     def claimed_outputs(self, stage: str) -> frozenset[str]:
         """Metric names (prefix included) and files that evaluating ``stage`` always writes.
 

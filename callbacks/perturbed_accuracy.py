@@ -237,6 +237,8 @@ class PerturbedAccuracy(EvaluationCallback):
             self._example_rows.append(torch.cat([numbers, *(p.double() for p in pixels)], dim=1))
         return torch.stack([c.double() for c in columns + staged], dim=1)
 
+    logged_names = ("perturbed_acc/", "perturbation_norm/", "perturbed_num_images/")
+
     def claimed_outputs(self, stage: str) -> frozenset[str]:  # noqa: D102
         claimed = {f"{self.metric_prefix(stage)}/perturbed_acc/{spec.key}" for spec in self.attacks}
         if stage == "test" and self.num_image_grid:

@@ -183,6 +183,8 @@ class SmoothedAttack(EvaluationCallback):
             columns.append(torch.tensor(predicted, dtype=torch.float64))
         return torch.stack(columns, dim=1)
 
+    logged_names = ("smoothed_",)
+
     def claimed_outputs(self, stage: str) -> frozenset[str]:  # noqa: D102
         return frozenset({f"{self.metric_prefix(stage)}/smoothed_num_images"})
 
@@ -210,6 +212,9 @@ class SmoothedAttack(EvaluationCallback):
                 (predicted != labels) & (predicted != ABSTAIN)
             )
         metrics["smoothed_num_images"] = float(count)
+        # which smoothed classifier was attacked: the report compares it only with a
+        # certification of the same one
+        metrics["smoothed_sigma"] = module_sigma(pl_module, self.sigma, "SmoothedAttack")
         if partial:  # no numbers of a part are kept
             self.results.pop(stage, None)
         else:

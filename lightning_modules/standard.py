@@ -157,26 +157,28 @@ def plateau_mode_problem(scheduler: ReduceLROnPlateau, monitor: str, mode: str) 
 def validation_evaluation_of(trainer: Any, key: str) -> Any | None:
     """The evaluation callback that logs the validation metric ``key`` on its own schedule.
 
-    Such a callback (``every_n_val_epochs`` > 0 and a ``metric_prefix``, e.g.
+    Such a callback (``every_n_val_epochs`` > 0 and ``logs(key, stage)``, e.g.
     :class:`callbacks.PerturbedAccuracy`) logs only every ``every_n_val_epochs`` epochs, and
     Lightning's ``callback_metrics`` keep an earlier epoch's value in between: whatever follows
-    ``key`` (a checkpoint, a plateau scheduler) must act on its epochs only. None: no such callback.
-    Duck-typed, so that the modules do not import the callbacks.
+    ``key`` (a checkpoint, a plateau scheduler) must act on its epochs only. None: no such
+    callback (the module's own ``val/acc`` and the like). Duck-typed, so that the modules do not
+    import the callbacks.
 
     Examples:
         >>> from types import SimpleNamespace
-        >>> every_2 = SimpleNamespace(every_n_val_epochs=2, metric_prefix=lambda stage: stage)
+        >>> logs = lambda key, stage: key.startswith(f"{stage}/perturbed_acc/")
+        >>> every_2 = SimpleNamespace(every_n_val_epochs=2, logs=logs)
         >>> trainer = SimpleNamespace(callbacks=[every_2])
         >>> validation_evaluation_of(trainer, "val/perturbed_acc/fgm") is every_2
         True
-        >>> validation_evaluation_of(trainer, "val_certify/acr") is None
+        >>> validation_evaluation_of(trainer, "val/acc") is None
         True
     """
     for callback in getattr(trainer, "callbacks", None) or []:
         every = getattr(callback, "every_n_val_epochs", None)
-        prefix = getattr(callback, "metric_prefix", None)
+        logs = getattr(callback, "logs", None)
         scheduled = isinstance(every, int) and not isinstance(every, bool) and every > 0
-        if scheduled and callable(prefix) and key.startswith(f"{prefix('val')}/"):
+        if scheduled and callable(logs) and logs(key, "val"):
             return callback
     return None
 

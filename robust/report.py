@@ -295,6 +295,7 @@ BOUND_STANDARD_ERRORS = 3.0
 def bound_findings(
     certified: Mapping[str, tuple[Sequence[float], Sequence[int]]],
     attacked: Mapping[str, Mapping[str, float]],
+    sigmas: Mapping[str, float] | None = None,
 ) -> list[str]:
     """Sentences naming each model whose certified accuracy exceeds what the attack leaves.
 
@@ -307,8 +308,10 @@ def bound_findings(
 
     Args:
         certified: Model to ``(radii, correct)`` of its certified images.
-        attacked: Model to its test metrics (``test/smoothed_misclassified@<r>`` and
-            ``test/smoothed_num_images`` are read).
+        attacked: Model to its test metrics (``test/smoothed_misclassified@<r>``,
+            ``test/smoothed_num_images`` and ``test/smoothed_sigma`` are read).
+        sigmas: Model to the sigma it was certified at: a model attacked at another sigma (another
+            smoothed classifier) is not compared.
 
     Examples:
         >>> rows = ([0.6, 0.6, 0.6, 0.6], [1, 1, 1, 1])  # 4 of 4 certified at 0.5
@@ -324,6 +327,10 @@ def bound_findings(
         n_attacked = metrics.get("test/smoothed_num_images", 0)
         if not len(radii) or not n_attacked:
             continue
+        attacked_sigma = metrics.get("test/smoothed_sigma")
+        certified_sigma = (sigmas or {}).get(model)
+        if None not in (attacked_sigma, certified_sigma) and attacked_sigma != certified_sigma:
+            continue  # two smoothed classifiers: no bound between them
         for key, misclassified in sorted(metrics.items()):
             if not key.startswith("test/smoothed_misclassified@") or math.isnan(misclassified):
                 continue
@@ -792,7 +799,9 @@ def write_report(
             for name, metrics in metrics_of.items()
         },
     )
-    violated = bound_findings(curves, metrics_of)
+    violated = bound_findings(
+        curves, metrics_of, {name: s["sigma"] for name, s in certify_settings.items()}
+    )
     for line in violated:
         print(f"[report] {line}")
     lines = [

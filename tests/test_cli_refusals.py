@@ -334,6 +334,16 @@ def test_a_monitor_logged_every_second_epoch_ranks_only_those_epochs(in_tmp, cap
     assert (schedule.monitor, schedule.frequency) == (monitor[1], 2)
     saved = sorted(p.name for p in Path(fitted.trainer.checkpoint_callback.dirpath).glob("*"))
     assert saved == ["best-epoch01.ckpt", "best-epoch03.ckpt", "last.ckpt"], saved
+    # the module's own metric beside it is still ranked (and the plateau stepped) every epoch
+    own = ["--checkpoint.mode", "max", "--checkpoint.save_top_k", "-1"]
+    fitted = cli.main(
+        ["fit", "--config", SMOOTHING, "--config", str(attack), *plateau, *own, *short, *QUIET,
+         "--trainer.max_epochs", "2", "--trainer.logger.init_args.name", "own"]
+    )  # fmt: skip
+    (schedule,) = fitted.trainer.lr_scheduler_configs
+    assert (schedule.monitor, schedule.frequency) == ("val/noisy_acc", 1)
+    saved = sorted(p.name for p in Path(fitted.trainer.checkpoint_callback.dirpath).glob("*"))
+    assert saved == ["best-epoch00.ckpt", "best-epoch01.ckpt", "last.ckpt"], saved
 
 
 @pytest.mark.parametrize(

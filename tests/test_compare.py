@@ -381,10 +381,14 @@ def test_report_flags_certificates_beyond_what_the_smoothed_attack_leaves(
     write_tsv(log_dir / "certify_test.tsv", rows)
     (log_dir / "certify_test.tsv.json").write_text(json.dumps(SIDECAR))
     metrics = {"test/smoothed_misclassified@0.25": misclassified, "test/smoothed_num_images": 200}
+    metrics["test/smoothed_sigma"] = SIDECAR["sigma"]
     report = write_report(tmp_path, {"m": {"metrics": metrics, "log_dir": str(log_dir)}}, {})
     said = "m: certified accuracy 100.0% at radius 0.25, but the attack misclassified"
     assert (said in report.read_text()) == flagged
     assert (said in capsys.readouterr().out) == flagged
+    metrics["test/smoothed_sigma"] = 0.5  # another smoothed classifier was attacked: no bound
+    report = write_report(tmp_path, {"m": {"metrics": metrics, "log_dir": str(log_dir)}}, {})
+    assert said not in report.read_text()
 
 
 def test_report_says_when_only_radius_zero_can_be_certified(tmp_path):
