@@ -36,7 +36,7 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
@@ -800,6 +800,29 @@ def check_trainer_settings(trainer: Mapping[str, Any]) -> None:
         )
 
 
+def check_early_stopping(trainer: Trainer) -> None:
+    """Refuse an ``EarlyStopping`` that follows a metric an evaluation logs every k-th epoch.
+
+    Between those epochs Lightning's ``callback_metrics`` keep the last value, so Lightning's
+    EarlyStopping, which checks after every validation, would count each epoch between as one
+    without improvement and stop k times too early.
+
+    Raises:
+        SettingError: Naming the monitor, the callback and its schedule.
+    """
+    for callback in trainer.callbacks:
+        if isinstance(callback, EarlyStopping) and callback.monitor:
+            evaluation = validation_evaluation_of(trainer, callback.monitor)
+            if evaluation is not None and evaluation.every_n_val_epochs > 1:
+                refuse(
+                    f"EarlyStopping monitor {callback.monitor!r} is logged every "
+                    f"{evaluation.every_n_val_epochs} epochs by {type(evaluation).__name__}, and "
+                    "between them it would count the last value again as no improvement; set "
+                    f"that callback's every_n_val_epochs to 1, or stop on a metric logged every "
+                    "epoch"
+                )
+
+
 def check_fit_trains(trainer: Mapping[str, Any]) -> None:
     """Refuse a ``fit`` that would train nothing (and so save no checkpoint) without a word.
 
@@ -1390,6 +1413,7 @@ class RobustCLI(LightningCLI):
                 stacklevel=2,
             )
         if method == "fit":
+            check_early_stopping(self.trainer)
             built = self.check_optimizer()
             if self.checkpoint is not None and built is not None:
                 check_optimizers_fit(str(ckpt_path), self.checkpoint, *built)

@@ -177,6 +177,7 @@ def check_stages(settings, out: Path) -> dict[str, dict[str, str]]:
                 with quiet_lightning():
                     checked = built[stage] = run_cli(args, check_only=True)
                 if stage == "training":
+                    cli.check_early_stopping(checked.trainer)
                     checked.check_optimizer()
                 else:
                     check_evaluation_fits_training(training, built["training"], checked, args)

@@ -346,6 +346,27 @@ def test_a_monitor_logged_every_second_epoch_ranks_only_those_epochs(in_tmp, cap
     assert saved == ["best-epoch00.ckpt", "best-epoch01.ckpt", "last.ckpt"], saved
 
 
+def test_early_stopping_on_a_metric_logged_every_second_epoch_is_refused(
+    in_tmp, capsys, monkeypatch
+):
+    """Lightning's EarlyStopping counted the epochs between as ones without improvement."""
+    monkeypatch.setattr(Trainer, "fit", _never("it was trained"))
+    attack = in_tmp / "attack.yaml"
+    attack.write_text(EVERY_SECOND_EPOCH_ATTACK)
+    stop = in_tmp / "stop.yaml"
+    stop.write_text(
+        "trainer:\n  callbacks+:\n    - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
+        "      init_args: {monitor: val/perturbed_acc/pgd3_linf_eps0.1, mode: max}\n"
+    )
+    line = refusal(
+        capsys, "fit", "--config", SMOOTHING, "--config", str(attack), "--config", str(stop), *QUIET
+    )
+    assert line.startswith(
+        "error: EarlyStopping monitor 'val/perturbed_acc/pgd3_linf_eps0.1' is logged every 2 "
+        "epochs by PerturbedAccuracy"
+    ), line
+
+
 @pytest.mark.parametrize(
     ("monitor", "mode", "wanted"),
     [("val/loss", "max", "min"), ("val/acc", "min", "max"), ("val/robust_acc", "min", "max")],
