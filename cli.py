@@ -804,16 +804,18 @@ def check_early_stopping(trainer: Trainer) -> None:
     """Refuse an ``EarlyStopping`` that follows a metric an evaluation logs every k-th epoch.
 
     Between those epochs Lightning's ``callback_metrics`` keep the last value, so Lightning's
-    EarlyStopping, which checks after every validation, would count each epoch between as one
-    without improvement and stop k times too early.
+    EarlyStopping, which checks after every validation, would count each validation between as
+    one without improvement and stop too early. Validating every k-th epoch (or a multiple of k)
+    is fine: each validation then logs it afresh.
 
     Raises:
         SettingError: Naming the monitor, the callback and its schedule.
     """
+    validations = trainer.check_val_every_n_epoch or 1  # None: by steps, in every epoch
     for callback in trainer.callbacks:
         if isinstance(callback, EarlyStopping) and callback.monitor:
             evaluation = validation_evaluation_of(trainer, callback.monitor)
-            if evaluation is not None and evaluation.every_n_val_epochs > 1:
+            if evaluation is not None and validations % evaluation.every_n_val_epochs:
                 refuse(
                     f"EarlyStopping monitor {callback.monitor!r} is logged every "
                     f"{evaluation.every_n_val_epochs} epochs by {type(evaluation).__name__}, and "

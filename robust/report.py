@@ -329,7 +329,11 @@ def bound_findings(
             continue
         attacked_sigma = metrics.get("test/smoothed_sigma")
         certified_sigma = (sigmas or {}).get(model)
-        if None not in (attacked_sigma, certified_sigma) and attacked_sigma != certified_sigma:
+        if None not in (attacked_sigma, certified_sigma) and not math.isclose(
+            attacked_sigma,
+            certified_sigma,
+            rel_tol=1e-6,  # logged metrics are float32
+        ):
             continue  # two smoothed classifiers: no bound between them
         for key, misclassified in sorted(metrics.items()):
             if not key.startswith("test/smoothed_misclassified@") or math.isnan(misclassified):

@@ -365,6 +365,10 @@ def test_early_stopping_on_a_metric_logged_every_second_epoch_is_refused(
         "error: EarlyStopping monitor 'val/perturbed_acc/pgd3_linf_eps0.1' is logged every 2 "
         "epochs by PerturbedAccuracy"
     ), line
+    monkeypatch.setattr(Trainer, "fit", lambda *args, **kwargs: None)
+    fresh = ["--trainer.check_val_every_n_epoch", "2"]  # each validation logs it afresh
+    cli.main(["fit", "--config", SMOOTHING, "--config", str(attack), "--config", str(stop),
+              *fresh, *QUIET])  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -391,6 +391,17 @@ def test_report_flags_certificates_beyond_what_the_smoothed_attack_leaves(
     assert said not in report.read_text()
 
 
+def test_the_bound_is_checked_at_a_sigma_that_float32_metrics_round():
+    """sigma 0.12 comes back from Lightning's float32 metrics as 0.11999999731779099."""
+    from robust.report import bound_findings
+
+    rows = ([0.3] * 100, [1] * 100)
+    logged = float(torch.tensor(0.12))
+    metrics = {"test/smoothed_misclassified@0.25": 1.0, "test/smoothed_num_images": 100}
+    metrics["test/smoothed_sigma"] = logged
+    assert logged != 0.12 and bound_findings({"m": rows}, {"m": metrics}, {"m": 0.12})
+
+
 def test_report_says_when_only_radius_zero_can_be_certified(tmp_path):
     from robust.certificates import CertifiedImage, write_tsv
     from robust.report import write_report
