@@ -17,6 +17,7 @@ From Python, :func:`main` runs the same command line and returns the :class:`Rob
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -27,6 +28,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import typing
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -800,6 +802,31 @@ def check_trainer_settings(trainer: Mapping[str, Any]) -> None:
         )
 
 
+def check_grouped_settings(model: Any) -> None:
+    """Refuse a model setting of dataclass type (an attack) given as something else than a mapping.
+
+    jsonargparse accepts ``--model.init_args.attack='[1, 2]'`` when parsing and fails when it
+    builds the dataclass, with a ``TypeError`` (a traceback, exit status 1).
+
+    Raises:
+        SettingError: Naming the setting, its fields and the value given.
+    """
+    if not isinstance(model, Namespace | Mapping) or not model.get("class_path"):
+        return
+    target, given = _resolve(str(model.get("class_path"))), model.get("init_args") or {}
+    try:
+        hints = typing.get_type_hints(target.__init__) if target is not None else {}
+    except Exception:  # annotations that do not resolve: jsonargparse reports those itself
+        return
+    for name, hint in hints.items():
+        groups = [t for t in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(t)]
+        value = given.get(name) if isinstance(given, Namespace | Mapping) else None
+        plain = value is None or isinstance(value, Namespace | Mapping)
+        if groups and not plain and not dataclasses.is_dataclass(value):
+            fields = ", ".join(field.name for field in dataclasses.fields(groups[0]))
+            refuse(f"model.init_args.{name} must be a mapping of {fields}; got {value!r}")
+
+
 def check_early_stopping(trainer: Trainer) -> None:
     """Refuse an ``EarlyStopping`` that follows a metric an evaluation logs every k-th epoch.
 
@@ -1250,6 +1277,7 @@ class RobustCLI(LightningCLI):
             self.check_linked_settings(
                 {name: getattr(data_class, name, None) for name in LINKED_SETTINGS}
             )
+        check_grouped_settings(self._get(self.config, "model"))
         try:
             super().instantiate_classes()
         except MisconfigurationException as err:  # Lightning's refusal of a trainer setting

@@ -11,6 +11,7 @@ and a file of other settings, model or images is refused.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ from robust.certificates import (
     model_fingerprint,
     summarize,
 )
-from robust.checks import check_choice, check_int, check_radii, check_real
+from robust.checks import SettingError, check_choice, check_int, check_radii, check_real
 from robust.report import certification_figure
 from robust.sharding import evaluation_dataset
 from robust.smoothing import (
@@ -184,6 +185,11 @@ class Certification(EvaluationCallback):
             setattr(self, name, check_choice(name, value, allowed, owner=owner))
         for name, value in (("n", n), ("val_n", val_n if every_n_val_epochs else None)):
             warn_if_useless_n(name, value, self.alpha, owner)
+        if output is not None and str(output).endswith(("/", os.sep)):  # Path drops the slash
+            raise SettingError(
+                f"{owner} output {output} names a folder; give the path of a .tsv file, e.g. "
+                f"{Path(output) / 'certify.tsv'}"
+            )
         self.output = output
         self.results: list[CertifiedImage] = []
         self.summary: dict[str, float] = {}

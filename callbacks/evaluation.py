@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import signal
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -119,7 +120,16 @@ class EvaluationCallback(Callback):
         Raises:
             SettingError: From :meth:`check` or :meth:`check_selection`.
         """
-        for evaluated in self._stages(trainer, stage):
+        evaluated_stages = self._stages(trainer, stage)
+        if not evaluated_stages:  # say so: its settings go unchecked, and it logs nothing
+            warnings.warn(
+                f"{type(self).__name__} evaluates nothing in {getattr(stage, 'value', stage)}: "
+                "it runs in test, and in "
+                f"validation when every_n_val_epochs > 0 (it is {self.every_n_val_epochs})",
+                UserWarning,
+                stacklevel=2,
+            )
+        for evaluated in evaluated_stages:
             self.check(trainer, pl_module, evaluated)
             self.check_selection(trainer, evaluated, self._setup_dataset(trainer, evaluated))
         self.check_outputs_are_own(trainer, stage)

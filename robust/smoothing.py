@@ -842,8 +842,18 @@ class Smooth:
             or old.images.shape[0] < capacity
         ):
             options = {"device": self.device, "dtype": self.noise_dtype}
+            try:
+                noise = torch.zeros((noise_rows, *shape), **options)
+            except (RuntimeError, MemoryError) as err:  # CPU and CUDA allocators alike
+                gib = noise_rows * math.prod(shape) * self.noise_dtype.itemsize / 2**30
+                raise SettingError(
+                    f"Smooth noise_block {self.noise_block} and batch_size {size} need a noise "
+                    f"buffer of {noise_rows:,} samples ({gib:,.1f} GiB), which the "
+                    f"{self.device.type} cannot allocate; lower noise_block (the noise depends "
+                    "on it) or batch_size"
+                ) from err
             self._buffers = _Buffers(
-                noise=torch.zeros((noise_rows, *shape), **options),
+                noise=noise,
                 images=torch.zeros((capacity, *shape), **options),
                 rows=torch.empty(size, dtype=torch.int64, device=self.device),
                 layout=torch.zeros(3, dtype=torch.int64, device=self.device),

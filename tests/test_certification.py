@@ -898,6 +898,23 @@ def test_a_validation_stopped_by_sigterm_keeps_no_numbers_of_its_part(name, tmp_
     assert kept(callback) in (None, ([], {}))  # epoch 1's part's are not, nor epoch 0's
 
 
+def test_an_output_ending_in_a_slash_and_an_impossible_noise_block_are_refused(tmp_path):
+    # the first wrote a file named like the folder; the second was an allocator's traceback
+    with pytest.raises(SettingError, match=r"output .*/ names a folder; give the path of a \.tsv"):
+        Certification(sigma=SIGMA, output=f"{tmp_path}/new/")
+    smooth = Smooth(Levels(3), 3, SIGMA, noise_block=10**13)
+    with pytest.raises(SettingError, match=r"noise_block 10000000000000 .* cannot allocate"):
+        smooth.certify(tiny_images().tensors[0][0], 10, 100, 0.01, index=0)
+
+
+def test_an_evaluation_callback_that_evaluates_nothing_in_this_run_says_so(tmp_path):
+    trainer = three_epochs(
+        [Certification(sigma=SIGMA)], limit_train_batches=1, enable_checkpointing=False
+    )
+    with pytest.warns(UserWarning, match="Certification evaluates nothing in fit: it runs in test"):
+        trainer.fit(TinyModule(), datamodule=TinyData(11))
+
+
 def test_a_tsv_that_is_not_text_is_refused_naming_it(tmp_path):
     output = tmp_path / "binary.tsv"
     certify(tmp_path / "a", sigma=SIGMA, output=str(output), stop_after=2)

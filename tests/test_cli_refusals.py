@@ -346,6 +346,15 @@ def test_a_monitor_logged_every_second_epoch_ranks_only_those_epochs(in_tmp, cap
     assert saved == ["best-epoch00.ckpt", "best-epoch01.ckpt", "last.ckpt"], saved
 
 
+@pytest.mark.parametrize("value", ["[1, 2]", "[pgd, inf]"])
+def test_an_attack_given_as_a_list_is_refused_not_a_traceback(value, in_tmp, capsys):
+    # jsonargparse parsed it and failed building the dataclass: TypeError, exit status 1
+    line = refusal(
+        capsys, "fit", "--config", ADVERSARIAL, "--model.init_args.attack", value, *QUIET
+    )
+    assert line.startswith("error: model.init_args.attack must be a mapping of method, norm, eps")
+
+
 def test_early_stopping_on_a_metric_logged_every_second_epoch_is_refused(
     in_tmp, capsys, monkeypatch
 ):
