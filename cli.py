@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import traceback
 import typing
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -1050,20 +1051,42 @@ def _undecodable_file(args: Any) -> str:
     return "a config file"
 
 
+class _RepeatedKey(yaml.YAMLError):
+    """A mapping of a YAML file names one key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise _RepeatedKey(f"{key!r} twice (lines {seen[key]} and {line})")
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def check_config_sections(args: Any) -> None:
     """Refuse a config file whose ``trainer`` or ``checkpoint`` section is not a mapping.
 
     jsonargparse drops such a section without a word when other trainer settings follow (a
-    later ``--trainer.x``), so the files named on the command line are read here first.
+    later ``--trainer.x``), so the files named on the command line are read here first; a key
+    given twice in one mapping (a copy-paste slip: YAML keeps the last one silently) is refused.
 
     Raises:
-        SettingError: Naming the file and the section.
+        SettingError: Naming the file and the section or key.
     """
     for value in _named_values(args):
         try:
             if not (value.endswith((".yaml", ".yml")) and Path(value).is_file()):
                 continue
-            loaded = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+            loaded = yaml.load(Path(value).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except _RepeatedKey as err:
+            refuse(f"the config file {value} sets {err}: YAML keeps the last one silently")
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue  # jsonargparse reports what it cannot read
         if loaded is None:  # jsonargparse said only "Unexpected config:"
@@ -1281,7 +1304,10 @@ class RobustCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except MisconfigurationException as err:  # Lightning's refusal of a trainer setting
-            raise SettingError(f"trainer: {_one_line(str(err))}") from err
+            frames = traceback.extract_tb(err.__traceback__)
+            checkpoint = any(frame.filename.endswith("model_checkpoint.py") for frame in frames)
+            section = "checkpoint" if checkpoint else "trainer"  # ModelCheckpoint's own refusal
+            raise SettingError(f"{section}: {_one_line(str(err))}") from err
         except ValueError as err:
             # jsonargparse wraps what a class raised in a ValueError listing the types it tried;
             # a refusal is a ValueError (or missing data), anything else a bug to show whole

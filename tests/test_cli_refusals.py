@@ -346,6 +346,30 @@ def test_a_monitor_logged_every_second_epoch_ranks_only_those_epochs(in_tmp, cap
     assert saved == ["best-epoch00.ckpt", "best-epoch01.ckpt", "last.ckpt"], saved
 
 
+def test_a_key_given_twice_in_a_config_file_is_refused(in_tmp, capsys, monkeypatch):
+    """YAML keeps the last of two keys: a copy-paste slip trained at the second sigma silently."""
+    monkeypatch.setattr(Trainer, "fit", _never("it was trained"))
+    twice = in_tmp / "twice.yaml"
+    twice.write_text("model:\n  init_args:\n    sigma: 0.25\n    sigma: 0.5\n")
+    line = refusal(capsys, "fit", "--config", SMOOTHING, "--config", str(twice), *QUIET)
+    assert line == (
+        f"error: the config file {twice} sets 'sigma' twice (lines 3 and 4): YAML keeps the last "
+        "one silently"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--checkpoint.mode", "avg"], "error: checkpoint: `mode` can be min, max but got avg"),
+        (["--checkpoint.save_top_k", "-2"], "error: checkpoint: Invalid value for save_top_k=-2"),
+    ],
+)
+def test_the_checkpoints_own_refusals_name_the_checkpoint_section(args, expected, in_tmp, capsys):
+    line = refusal(capsys, "fit", "--config", STANDARD, *args, *QUIET)  # it said "trainer:"
+    assert line.startswith(expected), line
+
+
 @pytest.mark.parametrize("value", ["[1, 2]", "[pgd, inf]"])
 def test_an_attack_given_as_a_list_is_refused_not_a_traceback(value, in_tmp, capsys):
     # jsonargparse parsed it and failed building the dataclass: TypeError, exit status 1
