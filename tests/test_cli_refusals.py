@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+import yaml
 from lightning.pytorch import Callback, Trainer
 
 import cli
@@ -356,6 +357,10 @@ def test_a_key_given_twice_in_a_config_file_is_refused(in_tmp, capsys, monkeypat
         f"error: the config file {twice} sets 'sigma' twice (lines 3 and 4): YAML keeps the last "
         "one silently"
     )
+    from cli import _UniqueKeyLoader  # a merge key, overridden by a key of its own, is fine
+
+    merged = yaml.load("a: &x {b: 1, d: 1}\nc:\n  <<: *x\n  d: 2\n", Loader=_UniqueKeyLoader)
+    assert merged["c"] == {"b": 1, "d": 2}
 
 
 @pytest.mark.parametrize(
